@@ -1,0 +1,13 @@
+"""Weight-sharing supernets and their static subnets."""
+
+from nas.supernet.base import Supernet, copy_sliced_state
+from nas.supernet.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, recalibrate_batchnorm
+
+__all__ = [
+    "DynamicBatchNorm2d",
+    "DynamicConv2d",
+    "DynamicLinear",
+    "Supernet",
+    "copy_sliced_state",
+    "recalibrate_batchnorm",
+]
