@@ -1,0 +1,119 @@
+"""Shared plumbing of the Hydra entry points: error handling, stage timing, storage and space lookup."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+__all__ = [
+    "UsageError",
+    "StageTimer",
+    "available_spaces",
+    "require_space",
+    "default_storage",
+    "run_cli",
+    "to_container",
+]
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+class UsageError(ValueError):
+    """A command line that cannot run as given; the message says what to type instead."""
+
+
+def available_spaces() -> list[str]:
+    """Return the space variants, one per ``conf/space/*.yaml``."""
+    return sorted(p.stem for p in (CONF_DIR / "space").glob("*.yaml"))
+
+
+def require_space(cfg: DictConfig, command: str) -> None:
+    """Stop with the list of spaces when no ``+space=...`` was given."""
+    if cfg.get("space") is None:
+        spaces = ", ".join(available_spaces())
+        raise UsageError(
+            f"No search space chosen. Run `{command} +space=resnet` (or another space). Available spaces: {spaces}."
+        )
+
+
+def default_storage(cfg: DictConfig) -> str:
+    """Return ``search.storage``, or the SQLite file in the work directory when it is null."""
+    storage = cfg.search.get("storage")
+    if storage:
+        return str(storage)
+    work_dir = Path(cfg.paths.work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{work_dir / 'studies.db'}"
+
+
+def to_container(node: Any) -> Any:
+    """Resolve a config node into plain dicts and lists."""
+    if isinstance(node, DictConfig) or OmegaConf.is_config(node):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+class StageTimer:
+    """Logs the start and wall time of each named stage and keeps the times in seconds."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        log.info("Stage %s: started", name)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            elapsed = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            log.info("Stage %s: finished in %.1f s", name, elapsed)
+
+    def total(self) -> float:
+        return time.perf_counter() - self._start
+
+    def write(self, path: Path) -> None:
+        data = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
+        data["total_s"] = round(self.total(), 3)
+        path.write_text(json.dumps(data) + "\n", encoding="utf-8")
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [UsageError]
+    candidates = [
+        ("nas.spaces.base", "SpaceError"),
+        ("nas.data", "DataError"),
+        ("nas.search", "SearchError"),
+        ("nas.supernet.cache", "CheckpointError"),
+        ("predictors.xgb", "PredictorError"),
+        ("predictors.profiling", "ProfilingError"),
+        ("predictors.profiling", "DeviceUnavailableError"),
+    ]
+    for module, name in candidates:
+        try:
+            errors.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1."""
+    try:
+        return body(cfg)
+    except _known_errors() as err:
+        log.error("%s", err)
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,157 @@
+"""Run outputs: pareto.csv, the Pareto plot, the run manifest and atomic file writes."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PARETO_COLUMNS",
+    "MANIFEST_FORMAT_VERSION",
+    "atomic_write_text",
+    "write_pareto_csv",
+    "read_pareto_csv",
+    "plot_pareto",
+    "write_manifest",
+    "package_versions",
+    "git_commit",
+]
+
+log = logging.getLogger(__name__)
+
+PARETO_COLUMNS = ("trial", "arch", "accuracy", "predicted_latency_ms", "measured_latency_ms", "macs", "params")
+MANIFEST_FORMAT_VERSION = 1
+_PACKAGES = ("torch", "torchvision", "lightning", "optuna", "hydra-core", "xgboost", "timm", "numpy", "tailnas")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_pareto_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write one row per Pareto subnet with :data:`PARETO_COLUMNS`; ``arch`` is stored as JSON."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=PARETO_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        out = {key: row.get(key) for key in PARETO_COLUMNS}
+        out["arch"] = json.dumps(row["arch"], separators=(",", ":"))
+        out["measured_latency_ms"] = "" if row.get("measured_latency_ms") is None else row["measured_latency_ms"]
+        writer.writerow(out)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def read_pareto_csv(path: Path) -> list[dict[str, Any]]:
+    """Read a ``pareto.csv`` back, with numbers as numbers and ``arch`` as a dict."""
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        for row in csv.DictReader(handle):
+            rows.append(
+                {
+                    "trial": int(row["trial"]),
+                    "arch": json.loads(row["arch"]),
+                    "accuracy": float(row["accuracy"]),
+                    "predicted_latency_ms": float(row["predicted_latency_ms"]),
+                    "measured_latency_ms": float(row["measured_latency_ms"]) if row["measured_latency_ms"] else None,
+                    "macs": int(row["macs"]),
+                    "params": int(row["params"]),
+                }
+            )
+    return rows
+
+
+def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Sequence[Mapping[str, Any]],
+                knee: int | None, title: str) -> None:
+    """Plot every trial, the front at predicted latency, and the front re-measured on the device."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    if all_points:
+        ax.scatter([p[1] for p in all_points], [100 * p[0] for p in all_points], s=10, c="0.75", label="all feasible trials")
+    predicted = [r["predicted_latency_ms"] for r in rows]
+    accuracy = [100 * r["accuracy"] for r in rows]
+    ax.plot(predicted, accuracy, "o-", color="tab:blue", label="Pareto front, predicted latency")
+    measured = [(r["measured_latency_ms"], 100 * r["accuracy"]) for r in rows if r.get("measured_latency_ms") is not None]
+    if measured:
+        ax.plot([m[0] for m in measured], [m[1] for m in measured], "s--", color="tab:orange",
+                label="Pareto front, measured latency")
+        for r in rows:
+            if r.get("measured_latency_ms") is not None:
+                ax.plot([r["predicted_latency_ms"], r["measured_latency_ms"]], [100 * r["accuracy"]] * 2, color="0.6", lw=0.8)
+    if knee is not None and rows:
+        ax.scatter([rows[knee]["predicted_latency_ms"]], [100 * rows[knee]["accuracy"]], s=120, facecolors="none",
+                   edgecolors="tab:red", linewidths=2, label="knee", zorder=5)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def package_versions() -> dict[str, str | None]:
+    """Return installed versions of the packages that shape results."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def git_commit(cwd: Path | None = None) -> str | None:
+    """Return the commit of the repository at ``cwd`` (with ``+dirty`` for local changes), or None outside git."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                               text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def write_manifest(path: Path, config: Mapping[str, Any], fingerprint: Mapping[str, Any] | None, seed: int,
+                   extra: Mapping[str, Any]) -> None:
+    """Write the run manifest: resolved config, package versions, git commit, device fingerprint, seed."""
+    manifest = {
+        "format_version": MANIFEST_FORMAT_VERSION,
+        "command": " ".join(sys.argv),
+        "config": config,
+        "packages": package_versions(),
+        "git_commit": git_commit(Path(__file__).resolve().parent.parent),
+        "device_fingerprint": fingerprint,
+        "seed": seed,
+        **extra,
+    }
+    atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")

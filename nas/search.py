@@ -1,0 +1,230 @@
+"""Optuna multi-objective studies over a search space: accuracy up, latency down, latency budget as a constraint."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from nas.spaces.base import Arch, SearchSpace
+
+__all__ = [
+    "SAMPLERS",
+    "STUDY_FORMAT_VERSION",
+    "LatencyEstimate",
+    "SearchObjective",
+    "create_sampler",
+    "create_or_load_study",
+    "pareto_trials",
+    "knee_index",
+    "latest_study_name",
+    "SearchError",
+]
+
+log = logging.getLogger(__name__)
+
+SAMPLERS = ("nsga2", "tpe", "random")
+STUDY_FORMAT_VERSION = 1
+CONSTRAINT_ATTR = "constraint"
+
+
+class SearchError(ValueError):
+    """An invalid search setting or a study that cannot be used."""
+
+
+@dataclass(frozen=True)
+class LatencyEstimate:
+    """A latency in milliseconds with its interval; ``source`` is "predicted" or "measured"."""
+
+    latency_ms: float
+    low_ms: float
+    high_ms: float
+    source: str = "predicted"
+
+    @property
+    def relative_width(self) -> float:
+        """Interval width as a share of the latency."""
+        return (self.high_ms - self.low_ms) / max(self.latency_ms, 1e-12)
+
+
+def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
+    # Optuna treats a value <= 0 as satisfied; trials without the attribute (failed ones) count as infeasible.
+    return trial.user_attrs.get(CONSTRAINT_ATTR, [1.0])
+
+
+def create_sampler(name: str, seed: int, population_size: int = 20) -> optuna.samplers.BaseSampler:
+    """Build the sampler called ``name`` (one of :data:`SAMPLERS`), seeded, with latency constraints where supported."""
+    if name == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed, constraints_func=_constraints)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=_constraints)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise SearchError(f"Unknown search.sampler={name!r}; available samplers are {list(SAMPLERS)}.")
+
+
+def create_or_load_study(
+    storage: str, study_name: str, sampler: optuna.samplers.BaseSampler, record: Mapping[str, Any]
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it to resume when ``study_name`` exists.
+
+    ``record`` (space, data, supernet checkpoint, ...) is stored as study user attributes so that
+    ``train.py`` needs only the study. A resumed study must have been made for the same space.
+    Returns the study and whether it was resumed.
+    """
+    existing = set(optuna.get_all_study_names(storage=storage))
+    resumed = study_name in existing
+    study = optuna.create_study(
+        storage=storage,
+        study_name=study_name,
+        sampler=sampler,
+        directions=["maximize", "minimize"],
+        load_if_exists=True,
+    )
+    if resumed:
+        old_space = study.user_attrs.get("space")
+        if old_space is not None and old_space != record.get("space"):
+            raise SearchError(
+                f"search.study_name={study_name!r} exists in {storage} for another space configuration; "
+                "choose a new search.study_name or the same space as before."
+            )
+        log.info("Resuming study %r with %d finished trials", study_name, len(study.trials))
+    study.set_user_attr("tailnas_format_version", STUDY_FORMAT_VERSION)
+    for key, value in record.items():
+        study.set_user_attr(key, json.loads(json.dumps(value, default=str)))
+    return study, resumed
+
+
+class SearchObjective:
+    """The Optuna objective: suggest an architecture, estimate its latency, then judge its accuracy.
+
+    Args:
+        space: the search space; its ``choices()`` become categorical parameters.
+        accuracy_fn: validation accuracy in [0, 1] of an architecture (supernet slice + BN recalibration).
+        latency_fn: latency estimate of an architecture (the predictor).
+        latency_budget_ms: if set, trials whose latency exceeds it are infeasible (constraint > 0),
+            their accuracy is not computed (reported as 0.0) and they never enter the Pareto front.
+        measure_fn: measures an architecture on the device; used when ``uncertainty_threshold`` is set.
+        uncertainty_threshold: a candidate whose interval is wider than this share of its latency is
+            measured, and the measurement replaces the prediction for that trial.
+    """
+
+    def __init__(
+        self,
+        space: SearchSpace,
+        accuracy_fn: Callable[[Arch], float],
+        latency_fn: Callable[[Arch], LatencyEstimate],
+        latency_budget_ms: float | None = None,
+        measure_fn: Callable[[Arch], float] | None = None,
+        uncertainty_threshold: float | None = None,
+    ) -> None:
+        if latency_budget_ms is not None and not latency_budget_ms > 0:
+            raise SearchError(f"search.latency_budget_ms must be positive or null, but got {latency_budget_ms}.")
+        if uncertainty_threshold is not None and measure_fn is None:
+            raise SearchError("search.measure_uncertain=true needs a measurement function.")
+        self.space = space
+        self.choices = space.choices()
+        self.accuracy_fn = accuracy_fn
+        self.latency_fn = latency_fn
+        self.latency_budget_ms = latency_budget_ms
+        self.measure_fn = measure_fn
+        self.uncertainty_threshold = uncertainty_threshold
+
+    def suggest_arch(self, trial: optuna.Trial) -> Arch:
+        values = {key: trial.suggest_categorical(key, options) for key, options in self.choices.items()}
+        return self.space.arch_from_choices(values)
+
+    def estimate_latency(self, arch: Arch) -> LatencyEstimate:
+        estimate = self.latency_fn(arch)
+        if self.uncertainty_threshold is not None and estimate.relative_width > self.uncertainty_threshold:
+            measured = self.measure_fn(arch)  # type: ignore[misc]
+            log.info(
+                "Measured %s: interval width %.0f%% > %.0f%%, %.3f ms predicted, %.3f ms measured",
+                arch.to_json(), 100 * estimate.relative_width, 100 * self.uncertainty_threshold,
+                estimate.latency_ms, measured,
+            )
+            return LatencyEstimate(measured, measured, measured, "measured")
+        return estimate
+
+    def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
+        arch = self.suggest_arch(trial)
+        estimate = self.estimate_latency(arch)
+        trial.set_user_attr("arch", arch.to_dict())
+        trial.set_user_attr("predicted_latency_ms", estimate.latency_ms)
+        trial.set_user_attr("latency_interval_ms", [estimate.low_ms, estimate.high_ms])
+        trial.set_user_attr("latency_source", estimate.source)
+        trial.set_user_attr("macs", self.space.macs(arch))
+        trial.set_user_attr("params", self.space.params(arch))
+
+        excess = 0.0 if self.latency_budget_ms is None else estimate.latency_ms - self.latency_budget_ms
+        trial.set_user_attr(CONSTRAINT_ATTR, [excess])
+        if excess > 0:
+            trial.set_user_attr("accuracy_skipped", True)
+            return 0.0, estimate.latency_ms
+        return self.accuracy_fn(arch), estimate.latency_ms
+
+
+def _feasible_complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return [t for t in trials if all(c <= 0 for c in _constraints(t))]
+
+
+def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Return the feasible, non-dominated complete trials (accuracy up, latency down), fastest first.
+
+    Trials with the same architecture count once (the earliest).
+    """
+    seen: set[str] = set()
+    candidates = []
+    for trial in _feasible_complete(study):
+        key = json.dumps(trial.user_attrs.get("arch"), sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            candidates.append(trial)
+
+    front = []
+    for t in candidates:
+        acc, lat = t.values
+        dominated = any(
+            (o.values[0] >= acc and o.values[1] <= lat) and (o.values[0] > acc or o.values[1] < lat) for o in candidates
+        )
+        if not dominated:
+            front.append(t)
+    return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
+
+
+def knee_index(accuracy: Sequence[float], latency: Sequence[float]) -> int:
+    """Return the index of the knee of a front: the point farthest from the line joining its two ends.
+
+    Both axes are scaled to [0, 1] first. With fewer than three points, the most accurate one is returned.
+    """
+    n = len(accuracy)
+    if n == 0:
+        raise SearchError("The Pareto front is empty, so it has no knee.")
+    if n < 3:
+        return max(range(n), key=lambda i: (accuracy[i], -latency[i]))
+    a_lo, a_hi = min(accuracy), max(accuracy)
+    l_lo, l_hi = min(latency), max(latency)
+    xs = [(lat - l_lo) / ((l_hi - l_lo) or 1.0) for lat in latency]
+    ys = [(acc - a_lo) / ((a_hi - a_lo) or 1.0) for acc in accuracy]
+    first = min(range(n), key=lambda i: xs[i])
+    last = max(range(n), key=lambda i: xs[i])
+    dx, dy = xs[last] - xs[first], ys[last] - ys[first]
+    norm = math.hypot(dx, dy) or 1.0
+    # Distance above the chord: the knee gains the most accuracy per unit of latency.
+    distances = [(dx * (ys[i] - ys[first]) - dy * (xs[i] - xs[first])) / norm for i in range(n)]
+    return max(range(n), key=lambda i: distances[i])
+
+
+def latest_study_name(storage: str) -> str:
+    """Return the name of the most recently started TailNAS study in ``storage``."""
+    summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
+    ours = [s for s in summaries if "tailnas_format_version" in s.user_attrs and s.datetime_start is not None]
+    if not ours:
+        raise SearchError(f"No TailNAS study found in {storage}; run `python search.py +space=resnet` first.")
+    return max(ours, key=lambda s: s.datetime_start).study_name

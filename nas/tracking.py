@@ -1,0 +1,101 @@
+"""Experiment tracking: Weights & Biases (offline unless the user has logged in) or nothing."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["Tracker", "create_tracker", "wandb_mode"]
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode(requested: str | None) -> str:
+    """Return the W&B mode: the requested one, else ``WANDB_MODE``, else online only with credentials."""
+    if requested:
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
+    return "online" if logged_in else "offline"
+
+
+class Tracker:
+    """Logs stage metrics and summaries; the base class does nothing."""
+
+    name = "none"
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def log_table(self, key: str, rows: list[Mapping[str, Any]]) -> None:
+        pass
+
+    def log_image(self, key: str, path: str) -> None:
+        pass
+
+    def lightning_logger(self) -> Any:
+        """Return a Lightning logger for trainers, or False for none."""
+        return False
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbTracker(Tracker):
+    name = "wandb"
+
+    def __init__(self, cfg: Mapping[str, Any], run_config: Mapping[str, Any], job_type: str, run_dir: str) -> None:
+        import wandb
+
+        allowed = {"name", "project", "entity", "mode", "group", "tags"}
+        unknown = sorted(set(cfg) - allowed)
+        if unknown:
+            raise ValueError(f"Unknown keys {unknown} in logger=wandb; allowed keys are {sorted(allowed)}.")
+        mode = wandb_mode(cfg.get("mode"))
+        self._wandb = wandb
+        self.run = wandb.init(
+            project=cfg.get("project", "tailnas"), entity=cfg.get("entity"), group=cfg.get("group"),
+            tags=list(cfg.get("tags") or []), job_type=job_type, config=dict(run_config), mode=mode, dir=run_dir,
+        )
+        log.info("Weights & Biases run %s in %s mode (dir %s)", self.run.id, mode, run_dir)
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        self.run.log(dict(metrics), step=step)
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        for key, value in values.items():
+            self.run.summary[key] = value
+
+    def log_table(self, key: str, rows: list[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        columns = list(rows[0])
+        table = self._wandb.Table(columns=columns, data=[[str(r[c]) if c == "arch" else r[c] for c in columns] for r in rows])
+        self.run.log({key: table})
+
+    def log_image(self, key: str, path: str) -> None:
+        self.run.log({key: self._wandb.Image(path)})
+
+    def lightning_logger(self) -> Any:
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(experiment=self.run)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def create_tracker(cfg: Mapping[str, Any], run_config: Mapping[str, Any], job_type: str, run_dir: str) -> Tracker:
+    """Build the tracker that ``logger=<name>`` selects."""
+    name = cfg.get("name", "none")
+    if name == "none":
+        return Tracker()
+    if name == "wandb":
+        return WandbTracker(cfg, run_config, job_type, run_dir)
+    raise ValueError(f"Unknown logger={name!r}; available loggers are ['none', 'wandb'].")

@@ -1,0 +1,253 @@
+"""LightningModules for supernet training (sandwich rule with in-place distillation) and subnet fine-tuning."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.spaces.base import Arch, SearchSpace
+from nas.supernet.base import Supernet
+from nas.supernet.dynamic import recalibrate_batchnorm
+
+__all__ = [
+    "SupernetModule",
+    "FinetuneModule",
+    "distillation_loss",
+    "resize_to_arch",
+    "SubnetEvaluator",
+    "SUPERNET_SCHEDULES",
+]
+
+log = logging.getLogger(__name__)
+
+SUPERNET_SCHEDULES = ("sandwich",)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL divergence from the teacher's softened distribution to the student's, scaled by T^2."""
+    t = temperature
+    return F.kl_div(
+        F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits / t, dim=1), reduction="batchmean"
+    ) * (t * t)
+
+
+def resize_to_arch(x: torch.Tensor, space: SearchSpace, arch: Arch) -> torch.Tensor:
+    """Resize a batch to the architecture's input resolution when it differs from the data's."""
+    _, height, width = space.input_shape(arch)
+    if x.shape[-2:] == (height, width):
+        return x
+    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict[str, Any]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + float(np.cos(np.pi * min(1.0, progress))))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class SupernetModule(pl.LightningModule):
+    """Trains a weight-sharing supernet with the sandwich rule.
+
+    Each step trains the largest subnet on the labels, then the smallest and ``num_random``
+    random subnets on the labels plus in-place distillation from the largest subnet's detached
+    logits. All losses are summed before one backward pass.
+
+    Args:
+        supernet: the model to train.
+        lr: peak learning rate of AdamW (cosine decay after a short warm-up).
+        weight_decay: AdamW weight decay.
+        num_random: random subnets per step besides the largest and smallest.
+        kd_weight: weight of the distillation term for the non-largest subnets.
+        temperature: softmax temperature of the distillation term.
+        seed: seed of the per-step subnet sampling (step ``i`` uses ``seed + i``).
+        label_smoothing: label smoothing of the cross-entropy terms.
+    """
+
+    def __init__(
+        self,
+        supernet: Supernet,
+        lr: float = 2e-3,
+        weight_decay: float = 5e-4,
+        num_random: int = 2,
+        kd_weight: float = 1.0,
+        temperature: float = 1.0,
+        seed: int = 0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_random < 0:
+            raise ValueError(f"supernet.num_random must be >= 0, but got {num_random}.")
+        self.supernet = supernet
+        self.space = supernet.space
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.num_random = num_random
+        self.kd_weight = kd_weight
+        self.temperature = temperature
+        self.seed = seed
+        self.label_smoothing = label_smoothing
+
+    def step_archs(self, step: int) -> list[Arch]:
+        """Return the subnets trained at ``step``: largest first, then smallest, then random ones."""
+        rng = np.random.default_rng(self.seed + step)
+        return [self.space.largest(), self.space.smallest()] + [self.space.sample(rng) for _ in range(self.num_random)]
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        archs = self.step_archs(self.global_step)
+
+        self.supernet.set_active(archs[0])
+        teacher_logits = self.supernet(resize_to_arch(x, self.space, archs[0]))
+        loss = F.cross_entropy(teacher_logits, y, label_smoothing=self.label_smoothing)
+        self.log("train/loss_largest", loss, prog_bar=True)
+        teacher = teacher_logits.detach()
+
+        for arch in archs[1:]:
+            self.supernet.set_active(arch)
+            logits = self.supernet(resize_to_arch(x, self.space, arch))
+            sub_loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            if self.kd_weight > 0:
+                sub_loss = sub_loss + self.kd_weight * distillation_loss(logits, teacher, self.temperature)
+            loss = loss + sub_loss
+
+        self.supernet.set_active(archs[0])
+        self.log("train/loss", loss)
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.AdamW(self.supernet.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        return _cosine_schedule(optimizer, total, warmup_steps=min(50, total // 10))
+
+
+class FinetuneModule(pl.LightningModule):
+    """Fine-tunes one static subnet on labels, optionally distilling from a teacher.
+
+    Args:
+        model: the subnet (a plain module, or a gated network exposing ``auxiliary_loss()``).
+        lr: peak learning rate of AdamW (cosine decay after a short warm-up).
+        weight_decay: AdamW weight decay.
+        teacher: a frozen network whose logits the model imitates when ``kd_weight > 0``.
+        kd_weight: weight of the distillation term.
+        temperature: softmax temperature of the distillation term.
+        label_smoothing: label smoothing of the cross-entropy term.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 5e-4,
+        teacher: nn.Module | None = None,
+        kd_weight: float = 0.0,
+        temperature: float = 1.0,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.kd_weight = kd_weight
+        self.temperature = temperature
+        self.label_smoothing = label_smoothing
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+        if self.teacher is not None and self.kd_weight > 0:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+            loss = loss + self.kd_weight * distillation_loss(logits, teacher_logits, self.temperature)
+        auxiliary = getattr(self.model, "auxiliary_loss", None)
+        if callable(auxiliary):
+            loss = loss + auxiliary()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _accuracy_step(self, batch: Sequence[torch.Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self.model(x)
+        accuracy = (logits.argmax(dim=1) == y).float().mean()
+        self.log(f"{stage}/accuracy", accuracy, prog_bar=True, batch_size=len(y))
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), batch_size=len(y))
+
+    def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._accuracy_step(batch, "val")
+
+    def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
+        self._accuracy_step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        return _cosine_schedule(optimizer, total, warmup_steps=min(20, total // 10))
+
+
+class SubnetEvaluator:
+    """Accuracy of supernet subnets after BatchNorm recalibration, for the search objective.
+
+    The calibration and validation batches are materialised once, so every architecture is judged
+    on the same images. Results are cached by architecture JSON.
+
+    Args:
+        supernet: the trained supernet.
+        calibration_batches: training batches (inputs, or (inputs, targets) pairs) for recalibration.
+        validation_batches: (inputs, targets) pairs the accuracy is measured on.
+        device: where the forward passes run.
+    """
+
+    def __init__(
+        self,
+        supernet: Supernet,
+        calibration_batches: Iterable[Any],
+        validation_batches: Iterable[Sequence[torch.Tensor]],
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.supernet = supernet.to(device)
+        self.space = supernet.space
+        self.device = torch.device(device)
+        self.calibration = [self._inputs(b).to(self.device) for b in calibration_batches]
+        self.validation = [(x.to(self.device), y.to(self.device)) for x, y in validation_batches]
+        if not self.calibration or not self.validation:
+            raise ValueError("SubnetEvaluator needs at least one calibration batch and one validation batch.")
+        self.cache: dict[str, float] = {}
+
+    @staticmethod
+    def _inputs(batch: Any) -> torch.Tensor:
+        return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+    @torch.no_grad()
+    def accuracy(self, arch: Arch) -> float:
+        """Return top-1 validation accuracy in [0, 1] of ``arch`` with inherited, recalibrated weights."""
+        key = arch.to_json()
+        if key in self.cache:
+            return self.cache[key]
+        self.supernet.set_active(arch)
+        resized = [resize_to_arch(x, self.space, arch) for x in self.calibration]
+        recalibrate_batchnorm(self.supernet, resized, max_batches=len(resized))
+        self.supernet.eval()
+        correct = total = 0
+        for x, y in self.validation:
+            logits = self.supernet(resize_to_arch(x, self.space, arch))
+            correct += int((logits.argmax(dim=1) == y).sum())
+            total += len(y)
+        self.cache[key] = correct / total
+        return self.cache[key]

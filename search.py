@@ -1,0 +1,300 @@
+"""Hardware-aware architecture search: ``python search.py +space=resnet``.
+
+Stages: data, supernet (trained once and cached), profiling and latency predictor (cached per
+device), an Optuna study, re-measurement of the Pareto front on the device, and the outputs
+(pareto.csv, pareto.png, manifest.json) in Hydra's run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import numpy as np
+import optuna
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from nas.cli import StageTimer, default_storage, require_space, run_cli, to_container
+from nas.data import build_datamodule
+from nas.report import plot_pareto, write_manifest, write_pareto_csv
+from nas.search import (
+    LatencyEstimate,
+    SearchError,
+    SearchObjective,
+    create_or_load_study,
+    create_sampler,
+    knee_index,
+    pareto_trials,
+)
+from nas.spaces import SearchSpace, create_space
+from nas.supernet.cache import load_supernet, save_supernet, supernet_key
+from nas.tracking import create_tracker
+from nas.training import SubnetEvaluator, SupernetModule
+
+log = logging.getLogger("tailnas.search")
+
+
+def build_space(cfg: DictConfig, datamodule: Any) -> SearchSpace:
+    """Build the space, filling channels and classes the data decides (for example ImageFolder's classes)."""
+    space_cfg = to_container(cfg.space)
+    if space_cfg.get("in_channels") is None:
+        space_cfg["in_channels"] = datamodule.in_channels
+    if space_cfg.get("num_classes") is None:
+        space_cfg["num_classes"] = datamodule.num_classes
+    return create_space(space_cfg)
+
+
+def training_device(trainer_cfg: DictConfig) -> str:
+    """Return where subnet evaluation runs: the GPU when the trainer may use one and it exists."""
+    wants_gpu = trainer_cfg.accelerator in ("gpu", "cuda", "auto")
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
+
+
+def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any, tracker: Any) -> tuple[Any, Path]:
+    """Return the supernet for this space, data and training setup, training it only when no checkpoint exists."""
+    import lightning.pytorch as pl
+
+    training = to_container(cfg.supernet)
+    key = supernet_key(space, datamodule.describe(), {k: v for k, v in training.items() if k != "trainer"}, cfg.seed)
+    path = Path(cfg.paths.work_dir) / "supernets" / f"{space.name}-{key}" / "supernet.pt"
+    if path.is_file():
+        log.info("Reusing supernet checkpoint %s", path)
+        supernet, _ = load_supernet(path, space)
+        return supernet, path
+
+    if training["schedule"] != "sandwich":
+        raise SearchError(f"Unknown supernet.schedule={training['schedule']!r}; available schedules are ['sandwich'].")
+    pl.seed_everything(cfg.seed, workers=True)
+    supernet = space.build_supernet()
+    module = SupernetModule(
+        supernet, lr=training["lr"], weight_decay=training["weight_decay"], num_random=training["num_random"],
+        kd_weight=training["kd_weight"], temperature=training["temperature"], seed=cfg.seed,
+        label_smoothing=training["label_smoothing"],
+    )
+    trainer_cfg = training["trainer"]
+    trainer = pl.Trainer(
+        max_epochs=training["epochs"], accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"],
+        strategy=trainer_cfg["strategy"], precision=trainer_cfg["precision"], logger=tracker.lightning_logger(),
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        default_root_dir=HydraConfig.get().runtime.output_dir,
+    )
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    if trainer.is_global_zero:
+        save_supernet(supernet.cpu(), path, {"key": key, "data": datamodule.describe(), "training": training})
+    return supernet, path
+
+
+def calibration_batches(datamodule: Any, images: int, seed: int) -> list[torch.Tensor]:
+    """Return a fixed set of training images, in batches, for BatchNorm recalibration."""
+    if images < 1:
+        raise SearchError(f"search.calibration_images must be >= 1, but got {images}.")
+    dataset = datamodule.train_set
+    order = np.random.default_rng(seed).permutation(len(dataset))[:images]
+    batch_size = min(256, images)
+    batches = []
+    for start in range(0, len(order), batch_size):
+        batches.append(torch.stack([dataset[int(i)][0] for i in order[start : start + batch_size]]))
+    return batches
+
+
+def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: Any, run_dir: Path) -> SearchSpace:
+    """Move each width choice to the right edge of its latency step on this device."""
+    from predictors.tail_aware import tail_aware_widths
+
+    widths = tail_aware_widths(space, store, protocol)
+    for key, values in widths.items():
+        log.info("Tail-aware %s: %s -> %s", key, space.width_choices()[key], values)
+    new_space = space.with_width_choices(widths)
+    supernet.space = new_space  # the widest widths are unchanged, so the same supernet serves the new space
+    return new_space
+
+
+def remeasure_front(front: list[optuna.trial.FrozenTrial], measure: Any) -> dict[int, float]:
+    """Measure every Pareto subnet on the device; returns trial number -> median latency in ms."""
+    measured = {}
+    for trial in tqdm(front, desc="re-measure Pareto front", unit="subnet"):
+        measured[trial.number] = measure(trial.user_attrs["arch"])
+    return measured
+
+
+def front_rows(front: list[optuna.trial.FrozenTrial], measured: dict[int, float]) -> list[dict[str, Any]]:
+    return [
+        {
+            "trial": t.number,
+            "arch": t.user_attrs["arch"],
+            "accuracy": round(t.values[0], 6),
+            "predicted_latency_ms": round(t.user_attrs["predicted_latency_ms"], 6),
+            "measured_latency_ms": round(measured[t.number], 6) if t.number in measured else None,
+            "macs": t.user_attrs["macs"],
+            "params": t.user_attrs["params"],
+            "latency_source": t.user_attrs.get("latency_source", "predicted"),
+        }
+        for t in front
+    ]
+
+
+def print_front(rows: list[dict[str, Any]], knee: int, study_name: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"Pareto front of study {study_name!r}")
+    for column in ("trial", "accuracy %", "predicted ms", "measured ms", "MMACs", "params", "arch"):
+        table.add_column(column, justify="right" if column != "arch" else "left")
+    for i, r in enumerate(rows):
+        measured = f"{r['measured_latency_ms']:.3f}" if r["measured_latency_ms"] is not None else "-"
+        marker = " (knee)" if i == knee else ""
+        table.add_row(f"{r['trial']}{marker}", f"{100 * r['accuracy']:.2f}", f"{r['predicted_latency_ms']:.3f}", measured,
+                      f"{r['macs'] / 1e6:.2f}", f"{r['params']:,}", str(r["arch"]))
+    Console().print(table)
+
+
+def run(cfg: DictConfig) -> None:
+    require_space(cfg, "python search.py")
+    from predictors.build import load_or_build_predictor
+    from predictors.fingerprint import device_fingerprint, fingerprint_id
+    from predictors.profiling import MeasurementProtocol, measure_arch
+    from predictors.store import ProfileStore
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    work_dir = Path(cfg.paths.work_dir)
+    timer = StageTimer()
+    protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
+    tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir))
+
+    with timer.stage("data"):
+        datamodule = build_datamodule(to_container(cfg.data))
+        datamodule.setup()
+        space = build_space(cfg, datamodule)
+    log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
+             space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)
+
+    with timer.stage("supernet"):
+        supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
+
+    fingerprint = device_fingerprint(protocol)
+    store = ProfileStore(work_dir / "profiles", fingerprint)
+    with timer.stage("profile_predictor"):
+        predictor, report, predictor_path = load_or_build_predictor(
+            space, protocol, to_container(cfg.predictor), work_dir, seed=cfg.seed, progress=True
+        )
+    timer.seconds["profile"] = report.get("profile_s", 0.0)
+    timer.seconds["predictor"] = timer.seconds["profile_predictor"] - timer.seconds["profile"]
+    log.info("Predictor %s: %s", predictor_path, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
+    tracker.summary({f"predictor/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+
+    if cfg.space.get("tail_aware", False):
+        space = tail_aware_space(space, store, protocol, supernet, run_dir)
+
+    def measure(arch_dict: dict[str, Any]) -> float:
+        arch = space.arch_from_dict(arch_dict)
+        measurement = measure_arch(space, arch, protocol, supernet=supernet.cpu())
+        store.add_subnet(space.name, space.config_hash(), arch.to_dict(), space.layers(arch), measurement,
+                         pass_index=0, source="search")
+        return measurement.median_ms
+
+    def predict(arch: Any) -> LatencyEstimate:
+        prediction = predictor.predict([space.layers(arch)])
+        return LatencyEstimate(float(prediction.mean_ms[0]), float(prediction.low_ms[0]), float(prediction.high_ms[0]))
+
+    search_cfg = cfg.search
+    storage = default_storage(cfg)
+    study_name = search_cfg.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    device = training_device(cfg.supernet.trainer)
+    with timer.stage("search"):
+        evaluator = SubnetEvaluator(
+            supernet, calibration_batches(datamodule, search_cfg.calibration_images, cfg.seed),
+            datamodule.val_dataloader(), device=device,
+        )
+        objective = SearchObjective(
+            space, evaluator.accuracy, predict, latency_budget_ms=search_cfg.latency_budget_ms,
+            measure_fn=(lambda arch: measure(arch.to_dict())) if search_cfg.measure_uncertain else None,
+            uncertainty_threshold=search_cfg.uncertainty_threshold if search_cfg.measure_uncertain else None,
+        )
+        record = {
+            "space": space.raw_config, "space_name": space.name, "data": to_container(cfg.data),
+            "supernet_checkpoint": str(checkpoint), "supernet": to_container(cfg.supernet),
+            "predictor_path": str(predictor_path), "hardware": protocol.to_dict(),
+            "device_fingerprint_id": fingerprint_id(fingerprint), "seed": cfg.seed,
+            "latency_budget_ms": search_cfg.latency_budget_ms, "run_dir": str(run_dir),
+        }
+        sampler = create_sampler(search_cfg.sampler, cfg.seed, search_cfg.population_size)
+        study, _ = create_or_load_study(storage, study_name, sampler, record)
+        _check_budget_feasible(space, predict, search_cfg.latency_budget_ms)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        try:
+            study.optimize(objective, n_trials=search_cfg.n_trials, timeout=search_cfg.timeout_s,
+                           show_progress_bar=True, gc_after_trial=False)
+        except KeyboardInterrupt:
+            log.warning("Search interrupted; writing the results of the %d finished trials.", len(study.trials))
+        supernet.cpu()
+
+    front = pareto_trials(study)
+    if not front:
+        raise SearchError(
+            f"Study {study_name!r} has no feasible finished trial, so there is no Pareto front. "
+            f"Raise search.latency_budget_ms (now {search_cfg.latency_budget_ms}) or search.timeout_s."
+        )
+    measured: dict[int, float] = {}
+    with timer.stage("remeasure"):
+        if search_cfg.remeasure:
+            measured = remeasure_front(front, measure)
+            previous = study.user_attrs.get("measured_latency_ms", {})
+            study.set_user_attr("measured_latency_ms", {**previous, **{str(k): v for k, v in measured.items()}})
+
+    rows = front_rows(front, measured)
+    latencies = [r["measured_latency_ms"] if r["measured_latency_ms"] is not None else r["predicted_latency_ms"] for r in rows]
+    knee = knee_index([r["accuracy"] for r in rows], latencies)
+    write_outputs(run_dir, cfg, study, rows, knee, fingerprint, report, timer, storage)
+    tracker.log_table("pareto", rows)
+    tracker.log_image("pareto_plot", str(run_dir / "pareto.png"))
+    tracker.summary({f"time/{k}": v for k, v in timer.seconds.items()})
+    tracker.finish()
+
+    print_front(rows, knee, study_name)
+    print(f"Wrote {run_dir / 'pareto.csv'}, {run_dir / 'pareto.png'} and {run_dir / 'manifest.json'}.")
+    storage_arg = "" if not cfg.search.storage else f" search.storage='{storage}'"
+    print(f"Knee subnet: trial {rows[knee]['trial']}, accuracy {100 * rows[knee]['accuracy']:.2f}%, "
+          f"{latencies[knee]:.3f} ms. Fine-tune it with:")
+    print(f"  python train.py search.study_name={study_name}{storage_arg} trial={rows[knee]['trial']}")
+
+
+def _check_budget_feasible(space: SearchSpace, predict: Any, budget: float | None) -> None:
+    if budget is None:
+        return
+    smallest = predict(space.smallest()).latency_ms
+    if smallest > budget:
+        raise SearchError(
+            f"search.latency_budget_ms={budget} is below the predicted latency of the smallest subnet "
+            f"({smallest:.3f} ms), so no architecture can meet it. Raise the budget above {smallest:.3f} ms."
+        )
+
+
+def write_outputs(run_dir: Path, cfg: DictConfig, study: optuna.Study, rows: list[dict[str, Any]], knee: int,
+                  fingerprint: dict[str, Any], report: dict[str, Any], timer: StageTimer, storage: str) -> None:
+    write_pareto_csv(run_dir / "pareto.csv", rows)
+    feasible = [
+        (t.values[0], t.user_attrs["predicted_latency_ms"]) for t in study.get_trials(deepcopy=False)
+        if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("accuracy_skipped")
+    ]
+    plot_pareto(run_dir / "pareto.png", feasible, rows, knee, f"{study.study_name} on {fingerprint.get('name', 'device')}")
+    timer.write(run_dir / "timings.json")
+    write_manifest(
+        run_dir / "manifest.json", to_container(cfg), fingerprint, cfg.seed,
+        {"study_name": study.study_name, "storage": storage, "trials": len(study.trials), "knee_trial": rows[knee]["trial"],
+         "predictor_report": report, "stage_seconds": timer.seconds},
+    )
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="search")
+def main(cfg: DictConfig) -> None:
+    run_cli(run, cfg)
+
+
+if __name__ == "__main__":
+    main()
