@@ -1,0 +1,201 @@
+"""Fine-tune a subnet that a study chose: ``python train.py`` (latest study, knee subnet).
+
+The subnet is extracted from the study's supernet with its inherited weights, its BatchNorm
+statistics are recalibrated, it is fine-tuned with Lightning, tested, and measured on the device.
+Outputs in Hydra's run directory: ``subnet.pt`` (checkpoint), ``subnet.pt2`` (torch.export program)
+and ``finetune.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+import optuna
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from nas.cli import StageTimer, UsageError, default_storage, run_cli, to_container
+from nas.data import build_datamodule
+from nas.report import atomic_write_text
+from nas.search import SearchError, knee_index, latest_study_name, pareto_trials
+from nas.spaces import Arch, SearchSpace, create_space
+from nas.supernet.cache import load_supernet
+from nas.supernet.dynamic import recalibrate_batchnorm
+from nas.tracking import create_tracker
+from nas.training import FinetuneModule
+
+log = logging.getLogger("tailnas.train")
+
+PICKS = ("knee", "fastest_under_budget", "most_accurate")
+FINETUNE_FORMAT_VERSION = 1
+
+
+def load_study(cfg: DictConfig) -> optuna.Study:
+    storage = default_storage(cfg)
+    name = cfg.search.study_name or latest_study_name(storage)
+    names = optuna.get_all_study_names(storage=storage)
+    if name not in names:
+        raise SearchError(f"search.study_name={name!r} not found in {storage}; studies there: {sorted(names)}.")
+    study = optuna.load_study(study_name=name, storage=storage)
+    if "space" not in study.user_attrs:
+        raise SearchError(f"Study {name!r} was not written by search.py (it has no recorded space).")
+    log.info("Study %r from %s", name, storage)
+    return study
+
+
+def _latency(trial: optuna.trial.FrozenTrial, measured: dict[str, float]) -> float:
+    return measured.get(str(trial.number), trial.user_attrs["predicted_latency_ms"])
+
+
+def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial:
+    """Return the trial that ``trial=N`` or ``pick=...`` selects; latencies are the measured ones where known."""
+    if cfg.trial is not None:
+        matches = [t for t in study.trials if t.number == int(cfg.trial)]
+        if not matches or matches[0].state != optuna.trial.TrialState.COMPLETE:
+            raise UsageError(f"trial={cfg.trial} is not a finished trial of study {study.study_name!r}.")
+        if matches[0].user_attrs.get("accuracy_skipped"):
+            raise UsageError(f"trial={cfg.trial} exceeded the latency budget, so its accuracy was never measured.")
+        return matches[0]
+    if cfg.pick not in PICKS:
+        raise UsageError(f"Unknown pick={cfg.pick!r}; choose one of {list(PICKS)} or set trial=N.")
+    front = pareto_trials(study)
+    if not front:
+        raise SearchError(f"Study {study.study_name!r} has no feasible finished trial to pick from.")
+    measured = study.user_attrs.get("measured_latency_ms", {})
+    if cfg.pick == "most_accurate":
+        return max(front, key=lambda t: (t.values[0], -_latency(t, measured)))
+    if cfg.pick == "knee":
+        return front[knee_index([t.values[0] for t in front], [_latency(t, measured) for t in front])]
+    budget = cfg.budget_ms if cfg.budget_ms is not None else study.user_attrs.get("latency_budget_ms")
+    if budget is None:
+        raise UsageError("pick=fastest_under_budget needs budget_ms=<milliseconds> (the study has no latency budget).")
+    within = [t for t in front if _latency(t, measured) <= budget]
+    if not within:
+        fastest = min(_latency(t, measured) for t in front)
+        raise UsageError(f"No Pareto subnet runs within budget_ms={budget}; the fastest takes {fastest:.3f} ms.")
+    # On a Pareto front accuracy grows with latency, so the slowest subnet within the budget is the most accurate one.
+    return max(within, key=lambda t: (_latency(t, measured), t.values[0]))
+
+
+def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: Any, tag: str) -> float:
+    """Fine-tune ``model`` with Lightning and return its test accuracy in [0, 1]."""
+    import lightning.pytorch as pl
+
+    ft = cfg.finetune
+    pl.seed_everything(cfg.seed, workers=True)
+    module = FinetuneModule(model, lr=ft.lr, weight_decay=ft.weight_decay, label_smoothing=ft.label_smoothing)
+    trainer = pl.Trainer(
+        max_epochs=ft.epochs, accelerator=ft.trainer.accelerator, devices=ft.trainer.devices,
+        strategy=ft.trainer.strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=str(Path(HydraConfig.get().runtime.output_dir) / tag),
+    )
+    log.info("Fine-tuning (%s) for %d epochs", tag, ft.epochs)
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=datamodule.val_dataloader())
+    results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+    return float(results[0]["test/accuracy"])
+
+
+def extract_subnet(space: SearchSpace, arch: Arch, checkpoint: str, datamodule: Any, images: int) -> torch.nn.Module:
+    """Extract ``arch`` with its inherited weights and recalibrate its BatchNorm statistics."""
+    supernet, _ = load_supernet(Path(checkpoint), space)
+    model = supernet.extract(arch)
+    loader = datamodule.train_dataloader()
+    batches = max(1, images // loader.batch_size)
+    recalibrate_batchnorm(model, iter(loader), max_batches=batches)
+    return model
+
+
+def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: dict[str, Any]) -> float:
+    from predictors.profiling import MeasurementProtocol, measure_module
+
+    protocol = MeasurementProtocol.from_config(hardware)
+    return measure_module(model.cpu() if protocol.device == "cpu" else model, space.input_shape(arch), protocol).median_ms
+
+
+def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch, result: dict[str, Any]) -> None:
+    from nas.export import export_program
+
+    model = model.cpu().eval()
+    payload = {"format_version": FINETUNE_FORMAT_VERSION, "space": space.raw_config, "arch": arch.to_dict(),
+               "state_dict": model.state_dict()}
+    tmp = run_dir / ".subnet.pt.tmp"
+    torch.save(payload, tmp)
+    tmp.replace(run_dir / "subnet.pt")
+    example = torch.randn(1, *space.input_shape(arch))
+    export_program(model, example, run_dir / "subnet.pt2")
+    atomic_write_text(run_dir / "finetune.json", json.dumps(result, indent=2) + "\n")
+
+
+def apply_gates_if_requested(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    gates = to_container(cfg.gates)
+    if gates.get("name", "none") == "none":
+        return model
+    from nas.gates import apply_gates
+
+    return apply_gates(model, gates)
+
+
+def run(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    timer = StageTimer()
+    study = load_study(cfg)
+    trial = pick_trial(study, cfg)
+    record = study.user_attrs
+    space = create_space(record["space"])
+    arch = space.arch_from_dict(trial.user_attrs["arch"])
+    log.info("Picked trial %d: accuracy %.4f, predicted %.3f ms, arch %s", trial.number, trial.values[0],
+             trial.user_attrs["predicted_latency_ms"], arch.to_json())
+    tracker = create_tracker(to_container(cfg.logger), {**to_container(cfg), "study": study.study_name,
+                                                       "trial": trial.number}, "train", str(run_dir))
+
+    with timer.stage("data"):
+        datamodule = build_datamodule(record["data"])
+        datamodule.setup()
+
+    result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
+                              "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0]}
+    with timer.stage("finetune"):
+        if cfg.from_scratch:
+            model = apply_gates_if_requested(space.build_supernet().build_static(arch), cfg)
+        else:
+            model = extract_subnet(space, arch, record["supernet_checkpoint"], datamodule, cfg.finetune.calibration_images)
+            model = apply_gates_if_requested(model, cfg)
+        result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, "scratch" if cfg.from_scratch else "inherited")
+    result["from_scratch"] = bool(cfg.from_scratch)
+
+    if cfg.from_scratch:
+        result["scratch_test_accuracy"] = result["test_accuracy"]
+    elif cfg.compare_scratch:
+        with timer.stage("scratch"):
+            scratch = space.build_supernet().build_static(arch)
+            result["scratch_test_accuracy"] = finetune(scratch, datamodule, cfg, tracker, "scratch")
+    else:
+        result["scratch_test_accuracy"] = None
+
+    with timer.stage("measure"):
+        result["measured_latency_ms"] = measure(model, space, arch, to_container(cfg.hardware))
+    result["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
+    save_outputs(run_dir, model, space, arch, result)
+    tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+    tracker.finish()
+
+    print(f"Trial {trial.number} of study {study.study_name!r}: test accuracy {100 * result['test_accuracy']:.2f}%", end="")
+    if result["scratch_test_accuracy"] is not None and not cfg.from_scratch:
+        print(f" (from scratch with the same budget: {100 * result['scratch_test_accuracy']:.2f}%)", end="")
+    print(f", measured latency {result['measured_latency_ms']:.3f} ms.")
+    print(f"Wrote {run_dir / 'finetune.json'}, {run_dir / 'subnet.pt'} and {run_dir / 'subnet.pt2'}.")
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    run_cli(run, cfg)
+
+
+if __name__ == "__main__":
+    main()
