@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 SAMPLERS = ("nsga2", "tpe", "random")
 STUDY_FORMAT_VERSION = 1
-CONSTRAINT_ATTR = "constraint"
+CONSTRAINT_KEY = "latency_over_budget_ms"
 
 
 class SearchError(ValueError):
@@ -53,16 +53,20 @@ class LatencyEstimate:
 
 
 def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
-    # Optuna treats a value <= 0 as satisfied; trials without the attribute (failed ones) count as infeasible.
-    return trial.user_attrs.get(CONSTRAINT_ATTR, [1.0])
+    # Optuna treats a value <= 0 as satisfied; a trial without constraint values counts as infeasible.
+    return list(trial.constraints.values()) or [1.0]
 
 
 def create_sampler(name: str, seed: int, population_size: int = 20) -> optuna.samplers.BaseSampler:
-    """Build the sampler called ``name`` (one of :data:`SAMPLERS`), seeded, with latency constraints where supported."""
+    """Build the sampler called ``name`` (one of :data:`SAMPLERS`), seeded.
+
+    NSGA-II and TPE read the trials' constraint values and steer away from infeasible regions; the
+    random sampler does not, so for it the budget is enforced by the Pareto extraction alone.
+    """
     if name == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed, constraints_func=_constraints)
+        return optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, constraints_func=_constraints)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise SearchError(f"Unknown search.sampler={name!r}; available samplers are {list(SAMPLERS)}.")
@@ -162,7 +166,7 @@ class SearchObjective:
         trial.set_user_attr("params", self.space.params(arch))
 
         excess = 0.0 if self.latency_budget_ms is None else estimate.latency_ms - self.latency_budget_ms
-        trial.set_user_attr(CONSTRAINT_ATTR, [excess])
+        trial.set_constraint(CONSTRAINT_KEY, excess)
         if excess > 0:
             trial.set_user_attr("accuracy_skipped", True)
             return 0.0, estimate.latency_ms

@@ -1,0 +1,113 @@
+import optuna
+import pytest
+
+from nas.search import (
+    LatencyEstimate,
+    SearchError,
+    SearchObjective,
+    create_or_load_study,
+    create_sampler,
+    knee_index,
+    latest_study_name,
+    pareto_trials,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def fake_latency(space):
+    def latency(arch):
+        ms = space.macs(arch) / 1e7
+        return LatencyEstimate(ms, 0.9 * ms, 1.1 * ms)
+
+    return latency
+
+
+def fake_accuracy(space):
+    largest = space.macs(space.largest())
+    return lambda arch: 0.5 + 0.4 * space.macs(arch) / largest
+
+
+def run_study(space, sampler_name, tmp_path, budget=None, n_trials=24, name="s"):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    sampler = create_sampler(sampler_name, seed=0, population_size=8)
+    study, _ = create_or_load_study(storage, name, sampler, {"space": space.raw_config})
+    objective = SearchObjective(space, fake_accuracy(space), fake_latency(space), latency_budget_ms=budget)
+    study.optimize(objective, n_trials=n_trials)
+    return study, storage
+
+
+@pytest.mark.parametrize("sampler", ["nsga2", "tpe", "random"])
+def test_budget_holds_for_every_sampler(resnet_space, tmp_path, sampler):
+    budget = fake_latency(resnet_space)(resnet_space.largest()).latency_ms / 3
+    study, _ = run_study(resnet_space, sampler, tmp_path, budget=budget)
+    front = pareto_trials(study)
+    assert front
+    assert all(t.user_attrs["predicted_latency_ms"] <= budget for t in front)
+    over = [t for t in study.trials if t.user_attrs["predicted_latency_ms"] > budget]
+    assert all(t.user_attrs.get("accuracy_skipped") for t in over)
+
+
+def test_pareto_front_is_non_dominated(resnet_space, tmp_path):
+    study, _ = run_study(resnet_space, "random", tmp_path)
+    front = pareto_trials(study)
+    for t in front:
+        for other in study.trials:
+            strictly_better = other.values[0] > t.values[0] and other.values[1] < t.values[1]
+            assert not strictly_better
+    latencies = [t.values[1] for t in front]
+    assert latencies == sorted(latencies)
+
+
+def test_unknown_sampler_lists_choices():
+    with pytest.raises(SearchError, match="Unknown search.sampler='cma'; available samplers are \\['nsga2', 'tpe', 'random'\\]"):
+        create_sampler("cma", seed=0)
+
+
+def test_invalid_budget_rejected(resnet_space):
+    with pytest.raises(SearchError, match="latency_budget_ms must be positive"):
+        SearchObjective(resnet_space, fake_accuracy(resnet_space), fake_latency(resnet_space), latency_budget_ms=-1)
+
+
+def test_study_resumes_by_name(resnet_space, tmp_path):
+    study, storage = run_study(resnet_space, "nsga2", tmp_path, n_trials=5, name="resume-me")
+    again, resumed = create_or_load_study(storage, "resume-me", create_sampler("nsga2", 0), {"space": resnet_space.raw_config})
+    assert resumed
+    assert len(again.trials) == 5
+    assert latest_study_name(storage) == "resume-me"
+
+
+def test_resume_with_other_space_rejected(resnet_space, tmp_path):
+    _, storage = run_study(resnet_space, "random", tmp_path, n_trials=2, name="x")
+    with pytest.raises(SearchError, match="exists in .* for another space configuration"):
+        create_or_load_study(storage, "x", create_sampler("random", 0), {"space": {"family": "other"}})
+
+
+def test_uncertain_candidates_are_measured(resnet_space, tmp_path):
+    measured = []
+
+    def wide(arch):
+        return LatencyEstimate(1.0, 0.2, 2.0)
+
+    def measure(arch):
+        measured.append(arch)
+        return 0.75
+
+    objective = SearchObjective(resnet_space, fake_accuracy(resnet_space), wide, measure_fn=measure, uncertainty_threshold=0.5)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.optimize(objective, n_trials=3)
+    assert len(measured) == 3
+    assert all(t.user_attrs["latency_source"] == "measured" for t in study.trials)
+    assert all(t.values[1] == 0.75 for t in study.trials)
+
+
+def test_knee_of_convex_front():
+    accuracy = [0.80, 0.95, 0.97, 0.975]
+    latency = [1.0, 1.5, 3.0, 6.0]
+    assert knee_index(accuracy, latency) == 1
+
+
+def test_knee_of_short_front_is_most_accurate():
+    assert knee_index([0.9, 0.95], [1.0, 2.0]) == 1
+    with pytest.raises(SearchError, match="empty"):
+        knee_index([], [])

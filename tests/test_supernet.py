@@ -1,0 +1,51 @@
+import numpy as np
+import torch
+
+from nas.supernet import recalibrate_batchnorm
+
+
+def test_extracted_subnet_equals_supernet(resnet_space):
+    supernet = resnet_space.build_supernet()
+    x = torch.randn(3, 1, 28, 28)
+    supernet.train()
+    for arch in [resnet_space.largest(), resnet_space.smallest()]:
+        supernet.set_active(arch)
+        supernet(x)  # move BatchNorm statistics away from their initial values
+    supernet.eval()
+    rng = np.random.default_rng(1)
+    archs = [resnet_space.largest(), resnet_space.smallest()] + [resnet_space.sample(rng) for _ in range(6)]
+    for arch in archs:
+        supernet.set_active(arch)
+        with torch.no_grad():
+            expected = supernet(x)
+            actual = supernet.extract(arch).eval()(x)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_extracted_subnet_is_independent(resnet_space):
+    supernet = resnet_space.build_supernet()
+    arch = resnet_space.smallest()
+    subnet = supernet.extract(arch)
+    with torch.no_grad():
+        next(subnet.parameters()).add_(1.0)
+    assert not torch.equal(next(subnet.parameters()), next(supernet.parameters())[: next(subnet.parameters()).shape[0]])
+
+
+def test_subnet_weights_are_supernet_slices(resnet_space):
+    supernet = resnet_space.build_supernet()
+    arch = resnet_space.smallest()
+    subnet = supernet.extract(arch)
+    width = arch.widths[0]
+    torch.testing.assert_close(subnet.layer1[0].conv1.weight, supernet.layer1[0].conv1.weight[:width, :16])
+
+
+def test_recalibration_replaces_statistics(resnet_space):
+    supernet = resnet_space.build_supernet()
+    supernet.set_active(resnet_space.largest())
+    batches = [torch.randn(8, 1, 28, 28) * 3 + 5 for _ in range(2)]
+    recalibrate_batchnorm(supernet, batches, max_batches=2)
+    mean = supernet.bn1.running_mean.clone()
+    assert mean.abs().sum() > 0
+    assert supernet.bn1.momentum == 0.1  # restored after recalibration
+    recalibrate_batchnorm(supernet, batches, max_batches=2)
+    torch.testing.assert_close(supernet.bn1.running_mean, mean)
