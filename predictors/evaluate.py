@@ -1,0 +1,199 @@
+"""Accuracy of latency predictions against measurements, with the baselines a predictor must beat.
+
+Metrics (see :func:`evaluate_predictions`): the share of subnets predicted within 5% and 10% of the
+measured latency, mean absolute percentage error, RMSE in ms, Kendall's tau of the ranking, and
+the share of measurements inside the predicted interval. Baselines use the same held-out split:
+
+- ``macs_linear``: latency = a * MACs + b, least squares on the training subnets;
+- ``lut_calibrated``: latency = a * (sum of measured layer latencies) + b, fitted the same way;
+- ``lut_sum``: the plain sum of measured layer latencies.
+
+Run ``python -m predictors.evaluate +space=resnet hardware=cpu`` to build or load the predictor
+for a space, print the comparison and write ``predicted_vs_measured.png`` and ``staircase.png``
+into the run directory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from nas.spaces.layers import LayerSpec
+
+__all__ = [
+    "evaluate_predictions",
+    "fit_linear",
+    "fit_macs_linear",
+    "group_subnet_records",
+    "holdout_report",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_predictions(
+    measured: Sequence[float] | np.ndarray,
+    predicted: Sequence[float] | np.ndarray,
+    low: Sequence[float] | np.ndarray | None = None,
+    high: Sequence[float] | np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Compare predicted with measured latencies (both in ms, one entry per subnet).
+
+    Returns:
+        ``n``; ``within_5pct`` and ``within_10pct`` (share with |predicted / measured - 1| at most
+        0.05 and 0.10); ``mape`` (mean absolute percentage error, in percent); ``rmse_ms``;
+        ``kendall_tau`` (``None`` for fewer than 2 subnets); ``interval_coverage_90`` (share of
+        measurements inside [low, high], ``None`` without bounds; the name follows the predictor's
+        default 90% interval).
+    """
+    y = np.asarray(measured, dtype=np.float64)
+    p = np.asarray(predicted, dtype=np.float64)
+    if y.shape != p.shape:
+        raise ValueError(f"measured and predicted must have the same length, but got {y.shape} and {p.shape}.")
+    if len(y) == 0:
+        raise ValueError("evaluate_predictions needs at least one measurement, but got none.")
+    if np.any(y <= 0):
+        raise ValueError(f"Measured latencies must be positive, but the minimum is {y.min()}.")
+
+    relative = np.abs(p / y - 1.0)
+    tau = None
+    if len(y) >= 2:
+        statistic = stats.kendalltau(y, p).statistic
+        tau = None if np.isnan(statistic) else float(statistic)
+    coverage = None
+    if low is not None and high is not None:
+        lo, hi = np.asarray(low, dtype=np.float64), np.asarray(high, dtype=np.float64)
+        coverage = float(np.mean((y >= lo) & (y <= hi)))
+    return {
+        "n": int(len(y)),
+        "within_5pct": float(np.mean(relative <= 0.05)),
+        "within_10pct": float(np.mean(relative <= 0.10)),
+        "mape": float(100.0 * np.mean(relative)),
+        "rmse_ms": float(np.sqrt(np.mean((p - y) ** 2))),
+        "kendall_tau": tau,
+        "interval_coverage_90": coverage,
+    }
+
+
+def fit_linear(x: np.ndarray, y: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit ``y = x @ w + b`` by least squares and return the fitted function of a new ``x``.
+
+    ``x`` is (n,) or (n, features); the returned function takes the same shape.
+    """
+    design = np.asarray(x, dtype=np.float64)
+    design = design.reshape(len(design), -1)
+    if len(design) < design.shape[1] + 1:
+        raise ValueError(f"A linear fit with {design.shape[1]} features needs at least {design.shape[1] + 1} rows, but got {len(design)}.")
+    scale = np.maximum(np.abs(design).max(axis=0), 1e-12)
+    augmented = np.hstack([design / scale, np.ones((len(design), 1))])
+    solution, *_ = np.linalg.lstsq(augmented, np.asarray(y, dtype=np.float64), rcond=None)
+    weights, intercept = solution[:-1] / scale, solution[-1]
+
+    def predict(new_x: np.ndarray) -> np.ndarray:
+        values = np.asarray(new_x, dtype=np.float64)
+        return values.reshape(len(values), -1) @ weights + intercept
+
+    return predict
+
+
+def fit_macs_linear(macs: np.ndarray, latency_ms: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """Fit the MACs-linear baseline ``latency_ms = a * macs + b`` (least squares with intercept)."""
+    return fit_linear(np.asarray(macs, dtype=np.float64), latency_ms)
+
+
+def group_subnet_records(records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Group subnet records by ``key``: one entry per subnet with its layers and per-pass latencies in ms.
+
+    Each entry has ``key``, ``arch`` (when the records have one), ``layers`` (LayerSpec objects),
+    ``passes_ms`` (array) and ``latency_ms`` (median over passes). Sorted by key.
+    """
+    groups: dict[str, dict[str, Any]] = {}
+    for record in records:
+        entry = groups.setdefault(
+            record["key"],
+            {"key": record["key"], "arch": record.get("arch"), "layers": [LayerSpec.from_dict(d) for d in record["layers"]], "passes_ms": []},
+        )
+        entry["passes_ms"].append(float(record["latency_ms"]))
+    out = []
+    for key in sorted(groups):
+        entry = groups[key]
+        entry["passes_ms"] = np.asarray(entry["passes_ms"])
+        entry["latency_ms"] = float(np.median(entry["passes_ms"]))
+        out.append(entry)
+    return out
+
+
+def _lut_sums(subnets: Sequence[Mapping[str, Any]], lut: Mapping[str, float]) -> np.ndarray:
+    """Sum of measured layer latencies per subnet in ms; NaN where a layer was never measured."""
+    sums = []
+    for subnet in subnets:
+        values = [lut.get(layer.key()) for layer in subnet["layers"]]
+        sums.append(np.nan if any(v is None for v in values) else float(sum(values)))  # type: ignore[arg-type]
+    return np.asarray(sums)
+
+
+def baseline_metrics(
+    train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], lut: Mapping[str, float] | None
+) -> dict[str, dict[str, Any]]:
+    """Evaluate the baselines on ``test`` after fitting them on ``train`` (entries of :func:`group_subnet_records`).
+
+    ``lut`` maps ``LayerSpec.key()`` to the measured latency in ms; without it only ``macs_linear``
+    is computed. LUT baselines use only subnets whose layers were all measured, and ``n`` gives their count.
+    """
+    train_ms = np.array([s["latency_ms"] for s in train])
+    test_ms = np.array([s["latency_ms"] for s in test])
+    macs = [np.array([sum(layer.macs for layer in s["layers"]) for s in group], dtype=np.float64) for group in (train, test)]
+    out = {"macs_linear": evaluate_predictions(test_ms, fit_macs_linear(macs[0], train_ms)(macs[1]))}
+    if not lut:
+        return out
+
+    train_sum, test_sum = _lut_sums(train, lut), _lut_sums(test, lut)
+    train_ok, test_ok = ~np.isnan(train_sum), ~np.isnan(test_sum)
+    if test_ok.sum() == 0 or train_ok.sum() < 2:
+        logger.warning("Too few subnets with every layer measured for the lookup-table baselines; skipping them.")
+        return out
+    calibrated = fit_linear(train_sum[train_ok], train_ms[train_ok])(test_sum[test_ok])
+    out["lut_calibrated"] = evaluate_predictions(test_ms[test_ok], calibrated)
+    out["lut_sum"] = evaluate_predictions(test_ms[test_ok], test_sum[test_ok])
+    return out
+
+
+def holdout_report(
+    predictor: Any,
+    train: Sequence[Mapping[str, Any]],
+    test: Sequence[Mapping[str, Any]],
+    lut: Mapping[str, float] | None,
+    noise_floor: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``predictor`` (a :class:`~predictors.xgb.LatencyPredictor`) and the baselines on ``test``.
+
+    ``train`` and ``test`` are entries of :func:`group_subnet_records`. Accuracy metrics compare the
+    prediction with each subnet's median over passes; ``interval_coverage_90`` counts every pass,
+    because the interval is meant for one new measurement.
+
+    Returns:
+        The predictor's metrics at the top level, plus ``n_train``, ``n_test``, ``baselines``
+        (:func:`baseline_metrics`), ``noise_floor`` and ``macs_within_10pct``/``macs_kendall_tau``.
+    """
+    if not test:
+        raise ValueError("holdout_report needs at least one held-out subnet; raise predictor.holdout_fraction.")
+    prediction = predictor.predict([s["layers"] for s in test])
+    report = evaluate_predictions([s["latency_ms"] for s in test], prediction.mean_ms)
+
+    repeats = [len(s["passes_ms"]) for s in test]
+    passes = np.concatenate([s["passes_ms"] for s in test])
+    report["interval_coverage_90"] = evaluate_predictions(
+        passes, np.repeat(prediction.mean_ms, repeats), np.repeat(prediction.low_ms, repeats), np.repeat(prediction.high_ms, repeats)
+    )["interval_coverage_90"]
+    report.pop("n")
+    report["n_train"], report["n_test"] = len(train), len(test)
+    report["baselines"] = baseline_metrics(train, test, lut)
+    report["macs_within_10pct"] = report["baselines"]["macs_linear"]["within_10pct"]
+    report["macs_kendall_tau"] = report["baselines"]["macs_linear"]["kendall_tau"]
+    report["noise_floor"] = dict(noise_floor) if noise_floor is not None else None
+    return report

@@ -1,0 +1,229 @@
+"""LatencyPredictor: staircases, intervals, column order, persistence and fingerprint checks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+
+from nas.spaces import LayerSpec, create_space
+from nas.spaces.base import SearchSpace
+from predictors.evaluate import evaluate_predictions, fit_macs_linear
+from predictors.features import HardwareFacts
+from predictors.xgb import LatencyPredictor, PredictorError, PredictorNotFoundError, XGBParams
+
+ROOT = Path(__file__).resolve().parents[1]
+HW = HardwareFacts(device="cpu", simd_width=16, threads=2)
+FINGERPRINT = {"device_type": "cpu", "cpu_model": "Test CPU 1", "simd_flags": ["avx2", "avx512f"], "threads": 2}
+
+
+def small_space() -> SearchSpace:
+    config = yaml.safe_load((ROOT / "conf/space/resnet.yaml").read_text())
+    config.update(in_channels=1, num_classes=10)
+    return create_space(config)
+
+
+def staircase_ms(layer: LayerSpec) -> float:
+    """Synthetic device: convolutions cost a fixed time per block of 16 output channels."""
+    if layer.op == "conv":
+        per_block = 2e-6 * layer.in_channels * layer.kernel_size**2 * layer.out_size**2
+        return 0.01 + per_block * math.ceil(layer.out_channels / 16)
+    return 0.005 + 1e-6 * layer.input_elements
+
+
+def synthetic_records(
+    space: SearchSpace, n_subnets: int, seed: int, noise: float = 0.03, passes: int = 2
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Layer and subnet records in the profile store's format, with lognormal noise of ``noise``."""
+    rng = np.random.default_rng(seed)
+    layers: dict[str, LayerSpec] = {}
+    subnets = []
+    for _ in range(n_subnets):
+        arch = space.sample(rng)
+        arch_layers = space.layers(arch)
+        layers.update({layer.key(): layer for layer in arch_layers})
+        true_ms = 0.9 * sum(staircase_ms(layer) for layer in arch_layers) + 0.02
+        for index in range(passes):
+            subnets.append(
+                {
+                    "kind": "subnet",
+                    "key": arch.to_json(),
+                    "arch": arch.to_dict(),
+                    "layers": [layer.to_dict() for layer in arch_layers],
+                    "pass": index,
+                    "latency_ms": true_ms * math.exp(rng.normal(0.0, noise)),
+                }
+            )
+    layer_records = [
+        {"kind": "layer", "key": key, "layer": layer.to_dict(), "pass": 0, "latency_ms": staircase_ms(layer)}
+        for key, layer in layers.items()
+    ]
+    return layer_records, subnets
+
+
+def fast_predictor(**metadata: Any) -> LatencyPredictor:
+    return LatencyPredictor(
+        XGBParams(n_estimators=200, max_depth=6), XGBParams(n_estimators=150, max_depth=3), metadata=metadata
+    )
+
+
+@pytest.fixture(scope="module")
+def trained() -> tuple[SearchSpace, LatencyPredictor]:
+    space = small_space()
+    layer_records, subnet_records = synthetic_records(space, 150, seed=0)
+    predictor = fast_predictor(fingerprint=FINGERPRINT, protocol={"batch_size": 1, "threads": 2})
+    predictor.fit(layer_records, subnet_records, HW)
+    return space, predictor
+
+
+def sweep(out_channels: list[int]) -> list[LayerSpec]:
+    return [
+        LayerSpec("conv", c_in, c_out, size, kernel_size=3, act="relu")
+        for c_in in (16, 32, 64)
+        for size in (7, 14, 28)
+        for c_out in out_channels
+    ]
+
+
+def test_layer_model_learns_staircase_macs_linear_does_not() -> None:
+    train = sweep([c for c in range(8, 129, 8) if c % 32 != 24])
+    held_out = sweep([24, 56, 88, 120])
+    layer_records = [{"key": s.key(), "layer": s.to_dict(), "latency_ms": staircase_ms(s)} for s in train]
+    _, subnet_records = synthetic_records(small_space(), 20, seed=1)
+    predictor = fast_predictor().fit(layer_records, subnet_records, HW, batch_size=1)
+
+    truth = np.array([staircase_ms(s) for s in held_out])
+    predicted = predictor.predict_layers(held_out, use_lut=False)
+    assert np.max(np.abs(predicted / truth - 1)) < 0.02
+
+    macs_fit = fit_macs_linear(np.array([s.macs for s in train], dtype=float), np.array([staircase_ms(s) for s in train]))
+    linear = macs_fit(np.array([s.macs for s in held_out], dtype=float))
+    assert np.max(np.abs(linear / truth - 1)) > 0.05
+
+
+def test_interval_coverage_near_nominal(trained: tuple[SearchSpace, LatencyPredictor]) -> None:
+    space, predictor = trained
+    _, test_records = synthetic_records(space, 400, seed=7, passes=1)
+    measured = np.array([r["latency_ms"] for r in test_records])
+    prediction = predictor.predict([[LayerSpec.from_dict(d) for d in r["layers"]] for r in test_records])
+
+    covered = (measured >= prediction.low_ms) & (measured <= prediction.high_ms)
+    assert 0.82 <= covered.mean() <= 0.97
+    assert np.all(prediction.low_ms <= prediction.mean_ms)
+    assert np.all(prediction.mean_ms <= prediction.high_ms)
+    metrics = evaluate_predictions(measured, prediction.mean_ms, prediction.low_ms, prediction.high_ms)
+    assert metrics["within_10pct"] > 0.95
+
+
+def test_predict_ignores_feature_column_order(trained: tuple[SearchSpace, LatencyPredictor]) -> None:
+    space, predictor = trained
+    rng = np.random.default_rng(3)
+    frame = predictor.network_features([space.layers(space.sample(rng)) for _ in range(50)])
+    shuffled = frame[list(rng.permutation(frame.columns))]
+    assert list(shuffled.columns) != list(frame.columns)
+    np.testing.assert_array_equal(predictor.predict_features(frame).mean_ms, predictor.predict_features(shuffled).mean_ms)
+
+
+def test_predict_batch_matches_single_calls(trained: tuple[SearchSpace, LatencyPredictor]) -> None:
+    space, predictor = trained
+    rng = np.random.default_rng(4)
+    layer_lists = [space.layers(space.sample(rng)) for _ in range(20)]
+    batch = predictor.predict(layer_lists).mean_ms
+    single = np.array([predictor.predict([layers]).mean_ms[0] for layers in layer_lists])
+    np.testing.assert_allclose(batch, single, rtol=1e-6)
+    assert len(predictor.predict([])) == 0
+
+
+def test_save_load_round_trip(trained: tuple[SearchSpace, LatencyPredictor], tmp_path: Path) -> None:
+    space, predictor = trained
+    path = tmp_path / "nested" / "predictor.json"
+    predictor.save(path)
+
+    document = json.loads(path.read_text())
+    assert document["format_version"] == LatencyPredictor.format_version
+    assert document["fingerprint"] == FINGERPRINT
+    assert document["protocol"]["batch_size"] == 1
+    assert document["network_feature_names"] == sorted(document["network_feature_names"])
+    assert [p.name for p in path.parent.iterdir()] == ["predictor.json"]
+
+    loaded = LatencyPredictor.load(path, fingerprint=FINGERPRINT)
+    layer_lists = [space.layers(space.sample(np.random.default_rng(5))) for _ in range(10)]
+    before, after = predictor.predict(layer_lists), loaded.predict(layer_lists)
+    np.testing.assert_allclose(before.mean_ms, after.mean_ms, rtol=1e-6)
+    np.testing.assert_allclose(before.high_ms, after.high_ms, rtol=1e-6)
+
+
+def test_load_missing_file_names_path(tmp_path: Path) -> None:
+    path = tmp_path / "absent.json"
+    with pytest.raises(PredictorNotFoundError, match="absent.json"):
+        LatencyPredictor.load(path)
+
+
+def test_load_corrupt_file_says_how_to_rebuild(tmp_path: Path) -> None:
+    path = tmp_path / "predictor.json"
+    path.write_text('{"kind": "tailnas.latency_pred')
+    with pytest.raises(PredictorError, match=r"predictor\.json is not valid JSON.*predictor\.rebuild=true"):
+        LatencyPredictor.load(path)
+
+
+def test_load_rejects_other_format_version(trained: tuple[SearchSpace, LatencyPredictor], tmp_path: Path) -> None:
+    _, predictor = trained
+    path = tmp_path / "predictor.json"
+    predictor.save(path)
+    document = json.loads(path.read_text())
+    document["format_version"] = 99
+    path.write_text(json.dumps(document))
+    with pytest.raises(PredictorError, match="format_version 99"):
+        LatencyPredictor.load(path)
+
+
+def test_load_rejects_truncated_model(trained: tuple[SearchSpace, LatencyPredictor], tmp_path: Path) -> None:
+    _, predictor = trained
+    path = tmp_path / "predictor.json"
+    predictor.save(path)
+    document = json.loads(path.read_text())
+    del document["network_model"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(PredictorError, match="incomplete or corrupt"):
+        LatencyPredictor.load(path)
+
+
+def test_fingerprint_mismatch_and_override(
+    trained: tuple[SearchSpace, LatencyPredictor], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, predictor = trained
+    path = tmp_path / "predictor.json"
+    predictor.save(path)
+    other = {**FINGERPRINT, "cpu_model": "Other CPU"}
+
+    with pytest.raises(PredictorError, match=r"\['cpu_model'\].*allow_fingerprint_mismatch=true"):
+        LatencyPredictor.load(path, fingerprint=other)
+
+    with caplog.at_level(logging.WARNING, logger="predictors.xgb"):
+        loaded = LatencyPredictor.load(path, fingerprint=other, allow_mismatch=True)
+    assert loaded.network_model is not None
+    assert "cpu_model" in caplog.text
+
+
+def test_fit_rejects_too_few_subnets() -> None:
+    layer_records, subnet_records = synthetic_records(small_space(), 4, seed=2)
+    with pytest.raises(PredictorError, match="at least 10 measured subnets, but got 4"):
+        fast_predictor().fit(layer_records, subnet_records, HW, batch_size=1)
+
+
+def test_predict_before_fit_is_an_error() -> None:
+    with pytest.raises(PredictorError, match="not trained"):
+        LatencyPredictor().predict([[LayerSpec("conv", 3, 8, 8, 3)]])
+
+
+def test_unknown_metadata_and_params_rejected() -> None:
+    with pytest.raises(PredictorError, match="Unknown predictor metadata keys"):
+        LatencyPredictor(metadata={"colour": "red"})
+    with pytest.raises(PredictorError, match="Unknown keys"):
+        XGBParams.from_mapping({"n_estimators": 10, "depth": 3}, "predictor.layer_model")
