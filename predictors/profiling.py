@@ -1,0 +1,448 @@
+"""Latency measurement: single modules with profiler records, whole subnets, and whole spaces.
+
+:func:`measure_module` warms up, times ``repeats`` forward passes with ``time.perf_counter``
+(synchronising CUDA around each), and reports the median with its spread. One extra pass under
+``torch.profiler`` keeps per-operator records on CPU and per-kernel launch records on CUDA, which
+the predictor's features use to explain tails. :func:`profile_space` fills a profile store with
+layer microbenchmarks, width sweeps and whole subnets, in interleaved passes that can resume.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import time
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from nas.spaces.layers import LayerSpec
+from predictors.fingerprint import device_fingerprint, fingerprint_id, fingerprints_match
+from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape
+from predictors.profiler_records import ProfilingError, profile_operators, synchronize
+from predictors.protocol import (
+    DTYPES,
+    RUNTIMES,
+    DeviceUnavailableError,
+    HardwareConfigError,
+    MeasurementProtocol,
+    check_device_available,
+)
+
+__all__ = [
+    "DTYPES",
+    "RUNTIMES",
+    "DeviceUnavailableError",
+    "HardwareConfigError",
+    "Measurement",
+    "MeasurementProtocol",
+    "ProfileSummary",
+    "ProfilingError",
+    "check_device_available",
+    "enumerate_layers",
+    "fold_batchnorm_checked",
+    "measure_arch",
+    "measure_module",
+    "profile_space",
+    "sample_subnets",
+    "width_sweep",
+]
+
+logger = logging.getLogger(__name__)
+
+@dataclass
+class Measurement:
+    """Latency of one module for one protocol, with the profiler's operator records.
+
+    All times are per forward pass of one batch, in milliseconds. ``protocol`` is the protocol's
+    dict with ``threads`` replaced by the thread count actually used.
+    """
+
+    median_ms: float
+    mean_ms: float
+    p10_ms: float
+    p90_ms: float
+    iqr_ms: float
+    repeats: int
+    operators: list[dict[str, Any]]
+    protocol: dict[str, Any]
+    fingerprint_id: str
+    date: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Measurement:
+        """Build a measurement from :meth:`to_dict` output; unknown or missing keys raise ``ValueError``."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        missing = [name for name in names if name not in data]
+        if unknown or missing:
+            raise ValueError(f"Invalid measurement record: unknown keys {unknown}, missing keys {missing}.")
+        return cls(**dict(data))
+
+
+# -- timing ---------------------------------------------------------------------------------
+
+
+@contextmanager
+def _thread_count(threads: int | None) -> Iterator[int]:
+    """Set torch's intra-op thread count for the block, restore it after, and yield the count in use."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _time_passes(module: nn.Module, x: torch.Tensor, device: torch.device, passes: int) -> list[float]:
+    """Run ``passes`` forward passes and return each one's wall time in milliseconds."""
+    times = []
+    for _ in range(passes):
+        synchronize(device)
+        start = time.perf_counter()
+        module(x)
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure_module(
+    module: nn.Module,
+    input_shape: tuple[int, ...],
+    protocol: MeasurementProtocol,
+    record_operators: bool = True,
+) -> Measurement:
+    """Time ``module`` on random input of shape ``(protocol.batch_size, *input_shape)``.
+
+    The module is moved to the protocol's device and dtype and set to eval mode in place. Timing
+    runs under ``torch.inference_mode``: ``warmup`` untimed passes, then ``repeats`` timed passes.
+    With ``record_operators``, one more pass runs under ``torch.profiler`` and its records become
+    ``Measurement.operators``; that pass is not part of the timing.
+
+    Raises:
+        NotImplementedError: for ``runtime`` other than ``"eager"``.
+        DeviceUnavailableError: if the protocol's CUDA device is not present.
+        ProfilingError: if the profiled pass recorded no operator (CPU) or kernel (CUDA) events.
+    """
+    if protocol.runtime != "eager":
+        # TODO: time torch.compile and ONNX Runtime sessions; both need their own warm-up rules.
+        raise NotImplementedError(
+            f"hardware.runtime={protocol.runtime!r} is not implemented yet; use hardware.runtime=eager."
+        )
+    check_device_available(protocol.device)
+    device = torch.device(protocol.device)
+    module = module.to(device=device, dtype=protocol.torch_dtype).eval()
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((protocol.batch_size, *input_shape), generator=generator).to(device, protocol.torch_dtype)
+
+    with _thread_count(protocol.threads) as threads, torch.inference_mode():
+        _time_passes(module, x, device, protocol.warmup)
+        times = np.asarray(_time_passes(module, x, device, protocol.repeats))
+        operators = profile_operators(module, x, device) if record_operators else []
+
+    p10, p25, p75, p90 = np.percentile(times, [10, 25, 75, 90])
+    return Measurement(
+        median_ms=float(np.median(times)),
+        mean_ms=float(times.mean()),
+        p10_ms=float(p10),
+        p90_ms=float(p90),
+        iqr_ms=float(p75 - p25),
+        repeats=protocol.repeats,
+        operators=operators,
+        protocol={**protocol.to_dict(), "threads": threads},
+        fingerprint_id=fingerprint_id(device_fingerprint(dataclasses.replace(protocol, threads=threads))),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+# -- whole subnets --------------------------------------------------------------------------
+
+
+def measure_arch(space: Any, arch: Any, protocol: MeasurementProtocol, supernet: Any = None) -> Measurement:
+    """Time the subnet ``arch`` of ``space`` as the device runs it: exported, eval mode, BatchNorm folded.
+
+    The subnet comes from ``supernet.extract(arch)``, or from a freshly built supernet (random
+    weights, which is fine for latency) when ``supernet`` is ``None``.
+    """
+    with torch.random.fork_rng(devices=[]):
+        if supernet is None:
+            supernet = space.build_supernet()
+        model = supernet.extract(arch).eval()
+    input_shape = tuple(space.input_shape(arch))
+    model = fold_batchnorm_checked(model, input_shape)
+    return measure_module(model, input_shape, protocol)
+
+
+def fold_batchnorm_checked(model: nn.Module, input_shape: tuple[int, ...], tolerance: float = 1e-3) -> nn.Module:
+    """Return a BatchNorm-folded copy of ``model`` if it gives the same outputs, else ``model`` itself.
+
+    Outputs count as the same when the largest absolute difference on one random batch is at
+    most ``tolerance * (1 + max |output|)``.
+    """
+    folded = copy.deepcopy(model).eval()
+    count = fold_batchnorm(folded)
+    if count == 0:
+        return model
+
+    device = next(model.parameters()).device
+    x = torch.randn((2, *input_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        expected = model(x)
+        actual = folded(x)
+    error = float((expected - actual).abs().max())
+    bound = tolerance * (1.0 + float(expected.abs().max()))
+    if error > bound:
+        logger.warning(
+            "Folding %d BatchNorm layers changed the outputs of %s by %.3g (allowed %.3g); "
+            "timing the unfolded model instead.",
+            count,
+            type(model).__name__,
+            error,
+            bound,
+        )
+        return model
+    return folded
+
+
+# -- profiling a whole space ----------------------------------------------------------------
+
+# Spaces with at most this many architectures have their layer set enumerated exhaustively.
+# Larger spaces take their layers from this many sampled architectures plus the largest and smallest.
+MAX_ENUMERATED_ARCHS = 20_000
+
+
+@dataclass
+class ProfileSummary:
+    """Counts and timings of one :func:`profile_space` call.
+
+    ``*_measured`` and ``*_reused`` count (item, pass) runs; ``distinct_*`` count items.
+    """
+
+    fingerprint_id: str
+    store_dir: str
+    distinct_layers: int
+    sweep_layers: int
+    distinct_subnets: int
+    passes: int
+    layers_measured: int
+    layers_reused: int
+    subnets_measured: int
+    subnets_reused: int
+    wall_s: float
+    noise_floor: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class _WorkItem:
+    """One thing to measure: a layer (``spec``) or a subnet (``arch``), with its store key."""
+
+    kind: str
+    key: str
+    spec: LayerSpec | None = None
+    arch: Any = None
+
+
+def enumerate_layers(space: Any, seed: int, max_archs: int = MAX_ENUMERATED_ARCHS) -> list[LayerSpec]:
+    """Return every distinct :class:`LayerSpec` that ``space``'s architectures run, sorted by key.
+
+    Spaces with at most ``max_archs`` architectures are enumerated exhaustively. Larger spaces use
+    ``max_archs`` architectures drawn with ``np.random.default_rng(seed)`` plus the largest and
+    smallest, so a layer that only rare combinations produce may be missing.
+    """
+    choices = space.choices()
+    total = int(np.prod([len(options) for options in choices.values()]))
+    if total <= max_archs:
+        archs = [space.arch_from_choices(dict(zip(choices, values))) for values in itertools.product(*choices.values())]
+    else:
+        rng = np.random.default_rng(seed)
+        archs = [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(max_archs)]
+        logger.info("Space %s has %d architectures; taking its layers from %d of them.", space.name, total, len(archs))
+
+    distinct = {layer for arch in archs for layer in space.layers(arch)}
+    return sorted(distinct, key=LayerSpec.key)
+
+
+def width_sweep(layers: list[LayerSpec], width_step: int) -> list[LayerSpec]:
+    """Return conv layers that fill in output widths between the space's choices.
+
+    For every distinct ungrouped "conv" shape (input channels, input size, kernel, stride,
+    activation) the sweep covers output channels ``width_step, 2 * width_step, ...`` up to the
+    widest that the space uses for that shape, plus that widest value. Layers already in
+    ``layers`` are left out.
+    """
+    if isinstance(width_step, bool) or not isinstance(width_step, int) or width_step < 1:
+        raise ValueError(f"profile.width_step must be a positive integer, but got {width_step!r}.")
+    widest: dict[tuple[int, int, int, int, str], int] = {}
+    for layer in layers:
+        if layer.op == "conv" and layer.groups == 1:
+            shape = (layer.in_channels, layer.in_size, layer.kernel_size, layer.stride, layer.act)
+            widest[shape] = max(widest.get(shape, 0), layer.out_channels)
+
+    existing = set(layers)
+    sweep = set()
+    for (in_channels, in_size, kernel, stride, act), top in widest.items():
+        for out_channels in {*range(width_step, top + 1, width_step), top}:
+            spec = LayerSpec("conv", in_channels, out_channels, in_size, kernel, stride, act=act)
+            if spec not in existing:
+                sweep.add(spec)
+    return sorted(sweep, key=LayerSpec.key)
+
+
+def sample_subnets(space: Any, n_subnets: int, seed: int) -> list[Any]:
+    """Return ``n_subnets`` distinct architectures: largest, smallest, then draws from ``default_rng(seed)``.
+
+    The draws are a prefix-stable sequence, so a larger ``n_subnets`` with the same seed extends
+    the earlier list. Fewer come back when the space has fewer distinct architectures than
+    ``n_subnets`` or ``20 * n_subnets`` draws find no more.
+    """
+    if n_subnets <= 0:
+        return []
+    rng = np.random.default_rng(seed)
+    archs: dict[str, Any] = {}
+    for arch in (space.largest(), space.smallest()):
+        archs.setdefault(arch.to_json(), arch)
+    attempts = 0
+    while len(archs) < n_subnets and attempts < 20 * n_subnets:
+        arch = space.sample(rng)
+        archs.setdefault(arch.to_json(), arch)
+        attempts += 1
+    if len(archs) < n_subnets:
+        logger.info("Found %d distinct subnets of %d requested after %d draws.", len(archs), n_subnets, attempts)
+    return list(archs.values())[:n_subnets]
+
+
+def profile_space(
+    space: Any,
+    store: Any,
+    protocol: MeasurementProtocol,
+    n_subnets: int,
+    seed: int,
+    passes: int = 2,
+    width_step: int | None = None,
+    progress: bool = True,
+) -> ProfileSummary:
+    """Build or extend ``store`` with layer microbenchmarks, width sweeps and whole subnets of ``space``.
+
+    Each item is measured ``passes`` times. The (item, pass) runs are shuffled with
+    ``np.random.default_rng(seed)`` so that a slow minute on the machine spreads over all parts
+    of the data instead of biasing one. Runs already in the store for the same device and
+    protocol are skipped, and every new run is appended to the store as soon as it finishes, so
+    an interrupted call resumes where it stopped.
+
+    Args:
+        space: a :class:`nas.spaces.SearchSpace`.
+        store: a :class:`predictors.store.ProfileStore` opened for this protocol's device.
+        n_subnets: whole subnets to measure, the largest and smallest included; 0 skips subnets.
+        seed: seeds subnet sampling and the run order.
+        passes: independent measurements of each item (2 gives the noise floor).
+        width_step: output-channel step of the conv width sweeps; ``None`` means 8.
+        progress: show a tqdm progress bar.
+    """
+    from predictors.store import arch_key
+
+    width_step = 8 if width_step is None else width_step
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+        raise ValueError(f"profile.passes must be a positive integer, but got {passes!r}.")
+    _check_store_device(store, protocol)
+    started = time.perf_counter()
+
+    layers = enumerate_layers(space, seed)
+    sweep = width_sweep(layers, width_step)
+    archs = sample_subnets(space, n_subnets, seed)
+    items = [_WorkItem("layer", spec.key(), spec=spec) for spec in layers + sweep]
+    items += [_WorkItem("subnet", arch_key(arch.to_dict()), arch=arch) for arch in archs]
+
+    done = {("layer", r["key"], r["pass"]) for r in store.layer_records(protocol.batch_size)}
+    done |= {
+        ("subnet", r["key"], r["pass"])
+        for r in store.subnet_records(space.config_hash(), protocol.batch_size, source="profile")
+    }
+    runs = [(item, p) for item in items for p in range(passes)]
+    pending = [(item, p) for item, p in runs if (item.kind, item.key, p) not in done]
+    order = np.random.default_rng([seed, 1]).permutation(len(pending))
+    pending = [pending[i] for i in order]
+    logger.info(
+        "Profiling space %s into %s: %d layers (%d from width sweeps), %d subnets, %d passes; "
+        "%d runs to take, %d already stored.",
+        space.name, store.directory, len(layers) + len(sweep), len(sweep), len(archs), passes,
+        len(pending), len(runs) - len(pending),
+    )
+
+    measured = _run_pending(space, store, protocol, pending, progress)
+    wall_s = time.perf_counter() - started
+    reused = Counter(item.kind for item, p in runs) - measured
+    summary = ProfileSummary(
+        fingerprint_id=store.fingerprint_id,
+        store_dir=str(store.directory),
+        distinct_layers=len(layers) + len(sweep),
+        sweep_layers=len(sweep),
+        distinct_subnets=len(archs),
+        passes=passes,
+        layers_measured=measured["layer"],
+        layers_reused=reused["layer"],
+        subnets_measured=measured["subnet"],
+        subnets_reused=reused["subnet"],
+        wall_s=wall_s,
+        noise_floor=store.noise_floor(space.config_hash(), protocol.batch_size),
+    )
+    logger.info("Profiling finished in %.1f s: %s", wall_s, summary.to_dict())
+    return summary
+
+
+def _run_pending(
+    space: Any, store: Any, protocol: MeasurementProtocol, pending: list[tuple[_WorkItem, int]], progress: bool
+) -> Counter[str]:
+    """Measure and store each (item, pass) run in order; return the count per item kind."""
+    measured: Counter[str] = Counter()
+    supernet = None
+    for item, pass_index in tqdm(pending, desc="profiling", unit="run", disable=not progress):
+        if item.kind == "layer":
+            assert item.spec is not None
+            with torch.random.fork_rng(devices=[]):
+                module = build_layer_module(item.spec)
+            m = measure_module(module, layer_input_shape(item.spec), protocol)
+            store.add_layer(item.spec, m, pass_index)
+        else:
+            if supernet is None:
+                with torch.random.fork_rng(devices=[]):
+                    supernet = space.build_supernet()
+            m = measure_arch(space, item.arch, protocol, supernet=supernet)
+            store.add_subnet(
+                space.name, space.config_hash(), item.arch.to_dict(), space.layers(item.arch), m, pass_index,
+                source="profile",
+            )
+        measured[item.kind] += 1
+    return measured
+
+
+def _check_store_device(store: Any, protocol: MeasurementProtocol) -> None:
+    """Raise ``ValueError`` unless ``store`` belongs to the device and thread count of ``protocol``."""
+    expected = device_fingerprint(protocol)
+    same, differing = fingerprints_match(store.fingerprint, expected)
+    if not same:
+        raise ValueError(
+            f"Profile store {store.directory} belongs to another device or runtime (fields {differing} differ); "
+            "open it with ProfileStore(root, device_fingerprint(protocol))."
+        )
+    if store.fingerprint.get("threads") != expected["threads"]:
+        raise ValueError(
+            f"Profile store was opened for threads={store.fingerprint.get('threads')} but the protocol uses "
+            f"threads={expected['threads']}; open it with ProfileStore(root, device_fingerprint(protocol))."
+        )
