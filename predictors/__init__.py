@@ -1,0 +1,38 @@
+"""Latency measurement and prediction: profiling, the profile store and the latency predictor."""
+
+from predictors.fingerprint import device_fingerprint, fingerprint_id, fingerprints_match, simd_width_floats
+from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape
+from predictors.profiler_records import ProfilingError
+from predictors.profiling import (
+    Measurement,
+    ProfileSummary,
+    enumerate_layers,
+    measure_arch,
+    measure_module,
+    profile_space,
+    width_sweep,
+)
+from predictors.protocol import MeasurementProtocol
+from predictors.store import STORE_FORMAT_VERSION, ProfileStore, StoreError
+
+__all__ = [
+    "STORE_FORMAT_VERSION",
+    "Measurement",
+    "MeasurementProtocol",
+    "ProfileStore",
+    "ProfileSummary",
+    "ProfilingError",
+    "StoreError",
+    "build_layer_module",
+    "device_fingerprint",
+    "enumerate_layers",
+    "fingerprint_id",
+    "fingerprints_match",
+    "fold_batchnorm",
+    "layer_input_shape",
+    "measure_arch",
+    "measure_module",
+    "profile_space",
+    "simd_width_floats",
+    "width_sweep",
+]

@@ -1,0 +1,86 @@
+"""Fill the profile store for one space on this device: ``python -m predictors.profile +space=resnet``.
+
+Measurements go to ``${paths.work_dir}/profiles/<fingerprint_id>/``. Every finished run is on
+disk at once, so Ctrl-C or a kill leaves a valid store, and running the same command again
+measures only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from nas.cli import UsageError, require_space, run_cli, to_container
+
+log = logging.getLogger(__name__)
+
+COMMAND = "python -m predictors.profile"
+
+
+def run(cfg: DictConfig) -> None:
+    """Profile ``cfg.space`` with the ``cfg.hardware`` protocol and print a summary."""
+    require_space(cfg, COMMAND)
+    from nas.spaces import create_space
+    from predictors.fingerprint import device_fingerprint
+    from predictors.profiling import MeasurementProtocol, profile_space
+    from predictors.store import ProfileStore
+
+    protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
+    space_cfg = to_container(cfg.space)
+    for name in ("in_channels", "num_classes"):
+        if space_cfg.get(name) is None:
+            raise UsageError(
+                f"space.{name} is null because data.{name} is null for data={cfg.data.name}; "
+                f"set it on the command line, for example `{COMMAND} +space=resnet data.{name}=10`."
+            )
+    space = create_space(space_cfg)
+    store = ProfileStore(Path(cfg.paths.work_dir) / "profiles", device_fingerprint(protocol))
+    settings = cfg.profile
+
+    try:
+        summary = profile_space(
+            space,
+            store,
+            protocol,
+            n_subnets=int(settings.n_subnets),
+            seed=int(cfg.seed),
+            passes=int(settings.passes),
+            width_step=int(settings.width_step),
+            progress=bool(settings.progress),
+        )
+    except KeyboardInterrupt:
+        log.warning("Profiling interrupted; %s contains every finished run.", store.directory)
+        print(f"Interrupted. The store {store.directory} is valid; run the same command again to resume.",
+              file=sys.stderr)
+        sys.exit(130)
+
+    noise = summary.noise_floor
+    print(f"Profile store: {summary.store_dir} (device {store.fingerprint['name']}, id {summary.fingerprint_id})")
+    print(f"Layers: {summary.distinct_layers} distinct ({summary.sweep_layers} from width sweeps) x "
+          f"{summary.passes} passes: {summary.layers_measured} measured, {summary.layers_reused} already stored")
+    print(f"Subnets: {summary.distinct_subnets} distinct x {summary.passes} passes: "
+          f"{summary.subnets_measured} measured, {summary.subnets_reused} already stored")
+    print(f"Wall time: {summary.wall_s:.1f} s")
+    if noise["n"]:
+        tau = "n/a" if noise["kendall_tau"] is None else f"{noise['kendall_tau']:.3f}"
+        print(f"Noise floor over {noise['n']} subnets: {100 * noise['within_5pct']:.1f}% of pass pairs agree "
+              f"within 5%, {100 * noise['within_10pct']:.1f}% within 10%; Kendall tau between passes {tau}")
+    else:
+        print("Noise floor: needs profile.passes >= 2 and profile.n_subnets >= 1.")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="profile")
+def main(cfg: DictConfig) -> None:
+    run_cli(run, cfg)
+
+
+if __name__ == "__main__":
+    # Kineto, torch.profiler's backend, writes two status lines to stderr for every profiled pass,
+    # which buries the progress bar. Level 6 silences it; set KINETO_LOG_LEVEL to see them.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    main()
