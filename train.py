@@ -61,8 +61,6 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
         if matches[0].user_attrs.get("accuracy_skipped"):
             raise UsageError(f"trial={cfg.trial} exceeded the latency budget, so its accuracy was never measured.")
         return matches[0]
-    if cfg.pick not in PICKS:
-        raise UsageError(f"Unknown pick={cfg.pick!r}; choose one of {list(PICKS)} or set trial=N.")
     front = pareto_trials(study)
     if not front:
         raise SearchError(f"Study {study.study_name!r} has no feasible finished trial to pick from.")
@@ -144,6 +142,8 @@ def apply_gates_if_requested(model: torch.nn.Module, cfg: DictConfig) -> torch.n
 def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     timer = StageTimer()
+    if cfg.trial is None and cfg.pick not in PICKS:
+        raise UsageError(f"Unknown pick={cfg.pick!r}; choose one of {list(PICKS)} or set trial=N.")
     study = load_study(cfg)
     trial = pick_trial(study, cfg)
     record = study.user_attrs

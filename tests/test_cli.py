@@ -1,0 +1,62 @@
+"""Bad input to the entry points ends with a clear message and exit code 1 or 2, never a traceback."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_entry(script: str, *overrides: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(ROOT / script), f"paths.work_dir={tmp_path / 'work'}",
+               f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_search_without_space_lists_spaces(tmp_path):
+    result = run_entry("search.py", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "python search.py +space=resnet" in result.stderr
+    assert "Available spaces:" in result.stderr
+    assert "resnet_basic_imagenet" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_space_is_rejected(tmp_path):
+    result = run_entry("search.py", "+space=alexnet", tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "space/alexnet" in result.stderr or "alexnet" in result.stderr
+
+
+def test_missing_data_root_names_path(tmp_path):
+    missing = tmp_path / "no-such-cifar"
+    result = run_entry("search.py", "+space=resnet", "data=cifar10", f"data.root={missing}", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert str(missing) in result.stderr
+    assert "does not exist" in result.stderr
+
+
+def test_cuda_without_gpu_says_so(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present, so hardware=cuda is valid here")
+    result = run_entry("search.py", "+space=resnet", "hardware=cuda", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "hardware=cuda" in result.stderr
+    assert "hardware=cpu" in result.stderr
+
+
+def test_train_without_study_says_what_to_run(tmp_path):
+    result = run_entry("train.py", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "No TailNAS study found" in result.stderr
+    assert "python search.py +space=resnet" in result.stderr
+
+
+def test_train_with_unknown_pick(tmp_path):
+    result = run_entry("train.py", "pick=best", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "Unknown pick='best'; choose one of ['knee', 'fastest_under_budget', 'most_accurate']" in result.stderr
