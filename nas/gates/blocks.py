@@ -1,0 +1,384 @@
+"""Residual blocks with a channel gate and a column gate on one inner feature map.
+
+The gated map lies between a producer convolution (which makes it) and a consumer convolution
+(which reads it and ends the residual branch). In a basic block the producer is ``conv1`` and the
+consumer ``conv2``; in a bottleneck they are ``conv2`` (the 3x3 with the stride) and ``conv3``.
+The residual path's output is never gated: every output channel and column is computed.
+
+Paths through a block:
+
+* training: the block's own modules (BatchNorm in training mode), then the inner map times a
+  mask of gate scores, zero where the gates drop a feature, with targeted dropout;
+* eval, "mask": the same masking on dense convolutions with BatchNorm folded into the weights;
+  this is the reference that "skip" must match;
+* eval, "skip": the producer computes only the kept channels at the kept columns, and the
+  consumer reads only those, so dropped work is not computed. See :meth:`GatedResidualBlock._run_eval`
+  for how batches larger than one are served.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.gates.modules import (
+    ChannelGate,
+    ColumnGate,
+    row_mean,
+    straight_through,
+    targeted_dropout_mask,
+    top_k_indices,
+    top_k_mask,
+)
+from nas.supernet.resnet import BasicBlock, Bottleneck
+
+__all__ = ["BlockLayout", "GatedResidualBlock", "GateRuntime", "block_layout", "register_block_layout"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockLayout:
+    """Position of the gated map in a residual block class.
+
+    Attributes:
+        stages: (conv, batch norm, activation or None) child names, in order; the last stage is the
+            consumer and ends the residual branch.
+        producer: index in ``stages`` of the convolution that makes the gated map.
+        final_act: child name of the activation after the residual addition.
+    """
+
+    stages: tuple[tuple[str, str, str | None], ...]
+    producer: int
+    final_act: str
+
+    def __post_init__(self) -> None:
+        if self.producer != len(self.stages) - 2:
+            raise ValueError(
+                f"BlockLayout.producer must be the stage before the last (consumer), so {len(self.stages) - 2}, "
+                f"but got {self.producer}."
+            )
+        if self.stages[self.producer][2] is None:
+            raise ValueError(f"The producer stage {self.stages[self.producer]} needs an activation child name.")
+
+
+_LAYOUTS: dict[type[nn.Module], BlockLayout] = {
+    BasicBlock: BlockLayout((("conv1", "bn1", "act1"), ("conv2", "bn2", None)), producer=0, final_act="act2"),
+    Bottleneck: BlockLayout(
+        (("conv1", "bn1", "act1"), ("conv2", "bn2", "act2"), ("conv3", "bn3", None)), producer=1, final_act="act3"
+    ),
+}
+
+
+def register_block_layout(block_type: type[nn.Module], layout: BlockLayout) -> None:
+    """Make residual blocks of exactly ``block_type`` gateable with ``layout``."""
+    _LAYOUTS[block_type] = layout
+
+
+def block_layout(module: nn.Module) -> BlockLayout | None:
+    """Return the layout of a gateable block class (exact type match), or None."""
+    return _LAYOUTS.get(type(module))
+
+
+@dataclasses.dataclass
+class GateRuntime:
+    """Settings shared by every gated block of one network; the network changes them in place.
+
+    Attributes:
+        mode: eval-time path, "mask" or "skip".
+        skip_max_share: gather only when at most this share of the inner-convolution MACs remains.
+        dropout_fraction: share of lowest-scoring features that targeted dropout may drop.
+        dropout_rate: drop probability of each candidate.
+        generator: generator of the dropout noise, created on first use on the input's device.
+        seed: seed of ``generator``.
+        mac_counter: while set, eval paths add the MACs they run to ``mac_counter[0]``.
+    """
+
+    mode: str = "skip"
+    skip_max_share: float = 0.75
+    dropout_fraction: float = 0.0
+    dropout_rate: float = 0.0
+    seed: int = 0
+    generator: torch.Generator | None = None
+    mac_counter: list[int] | None = None
+
+    def dropout_generator(self, device: torch.device) -> torch.Generator:
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self.generator
+
+
+def _fold_batchnorm(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    weight = conv.weight.detach()
+    bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
+    if isinstance(bn, nn.Identity):
+        return weight, bias
+    scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+    return weight * scale[:, None, None, None], (bias - bn.running_mean) * scale + bn.bias.detach()
+
+
+class GatedResidualBlock(nn.Module):
+    """A residual block whose inner map carries a channel gate, a column gate, or both.
+
+    The block takes over the wrapped block's children under their own names, so its state dict is
+    the ungated block's plus ``channel_gate.*`` and ``column_gate.*``.
+
+    Args:
+        block: the residual block to wrap (its children are shared, not copied).
+        layout: where the gated map sits in ``block``.
+        in_channels: channels of the block input.
+        in_width: width in pixels of the block input.
+        channel: whether to place a channel gate.
+        spatial: whether to place a column gate.
+        runtime: settings shared with the other blocks of the network.
+    """
+
+    def __init__(self, block: nn.Module, layout: BlockLayout, in_channels: int, in_width: int, channel: bool,
+                 spatial: bool, runtime: GateRuntime) -> None:
+        super().__init__()
+        self.layout = layout
+        self.runtime = runtime
+        self._adopt_children(block)
+        producer = self._stage_modules(layout.producer)[0]
+        consumer = self._stage_modules(len(layout.stages) - 1)[0]
+        self._check_convs(producer, consumer)
+
+        self.inner_channels = producer.out_channels
+        self.inner_width = (in_width + 2 * producer.padding[1] - producer.kernel_size[1]) // producer.stride[1] + 1
+        self.out_channels = consumer.out_channels
+        self.channel_gate = ChannelGate(in_channels, self.inner_channels) if channel else None
+        self.column_gate = ColumnGate(in_channels, producer.stride[1]) if spatial else None
+        self.kept_channels = self.inner_channels
+        self.kept_columns = self.inner_width
+        self._folded_key: tuple[Any, ...] | None = None
+        self._folded: dict[str, torch.Tensor] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+    def _adopt_children(self, block: nn.Module) -> None:
+        names = [name for stage in self.layout.stages for name in stage if name is not None]
+        for name in [*names, self.layout.final_act, "downsample"]:
+            if not hasattr(block, name):
+                raise ValueError(f"{type(block).__name__} has no child {name!r} that its BlockLayout names.")
+            setattr(self, name, getattr(block, name))
+        self.stride = getattr(block, "stride", 1)
+
+    def _stage_modules(self, index: int) -> tuple[nn.Module, nn.Module, nn.Module | None]:
+        conv, bn, act = self.layout.stages[index]
+        return getattr(self, conv), getattr(self, bn), getattr(self, act) if act is not None else None
+
+    @staticmethod
+    def _check_convs(producer: nn.Module, consumer: nn.Module) -> None:
+        for role, conv in (("producer", producer), ("consumer", consumer)):
+            if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.dilation != (1, 1):
+                raise ValueError(f"The {role} must be a dense nn.Conv2d without dilation, but got {conv}.")
+            if conv.kernel_size[1] % 2 != 1 or conv.padding[1] != conv.kernel_size[1] // 2:
+                raise ValueError(f"The {role} must have an odd kernel with 'same' padding, but got {conv}.")
+        if consumer.stride != (1, 1):
+            raise ValueError(f"The consumer convolution must have stride 1, but got {consumer}.")
+
+    @property
+    def gated(self) -> bool:
+        """Whether the block carries any gate."""
+        return self.channel_gate is not None or self.column_gate is not None
+
+    def set_keep(self, channels: int, columns: int) -> None:
+        """Keep ``channels`` inner channels and ``columns`` inner columns per image (ignored without the gate)."""
+        if not 1 <= channels <= self.inner_channels or not 1 <= columns <= self.inner_width:
+            raise ValueError(
+                f"kept channels must be in [1, {self.inner_channels}] and kept columns in [1, {self.inner_width}], "
+                f"but got {channels} and {columns}."
+            )
+        self.kept_channels = channels if self.channel_gate is not None else self.inner_channels
+        self.kept_columns = columns if self.column_gate is not None else self.inner_width
+
+    # -- forward --------------------------------------------------------------------------------
+    @property
+    def keeps_all(self) -> bool:
+        """Whether the current keep counts keep every inner channel and column, so the gates change nothing."""
+        return self.kept_channels == self.inner_channels and self.kept_columns == self.inner_width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.downsample is not None and (self.stride != 1 or x.shape[1] != self.out_channels):
+            shortcut = self.downsample(x)
+
+        # Keeping everything makes the 0/1 masks all ones: the gates are not even run.
+        run_gates = self.gated and not self.keeps_all
+        rows = row_mean(x) if run_gates else None
+        channel_scores = self.channel_gate(rows) if run_gates and self.channel_gate is not None else None
+        column_scores = self.column_gate(rows) if run_gates and self.column_gate is not None else None
+
+        inner = x
+        for index in range(self.layout.producer):
+            conv, bn, act = self._stage_modules(index)
+            inner = act(bn(conv(inner))) if act is not None else bn(conv(inner))
+
+        if self.training:
+            branch = self._run_train(inner, channel_scores, column_scores)
+        else:
+            branch = self._run_eval(inner, channel_scores, column_scores)
+        return getattr(self, self.layout.final_act)(branch + shortcut)
+
+    def _train_mask(self, scores: torch.Tensor, kept: int) -> torch.Tensor:
+        mask = top_k_mask(scores.detach(), kept)
+        if self.runtime.dropout_rate > 0 and self.runtime.dropout_fraction > 0:
+            generator = self.runtime.dropout_generator(scores.device)
+            mask = mask * targeted_dropout_mask(scores, self.runtime.dropout_fraction, self.runtime.dropout_rate,
+                                                generator)
+        return straight_through(mask, scores)
+
+    def _run_train(self, inner: torch.Tensor, channel_scores: torch.Tensor | None,
+                   column_scores: torch.Tensor | None) -> torch.Tensor:
+        conv, bn, act = self._stage_modules(self.layout.producer)
+        hidden = act(bn(conv(inner)))
+
+        if channel_scores is not None:
+            hidden = hidden * self._train_mask(channel_scores, self.kept_channels)[:, :, None, None]
+        if column_scores is not None:
+            hidden = hidden * self._train_mask(column_scores, self.kept_columns)[:, None, None, :]
+
+        conv, bn, _ = self._stage_modules(len(self.layout.stages) - 1)
+        return bn(conv(hidden))
+
+    # -- eval paths -----------------------------------------------------------------------------
+    def _folded_weights(self) -> dict[str, torch.Tensor]:
+        """Return BatchNorm-folded producer and consumer weights, rebuilt when any source tensor changed."""
+        producer_conv, producer_bn, _ = self._stage_modules(self.layout.producer)
+        consumer_conv, consumer_bn, _ = self._stage_modules(len(self.layout.stages) - 1)
+        sources = [t for m in (producer_conv, producer_bn, consumer_conv, consumer_bn)
+                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        if key != self._folded_key:
+            producer_w, producer_b = _fold_batchnorm(producer_conv, producer_bn)
+            consumer_w, consumer_b = _fold_batchnorm(consumer_conv, consumer_bn)
+            # Column form of the consumer: one (k, 1) filter per kernel column dx, stacked dx-major on
+            # the output channels, so each kept input column can be convolved on its own.
+            taps = consumer_w.shape[3]
+            stacked = consumer_w.permute(3, 0, 1, 2).reshape(taps * consumer_w.shape[0], consumer_w.shape[1],
+                                                               consumer_w.shape[2], 1)
+            self._folded = {"producer_w": producer_w, "producer_b": producer_b, "consumer_w": consumer_w,
+                            "consumer_b": consumer_b, "consumer_columns_w": stacked.contiguous()}
+            self._folded_key = key
+        return self._folded
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
+              padding: Any) -> torch.Tensor:
+        out = F.conv2d(x, weight, bias, stride, padding)
+        if self.runtime.mac_counter is not None:
+            self.runtime.mac_counter[0] += out.numel() * weight[0].numel()
+        return out
+
+    @staticmethod
+    def _select(scores: torch.Tensor | None, kept: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Return the batch's union of kept indices (u,) and each image's 0/1 mask on the union (N, u).
+
+        At batch 1 the mask is None because the image keeps its whole union. Without a gate both are None.
+        """
+        if scores is None:
+            return None, None
+        indices = top_k_indices(scores, kept)
+        if scores.shape[0] == 1:
+            return indices[0], None
+        selected = torch.zeros_like(scores).scatter_(1, indices, 1.0)
+        union = selected.amax(dim=0).nonzero().squeeze(1)
+        return union, selected.index_select(1, union)
+
+    def _run_eval(self, inner: torch.Tensor, channel_scores: torch.Tensor | None,
+                  column_scores: torch.Tensor | None) -> torch.Tensor:
+        """Run the gated branch in eval mode, skipping dropped work where that pays.
+
+        Each image keeps its own channels and columns. The block gathers the union of the batch's
+        selections and zeroes, per image, what that image dropped, so "skip" gives the outputs of
+        "mask" for any batch size. At batch 1 the union is the image's own selection and nothing
+        dropped is computed. At batch 32, 32 selections of 60% of the channels cover nearly all of
+        them. When the union leaves more than ``skip_max_share`` of the inner-convolution MACs,
+        gathering saves little and costs index copies, so the block runs dense and masks. The
+        gates then add only their pooled layers and one multiply. A per-image loop
+        would keep every image's savings, but it replaces one batched convolution by N small ones,
+        and the per-call overhead and lost batching cost more than the skipped MACs at these sizes.
+        """
+        weights = self._folded_weights()
+        channel_index, channel_mask = self._select(channel_scores, self.kept_channels)
+        column_index, column_mask = self._select(column_scores, self.kept_columns)
+
+        share = 1.0
+        if channel_index is not None:
+            share *= channel_index.numel() / self.inner_channels
+        if column_index is not None:
+            share *= column_index.numel() / self.inner_width
+        if self.runtime.mode == "skip" and share <= self.runtime.skip_max_share:
+            hidden = self._produce_gathered(inner, weights, channel_index, column_index)
+            mask = self._outer_mask(channel_mask, column_mask)
+            if mask is not None:
+                hidden = hidden * mask
+            return self._consume_gathered(hidden, weights, channel_index, column_index)
+
+        conv, _, act = self._stage_modules(self.layout.producer)
+        hidden = act(self._conv(inner, weights["producer_w"], weights["producer_b"], conv.stride, conv.padding))
+        channel_mask = top_k_mask(channel_scores, self.kept_channels) if channel_scores is not None else None
+        column_mask = top_k_mask(column_scores, self.kept_columns) if column_scores is not None else None
+        mask = self._outer_mask(channel_mask, column_mask)
+        if mask is not None:
+            hidden = hidden * mask
+        conv = self._stage_modules(len(self.layout.stages) - 1)[0]
+        return self._conv(hidden, weights["consumer_w"], weights["consumer_b"], 1, conv.padding)
+
+    @staticmethod
+    def _outer_mask(channel_mask: torch.Tensor | None, column_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """Return the (N, channels or 1, 1, columns or 1) product of the two masks, or None when both are None."""
+        if channel_mask is None:
+            return column_mask[:, None, None, :] if column_mask is not None else None
+        if column_mask is None:
+            return channel_mask[:, :, None, None]
+        return channel_mask[:, :, None, None] * column_mask[:, None, None, :]
+
+    def _produce_gathered(self, inner: torch.Tensor, weights: dict[str, torch.Tensor],
+                          channel_index: torch.Tensor | None, column_index: torch.Tensor | None) -> torch.Tensor:
+        """Compute the producer's kept channels at its kept columns: (N, u_channels, H_out, u_columns)."""
+        conv, _, act = self._stage_modules(self.layout.producer)
+        weight, bias = weights["producer_w"], weights["producer_b"]
+        if channel_index is not None:
+            weight = weight.index_select(0, channel_index)
+            bias = bias.index_select(0, channel_index)
+        if column_index is None:
+            return act(self._conv(inner, weight, bias, conv.stride, conv.padding))
+
+        # Lay the kernel-wide input window of every kept output column side by side, then slide the
+        # kernel with a column stride of its own width: each window yields exactly one output column.
+        taps, pad = conv.kernel_size[1], conv.padding[1]
+        offsets = torch.arange(taps, device=inner.device)
+        positions = (column_index[:, None] * conv.stride[1] + offsets).reshape(-1)
+        windows = F.pad(inner, (pad, pad)).index_select(3, positions)
+        return act(self._conv(windows, weight, bias, (conv.stride[0], taps), (conv.padding[0], 0)))
+
+    def _consume_gathered(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor],
+                          channel_index: torch.Tensor | None, column_index: torch.Tensor | None) -> torch.Tensor:
+        """Run the consumer on a gathered map and return its full (N, C_out, H, W_inner) output."""
+        conv = self._stage_modules(len(self.layout.stages) - 1)[0]
+        if column_index is None:
+            weight = weights["consumer_w"]
+            if channel_index is not None:
+                weight = weight.index_select(1, channel_index)
+            return self._conv(hidden, weight, weights["consumer_b"], 1, conv.padding)
+
+        # Each kept input column i meets kernel column dx in output column i + pad - dx. The
+        # stacked (k, 1) filters give all of one column's contributions in one convolution. The
+        # contributions are then added into a zero map padded by ``pad`` columns on each side.
+        taps, pad = conv.kernel_size[1], conv.padding[1]
+        weight = weights["consumer_columns_w"]
+        if channel_index is not None:
+            weight = weight.index_select(1, channel_index)
+        partial = self._conv(hidden, weight, None, 1, (conv.padding[0], 0))
+        batch, _, height, kept = partial.shape
+        partial = partial.view(batch, taps, self.out_channels, height, kept).permute(0, 2, 3, 1, 4)
+        partial = partial.reshape(batch, self.out_channels, height, taps * kept)
+        offsets = torch.arange(taps, device=hidden.device)
+        positions = (column_index[None, :] - offsets[:, None] + 2 * pad).reshape(-1)
+        out = partial.new_zeros(batch, self.out_channels, height, self.inner_width + 2 * pad)
+        out.index_add_(3, positions, partial)
+        return out[..., pad : pad + self.inner_width] + weights["consumer_b"][:, None, None]

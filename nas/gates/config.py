@@ -1,0 +1,180 @@
+"""Typed gate settings, parsed from a ``conf/gates/*.yaml`` node with unknown keys rejected."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+__all__ = ["GateConfig", "GateConfigError", "TargetedDropoutConfig", "GATE_NAMES", "GATE_MODES", "parse_gate_config"]
+
+GATE_NAMES = ("none", "feature")
+GATE_MODES = ("mask", "skip")
+
+
+class GateConfigError(ValueError):
+    """A gate configuration with an unknown key or a value outside its allowed range."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetedDropoutConfig:
+    """Targeted dropout during fine-tuning.
+
+    Attributes:
+        fraction: share of each gate's features, taken from the lowest scores up, that are
+            candidates for dropping. ``1 - keep_ratio_range[0]`` trains the network to work with
+            any keep ratio down to the low end of the range.
+        rate: probability that a candidate feature is dropped for one image in one step.
+    """
+
+    fraction: float = 0.6
+    rate: float = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Settings of the channel and column gates; see ``conf/gates/feature.yaml`` for each key.
+
+    Attributes:
+        name: "none" (no gates) or "feature" (channel and column gates on inner feature maps).
+        keep_ratio: share of each gate's channels or columns kept at inference.
+        keep_ratio_range: lowest and highest keep ratio that ``set_keep_ratio`` accepts.
+        latency_budget_ms: when set, the keep ratio is the largest one whose latency, predicted from
+            the device's layer profiles, fits this budget (ms per batch of the profiles).
+        channel: place channel gates.
+        spatial: place column gates.
+        mode: eval-time path, "skip" (gathered channels and columns, nothing dropped is computed) or
+            "mask" (dense computation multiplied by a 0/1 mask). Training always masks.
+        targeted_dropout: see :class:`TargetedDropoutConfig`.
+        schedule_epochs: epochs over which the keep ratio falls from 1.0 to ``keep_ratio``.
+        kd_weight: weight of distillation from the ungated subnet during fine-tuning.
+        min_saving: a channel gate is placed only where the profiles predict that the block's inner
+            convolutions get at least this much faster (share of their latency) at ``keep_ratio``.
+        step_tolerance: two latencies within this relative difference count as one staircase step.
+        spatial_min_size: column gates are placed only on inner maps at least this many pixels wide.
+        skip_max_share: in skip mode a block gathers channels and columns only when the share of its
+            inner-convolution MACs still to run is at most this. Above it, the block masks densely
+            because that is cheaper.
+        seed: seed of the targeted-dropout generator.
+    """
+
+    name: str = "feature"
+    keep_ratio: float = 0.6
+    keep_ratio_range: tuple[float, float] = (0.4, 1.0)
+    latency_budget_ms: float | None = None
+    channel: bool = True
+    spatial: bool = True
+    mode: str = "skip"
+    targeted_dropout: TargetedDropoutConfig = dataclasses.field(default_factory=TargetedDropoutConfig)
+    schedule_epochs: int = 3
+    kd_weight: float = 1.0
+    min_saving: float = 0.05
+    step_tolerance: float = 0.05
+    spatial_min_size: int = 14
+    skip_max_share: float = 0.75
+    seed: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any gate may be placed."""
+        return self.name != "none" and (self.channel or self.spatial)
+
+    def check_keep_ratio(self, ratio: float) -> None:
+        """Raise :class:`GateConfigError` unless ``ratio`` lies in ``keep_ratio_range``."""
+        low, high = self.keep_ratio_range
+        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and low - 1e-9 <= ratio <= high + 1e-9):
+            raise GateConfigError(
+                f"keep ratio {ratio!r} is outside gates.keep_ratio_range [{low}, {high}]; "
+                "pick a value in the range or widen the range and fine-tune again."
+            )
+
+
+def _reject_unknown(data: Mapping[str, Any], cls: type, where: str) -> None:
+    names = [field.name for field in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise GateConfigError(f"Unknown keys {unknown} in {where}; allowed keys are {names}.")
+
+
+def _check_share(value: Any, where: str, allow_zero: bool = False) -> float:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
+        bound = "[0, 1]" if allow_zero else "(0, 1]"
+        raise GateConfigError(f"{where} must be a number in {bound}, but got {value!r}.")
+    return float(value)
+
+
+def _parse_range(value: Any) -> tuple[float, float]:
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise GateConfigError(f"gates.keep_ratio_range must be a list [low, high], but got {value!r}.")
+    low = _check_share(value[0], "gates.keep_ratio_range[0]")
+    high = _check_share(value[1], "gates.keep_ratio_range[1]")
+    if low > high:
+        raise GateConfigError(f"gates.keep_ratio_range must have low <= high, but got [{low}, {high}].")
+    return low, high
+
+
+def _parse_dropout(value: Any) -> TargetedDropoutConfig:
+    if not isinstance(value, Mapping):
+        raise GateConfigError(
+            f"gates.targeted_dropout must be a mapping with keys fraction and rate, but got {value!r}."
+        )
+    _reject_unknown(value, TargetedDropoutConfig, "gates.targeted_dropout")
+    default = TargetedDropoutConfig()
+    fraction = _check_share(value.get("fraction", default.fraction), "gates.targeted_dropout.fraction", True)
+    rate = _check_share(value.get("rate", default.rate), "gates.targeted_dropout.rate", True)
+    return TargetedDropoutConfig(fraction=fraction, rate=rate)
+
+
+def _check_numbers(cfg: GateConfig) -> None:
+    cfg.check_keep_ratio(cfg.keep_ratio)
+    if cfg.mode not in GATE_MODES:
+        raise GateConfigError(f"gates.mode must be one of {GATE_MODES}, but got {cfg.mode!r}.")
+    if cfg.latency_budget_ms is not None and not cfg.latency_budget_ms > 0:
+        raise GateConfigError(f"gates.latency_budget_ms must be positive or null, but got {cfg.latency_budget_ms!r}.")
+    if not isinstance(cfg.schedule_epochs, int) or cfg.schedule_epochs < 0:
+        raise GateConfigError(f"gates.schedule_epochs must be an integer >= 0, but got {cfg.schedule_epochs!r}.")
+    if not isinstance(cfg.spatial_min_size, int) or cfg.spatial_min_size < 1:
+        raise GateConfigError(f"gates.spatial_min_size must be an integer >= 1, but got {cfg.spatial_min_size!r}.")
+    if isinstance(cfg.kd_weight, bool) or not isinstance(cfg.kd_weight, (int, float)) or cfg.kd_weight < 0:
+        raise GateConfigError(f"gates.kd_weight must be a number >= 0, but got {cfg.kd_weight!r}.")
+    for key in ("min_saving", "step_tolerance", "skip_max_share"):
+        _check_share(getattr(cfg, key), f"gates.{key}", allow_zero=True)
+
+
+def parse_gate_config(data: Mapping[str, Any] | GateConfig) -> GateConfig:
+    """Build a :class:`GateConfig` from a ``conf/gates`` node (a dict or an OmegaConf ``DictConfig``).
+
+    ``name: none`` accepts no other key. Missing keys of ``name: feature`` take the defaults of
+    :class:`GateConfig`.
+
+    Raises:
+        GateConfigError: on an unknown name or key, or a value outside its range; the message
+            names the key and the allowed values.
+    """
+    if isinstance(data, GateConfig):
+        return data
+    if not isinstance(data, Mapping):
+        raise GateConfigError(f"gates must be a mapping, but got {type(data).__name__}: {data!r}.")
+    name = data.get("name")
+    if name not in GATE_NAMES:
+        raise GateConfigError(f"Unknown gates.name={name!r}; allowed names are {list(GATE_NAMES)}.")
+    if name == "none":
+        extra = sorted(set(data) - {"name"})
+        if extra:
+            raise GateConfigError(f"gates.name=none takes no other keys, but got {extra}; remove them.")
+        return GateConfig(name="none", channel=False, spatial=False, kd_weight=0.0)
+
+    _reject_unknown(data, GateConfig, "gates")
+    values = dict(data)
+    if "keep_ratio_range" in values:
+        values["keep_ratio_range"] = _parse_range(values["keep_ratio_range"])
+    if "targeted_dropout" in values:
+        values["targeted_dropout"] = _parse_dropout(values["targeted_dropout"])
+    for key in ("channel", "spatial"):
+        if key in values and not isinstance(values[key], bool):
+            raise GateConfigError(f"gates.{key} must be true or false, but got {values[key]!r}.")
+    cfg = GateConfig(**values)
+    _check_numbers(cfg)
+    return cfg
