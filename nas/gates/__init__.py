@@ -1,0 +1,45 @@
+"""Dynamic redundancy gates: per-input channel and column skipping in fine-tuned subnets.
+
+Typical use in fine-tuning::
+
+    gated = apply_gates(subnet, cfg.gates, profile_table=store.layer_table(batch_size))
+    module = FinetuneModule(gated, teacher=subnet, kd_weight=parse_gate_config(cfg.gates).kd_weight)
+    trainer = pl.Trainer(callbacks=[KeepRatioSchedule.from_config(cfg.gates)])
+
+After training, ``gated.eval()`` runs the skip path; ``gated.set_keep_ratio(r)`` trades accuracy for
+latency within ``keep_ratio_range`` and ``executed_macs(gated, x)`` counts what runs.
+"""
+
+from nas.gates.blocks import BlockLayout, GatedResidualBlock, GateRuntime, register_block_layout
+from nas.gates.config import GateConfig, GateConfigError, TargetedDropoutConfig, parse_gate_config
+from nas.gates.macs import executed_macs
+from nas.gates.modules import ChannelGate, ColumnGate, keep_count, top_k_indices, top_k_mask
+from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates
+from nas.gates.planning import BlockPlan, BlockSite, describe_layers, find_block_sites
+from nas.gates.training import KeepRatioSchedule, find_gated_network
+
+__all__ = [
+    "FORMAT_VERSION",
+    "BlockLayout",
+    "BlockPlan",
+    "BlockSite",
+    "ChannelGate",
+    "ColumnGate",
+    "GateConfig",
+    "GateConfigError",
+    "GateRuntime",
+    "GatedNetwork",
+    "GatedResidualBlock",
+    "KeepRatioSchedule",
+    "TargetedDropoutConfig",
+    "apply_gates",
+    "describe_layers",
+    "executed_macs",
+    "find_block_sites",
+    "find_gated_network",
+    "keep_count",
+    "parse_gate_config",
+    "register_block_layout",
+    "top_k_indices",
+    "top_k_mask",
+]

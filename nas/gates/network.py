@@ -1,0 +1,206 @@
+"""The gated network and :func:`apply_gates`, which builds one from a fine-tunable subnet."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout
+from nas.gates.budget import choose_keep_ratio
+from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
+from nas.gates.modules import keep_count
+from nas.gates.planning import BlockPlan, BlockSite, describe_layers, find_block_sites, plan_blocks
+
+__all__ = ["FORMAT_VERSION", "GatedNetwork", "apply_gates"]
+
+log = logging.getLogger(__name__)
+
+# Version of the dictionary that GatedNetwork.describe() returns and apply_gates(plan=...) reads.
+FORMAT_VERSION = 1
+
+
+class GatedNetwork(nn.Module):
+    """A subnet whose residual blocks carry channel and column gates.
+
+    ``forward`` is the subnet's forward. The wrapped model keeps its module names, so its state
+    dict is the ungated subnet's (under ``model.``) plus the gates' weights.
+
+    Args:
+        model: the subnet with gated blocks already in place.
+        config: the gate settings.
+        plans: one decision per gateable block.
+        runtime: the settings object the gated blocks share.
+        keep_ratio: initial keep ratio, inside ``config.keep_ratio_range``.
+    """
+
+    def __init__(self, model: nn.Module, config: GateConfig, plans: Sequence[BlockPlan], runtime: GateRuntime,
+                 keep_ratio: float) -> None:
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.plans = list(plans)
+        self.runtime = runtime
+        self._plan_by_name = {plan.name: plan for plan in self.plans}
+        self._keep_ratio = 1.0
+        self.set_keep_ratio(keep_ratio)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    @property
+    def keep_ratio(self) -> float:
+        """Share of each gate's channels or columns kept, before channel counts snap up to steps."""
+        return self._keep_ratio
+
+    @property
+    def mode(self) -> str:
+        """Eval-time path: "skip" (dropped work is not computed) or "mask" (dense, then masked)."""
+        return self.runtime.mode
+
+    def set_mode(self, mode: str) -> None:
+        """Choose the eval-time path; training always masks."""
+        if mode not in GATE_MODES:
+            raise GateConfigError(f"Gate mode must be one of {GATE_MODES}, but got {mode!r}.")
+        self.runtime.mode = mode
+
+    def gated_blocks(self) -> dict[str, GatedResidualBlock]:
+        """Return the gated blocks by module path inside :attr:`model`."""
+        return {name: m for name, m in self.model.named_modules() if isinstance(m, GatedResidualBlock)}
+
+    def set_keep_ratio(self, ratio: float) -> None:
+        """Keep ``ratio`` of each gate's features: any value in ``keep_ratio_range``, no retraining needed.
+
+        Kept channels are ``ceil(ratio * channels)`` rounded up to the block's next latency step;
+        kept columns are ``ceil(ratio * columns)``.
+
+        Raises:
+            GateConfigError: if ``ratio`` is outside ``keep_ratio_range``.
+        """
+        self.config.check_keep_ratio(ratio)
+        for name, block in self.gated_blocks().items():
+            plan = self._plan_by_name[name]
+            channels = plan.snap_channels(keep_count(ratio, block.inner_channels))
+            block.set_keep(channels, keep_count(ratio, block.inner_width))
+        self._keep_ratio = float(ratio)
+
+    def keep_counts(self) -> dict[str, tuple[int, int]]:
+        """Return (kept channels, kept columns) per gated block at the current keep ratio."""
+        return {name: (b.kept_channels, b.kept_columns) for name, b in self.gated_blocks().items()}
+
+    def auxiliary_loss(self) -> torch.Tensor:
+        """Return the gates' extra training loss: a zero scalar.
+
+        Top-k selection fixes the kept share, so no sparsity term is needed. The value is a tensor
+        on the model's device so a training step can always add it.
+        """
+        parameter = next(self.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
+        return torch.zeros((), device=device)
+
+    def describe(self) -> dict[str, Any]:
+        """Return a JSON-serialisable record of the settings, the per-block plans and the kept counts."""
+        counts = self.keep_counts()
+        blocks = []
+        for plan in self.plans:
+            entry = plan.to_dict()
+            entry["kept"] = list(counts[plan.name]) if plan.name in counts else None
+            blocks.append(entry)
+        config = dataclasses.asdict(self.config)
+        config["keep_ratio_range"] = list(config["keep_ratio_range"])
+        return {"format_version": FORMAT_VERSION, "config": config, "keep_ratio": self.keep_ratio, "mode": self.mode,
+                "blocks": blocks}
+
+
+def _infer_input_shape(model: nn.Module) -> tuple[int, int, int]:
+    arch = getattr(model, "arch", None)
+    resolution = getattr(arch, "resolution", None)
+    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if resolution is None or first_conv is None:
+        raise GateConfigError(
+            f"Cannot infer the input shape of {type(model).__name__}: it has no arch.resolution; "
+            "pass input_shape=(channels, height, width)."
+        )
+    return first_conv.in_channels, int(resolution), int(resolution)
+
+
+def _plans_from_record(record: Mapping[str, Any], sites: Sequence[BlockSite]) -> tuple[list[BlockPlan], float]:
+    if record.get("format_version") != FORMAT_VERSION:
+        raise GateConfigError(
+            f"Gate plan format_version {record.get('format_version')!r} is not supported; expected {FORMAT_VERSION}. "
+            "Rebuild the plan with this version of TailNAS."
+        )
+    plans = []
+    for entry in record["blocks"]:
+        data = {k: v for k, v in entry.items() if k != "kept"}
+        plans.append(BlockPlan.from_dict(data))
+    site_names = [site.name for site in sites]
+    plan_names = [plan.name for plan in plans]
+    if plan_names != site_names:
+        raise GateConfigError(f"The gate plan covers blocks {plan_names}, but the model has {site_names}; "
+                              "rebuild the gates for this subnet.")
+    return plans, float(record["keep_ratio"])
+
+
+def _install_gates(model: nn.Module, sites: Sequence[BlockSite], plans: Sequence[BlockPlan],
+                   runtime: GateRuntime) -> None:
+    for site, plan in zip(sites, plans):
+        if not (plan.channel or plan.spatial):
+            continue
+        block = model.get_submodule(site.name)
+        parent_name, _, leaf = site.name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        gated = GatedResidualBlock(block, block_layout(block), site.in_channels, site.in_size, plan.channel,
+                                   plan.spatial, runtime)
+        parameter = next(block.parameters())
+        setattr(parent, leaf, gated.to(device=parameter.device, dtype=parameter.dtype))
+
+
+def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
+                profile_table: Mapping[str, float] | None = None, input_shape: Sequence[int] | None = None,
+                plan: Mapping[str, Any] | None = None) -> GatedNetwork:
+    """Return a gated copy of ``model``; ``model`` itself is unchanged and can serve as the distillation teacher.
+
+    Args:
+        model: a subnet built from gateable residual blocks, such as ``ResNetSubnet``.
+        cfg: a ``conf/gates`` node. With ``name: none`` the network carries no gate and runs as ``model``.
+        profile_table: ``{LayerSpec.key(): latency_ms}`` for the device at one batch size. It sets the
+            channel steps and the channel-gate placement, and is required by ``latency_budget_ms``.
+        input_shape: (C, H, W) of one input image; inferred from ``model.arch.resolution`` when omitted.
+        plan: a :meth:`GatedNetwork.describe` record to rebuild the same gates (for loading a
+            fine-tuned checkpoint); the table is then not consulted.
+
+    Raises:
+        GateConfigError: on an invalid configuration, a plan that does not fit the model, or a latency
+            budget that no keep ratio in the range meets.
+    """
+    config = parse_gate_config(cfg)
+    shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(model)
+    gated_model = copy.deepcopy(model)
+    sites = find_block_sites(gated_model, shape)
+
+    if plan is not None:
+        plans, ratio = _plans_from_record(plan, sites)
+    else:
+        plans = plan_blocks(sites, config, profile_table)
+        ratio = config.keep_ratio
+        if config.enabled and config.latency_budget_ms is not None:
+            if profile_table is None:
+                raise GateConfigError("gates.latency_budget_ms needs a profile table; pass profile_table "
+                                      "(ProfileStore.layer_table) or set latency_budget_ms: null.")
+            ratio = choose_keep_ratio(describe_layers(model, shape), sites, plans, config, profile_table)
+
+    runtime = GateRuntime(mode=config.mode, skip_max_share=config.skip_max_share,
+                          dropout_fraction=config.targeted_dropout.fraction,
+                          dropout_rate=config.targeted_dropout.rate, seed=config.seed)
+    _install_gates(gated_model, sites, plans, runtime)
+    network = GatedNetwork(gated_model, config, plans, runtime, ratio)
+    network.train(model.training)
+    log.info("gates: %d of %d blocks gated, keep ratio %.2f, counts %s", len(network.gated_blocks()), len(sites),
+             ratio, network.keep_counts())
+    return network

@@ -1,0 +1,329 @@
+"""Profile-guided gate placement: latency staircases, kept-channel snapping and keep ratios for a budget.
+
+A profile table maps ``LayerSpec.key()`` to a measured latency in ms at one batch size, as
+``predictors.store.ProfileStore.layer_table(batch_size)`` returns it. From the table the planner
+reads each block's staircase: the latency of its producer and consumer convolutions as a function
+of the kept inner channels. Kept counts are rounded up to the top of their step, because channels
+that cost nothing extra should be kept, and a channel gate is placed only where the staircase
+predicts a saving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from nas.gates.blocks import BlockLayout, block_layout
+from nas.gates.config import GateConfig, GateConfigError
+from nas.gates.modules import keep_count
+from nas.spaces.layers import LayerSpec
+
+__all__ = [
+    "BlockPlan",
+    "BlockSite",
+    "activation_name",
+    "channel_staircase",
+    "describe_layers",
+    "find_block_sites",
+    "plan_blocks",
+]
+
+log = logging.getLogger(__name__)
+
+# Without a profile table kept counts round up to multiples of 8: AVX2 holds 8 float32 lanes, and
+# CPU and GPU convolution kernels commonly block channels by 8 or more.
+DEFAULT_CHANNEL_STEP = 8
+
+
+def activation_name(module: nn.Module | None) -> str:
+    """Return the ``LayerSpec.act`` name of an activation module ("relu", "hswish" or "none")."""
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, nn.Hardswish):
+        return "hswish"
+    return "none"
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSite:
+    """A gateable residual block of a model and the layers a gate on it would shrink.
+
+    Attributes:
+        name: module path of the block, for example ``"layer1.0"``.
+        in_channels: channels of the block input.
+        in_size: height and width of the block input in pixels (square maps only).
+        producer: the producer convolution with all inner channels.
+        consumer: the consumer convolution with all inner channels.
+        producer_path: module path of the producer convolution.
+        consumer_path: module path of the consumer convolution.
+    """
+
+    name: str
+    in_channels: int
+    in_size: int
+    producer: LayerSpec
+    consumer: LayerSpec
+    producer_path: str
+    consumer_path: str
+
+    @property
+    def inner_channels(self) -> int:
+        return self.producer.out_channels
+
+    @property
+    def inner_size(self) -> int:
+        """Height and width of the gated map in pixels."""
+        return self.producer.out_size
+
+    def gated_layers(self, channels: int) -> tuple[LayerSpec, LayerSpec]:
+        """Return the producer and consumer with ``channels`` inner channels kept."""
+        return (dataclasses.replace(self.producer, out_channels=channels),
+                dataclasses.replace(self.consumer, in_channels=channels))
+
+
+@dataclasses.dataclass
+class BlockPlan:
+    """The gate decision for one block, kept with the network so a checkpoint can be rebuilt.
+
+    Attributes:
+        name: module path of the block.
+        channel: whether a channel gate is placed.
+        spatial: whether a column gate is placed.
+        channel_steps: ascending kept-channel counts a request is rounded up to; the last is all channels.
+        reason: the decision in words, for logs and reports.
+        latency_ms: predicted latency (ms) of the producer plus consumer per count in ``channel_steps``,
+            from the profile table; empty without one.
+    """
+
+    name: str
+    channel: bool
+    spatial: bool
+    channel_steps: list[int]
+    reason: str
+    latency_ms: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    def snap_channels(self, requested: int) -> int:
+        """Round a requested kept-channel count up to the next step top."""
+        for step in self.channel_steps:
+            if step >= requested:
+                return step
+        return self.channel_steps[-1]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["latency_ms"] = {str(k): v for k, v in self.latency_ms.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockPlan:
+        names = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        missing = sorted(set(names) - set(data))
+        if unknown or missing:
+            raise GateConfigError(f"Invalid block plan {dict(data)!r}: unknown keys {unknown}, missing keys {missing}.")
+        values = dict(data)
+        values["channel_steps"] = [int(v) for v in values["channel_steps"]]
+        values["latency_ms"] = {int(k): float(v) for k, v in values["latency_ms"].items()}
+        return cls(**values)
+
+
+def _probe_inputs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
+    """Run one zero image through ``model`` in eval mode and return each module's input shape.
+
+    Entries are in the order the modules finish, so a block comes after its children.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        def record(mod: nn.Module, args: tuple[Any, ...], output: Any, name: str = name) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(name, tuple(args[0].shape))
+        handles.append(module.register_forward_hook(record))
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, *input_shape, device=device))
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    return shapes
+
+
+def _conv_spec(conv: nn.Conv2d, in_size: int, act: str) -> LayerSpec:
+    return LayerSpec("conv", conv.in_channels, conv.out_channels, in_size, conv.kernel_size[0], conv.stride[0],
+                     conv.groups, act)
+
+
+def _site(name: str, block: nn.Module, layout: BlockLayout, shapes: Mapping[str, tuple[int, ...]]) -> BlockSite:
+    _, in_channels, height, width = shapes[name]
+    if height != width:
+        raise GateConfigError(f"Block {name} gets a {height}x{width} input; gate planning needs square maps.")
+    specs, paths = [], []
+    for index in (layout.producer, layout.producer + 1):
+        conv_name, _, act_name = layout.stages[index]
+        act = activation_name(getattr(block, act_name)) if act_name is not None else "none"
+        paths.append(f"{name}.{conv_name}")
+        specs.append(_conv_spec(getattr(block, conv_name), shapes[paths[-1]][2], act))
+    return BlockSite(name, in_channels, height, specs[0], specs[1], paths[0], paths[1])
+
+
+def find_block_sites(model: nn.Module, input_shape: Sequence[int]) -> list[BlockSite]:
+    """Return every gateable residual block of ``model`` that runs on an input of ``input_shape`` (C, H, W)."""
+    shapes = _probe_inputs(model, input_shape)
+    sites = []
+    for name, module in model.named_modules():
+        layout = block_layout(module)
+        if layout is not None and name in shapes:
+            sites.append(_site(name, module, layout, shapes))
+    return sites
+
+
+def describe_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[str, LayerSpec]]:
+    """Return (module path, LayerSpec) for every layer of an ungated model, in the order the layers finish.
+
+    These are the layers a profile table times. Supports models built from gateable residual blocks with timm-style stems (``conv1``/``act1``),
+    ``nn.MaxPool2d``, ``nn.AdaptiveAvgPool2d`` and ``nn.Linear``. Convolutions take the activation of a
+    sibling ``actN`` for ``convN`` outside blocks, the block layout's inside them, and "none" otherwise.
+    """
+    shapes = _probe_inputs(model, input_shape)
+    modules = dict(model.named_modules())
+    acts: dict[str, str] = {}
+    adds: dict[str, LayerSpec] = {}
+    for name, module in modules.items():
+        layout = block_layout(module)
+        if layout is None or name not in shapes:
+            continue
+        for conv_name, _, act_name in layout.stages:
+            acts[f"{name}.{conv_name}"] = activation_name(getattr(module, act_name)) if act_name else "none"
+        consumer = getattr(module, layout.stages[-1][0])
+        out_size = shapes[f"{name}.{layout.stages[-1][0]}"][2]
+        adds[name] = LayerSpec("add", consumer.out_channels, consumer.out_channels, out_size,
+                               act=activation_name(getattr(module, layout.final_act)))
+
+    layers = []
+    for name, shape in shapes.items():
+        module = modules[name]
+        if isinstance(module, nn.Conv2d):
+            parent, _, leaf = name.rpartition(".")
+            sibling = f"{parent}.act{leaf[4:]}" if parent else f"act{leaf[4:]}"
+            act = acts.get(name, activation_name(modules.get(sibling)) if leaf.startswith("conv") else "none")
+            layers.append((name, _conv_spec(module, shape[2], act)))
+        elif isinstance(module, nn.MaxPool2d):
+            kernel, stride = (v if isinstance(v, int) else v[0] for v in (module.kernel_size, module.stride))
+            layers.append((name, LayerSpec("maxpool", shape[1], shape[1], shape[2], kernel, stride)))
+        elif isinstance(module, nn.AdaptiveAvgPool2d):
+            layers.append((name, LayerSpec("gap", shape[1], shape[1], shape[2])))
+        elif isinstance(module, nn.Linear):
+            layers.append((name, LayerSpec("linear", module.in_features, module.out_features, 1)))
+        if name in adds:
+            layers.append((f"{name}.add", adds[name]))
+    return layers
+
+
+def _default_steps(channels: int) -> list[int]:
+    return [*range(DEFAULT_CHANNEL_STEP, channels, DEFAULT_CHANNEL_STEP), channels]
+
+
+def _block_latency(site: BlockSite, channels: int, table: Mapping[str, float]) -> float | None:
+    keys = [layer.key() for layer in site.gated_layers(channels)]
+    if not all(key in table for key in keys):
+        return None
+    return float(sum(table[key] for key in keys))
+
+
+def channel_staircase(site: BlockSite, table: Mapping[str, float], tolerance: float) -> tuple[list[int], dict[int, float]]:
+    """Return a block's step tops and their latencies (ms) from a profile table.
+
+    Starting from the smallest profiled count, a step extends to the largest profiled count whose
+    latency is within ``tolerance`` (relative) of the step's first count. The next step starts at
+    the next profiled count. Returns ``([], {})`` when the table lacks the block at full width.
+    """
+    latencies = {}
+    for channels in range(1, site.inner_channels + 1):
+        latency = _block_latency(site, channels, table)
+        if latency is not None:
+            latencies[channels] = latency
+    if site.inner_channels not in latencies:
+        return [], {}
+
+    candidates = sorted(latencies)
+    steps: list[int] = []
+    start = 0
+    while start < len(candidates):
+        limit = latencies[candidates[start]] * (1.0 + tolerance)
+        top = max(c for c in candidates[start:] if latencies[c] <= limit)
+        steps.append(top)
+        start = candidates.index(top) + 1
+    return steps, {step: latencies[step] for step in steps}
+
+
+def _decide_channel(site: BlockSite, config: GateConfig, steps: list[int], latency: dict[int, float],
+                    profiled: bool) -> tuple[bool, str]:
+    if not config.channel:
+        return False, "channel gate disabled"
+    low = config.keep_ratio_range[0]
+    kept = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
+    if kept >= site.inner_channels:
+        return False, f"no channel gate: keep ratio {low} rounds up to all {site.inner_channels} channels"
+    if not profiled:
+        return True, (f"channel gate without profiles ({kept}/{site.inner_channels} channels at keep ratio {low}, "
+                      f"counts rounded up to multiples of {DEFAULT_CHANNEL_STEP})")
+    full = latency[site.inner_channels]
+    saving = 1.0 - latency[kept] / full if full > 0 else 0.0
+    summary = (f"{kept}/{site.inner_channels} channels at keep ratio {low}: predicted {latency[kept]:.4f} ms "
+               f"instead of {full:.4f} ms ({saving:.0%} saving)")
+    if saving < config.min_saving:
+        return False, f"no channel gate: {summary}, below min_saving {config.min_saving:.0%}"
+    return True, f"channel gate: {summary}"
+
+
+def _decide_spatial(site: BlockSite, config: GateConfig) -> tuple[bool, str]:
+    if not config.spatial:
+        return False, "column gate disabled"
+    if site.inner_size < config.spatial_min_size:
+        return False, f"no column gate: {site.inner_size} columns < spatial_min_size {config.spatial_min_size}"
+    kept = keep_count(config.keep_ratio_range[0], site.inner_size)
+    if kept >= site.inner_size:
+        return False, f"no column gate: keep ratio {config.keep_ratio_range[0]} keeps all {site.inner_size} columns"
+    return True, f"column gate: {kept}/{site.inner_size} columns at keep ratio {config.keep_ratio_range[0]}"
+
+
+def plan_blocks(sites: Sequence[BlockSite], config: GateConfig,
+                profile_table: Mapping[str, float] | None) -> list[BlockPlan]:
+    """Decide, per block, whether to place a channel gate and a column gate, and how counts snap.
+
+    Decisions use the low end of ``keep_ratio_range``, the largest saving the gates will be asked
+    for. A channel gate needs a predicted saving of at least ``min_saving`` when the table profiles
+    the block. Without profiles it is placed wherever the low keep ratio drops a channel, and a
+    warning is logged. Column gates are placed on maps at least ``spatial_min_size`` wide, because the
+    table times square maps only and cannot predict column savings.
+    """
+    if profile_table is None and config.enabled and config.channel:
+        log.warning("gates: no profile table given, so kept channel counts round up to multiples of %d and "
+                    "channel gates are placed without checking that they pay on this device.", DEFAULT_CHANNEL_STEP)
+    plans = []
+    for site in sites:
+        steps, latency = channel_staircase(site, profile_table, config.step_tolerance) if profile_table else ([], {})
+        profiled = bool(steps)
+        if not profiled:
+            steps = _default_steps(site.inner_channels)
+        if config.enabled:
+            channel, channel_reason = _decide_channel(site, config, steps, latency, profiled)
+            spatial, spatial_reason = _decide_spatial(site, config)
+        else:
+            channel, spatial, channel_reason, spatial_reason = False, False, "gates.name=none", "no gates"
+        if profile_table is not None and not profiled and channel:
+            channel_reason += "; the table lacks this block's convolutions"
+        plan = BlockPlan(site.name, channel, spatial, steps, f"{channel_reason}; {spatial_reason}", latency)
+        log.info("gates: %s: %s", site.name, plan.reason)
+        plans.append(plan)
+    return plans
