@@ -1,0 +1,512 @@
+"""Tests of the channel and column gates: scores, top-k, skipping, MAC counts, planning and training."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import re
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+from torch import nn
+
+from nas.gates import (
+    ChannelGate,
+    ColumnGate,
+    GateConfigError,
+    GatedNetwork,
+    GatedResidualBlock,
+    GateRuntime,
+    KeepRatioSchedule,
+    apply_gates,
+    describe_layers,
+    executed_macs,
+    find_block_sites,
+    keep_count,
+    parse_gate_config,
+    top_k_mask,
+)
+from nas.gates.blocks import block_layout
+from nas.gates.budget import choose_keep_ratio, predict_latency_ms
+from nas.gates.modules import straight_through, targeted_dropout_mask
+from nas.gates.planning import channel_staircase, plan_blocks
+from nas.spaces.layers import LayerSpec
+from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _randomise_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator))
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+            m.weight.data.copy_(torch.randn(m.num_features, generator=generator))
+            m.bias.data.copy_(torch.randn(m.num_features, generator=generator))
+
+
+def _randomise_gates(module: nn.Module, generator: torch.Generator) -> None:
+    for m in module.modules():
+        if isinstance(m, (ChannelGate, ColumnGate)):
+            for p in m.parameters():
+                p.data.copy_(torch.randn(p.shape, generator=generator))
+
+
+def _gated_block(block: nn.Module, in_channels: int, in_width: int, channel: bool = True, spatial: bool = True,
+                 runtime: GateRuntime | None = None) -> GatedResidualBlock:
+    generator = torch.Generator().manual_seed(1)
+    _randomise_batchnorm(block, generator)
+    gated = GatedResidualBlock(copy.deepcopy(block), block_layout(block), in_channels, in_width, channel, spatial,
+                               runtime or GateRuntime())
+    _randomise_gates(gated, generator)
+    return gated.eval()
+
+
+BLOCK_CASES = [
+    pytest.param(BasicBlock, 16, 24, 24, 2, 14, id="basic-stride2"),
+    pytest.param(BasicBlock, 24, 24, 24, 1, 14, id="basic-stride1"),
+    pytest.param(BasicBlock, 8, 16, 16, 2, 7, id="basic-odd-width"),
+    pytest.param(Bottleneck, 16, 8, 32, 2, 14, id="bottleneck-stride2"),
+    pytest.param(Bottleneck, 32, 16, 32, 1, 7, id="bottleneck-stride1"),
+]
+
+
+# -- configuration ----------------------------------------------------------------------------------
+
+
+def test_feature_yaml_parses_with_defaults():
+    node = OmegaConf.merge(OmegaConf.create({"seed": 3}), {"gates": OmegaConf.load(ROOT / "conf/gates/feature.yaml")})
+    config = parse_gate_config(OmegaConf.to_container(node.gates, resolve=True))
+    assert config.name == "feature"
+    assert config.keep_ratio == 0.6
+    assert config.keep_ratio_range == (0.4, 1.0)
+    assert config.latency_budget_ms is None
+    assert config.seed == 3
+    assert config.targeted_dropout.rate == 0.5
+
+
+def test_none_yaml_parses_to_disabled():
+    config = parse_gate_config(yaml.safe_load((ROOT / "conf/gates/none.yaml").read_text()))
+    assert not config.enabled
+    assert config.kd_weight == 0.0
+
+
+@pytest.mark.parametrize(
+    "data, fragment",
+    [
+        ({"name": "feature", "keep_ratios": 0.5}, "Unknown keys ['keep_ratios']"),
+        ({"name": "none", "keep_ratio": 0.5}, "takes no other keys"),
+        ({"name": "attention"}, "allowed names"),
+        ({"name": "feature", "keep_ratio": 0.2}, "outside gates.keep_ratio_range"),
+        ({"name": "feature", "keep_ratio_range": [0.9, 0.5]}, "low <= high"),
+        ({"name": "feature", "mode": "fast"}, "gates.mode"),
+        ({"name": "feature", "targeted_dropout": {"rate": 0.5, "p": 1}}, "gates.targeted_dropout"),
+        ({"name": "feature", "channel": "yes"}, "true or false"),
+        ({"name": "feature", "latency_budget_ms": -1.0}, "latency_budget_ms"),
+    ],
+)
+def test_config_rejects_invalid(data, fragment):
+    with pytest.raises(GateConfigError, match=re.escape(fragment)):
+        parse_gate_config(data)
+
+
+# -- scores, top-k and dropout ---------------------------------------------------------------------
+
+
+def test_top_k_mask_hand_made():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.3], [0.8, 0.2, 0.1, 0.7]])
+    mask = top_k_mask(scores, 2)
+    assert mask.tolist() == [[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 1.0]]
+
+
+@pytest.mark.parametrize("ratio, total, expected", [(0.6, 40, 24), (0.6, 28, 17), (0.4, 7, 3), (1.0, 9, 9),
+                                                     (0.01, 10, 1), (0.3, 10, 3)])
+def test_keep_count(ratio, total, expected):
+    assert keep_count(ratio, total) == expected
+
+
+def test_channel_gate_scores_hand_made():
+    gate = ChannelGate(in_channels=2, channels=3)
+    with torch.no_grad():
+        gate.fc.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+        gate.fc.bias.zero_()
+    rows = torch.tensor([[[1.0, 3.0], [-2.0, -2.0]]])  # (N=1, C=2, W=2): channel means 2 and -2
+    scores = gate(rows)
+    expected = torch.sigmoid(torch.tensor([[2.0, -2.0, 0.0]]))
+    torch.testing.assert_close(scores, expected)
+    assert gate.macs == 6
+
+
+def test_column_gate_pools_by_stride():
+    gate = ColumnGate(in_channels=1, stride=2, kernel_size=3)
+    with torch.no_grad():
+        gate.conv.weight.copy_(torch.tensor([[[0.0, 1.0, 0.0]]]))
+        gate.conv.bias.zero_()
+    rows = torch.tensor([[[0.0, 2.0, 4.0, 6.0, 8.0]]])  # W=5, stride 2 -> 3 columns: means 1, 5, 8
+    scores = gate(rows)
+    torch.testing.assert_close(scores, torch.sigmoid(torch.tensor([[1.0, 5.0, 8.0]])))
+    assert gate.macs(3) == 9
+
+
+def test_targeted_dropout_drops_lowest_only():
+    scores = torch.tensor([[0.9, 0.1, 0.8, 0.2, 0.7, 0.3]])
+    always = targeted_dropout_mask(scores, fraction=0.5, rate=1.0, generator=torch.Generator().manual_seed(0))
+    assert always.tolist() == [[1.0, 0.0, 1.0, 0.0, 1.0, 0.0]]
+    never = targeted_dropout_mask(scores, fraction=0.5, rate=0.0, generator=None)
+    assert never.tolist() == [[1.0] * 6]
+
+
+def test_targeted_dropout_rate_and_seed():
+    scores = torch.rand(2000, 10, generator=torch.Generator().manual_seed(0))
+    first = targeted_dropout_mask(scores, 0.4, 0.5, torch.Generator().manual_seed(7))
+    second = targeted_dropout_mask(scores, 0.4, 0.5, torch.Generator().manual_seed(7))
+    assert torch.equal(first, second)
+    dropped_share = 1.0 - first.mean().item()
+    assert abs(dropped_share - 0.4 * 0.5) < 0.02
+
+
+def test_straight_through_value_and_gradient():
+    scores = torch.tensor([0.2, 0.7], requires_grad=True)
+    mask = torch.tensor([0.0, 1.0])
+    out = straight_through(mask, scores)
+    assert out.tolist() == [0.0, 1.0]
+    (out * torch.tensor([3.0, 5.0])).sum().backward()
+    assert scores.grad.tolist() == [3.0, 5.0]
+
+
+# -- gated blocks ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_cls, cin, mid, cout, stride, width", BLOCK_CASES)
+def test_block_at_full_keep_equals_ungated(block_cls, cin, mid, cout, stride, width):
+    block = block_cls(cin, mid, cout, stride).eval()
+    gated = _gated_block(block, cin, width)
+    _randomise_batchnorm(block, torch.Generator().manual_seed(1))
+    x = torch.randn(3, cin, width, width, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(gated(x), block(x), atol=1e-5, rtol=1e-5)
+        gated.train()
+        block.train()
+        torch.testing.assert_close(gated(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("channel, spatial", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("block_cls, cin, mid, cout, stride, width", BLOCK_CASES)
+@pytest.mark.parametrize("batch, max_share", [(1, 1.0), (4, 1.0), (4, 0.0)])
+def test_skip_matches_mask(block_cls, cin, mid, cout, stride, width, channel, spatial, batch, max_share):
+    runtime = GateRuntime(skip_max_share=max_share)
+    gated = _gated_block(block_cls(cin, mid, cout, stride), cin, width, channel, spatial, runtime)
+    gated.set_keep(max(1, gated.inner_channels // 2), max(1, gated.inner_width // 2))
+    x = torch.randn(batch, cin, width, width, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        runtime.mode = "mask"
+        masked = gated(x)
+        runtime.mode = "skip"
+        skipped = gated(x)
+    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_mask_zeroes_dropped_channels_and_columns():
+    gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 10, runtime=GateRuntime(mode="mask")).train()
+    gated.set_keep(6, 4)
+    x = torch.randn(2, 8, 10, 10, generator=torch.Generator().manual_seed(4))
+    captured = {}
+    gated.conv2.register_forward_pre_hook(lambda m, args: captured.setdefault("hidden", args[0].detach().clone()))
+    with torch.no_grad():
+        rows = x.mean(dim=2)
+        kept_channels = top_k_mask(gated.channel_gate(rows), 6).bool()
+        kept_columns = top_k_mask(gated.column_gate(rows), 4).bool()
+        gated(x)
+    hidden = captured["hidden"]
+    for image in range(2):
+        assert hidden[image][~kept_channels[image]].abs().max() == 0
+        assert hidden[image][:, :, ~kept_columns[image]].abs().max() == 0
+        assert hidden[image][kept_channels[image]][:, :, kept_columns[image]].abs().max() > 0
+
+
+def test_skip_never_reads_dropped_channels():
+    runtime = GateRuntime(mode="skip", skip_max_share=1.0)
+    gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 12, runtime=runtime)
+    gated.set_keep(8, 6)
+    x = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = gated(x)
+        kept = top_k_mask(gated.channel_gate(x.mean(dim=2)), 8)[0].bool()
+        # Poison the producer's filters and the consumer's inputs of the dropped channels.
+        gated.conv1.weight[~kept] = float("nan")
+        gated.conv2.weight[:, ~kept] = float("nan")
+        skipped = gated(x)
+        runtime.mode = "mask"
+        masked = gated(x)
+    assert torch.isfinite(skipped).all()
+    torch.testing.assert_close(skipped, expected, atol=1e-5, rtol=1e-5)
+    assert torch.isnan(masked).any()
+
+
+def test_block_rejects_keep_counts_out_of_range():
+    gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 12)
+    with pytest.raises(ValueError, match="kept channels must be in"):
+        gated.set_keep(17, 6)
+
+
+# -- networks -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def subnet(resnet_space):
+    arch = resnet_space.arch_from_choices({"resolution": 28, "depth_0": 1, "width_0": 16, "depth_1": 2, "width_1": 24,
+                                           "depth_2": 1, "width_2": 32})
+    torch.manual_seed(0)
+    model = ResNetSubnet(resnet_space, arch).eval()
+    _randomise_batchnorm(model, torch.Generator().manual_seed(0))
+    return model
+
+
+def test_executed_macs_ungated_equals_space(resnet_space, subnet):
+    x = torch.zeros(2, 1, 28, 28)
+    assert executed_macs(subnet, x) == 2 * resnet_space.macs(subnet.arch)
+
+
+def test_executed_macs_gated_block_known_case():
+    runtime = GateRuntime(mode="skip", skip_max_share=1.0)
+    gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 10, runtime=runtime)
+    gated.set_keep(4, 5)
+    macs = executed_macs(gated, torch.zeros(1, 8, 10, 10))
+    producer = 4 * 8 * 9 * 10 * 5  # kept channels x input channels x 3x3 x rows x kept columns
+    consumer = 16 * 4 * 9 * 10 * 5  # each kept column meets all 3x3 taps of every output channel
+    gates = 8 * 16 + 8 * 3 * 10  # channel gate linear + column gate 1-D convolution
+    downsample = 16 * 8 * 100  # the 1x1 projection of the shortcut always runs
+    assert macs == producer + consumer + gates + downsample
+    runtime.mode = "mask"
+    dense = 16 * 8 * 9 * 100 + 16 * 16 * 9 * 100
+    assert executed_macs(gated, torch.zeros(1, 8, 10, 10)) == dense + gates + downsample
+
+
+def test_apply_gates_leaves_model_unchanged(subnet):
+    before = {k: v.clone() for k, v in subnet.state_dict().items()}
+    network = apply_gates(subnet, {"name": "feature"})
+    assert isinstance(network, GatedNetwork)
+    assert not any(isinstance(m, GatedResidualBlock) for m in subnet.modules())
+    for key, value in subnet.state_dict().items():
+        assert torch.equal(value, before[key])
+    assert set(before) <= {k.removeprefix("model.") for k in network.state_dict()}
+
+
+def test_network_full_keep_equals_subnet(subnet):
+    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 1.0}).eval()
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), subnet(x), atol=1e-5, rtol=1e-5)
+
+
+def test_network_skip_matches_mask_and_saves_macs(subnet):
+    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.4}).eval()
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        network.set_mode("skip")
+        skipped = network(x)
+        skip_macs = executed_macs(network, x)
+        network.set_mode("mask")
+        masked = network(x)
+        mask_macs = executed_macs(network, x)
+    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
+    assert skip_macs < 0.7 * mask_macs
+
+
+def test_set_keep_ratio_across_range(subnet):
+    network = apply_gates(subnet, {"name": "feature"})
+    previous = None
+    for ratio in (0.4, 0.5, 0.6, 0.75, 0.9, 1.0):
+        network.set_keep_ratio(ratio)
+        assert network.keep_ratio == ratio
+        counts = network.keep_counts()
+        for name, (channels, columns) in counts.items():
+            block = network.gated_blocks()[name]
+            assert channels % 8 == 0 or channels == block.inner_channels
+            assert channels >= keep_count(ratio, block.inner_channels)
+            if block.column_gate is not None:
+                assert columns == keep_count(ratio, block.inner_width)
+            if previous is not None:
+                assert channels >= previous[name][0]
+                assert columns >= previous[name][1]
+        previous = counts
+    assert all(b.keeps_all for b in network.gated_blocks().values())
+    for ratio in (0.3, 1.01, float("nan")):
+        with pytest.raises(GateConfigError, match="outside gates.keep_ratio_range"):
+            network.set_keep_ratio(ratio)
+
+
+def test_none_config_places_no_gate(subnet):
+    network = apply_gates(subnet, {"name": "none"}).eval()
+    assert network.gated_blocks() == {}
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), subnet(x))
+    assert network.auxiliary_loss().item() == 0.0
+
+
+def test_describe_rebuilds_same_gates(subnet):
+    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.5}).eval()
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    record = network.describe()
+    assert record["format_version"] == 1
+    rebuilt = apply_gates(subnet, {"name": "feature"}, plan=record).eval()
+    rebuilt.load_state_dict(network.state_dict())
+    assert rebuilt.keep_ratio == 0.5
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), network(x))
+    with pytest.raises(GateConfigError, match="format_version"):
+        apply_gates(subnet, {"name": "feature"}, plan={**record, "format_version": 99})
+
+
+# -- planning from profiles ------------------------------------------------------------------------
+
+
+def test_describe_layers_matches_space(resnet_space):
+    for arch in (resnet_space.largest(), resnet_space.smallest()):
+        model = ResNetSubnet(resnet_space, arch)
+        described = sorted(layer.key() for _, layer in describe_layers(model, resnet_space.input_shape(arch)))
+        assert described == sorted(layer.key() for layer in resnet_space.layers(arch))
+
+
+def _staircase_table(subnet, step: int, flat_at: int | None = None) -> dict[str, float]:
+    """Latency in steps of ``step`` channels: time grows with ceil(channels / step); flat on ``flat_at``-wide maps."""
+    table = {}
+    for path, layer in describe_layers(subnet, (1, 28, 28)):
+        table[layer.key()] = 0.01
+    for site in find_block_sites(subnet, (1, 28, 28)):
+        for channels in range(1, site.inner_channels + 1):
+            cost = 0.1 if site.inner_size == flat_at else 0.1 * math.ceil(channels / step)
+            for layer in site.gated_layers(channels):
+                table[layer.key()] = cost
+    return table
+
+
+def test_staircase_snaps_to_step_tops(subnet):
+    site = find_block_sites(subnet, (1, 28, 28))[1]  # layer2.0: 16 -> 24 channels at 14x14
+    steps, latency = channel_staircase(site, _staircase_table(subnet, step=16), tolerance=0.05)
+    assert steps == [16, 24]
+    assert latency[16] < latency[24]
+
+
+def test_plan_skips_flat_staircase(subnet, caplog):
+    sites = find_block_sites(subnet, (1, 28, 28))
+    table = _staircase_table(subnet, step=8, flat_at=7)
+    config = parse_gate_config({"name": "feature"})
+    with caplog.at_level(logging.INFO, logger="nas.gates.planning"):
+        plans = plan_blocks(sites, config, table)
+    by_name = {plan.name: plan for plan in plans}
+    assert by_name["layer1.0"].channel
+    assert not by_name["layer3.0"].channel
+    assert by_name["layer3.0"].channel_steps == [32]
+    assert "rounds up to all 32 channels" in by_name["layer3.0"].reason
+    assert not by_name["layer3.0"].spatial
+    assert "layer3.0: no channel gate" in caplog.text
+
+
+def test_plan_skips_small_saving(subnet):
+    sites = find_block_sites(subnet, (1, 28, 28))
+    config = parse_gate_config({"name": "feature", "min_saving": 0.4})
+    plans = {plan.name: plan for plan in plan_blocks(sites, config, _staircase_table(subnet, step=8))}
+    assert plans["layer1.0"].channel  # 8 of 16 channels: 50% predicted saving
+    assert not plans["layer2.0"].channel  # 16 of 24 channels: 33% predicted saving
+    assert "below min_saving 40%" in plans["layer2.0"].reason
+
+
+def test_apply_gates_snaps_to_table_steps(subnet):
+    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.6}, _staircase_table(subnet, step=16))
+    counts = network.keep_counts()
+    assert counts["layer1.0"][0] == 16  # 16 channels: 0.6 * 16 = 10 rounds up to the 16-channel step
+    assert counts["layer2.0"][0] == 16  # 0.6 * 24 = 15 rounds up to the step ending at 16
+
+
+def test_latency_budget_picks_largest_fitting_ratio(subnet):
+    table = _staircase_table(subnet, step=8)
+    sites = find_block_sites(subnet, (1, 28, 28))
+    layers = describe_layers(subnet, (1, 28, 28))
+    config = parse_gate_config({"name": "feature"})
+    plans = plan_blocks(sites, config, table)
+    full = predict_latency_ms(layers, sites, plans, 1.0, table)
+    low = predict_latency_ms(layers, sites, plans, 0.4, table)
+    assert low < full
+    budget = (low + full) / 2
+    ratio = choose_keep_ratio(layers, sites, plans, parse_gate_config({"name": "feature", "latency_budget_ms": budget}),
+                              table)
+    assert predict_latency_ms(layers, sites, plans, ratio, table) <= budget
+    assert predict_latency_ms(layers, sites, plans, ratio + 0.01, table) > budget
+    network = apply_gates(subnet, {"name": "feature", "latency_budget_ms": budget}, table)
+    assert network.keep_ratio == ratio
+    with pytest.raises(GateConfigError, match="latency_budget_ms"):
+        apply_gates(subnet, {"name": "feature", "latency_budget_ms": low / 2}, table)
+    with pytest.raises(GateConfigError, match="needs a profile table"):
+        apply_gates(subnet, {"name": "feature", "latency_budget_ms": budget})
+
+
+# -- training --------------------------------------------------------------------------------------
+
+
+def test_training_step_with_targeted_dropout(subnet):
+    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.5,
+                                   "targeted_dropout": {"fraction": 0.5, "rate": 0.5}}).train()
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 1, 28, 28, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+    gate = network.gated_blocks()["layer1.0"].channel_gate
+    before = gate.fc.weight.detach().clone()
+
+    loss = nn.functional.cross_entropy(network(x), y) + network.auxiliary_loss()
+    loss.backward()
+    assert gate.fc.weight.grad is not None and gate.fc.weight.grad.abs().sum() > 0
+    optimizer.step()
+    assert not torch.equal(gate.fc.weight, before)
+    assert torch.isfinite(loss)
+
+
+def test_keep_ratio_schedule_values():
+    schedule = KeepRatioSchedule(target=0.6, epochs=4)
+    assert schedule.ratio_at(0) == 1.0
+    assert schedule.ratio_at(2) == pytest.approx(0.8)
+    assert schedule.ratio_at(10) == pytest.approx(0.6)
+    assert KeepRatioSchedule(target=0.6, epochs=0).ratio_at(0) == 0.6
+    restored = KeepRatioSchedule(target=0.9, epochs=1)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.ratio_at(2) == pytest.approx(0.8)
+
+
+class _TinyModule(pl.LightningModule):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.seen: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        self.seen.append(self.model.keep_ratio)
+        x, y = batch
+        return nn.functional.cross_entropy(self.model(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_keep_ratio_schedule_in_trainer(subnet):
+    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.5, "schedule_epochs": 1}).train()
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 28, 28, generator=generator),
+                                          torch.randint(0, 10, (16,), generator=generator))
+    module = _TinyModule(network)
+    trainer = pl.Trainer(max_epochs=2, callbacks=[KeepRatioSchedule.from_config({"name": "feature", "keep_ratio": 0.5,
+                                                                                "schedule_epochs": 1})],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    assert module.seen[:4] == pytest.approx([1.0, 0.875, 0.75, 0.625])
+    assert module.seen[4:] == pytest.approx([0.5] * 4)
+    assert network.keep_ratio == 0.5
