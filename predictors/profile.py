@@ -72,6 +72,10 @@ def run(cfg: DictConfig) -> None:
               f"within 5%, {100 * noise['within_10pct']:.1f}% within 10%; Kendall tau between passes {tau}")
     else:
         print("Noise floor: needs profile.passes >= 2 and profile.n_subnets >= 1.")
+    if summary.busy_runs:
+        print(f"Warning: {summary.busy_runs} runs were measured while the load average exceeded the CPU count, "
+              f"so their latencies may include waiting for a core. Move {summary.store_dir} away and profile "
+              "again on a quiet machine.")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="profile")

@@ -109,6 +109,7 @@ _KERNEL_ARGS = {
     "shared memory": "shared_memory_bytes",
     "blocks per SM": "blocks_per_sm",
     "warps per SM": "warps_per_sm",
+    "est. achieved occupancy %": "est_occupancy_pct",
     "stream": "stream",
 }
 
@@ -117,27 +118,17 @@ def kernel_records_from_trace(trace: Mapping[str, Any], sm_count: int | None) ->
     """Extract one record per CUDA kernel launch from a Chrome trace written by ``torch.profiler``.
 
     Each record has ``kind="kernel"``, ``name``, ``duration_us``, the launch fields in
-    ``_KERNEL_ARGS`` and ``est_occupancy_pct`` (``None`` when the trace lacks one), and the
-    device's ``sm_count``.
+    ``_KERNEL_ARGS`` (``None`` when the trace lacks one) and the device's ``sm_count``.
     """
     records = []
     for event in trace.get("traceEvents", []):
+        # Kineto versions differ in the case of this category: "Kernel" or "kernel".
         if str(event.get("cat", "")).lower() != "kernel":
             continue
         args = event.get("args", {})
         record: dict[str, Any] = {"kind": "kernel", "name": event.get("name"), "duration_us": event.get("dur")}
         for source, target in _KERNEL_ARGS.items():
             record[target] = args.get(source)
-        record["est_occupancy_pct"] = _occupancy_pct(args)
         record["sm_count"] = sm_count
         records.append(record)
     return records
-
-
-def _occupancy_pct(args: Mapping[str, Any]) -> float | None:
-    """Return the profiler's occupancy estimate in percent, from either spelling of the key."""
-    if "est. achieved occupancy %" in args:
-        return args["est. achieved occupancy %"]
-    # Some older Kineto builds write the estimate as a fraction under this key.
-    fraction = args.get("est. achieved occupancy")
-    return None if fraction is None else 100.0 * float(fraction)

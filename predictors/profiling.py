@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -60,12 +61,16 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Measurement:
     """Latency of one module for one protocol, with the profiler's operator records.
 
     All times are per forward pass of one batch, in milliseconds. ``protocol`` is the protocol's
-    dict with ``threads`` replaced by the thread count actually used.
+    dict with ``threads`` replaced by the thread count actually used. ``load_avg_1m`` is the
+    operating system's 1-minute load average (runnable tasks) when timing started, or ``None``
+    where the platform does not report it. A load above the logical core count means that other
+    processes competed for the CPU, so the latency may include time spent waiting for a core.
     """
 
     median_ms: float
@@ -78,16 +83,21 @@ class Measurement:
     protocol: dict[str, Any]
     fingerprint_id: str
     date: str
+    load_avg_1m: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Measurement:
-        """Build a measurement from :meth:`to_dict` output; unknown or missing keys raise ``ValueError``."""
-        names = [f.name for f in dataclasses.fields(cls)]
+        """Build a measurement from :meth:`to_dict` output; unknown or missing keys raise ``ValueError``.
+
+        Keys of fields with a default may be missing.
+        """
+        fields = dataclasses.fields(cls)
+        names = [f.name for f in fields]
         unknown = sorted(set(data) - set(names))
-        missing = [name for name in names if name not in data]
+        missing = [f.name for f in fields if f.name not in data and f.default is dataclasses.MISSING]
         if unknown or missing:
             raise ValueError(f"Invalid measurement record: unknown keys {unknown}, missing keys {missing}.")
         return cls(**dict(data))
@@ -149,6 +159,7 @@ def measure_module(
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((protocol.batch_size, *input_shape), generator=generator).to(device, protocol.torch_dtype)
 
+    load = load_average()
     with _thread_count(protocol.threads) as threads, torch.inference_mode():
         _time_passes(module, x, device, protocol.warmup)
         times = np.asarray(_time_passes(module, x, device, protocol.repeats))
@@ -166,7 +177,16 @@ def measure_module(
         protocol={**protocol.to_dict(), "threads": threads},
         fingerprint_id=fingerprint_id(device_fingerprint(dataclasses.replace(protocol, threads=threads))),
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        load_avg_1m=load,
     )
+
+
+def load_average() -> float | None:
+    """Return the 1-minute system load average, or ``None`` where ``os.getloadavg`` is missing."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 # -- whole subnets --------------------------------------------------------------------------
@@ -230,6 +250,8 @@ class ProfileSummary:
     """Counts and timings of one :func:`profile_space` call.
 
     ``*_measured`` and ``*_reused`` count (item, pass) runs; ``distinct_*`` count items.
+    ``busy_runs`` counts the runs measured while the 1-minute load average exceeded the logical
+    core count, whose latencies may include time spent waiting for a core.
     """
 
     fingerprint_id: str
@@ -244,6 +266,7 @@ class ProfileSummary:
     subnets_reused: int
     wall_s: float
     noise_floor: dict[str, Any]
+    busy_runs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -385,7 +408,7 @@ def profile_space(
         len(pending), len(runs) - len(pending),
     )
 
-    measured = _run_pending(space, store, protocol, pending, progress)
+    measured, busy_runs = _run_pending(space, store, protocol, pending, progress)
     wall_s = time.perf_counter() - started
     reused = Counter(item.kind for item, p in runs) - measured
     summary = ProfileSummary(
@@ -399,18 +422,31 @@ def profile_space(
         layers_reused=reused["layer"],
         subnets_measured=measured["subnet"],
         subnets_reused=reused["subnet"],
+        busy_runs=busy_runs,
         wall_s=wall_s,
         noise_floor=store.noise_floor(space.config_hash(), protocol.batch_size),
     )
     logger.info("Profiling finished in %.1f s: %s", wall_s, summary.to_dict())
+    if busy_runs:
+        logger.warning(
+            "%d of %d runs were measured while the load average exceeded the %s logical cores, so other "
+            "processes competed for the CPU. Move %s away and profile again on a quiet machine.",
+            busy_runs, len(pending), os.cpu_count(), store.directory,
+        )
     return summary
 
 
 def _run_pending(
     space: Any, store: Any, protocol: MeasurementProtocol, pending: list[tuple[_WorkItem, int]], progress: bool
-) -> Counter[str]:
-    """Measure and store each (item, pass) run in order; return the count per item kind."""
+) -> tuple[Counter[str], int]:
+    """Measure and store each (item, pass) run in order.
+
+    Returns:
+        The count of runs per item kind, and the count of runs taken on a busy machine.
+    """
     measured: Counter[str] = Counter()
+    busy_runs = 0
+    cores = os.cpu_count() or 1
     supernet = None
     for item, pass_index in tqdm(pending, desc="profiling", unit="run", disable=not progress):
         if item.kind == "layer":
@@ -429,7 +465,9 @@ def _run_pending(
                 source="profile",
             )
         measured[item.kind] += 1
-    return measured
+        if m.load_avg_1m is not None and m.load_avg_1m > cores:
+            busy_runs += 1
+    return measured, busy_runs
 
 
 def _check_store_device(store: Any, protocol: MeasurementProtocol) -> None:
