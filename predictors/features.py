@@ -242,12 +242,30 @@ def layer_feature_names(hw: HardwareFacts) -> list[str]:
     return sorted(layer_features(probe, 1, hw))
 
 
+# Convolutions are also summed per kernel size and per output size, because kernels of another
+# kernel size or feature-map size run at another efficiency (MACs per ms) on the same device.
+KERNEL_BUCKETS = ("1", "3", "5", "7", "other")
+# Upper bounds (inclusive) of the output-size buckets, in pixels; "big" is everything larger.
+SIZE_BUCKETS = (8, 16, 32, 64)
+
+
+def _kernel_bucket(kernel_size: int) -> str:
+    text = str(kernel_size)
+    return text if text in KERNEL_BUCKETS else "other"
+
+
+def _size_bucket(size: int) -> str:
+    return next((str(bound) for bound in SIZE_BUCKETS if size <= bound), "big")
+
+
 def network_contributions(layer: LayerSpec, batch_size: int, hw: HardwareFacts) -> dict[str, float]:
     """Compute one layer's additive share of the network features.
 
     Every network feature except the derived ones (see :class:`NetworkFeaturizer`) is the sum of
-    these shares over the layers: per operator group the count, MACs, bytes moved and the
-    device-specific work (SIMD-padded MACs on a CPU, wave-quantised work on a GPU), and totals.
+    these shares over the layers: per operator group the count, MACs and bytes moved; for dense
+    and depthwise convolutions also MACs and bytes per kernel-size bucket (``conv_k3_macs``) and
+    per output-size bucket (``dwconv_s16_bytes`` for outputs of 9 to 16 pixels), and the
+    device-specific work (SIMD-padded MACs on a CPU, wave-quantised work on a GPU); and totals.
     """
     feats = layer_features(layer, batch_size, hw)
     group = op_group(layer)
@@ -262,6 +280,17 @@ def network_contributions(layer: LayerSpec, batch_size: int, hw: HardwareFacts) 
             "total_activation_bytes": feats["bytes_in"] + feats["bytes_out"],
         }
     )
+
+    buckets = [f"k{b}" for b in KERNEL_BUCKETS] + [f"s{b}" for b in (*SIZE_BUCKETS, "big")]
+    for g in ("conv", "dwconv"):
+        for bucket in buckets:
+            out[f"{g}_{bucket}_macs"] = 0.0
+            out[f"{g}_{bucket}_bytes"] = 0.0
+    if group in ("conv", "dwconv"):
+        for bucket in (f"k{_kernel_bucket(layer.kernel_size)}", f"s{_size_bucket(layer.out_size)}"):
+            out[f"{group}_{bucket}_macs"] = feats["macs"]
+            out[f"{group}_{bucket}_bytes"] = feats["bytes_total"]
+
     if hw.device == "cpu":
         out["total_cpu_padded_macs"] = feats["cpu_padded_macs"]
         out["total_cpu_thread_rounds"] = feats["cpu_per_thread_units"]

@@ -46,7 +46,7 @@ from predictors.features import (
     network_feature_names,
 )
 
-__all__ = ["LatencyPredictor", "Prediction", "PredictorError", "PredictorNotFoundError", "XGBParams", "MIN_TRAIN_SUBNETS", "REBUILD_HINT"]
+__all__ = ["LatencyPredictor", "Prediction", "PredictorError", "PredictorNotFoundError", "XGBParams", "MIN_TRAIN_SUBNETS", "REBUILD_HINT", "write_json_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -441,17 +441,7 @@ class LatencyPredictor:
         """Write the predictor to ``path`` as one JSON file, atomically (temporary file, then rename)."""
         document = {"kind": DOCUMENT_KIND, "format_version": self.format_version, **self.to_document()}
         target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle = tempfile.NamedTemporaryFile("w", dir=target.parent, prefix=f".{target.name}.", suffix=".tmp", delete=False)
-        try:
-            with handle:
-                json.dump(document, handle, separators=(",", ":"))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(handle.name, target)
-        except BaseException:
-            Path(handle.name).unlink(missing_ok=True)
-            raise
+        write_json_atomic(target, document)
         logger.info("Saved latency predictor to %s.", target)
 
     @classmethod
@@ -500,6 +490,21 @@ class LatencyPredictor:
         predictor.layer_base = _LinearBase.from_dict(doc["layer_base"]) if doc["layer_base"] is not None else None
         predictor.network_model = _booster_from_json(doc["network_model"])
         return predictor
+
+
+def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
+    """Write ``document`` as JSON to ``path`` through a temporary file in the same folder and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            json.dump(document, handle, separators=(",", ":"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        Path(handle.name).unlink(missing_ok=True)
+        raise
 
 
 def _booster_from_json(text: str) -> xgb.Booster:

@@ -1,0 +1,238 @@
+"""Profile a space on this device, train the latency predictor, evaluate it and cache it on disk.
+
+The predictor for a space, device and protocol lives at
+``<work_dir>/predictors/<fingerprint_id>/<space.name>-<space.config_hash()>-b<batch_size>.json``,
+with its evaluation report beside it (same name, ``.report.json``). A seeded share of the measured
+subnets (``predictor.holdout_fraction``) is held out: it is never used in training, and the report
+compares the predictor and the baselines on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nas.spaces.base import SearchSpace
+from predictors.evaluate import group_subnet_records, holdout_report
+from predictors.features import HardwareFacts
+from predictors.xgb import LatencyPredictor, PredictorError, XGBParams, write_json_atomic
+
+__all__ = [
+    "PredictorConfig",
+    "REPORT_FORMAT_VERSION",
+    "hardware_facts_from_fingerprint",
+    "load_or_build_predictor",
+    "predictor_path",
+    "split_holdout",
+]
+
+logger = logging.getLogger(__name__)
+
+REPORT_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PredictorConfig:
+    """The ``predictor`` config group (``conf/predictor/xgb.yaml``); see that file for each key."""
+
+    name: str = "xgb"
+    n_subnets: int = 120
+    passes: int = 2
+    width_step: int = 8
+    holdout_fraction: float = 0.25
+    interval: float = 0.9
+    conformal_folds: int = 5
+    rebuild: bool = False
+    path: str | None = None
+    allow_fingerprint_mismatch: bool = False
+    layer_model: dict[str, Any] = field(default_factory=dict)
+    network_model: dict[str, Any] = field(default_factory=lambda: {"n_estimators": 300, "max_depth": 3})
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> PredictorConfig:
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise PredictorError(f"Unknown keys {unknown} in predictor config; allowed keys are {names}.")
+        config = cls(**dict(data))
+        if config.name != "xgb":
+            raise PredictorError(f"predictor.name must be 'xgb', the only predictor, but got {config.name!r}.")
+        if not 0.0 < config.holdout_fraction < 1.0:
+            raise PredictorError(f"predictor.holdout_fraction must be in (0, 1), for example 0.25, but got {config.holdout_fraction}.")
+        if config.n_subnets < 2:
+            raise PredictorError(f"predictor.n_subnets must be >= 2 to train and hold out subnets, but got {config.n_subnets}.")
+        XGBParams.from_mapping(config.layer_model, "predictor.layer_model")
+        XGBParams.from_mapping(config.network_model, "predictor.network_model")
+        return config
+
+    def training_hash(self) -> str:
+        """Return a hash of the keys that change the trained model (not ``rebuild``, ``path`` or the override)."""
+        relevant = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rebuild", "path", "allow_fingerprint_mismatch")}
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def hardware_facts_from_fingerprint(fingerprint: Mapping[str, Any]) -> HardwareFacts:
+    """Return the feature facts of a device fingerprint (:func:`predictors.fingerprint.device_fingerprint`)."""
+    from predictors.fingerprint import simd_width_floats
+
+    if fingerprint.get("device_type") == "cuda":
+        return HardwareFacts(device="cuda", sm_count=int(fingerprint["gpu_sm_count"]))
+    return HardwareFacts(device="cpu", simd_width=simd_width_floats(dict(fingerprint)), threads=int(fingerprint.get("threads") or 1))
+
+
+def predictor_path(work_dir: Path, fingerprint_id: str, space: SearchSpace, batch_size: int) -> Path:
+    """Return where the predictor for ``space`` on a device at ``batch_size`` is cached."""
+    return Path(work_dir) / "predictors" / fingerprint_id / f"{space.name}-{space.config_hash()}-b{batch_size}.json"
+
+
+def _report_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".report.json")
+
+
+def split_holdout(keys: list[str], fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """Split subnet keys into (train, held out) with a seeded permutation; at least one subnet is held out."""
+    ordered = sorted(keys)
+    n_test = min(len(ordered) - 1, max(1, int(round(fraction * len(ordered)))))
+    permutation = np.random.default_rng([seed, 2]).permutation(len(ordered))
+    test = {ordered[i] for i in permutation[:n_test]}
+    return set(ordered) - test, test
+
+
+def _load_cached(
+    path: Path, fingerprint: Mapping[str, Any], config: PredictorConfig, space: SearchSpace, protocol: Any
+) -> tuple[LatencyPredictor, dict[str, Any]] | None:
+    """Return the cached predictor and report when both exist and were built with this configuration."""
+    if not path.is_file() or config.rebuild:
+        return None
+    predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)
+    training = predictor.metadata.get("training", {})
+    stale = {
+        "space_hash": (predictor.metadata.get("space_hash"), space.config_hash()),
+        "protocol": (predictor.metadata.get("protocol"), protocol.to_dict()),
+        "config_hash": (training.get("config_hash"), config.training_hash()),
+    }
+    changed = [name for name, (stored, current) in stale.items() if stored != current]
+    if changed:
+        logger.info("Rebuilding %s because %s changed since it was built.", path, changed)
+        return None
+    report_path = _report_path(path)
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    logger.info("Reusing latency predictor %s.", path)
+    return predictor, report
+
+
+def load_or_build_predictor(
+    space: SearchSpace,
+    protocol: Any,
+    predictor_cfg: Mapping[str, Any],
+    work_dir: str | Path,
+    seed: int,
+    progress: bool = True,
+) -> tuple[LatencyPredictor, dict[str, Any], Path]:
+    """Return a latency predictor for ``space`` under ``protocol``, with its report and file path.
+
+    Order: ``predictor.path`` when set (loaded, fingerprint-checked); else the cached file when it
+    matches the space, protocol and predictor config and ``predictor.rebuild`` is false; else
+    profile (resuming the profile store), train, evaluate on held-out subnets and save.
+
+    Args:
+        space: the search space.
+        protocol: a :class:`predictors.protocol.MeasurementProtocol`.
+        predictor_cfg: the ``predictor`` config node as a plain mapping.
+        work_dir: holds ``profiles/`` and ``predictors/``.
+        seed: seeds subnet sampling, the held-out split and the models.
+        progress: show progress bars while profiling.
+
+    Returns:
+        ``(predictor, report, path)``. The report has the held-out metrics of the predictor at the
+        top level (``within_10pct``, ``within_5pct``, ``mape``, ``kendall_tau``,
+        ``interval_coverage_90``), ``baselines``, ``noise_floor``, ``n_train``, ``n_test``,
+        ``profile_s``, ``fit_s`` and ``build_s`` (seconds). A reused predictor returns its stored report.
+    """
+    from predictors.fingerprint import device_fingerprint, fingerprint_id
+
+    config = PredictorConfig.from_mapping(predictor_cfg)
+    fingerprint = device_fingerprint(protocol)
+    if config.path is not None:
+        path = Path(config.path)
+        predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)
+        report_path = _report_path(path)
+        return predictor, json.loads(report_path.read_text()) if report_path.is_file() else {}, path
+
+    path = predictor_path(Path(work_dir), fingerprint_id(fingerprint), space, protocol.batch_size)
+    cached = _load_cached(path, fingerprint, config, space, protocol)
+    if cached is not None:
+        return cached[0], cached[1], path
+    predictor, report = build_predictor(space, protocol, config, Path(work_dir), fingerprint, seed, progress)
+    predictor.save(path)
+    write_json_atomic(_report_path(path), {"format_version": REPORT_FORMAT_VERSION, **report})
+    return predictor, report, path
+
+
+def build_predictor(
+    space: SearchSpace,
+    protocol: Any,
+    config: PredictorConfig,
+    work_dir: Path,
+    fingerprint: Mapping[str, Any],
+    seed: int,
+    progress: bool = True,
+) -> tuple[LatencyPredictor, dict[str, Any]]:
+    """Profile ``space`` into ``work_dir/profiles``, train on the training subnets and evaluate on the held-out ones."""
+    from predictors.profiling import profile_space
+    from predictors.store import ProfileStore
+
+    started = time.perf_counter()
+    store = ProfileStore(work_dir / "profiles", dict(fingerprint))
+    summary = profile_space(space, store, protocol, config.n_subnets, seed, config.passes, config.width_step, progress)
+    profile_s = time.perf_counter() - started
+
+    batch_size = protocol.batch_size
+    subnet_records = store.subnet_records(space.config_hash(), batch_size, source="profile")
+    train_keys, test_keys = split_holdout(sorted({r["key"] for r in subnet_records}), config.holdout_fraction, seed)
+    metadata = {
+        "fingerprint": dict(fingerprint),
+        "protocol": protocol.to_dict(),
+        "space": space.name,
+        "space_hash": space.config_hash(),
+        "training": {"config_hash": config.training_hash(), "config": dataclasses.asdict(config), "seed": seed,
+                     "holdout_keys": sorted(test_keys)},
+    }
+    predictor = LatencyPredictor(
+        XGBParams.from_mapping(config.layer_model, "predictor.layer_model"),
+        XGBParams.from_mapping(config.network_model, "predictor.network_model"),
+        config.interval, config.conformal_folds, seed, metadata,
+    )
+    fit_started = time.perf_counter()
+    layer_records = store.layer_records(batch_size)
+    predictor.fit(layer_records, [r for r in subnet_records if r["key"] in train_keys], hardware_facts_from_fingerprint(fingerprint), batch_size)
+    fit_s = time.perf_counter() - fit_started
+
+    grouped = group_subnet_records(subnet_records)
+    report = holdout_report(
+        predictor,
+        [s for s in grouped if s["key"] in train_keys],
+        [s for s in grouped if s["key"] in test_keys],
+        store.layer_table(batch_size),
+        store.noise_floor(space.config_hash(), batch_size),
+    )
+    report.update(
+        profile_s=round(profile_s, 2), fit_s=round(fit_s, 2), build_s=round(time.perf_counter() - started, 2),
+        n_layers=len({r["key"] for r in layer_records}), profile=summary.to_dict(),
+    )
+    logger.info(
+        "Latency predictor for %s: within 10%% %.3f, within 5%% %.3f, Kendall tau %s on %d held-out subnets "
+        "(MACs-linear within 10%% %.3f); built in %.1f s.",
+        space.name, report["within_10pct"], report["within_5pct"], report["kendall_tau"], report["n_test"],
+        report["macs_within_10pct"], report["build_s"],
+    )
+    return predictor, report
