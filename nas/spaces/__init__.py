@@ -11,10 +11,13 @@ from nas.spaces.base import (
 )
 from nas.spaces.layers import LayerSpec
 from nas.spaces.resnet import ResNetArch, ResNetSpace
+from nas.spaces.mobilenet import MobileNetV3Arch, MobileNetV3Space
 
 __all__ = [
     "Arch",
     "LayerSpec",
+    "MobileNetV3Arch",
+    "MobileNetV3Space",
     "ResNetArch",
     "ResNetSpace",
     "SearchSpace",
