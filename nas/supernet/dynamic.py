@@ -6,7 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DynamicConv2d", "DynamicBatchNorm2d", "DynamicLinear", "recalibrate_batchnorm"]
+__all__ = [
+    "DynamicConv2d",
+    "DynamicBatchNorm2d",
+    "DynamicLinear",
+    "DynamicDepthwiseConv2d",
+    "DynamicSqueezeExcite",
+    "recalibrate_batchnorm",
+]
 
 
 class DynamicConv2d(nn.Conv2d):
@@ -85,3 +92,76 @@ def recalibrate_batchnorm(model: nn.Module, batches, max_batches: int) -> None:
         for m, momentum in saved:
             m.momentum = momentum
         model.train(was_training)
+
+
+class DynamicDepthwiseConv2d(nn.Conv2d):
+    """A depthwise convolution with elastic kernel size, in Once-for-All's scheme.
+
+    The layer stores one ``max_kernel x max_kernel`` filter per channel. A smaller kernel is the
+    centre crop of the next larger one, passed through a learned ``k^2 x k^2`` linear map that starts
+    as the identity: 7 -> 5 uses ``transform_7to5``, then 5 -> 3 uses ``transform_5to3``. Channels
+    follow the input (the leading ``x.shape[1]`` filters); ``active_kernel`` sets the kernel size.
+
+    Args:
+        channels: channels of the widest input.
+        kernel_sizes: the allowed odd kernel sizes.
+        stride: convolution stride; padding is ``kernel // 2`` for every kernel size.
+    """
+
+    def __init__(self, channels: int, kernel_sizes: list[int], stride: int = 1) -> None:
+        sizes = sorted(set(kernel_sizes))
+        if any(k % 2 == 0 or k < 1 for k in sizes):
+            raise ValueError(f"kernel_sizes must be odd and positive, but got {kernel_sizes}.")
+        super().__init__(channels, channels, sizes[-1], stride, padding=sizes[-1] // 2, groups=channels, bias=False)
+        self.kernel_sizes = sizes
+        for larger, smaller in zip(sizes[1:], sizes[:-1]):
+            self.register_parameter(self.transform_name(larger, smaller), nn.Parameter(torch.eye(smaller**2)))
+        self.active_kernel = sizes[-1]
+
+    @staticmethod
+    def transform_name(larger: int, smaller: int) -> str:
+        return f"transform_{larger}to{smaller}"
+
+    def transform_kernel(self, weight: torch.Tensor, kernel_size: int) -> torch.Tensor:
+        """Turn ``weight`` of shape (C, 1, max, max) into the (C, 1, k, k) filters of kernel size ``k``."""
+        if kernel_size not in self.kernel_sizes:
+            raise ValueError(f"kernel_size={kernel_size} is not allowed; allowed values are {self.kernel_sizes}.")
+        for larger, smaller in zip(reversed(self.kernel_sizes[1:]), reversed(self.kernel_sizes[:-1])):
+            if larger <= kernel_size:
+                break
+            start = (larger - smaller) // 2
+            crop = weight[:, :, start : start + smaller, start : start + smaller]
+            matrix = getattr(self, self.transform_name(larger, smaller))
+            flat = F.linear(crop.reshape(-1, smaller**2), matrix)
+            weight = flat.reshape(crop.shape)
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
+        weight = self.transform_kernel(self.weight[:channels], self.active_kernel)
+        return F.conv2d(x, weight, None, self.stride, self.active_kernel // 2, self.dilation, channels)
+
+
+class DynamicSqueezeExcite(nn.Module):
+    """Squeeze-and-excitation over the leading channels of its input, with ``active_reduced`` hidden channels.
+
+    Pooling, 1x1 reduce convolution (with bias), ReLU, 1x1 expand convolution (with bias), hard
+    sigmoid, then the input is scaled channel by channel. Parameter names match timm's
+    ``SqueezeExcite`` (``conv_reduce``, ``conv_expand``).
+    """
+
+    def __init__(self, channels: int, reduced: int) -> None:
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced, 1, bias=True)
+        self.act1 = nn.ReLU()
+        self.conv_expand = nn.Conv2d(reduced, channels, 1, bias=True)
+        self.gate = nn.Hardsigmoid()
+        self.active_reduced = reduced
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        channels, reduced = x.shape[1], self.active_reduced
+        scale = x.mean((2, 3), keepdim=True)
+        scale = F.conv2d(scale, self.conv_reduce.weight[:reduced, :channels], self.conv_reduce.bias[:reduced])
+        scale = self.act1(scale)
+        scale = F.conv2d(scale, self.conv_expand.weight[:channels, :reduced], self.conv_expand.bias[:channels])
+        return x * self.gate(scale)
