@@ -1,0 +1,296 @@
+"""Export a chosen subnet: PyTorch weights, a timm model, a ``torch.export`` program, ONNX.
+
+Every writer goes to a temporary file in the destination folder and then ``os.replace`` s it, so
+a crash never leaves a half-written file under the final name. Each file carries
+``EXPORT_FORMAT_VERSION`` (safetensors metadata, a ``torch.export`` extra file, ONNX metadata).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nas.spaces.base import Arch, SearchSpace, create_space
+
+__all__ = [
+    "EXPORT_FORMAT_VERSION",
+    "ExportError",
+    "export_torch",
+    "load_torch",
+    "export_program",
+    "load_program",
+    "export_onnx",
+    "to_timm",
+]
+
+log = logging.getLogger(__name__)
+
+EXPORT_FORMAT_VERSION = 1
+_VERSION_KEY = "tailnas_format_version"
+
+
+class ExportError(RuntimeError):
+    """A subnet that cannot be exported in the requested form, or an export whose check failed."""
+
+
+@contextlib.contextmanager
+def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success move it onto ``path``, on error delete it."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(handle)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- (a) plain PyTorch weights ----------------------------------------------------------------
+def export_torch(model: nn.Module, path: str | os.PathLike[str], space: SearchSpace | None = None,
+                 arch: Arch | None = None) -> Path:
+    """Write ``model``'s state dict (for example from ``supernet.extract(arch)``) as a safetensors file.
+
+    With ``space`` and ``arch`` the file also records the space configuration and the
+    architecture, so :func:`load_torch` can rebuild the module without other inputs.
+    """
+    from safetensors.torch import save_file
+
+    metadata = {_VERSION_KEY: str(EXPORT_FORMAT_VERSION), "module": type(model).__name__}
+    if (space is None) != (arch is None):
+        raise ExportError("Pass both space and arch (to make the file self-describing) or neither.")
+    if space is not None and arch is not None:
+        space.validate(arch)
+        metadata["space"] = json.dumps(space.raw_config, sort_keys=True, default=_plain)
+        metadata["arch"] = arch.to_json()
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    with _atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    log.info("Wrote %d tensors of %s to %s.", len(tensors), type(model).__name__, path)
+    return Path(path)
+
+
+def _plain(value: Any) -> Any:
+    """Turn OmegaConf containers (and other sequences) into JSON values."""
+    if hasattr(value, "items"):
+        return dict(value.items())
+    return list(value)
+
+
+def load_torch(path: str | os.PathLike[str], model: nn.Module | None = None) -> nn.Module:
+    """Load a file from :func:`export_torch` into ``model``, or rebuild the module from the recorded space and arch."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    version = metadata.get(_VERSION_KEY)
+    if version != str(EXPORT_FORMAT_VERSION):
+        raise ExportError(
+            f"{str(path)!r} has export format version {version!r}; this TailNAS reads version {EXPORT_FORMAT_VERSION}."
+        )
+    if model is None:
+        if "space" not in metadata:
+            raise ExportError(f"{str(path)!r} records no space and arch; pass the module to load into as `model`.")
+        space = create_space(json.loads(metadata["space"]))
+        arch = space.arch_from_json(metadata["arch"])
+        model = space.build_supernet().build_static(arch)
+    model.load_state_dict(load_file(str(path)))
+    return model.eval()
+
+
+# -- (c) torch.export ---------------------------------------------------------------------------
+def _trace_input(example_input: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
+    # torch.export specialises a dimension of size 1, so a batch-independent export traces batch 2.
+    if dynamic_batch and example_input.shape[0] == 1:
+        return torch.cat([example_input, example_input])
+    return example_input
+
+
+def _batch_dim(dynamic_batch: bool) -> tuple[dict[int, Any]] | None:
+    return ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+
+
+def export_program(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str],
+                   dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+    """Export ``model`` in eval mode with ``torch.export.export`` and save the program to ``path`` (``.pt2``).
+
+    ``example_input`` is one input batch (N, C, H, W); with ``dynamic_batch`` the program accepts
+    any batch size, otherwise only N.
+    """
+    model = model.eval()
+    trace = _trace_input(example_input, dynamic_batch)
+    with torch.no_grad():
+        program = torch.export.export(model, (trace,), dynamic_shapes=_batch_dim(dynamic_batch))
+    with _atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp), extra_files={_VERSION_KEY: str(EXPORT_FORMAT_VERSION)})
+    log.info("Wrote torch.export program of %s to %s.", type(model).__name__, path)
+    return program
+
+
+def load_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
+    """Load a program written by :func:`export_program`, checking its format version."""
+    extra = {_VERSION_KEY: ""}
+    program = torch.export.load(str(path), extra_files=extra)
+    if extra[_VERSION_KEY] != str(EXPORT_FORMAT_VERSION):
+        raise ExportError(
+            f"{str(path)!r} has export format version {extra[_VERSION_KEY]!r}; "
+            f"this TailNAS reads version {EXPORT_FORMAT_VERSION}."
+        )
+    return program
+
+
+# -- (d) ONNX -----------------------------------------------------------------------------------
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.PathLike[str], check: bool = True,
+                dynamic_batch: bool = True, dynamo: bool = True, opset: int = 18, atol: float = 1e-4,
+                rtol: float = 1e-4) -> float:
+    """Export ``model`` in eval mode to ONNX and return the max absolute output difference to PyTorch.
+
+    ``dynamo=True`` uses the ``torch.export``-based exporter, ``False`` the TorchScript one. With
+    ``check`` the file is run in ONNX Runtime (CPU) on ``example_input`` and compared with PyTorch.
+
+    Raises:
+        ExportError: if the difference exceeds ``atol + rtol * max|reference|``; the file is kept
+            for inspection.
+    """
+    import onnx
+
+    model = model.eval()
+    trace = _trace_input(example_input, dynamic_batch)
+    with _atomic_path(path) as tmp:
+        kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
+        if dynamo:
+            kwargs["dynamic_shapes"] = _batch_dim(dynamic_batch)
+        elif dynamic_batch:
+            kwargs["dynamic_axes"] = {"input": {0: "batch"}, "output": {0: "batch"}}
+        with torch.no_grad():
+            torch.onnx.export(model, (trace,), str(tmp), dynamo=dynamo, **kwargs)
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, {_VERSION_KEY: str(EXPORT_FORMAT_VERSION)})
+        onnx.save(proto, str(tmp))
+    log.info("Wrote ONNX model of %s to %s.", type(model).__name__, path)
+    if not check:
+        return float("nan")
+
+    difference, scale = _onnx_difference(model, example_input, Path(path))
+    if difference > atol + rtol * scale:
+        raise ExportError(
+            f"ONNX Runtime output of {str(path)!r} differs from PyTorch by {difference:.3g} (outputs up to "
+            f"{scale:.3g}, allowed {atol + rtol * scale:.3g}); inspect the file or retry with dynamo={not dynamo}."
+        )
+    return difference
+
+
+def _onnx_difference(model: nn.Module, example_input: torch.Tensor, path: Path) -> tuple[float, float]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+    (output,) = session.run(None, {input_name: example_input.detach().cpu().numpy()})
+    with torch.no_grad():
+        reference = model(example_input).detach().cpu().numpy()
+    if output.shape != reference.shape:
+        raise ExportError(f"ONNX output shape {output.shape} differs from PyTorch's {reference.shape} for {str(path)!r}.")
+    return float(np.abs(output - reference).max()), float(np.abs(reference).max())
+
+
+# -- (b) timm -----------------------------------------------------------------------------------
+def to_timm(space: SearchSpace, arch: Arch, model: nn.Module) -> nn.Module:
+    """Return the timm model that matches subnet ``arch``, carrying ``model``'s weights (from ``extract``).
+
+    Fits: a ``resnet`` space with timm's ImageNet stem (7x7 stride-2 convolution and max pooling),
+    stage strides 1, 2, 2, 2 and basic blocks or bottlenecks whose inner width is a quarter of the
+    output width maps to ``timm.models.resnet.ResNet``; a ``mobilenet`` space with stem stride 2
+    and a total stride of at most 32 maps to ``timm.models.mobilenetv3.MobileNetV3``.
+
+    Raises:
+        ExportError: naming what does not fit timm's classes.
+    """
+    space.validate(arch)
+    builders: dict[str, Callable[[Any, Any], nn.Module]] = {"resnet": _timm_resnet, "mobilenet": _timm_mobilenet}
+    if space.family not in builders:
+        raise ExportError(
+            f"Space family {space.family!r} has no timm counterpart; timm export supports {sorted(builders)}. "
+            "Use export_torch, export_program or export_onnx instead."
+        )
+    timm_model = builders[space.family](space, arch)
+    try:
+        timm_model.load_state_dict(model.state_dict(), strict=True)
+    except RuntimeError as err:
+        raise ExportError(f"The subnet's weights do not fit timm's {type(timm_model).__name__}: {err}") from err
+    return timm_model.train(model.training)
+
+
+def _timm_resnet(space: Any, arch: Any) -> nn.Module:
+    from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    from nas.spaces.resnet import bottleneck_mid_channels
+
+    cfg = space.cfg
+    stem = cfg.stem
+    if (stem.kernel_size, stem.stride, stem.max_pool) != (7, 2, True):
+        raise ExportError(
+            f"timm's ResNet has a 7x7 stride-2 stem with max pooling, but space {space.name!r} has "
+            f"kernel_size={stem.kernel_size}, stride={stem.stride}, max_pool={stem.max_pool}."
+        )
+    strides = [stage.stride for stage in cfg.stages]
+    if len(strides) > 4 or strides != [1, 2, 2, 2][: len(strides)]:
+        raise ExportError(f"timm's ResNet has at most 4 stages with strides [1, 2, 2, 2], but space {space.name!r} has {strides}.")
+    if cfg.block == "basic":
+        return ResNet(BasicBlock, list(arch.depths), num_classes=cfg.num_classes, in_chans=cfg.in_channels,
+                      stem_width=stem.channels, channels=tuple(arch.widths))
+
+    planes = []
+    for i, (width, ratio) in enumerate(zip(arch.widths, arch.expand_ratios)):
+        mid = bottleneck_mid_channels(width, ratio)
+        if mid * 4 != width:
+            raise ExportError(
+                f"timm's Bottleneck has inner width = output width / 4, but stage {i} of arch has width {width} "
+                f"and inner width {mid} (expand ratio {ratio}); only expand ratio 0.25 with widths divisible by 32 fits."
+            )
+        planes.append(mid)
+    return ResNet(Bottleneck, list(arch.depths), num_classes=cfg.num_classes, in_chans=cfg.in_channels,
+                  stem_width=stem.channels, channels=tuple(planes))
+
+
+def _timm_mobilenet(space: Any, arch: Any) -> nn.Module:
+    from timm.layers import get_act_layer
+    from timm.models._efficientnet_blocks import SqueezeExcite
+    from timm.models._efficientnet_builder import decode_arch_def, round_channels
+    from timm.models.mobilenetv3 import MobileNetV3
+
+    cfg, widths = space.cfg, space.widths
+    total_stride = cfg.stem_stride * int(np.prod(cfg.strides))
+    if cfg.stem_stride != 2 or total_stride > 32:
+        raise ExportError(
+            f"timm's MobileNetV3 has a stride-2 stem and a total stride of at most 32, but space {space.name!r} "
+            f"has stem_stride={cfg.stem_stride} and a total stride of {total_stride}."
+        )
+    stages = [[f"ds_r1_k3_s{cfg.strides[0]}_e1_c{widths[1]}_nre"]]
+    stage_blocks: list[list[str]] = [[] for _ in range(len(arch.d))]
+    for b in space.block_plan(arch):
+        text = f"ir_r1_k{b.kernel_size}_s{b.stride}_e{arch.e[b.slot]}_c{b.out_channels}"
+        text += "_se0.25" if b.se_channels else ""
+        text += "_nre" if b.act == "relu" else ""
+        stage_blocks[b.stage].append(text)
+    stages += stage_blocks + [[f"cn_r1_k1_s1_c{widths[7]}"]]
+
+    se_layer = partial(SqueezeExcite, gate_layer="hard_sigmoid", force_act_layer=nn.ReLU, rd_round_fn=round_channels)
+    return MobileNetV3(
+        decode_arch_def(stages), num_classes=cfg.num_classes, in_chans=cfg.in_channels, stem_size=widths[0],
+        fix_stem=True, num_features=widths[8], head_bias=False, act_layer=get_act_layer("hard_swish"),
+        se_layer=se_layer, round_chs_fn=lambda channels: channels, drop_rate=cfg.dropout_rate,
+    )
