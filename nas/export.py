@@ -1,7 +1,7 @@
 """Export a chosen subnet: PyTorch weights, a timm model, a ``torch.export`` program, ONNX.
 
-Every writer goes to a temporary file in the destination folder and then ``os.replace`` s it, so
-a crash never leaves a half-written file under the final name. Each file carries
+Every writer writes a temporary file in the destination folder and moves it onto the final name
+with ``os.replace``, so a crash never leaves a half-written file under that name. Each file carries
 ``EXPORT_FORMAT_VERSION`` (safetensors metadata, a ``torch.export`` extra file, ONNX metadata).
 """
 
@@ -46,7 +46,7 @@ class ExportError(RuntimeError):
 
 @contextlib.contextmanager
 def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success move it onto ``path``, on error delete it."""
+    """Yield a temporary path next to ``path``, then move it onto ``path``, or delete it if the block raises."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
@@ -211,10 +211,11 @@ def _onnx_difference(model: nn.Module, example_input: torch.Tensor, path: Path) 
 def to_timm(space: SearchSpace, arch: Arch, model: nn.Module) -> nn.Module:
     """Return the timm model that matches subnet ``arch``, carrying ``model``'s weights (from ``extract``).
 
-    Fits: a ``resnet`` space with timm's ImageNet stem (7x7 stride-2 convolution and max pooling),
-    stage strides 1, 2, 2, 2 and basic blocks or bottlenecks whose inner width is a quarter of the
-    output width maps to ``timm.models.resnet.ResNet``; a ``mobilenet`` space with stem stride 2
-    and a total stride of at most 32 maps to ``timm.models.mobilenetv3.MobileNetV3``.
+    A ``resnet`` space maps to ``timm.models.resnet.ResNet`` when it has timm's ImageNet stem (7x7
+    stride-2 convolution and max pooling) and stage strides 1, 2, 2, 2, with basic blocks or with
+    bottlenecks whose inner width is a quarter of the output width. A ``mobilenet`` space maps to
+    ``timm.models.mobilenetv3.MobileNetV3`` when its stem has stride 2 and its total stride is at
+    most 32.
 
     Raises:
         ExportError: naming what does not fit timm's classes.
