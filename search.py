@@ -7,6 +7,7 @@ device), an Optuna study, re-measurement of the Pareto front on the device, and 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -144,22 +145,21 @@ def print_front(rows: list[dict[str, Any]], knee: int, study_name: str) -> None:
     from rich.table import Table
 
     table = Table(title=f"Pareto front of study {study_name!r}")
-    for column in ("trial", "accuracy %", "predicted ms", "measured ms", "MMACs", "params", "arch"):
-        table.add_column(column, justify="right" if column != "arch" else "left")
+    for column in ("trial", "accuracy %", "predicted ms", "measured ms", "MMACs", "params"):
+        table.add_column(column, justify="right")
     for i, r in enumerate(rows):
         measured = f"{r['measured_latency_ms']:.3f}" if r["measured_latency_ms"] is not None else "-"
         marker = " (knee)" if i == knee else ""
         table.add_row(f"{r['trial']}{marker}", f"{100 * r['accuracy']:.2f}", f"{r['predicted_latency_ms']:.3f}", measured,
-                      f"{r['macs'] / 1e6:.2f}", f"{r['params']:,}", str(r["arch"]))
+                      f"{r['macs'] / 1e6:.2f}", f"{r['params']:,}")
     Console().print(table)
+    print(f"Knee architecture: {json.dumps(rows[knee]['arch'], separators=(',', ':'))}")
 
 
 def run(cfg: DictConfig) -> None:
     require_space(cfg, "python search.py")
+    from predictors import MeasurementProtocol, ProfileStore, device_fingerprint, fingerprint_id, measure_arch
     from predictors.build import load_or_build_predictor
-    from predictors.fingerprint import device_fingerprint, fingerprint_id
-    from predictors.profiling import MeasurementProtocol, measure_arch
-    from predictors.store import ProfileStore
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     work_dir = Path(cfg.paths.work_dir)

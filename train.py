@@ -110,10 +110,14 @@ def extract_subnet(space: SearchSpace, arch: Arch, checkpoint: str, datamodule: 
 
 
 def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: dict[str, Any]) -> float:
-    from predictors.profiling import MeasurementProtocol, measure_module
+    from predictors import MeasurementProtocol, measure_module
+    from predictors.profiling import fold_batchnorm_checked
 
     protocol = MeasurementProtocol.from_config(hardware)
-    return measure_module(model.cpu() if protocol.device == "cpu" else model, space.input_shape(arch), protocol).median_ms
+    input_shape = space.input_shape(arch)
+    # Timed as search.py's re-measurement times subnets: BatchNorm folded into the convolutions.
+    deployed = fold_batchnorm_checked(model.cpu().eval(), input_shape)
+    return measure_module(deployed, input_shape, protocol).median_ms
 
 
 def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch, result: dict[str, Any]) -> None:

@@ -98,8 +98,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("nas.search", "SearchError"),
         ("nas.supernet.cache", "CheckpointError"),
         ("predictors.xgb", "PredictorError"),
-        ("predictors.profiling", "ProfilingError"),
-        ("predictors.profiling", "DeviceUnavailableError"),
+        ("predictors.profiler_records", "ProfilingError"),
+        ("predictors.protocol", "HardwareConfigError"),
+        ("predictors.store", "StoreError"),
     ]
     for module, name in candidates:
         try:

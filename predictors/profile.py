@@ -84,7 +84,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    # Kineto, torch.profiler's backend, writes two status lines to stderr for every profiled pass,
-    # which buries the progress bar. Level 6 silences it; set KINETO_LOG_LEVEL to see them.
-    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     main()

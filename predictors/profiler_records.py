@@ -9,6 +9,7 @@ tails on a GPU.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 from torch import profiler as torch_profiler
+
+# Kineto, torch.profiler's backend, writes two status lines to stderr for every profiled pass, which
+# buries progress bars and logs. Level 6 silences them; it is read when profiling starts, so setting
+# it here works after torch is imported. Set KINETO_LOG_LEVEL yourself to see them.
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 __all__ = [
     "ProfilingError",

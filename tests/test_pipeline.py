@@ -1,0 +1,123 @@
+"""A tiny end-to-end run: search.py on synthetic data, then train.py on the study it wrote."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nas.report import PARETO_COLUMNS, read_pareto_csv
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Two stages of up to two blocks with three widths each: 36 subnets and few distinct layer shapes,
+# so profiling takes seconds.
+TINY_STAGES = "[{depths:[1,2],widths:[8,16,24],stride:1},{depths:[1,2],widths:[16,24,32],stride:2}]"
+
+TINY = [
+    "+space=resnet",
+    f"space.stages={TINY_STAGES}",
+    "data=synthetic",
+    "data.num_samples=96",
+    "supernet.epochs=1",
+    "predictor.n_subnets=16",
+    "predictor.width_step=32",
+    "hardware.warmup=1",
+    "hardware.repeats=3",
+    "search.n_trials=6",
+    "search.population_size=4",
+    "search.timeout_s=120",
+    "search.calibration_images=16",
+    "search.study_name=tiny",
+]
+
+
+def run(script: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=600)
+    return result
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    run_dir = tmp / "search-run"
+    result = run("search.py", [*TINY, f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return tmp, run_dir, result
+
+
+def test_search_writes_valid_pareto_csv(searched):
+    tmp, run_dir, _ = searched
+    header = (run_dir / "pareto.csv").read_text().splitlines()[0]
+    assert header == ",".join(PARETO_COLUMNS)
+    rows = read_pareto_csv(run_dir / "pareto.csv")
+    assert rows
+    import yaml
+
+    from nas.spaces import create_space
+    from tests.conftest import load_space_config
+
+    config = load_space_config("resnet")
+    config["stages"] = yaml.safe_load(TINY_STAGES.replace(":", ": "))
+    space = create_space(config)
+    for row in rows:
+        arch = space.arch_from_dict(row["arch"])
+        assert row["macs"] == space.macs(arch)
+        assert row["params"] == space.params(arch)
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["predicted_latency_ms"] > 0
+        assert row["measured_latency_ms"] is not None and row["measured_latency_ms"] > 0
+    latencies = [r["predicted_latency_ms"] for r in rows]
+    assert latencies == sorted(latencies)
+
+
+def test_search_writes_manifest_plot_and_train_command(searched):
+    tmp, run_dir, result = searched
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    for key in ("config", "packages", "git_commit", "device_fingerprint", "seed", "study_name"):
+        assert key in manifest
+    assert manifest["config"]["space"]["name"] == "resnet"
+    assert (run_dir / "pareto.png").stat().st_size > 1000
+    timings = json.loads((run_dir / "timings.json").read_text())
+    for key in ("data_s", "supernet_s", "profile_s", "predictor_s", "search_s", "remeasure_s", "total_s"):
+        assert key in timings
+    assert "python train.py search.study_name=tiny trial=" in result.stdout.strip().splitlines()[-1]
+
+
+def test_second_search_reuses_supernet_and_predictor(searched):
+    tmp, _, _ = searched
+    run_dir = tmp / "search-run-2"
+    result = run("search.py", [*TINY[:-1], "search.study_name=tiny-2", f"paths.work_dir={tmp / 'work'}",
+                               f"hydra.run.dir={run_dir}"], tmp)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Reusing supernet checkpoint" in result.stderr + result.stdout
+    assert len(list((tmp / "work" / "supernets").iterdir())) == 1
+
+
+def test_train_finetunes_knee_of_latest_study(searched):
+    tmp, _, _ = searched
+    run_dir = tmp / "train-run"
+    result = run("train.py", ["search.study_name=tiny", "finetune.epochs=1", "compare_scratch=false",
+                              f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((run_dir / "finetune.json").read_text())
+    for key in ("study", "trial", "arch", "test_accuracy", "measured_latency_ms", "scratch_test_accuracy"):
+        assert key in report
+    assert report["study"] == "tiny"
+    assert 0.0 <= report["test_accuracy"] <= 1.0
+    assert report["measured_latency_ms"] > 0
+    assert (run_dir / "subnet.pt").is_file()
+    assert (run_dir / "subnet.pt2").is_file()
+
+
+def test_corrupt_predictor_names_file(searched, tmp_path):
+    tmp, _, _ = searched
+    broken = tmp_path / "predictor.json"
+    broken.write_text("{not json")
+    result = run("search.py", [*TINY[:-1], "search.study_name=tiny-3", f"predictor.path={broken}",
+                               f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp)
+    assert result.returncode == 1
+    assert str(broken) in result.stderr
+    assert "Traceback" not in result.stderr
