@@ -105,6 +105,7 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
     if knee is not None and rows:
         ax.scatter([rows[knee]["predicted_latency_ms"]], [100 * rows[knee]["accuracy"]], s=120, facecolors="none",
                    edgecolors="tab:red", linewidths=2, label="knee", zorder=5)
+    ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title)
