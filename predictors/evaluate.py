@@ -16,6 +16,7 @@ into the run directory.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Minimum number of training subnets for fitting the linear baselines.
+MIN_BASELINE_TRAIN = 3
 
 
 def evaluate_predictions(
@@ -178,7 +182,8 @@ def holdout_report(
 
     Returns:
         The predictor's metrics at the top level, plus ``n_train``, ``n_test``, ``baselines``
-        (:func:`baseline_metrics`), ``noise_floor`` and ``macs_within_10pct``/``macs_kendall_tau``.
+        (:func:`baseline_metrics`, empty with fewer than ``MIN_BASELINE_TRAIN`` training subnets),
+        ``noise_floor`` and ``macs_within_10pct``/``macs_kendall_tau`` (``None`` without baselines).
     """
     if not test:
         raise ValueError("holdout_report needs at least one held-out subnet; raise predictor.holdout_fraction.")
@@ -192,8 +197,135 @@ def holdout_report(
     )["interval_coverage_90"]
     report.pop("n")
     report["n_train"], report["n_test"] = len(train), len(test)
-    report["baselines"] = baseline_metrics(train, test, lut)
-    report["macs_within_10pct"] = report["baselines"]["macs_linear"]["within_10pct"]
-    report["macs_kendall_tau"] = report["baselines"]["macs_linear"]["kendall_tau"]
+    report["baselines"] = baseline_metrics(train, test, lut) if len(train) >= MIN_BASELINE_TRAIN else {}
+    macs = report["baselines"].get("macs_linear", {})
+    report["macs_within_10pct"] = macs.get("within_10pct")
+    report["macs_kendall_tau"] = macs.get("kendall_tau")
     report["noise_floor"] = dict(noise_floor) if noise_floor is not None else None
     return report
+
+
+# -- command line ----------------------------------------------------------------------------------
+
+
+def store_split(predictor: Any, store: Any, space: Any, batch_size: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split the store's subnets of ``space`` into the predictor's training subnets and the others.
+
+    Test subnets are those the predictor held out at build time plus any measured during searches
+    (``source="search"``) and never trained on. A predictor without held-out keys (built elsewhere)
+    is tested on every subnet of the space in the store.
+    """
+    records = store.subnet_records(space.config_hash(), batch_size)
+    holdout = set(predictor.metadata.get("training", {}).get("holdout_keys") or [])
+    if not holdout:
+        return [], group_subnet_records(records)
+    profiled = {r["key"] for r in records if r.get("source") == "profile"}
+    trained = profiled - holdout
+    grouped = group_subnet_records(records)
+    return [s for s in grouped if s["key"] in trained], [s for s in grouped if s["key"] not in trained]
+
+
+def _format(value: Any, percent: bool) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+def print_report(report: Mapping[str, Any], title: str) -> None:
+    """Print the predictor, the baselines and the noise floor as one table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("model", "within 10%", "within 5%", "MAPE %", "Kendall tau", "interval coverage", "subnets"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    rows = [("XGBoost predictor", report), *report.get("baselines", {}).items()]
+    noise = report.get("noise_floor") or {}
+    for name, metrics in rows:
+        table.add_row(
+            name, _format(metrics.get("within_10pct"), True), _format(metrics.get("within_5pct"), True),
+            _format(metrics.get("mape"), False), _format(metrics.get("kendall_tau"), False),
+            _format(metrics.get("interval_coverage_90"), True), str(metrics.get("n", report.get("n_test"))),
+        )
+    table.add_row(
+        "noise floor (pass vs pass)", _format(noise.get("within_10pct"), True), _format(noise.get("within_5pct"), True),
+        "-", _format(noise.get("kendall_tau"), False), "-", str(noise.get("n", "-")),
+    )
+    Console().print(table)
+
+
+def write_plots(run_dir: Path, predictor: Any, train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], table: Mapping[str, float]) -> list[Path]:
+    """Write ``predicted_vs_measured.png`` and, when the store has a width sweep, ``staircase.png``."""
+    from predictors.plots import plot_predicted_vs_measured, plot_staircase, staircase_from_table
+
+    written = []
+    measured = np.array([s["latency_ms"] for s in test])
+    prediction = predictor.predict([s["layers"] for s in test])
+    baseline = None
+    if len(train) >= MIN_BASELINE_TRAIN:
+        macs = [np.array([sum(l.macs for l in s["layers"]) for s in group], dtype=np.float64) for group in (train, test)]
+        baseline = fit_macs_linear(macs[0], np.array([s["latency_ms"] for s in train]))(macs[1])
+    written.append(plot_predicted_vs_measured(
+        run_dir / "predicted_vs_measured.png", measured, prediction.mean_ms, prediction.low_ms, prediction.high_ms,
+        title=f"Held-out subnets ({len(test)})", baseline_ms=baseline,
+    ))
+
+    staircase = staircase_from_table(table)
+    if staircase is None:
+        logger.warning("The profile store has no width sweep with 4 or more widths, so staircase.png is not written.")
+        return written
+    layer, measured_by_width = staircase
+    sweep = [LayerSpec(**{**layer.to_dict(), "out_channels": w}) for w in measured_by_width]
+    predicted = predictor.predict_layers(sweep, use_lut=False) if predictor.layer_model is not None else None
+    predicted_by_width = None if predicted is None else dict(zip(measured_by_width, predicted))
+    written.append(plot_staircase(run_dir / "staircase.png", layer, measured_by_width, predicted_by_width))
+    return written
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Build or load the predictor for ``cfg.space``, evaluate it on held-out subnets, print and plot."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from nas.cli import require_space, to_container
+    from nas.spaces import create_space
+    from predictors.build import load_or_build_predictor
+    from predictors.fingerprint import device_fingerprint
+    from predictors.protocol import MeasurementProtocol
+    from predictors.store import ProfileStore
+
+    require_space(cfg, "python -m predictors.evaluate")
+    space = create_space(to_container(cfg.space))
+    protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
+    work_dir = Path(cfg.paths.work_dir)
+    predictor, build_report, path = load_or_build_predictor(space, protocol, to_container(cfg.predictor), work_dir, int(cfg.seed))
+
+    store = ProfileStore(work_dir / "profiles", device_fingerprint(protocol))
+    train, test = store_split(predictor, store, space, protocol.batch_size)
+    if not test:
+        raise ValueError(f"The profile store {store.directory} has no measured subnet of space {space.name!r} to evaluate on.")
+    table = store.layer_table(protocol.batch_size)
+    report = holdout_report(predictor, train, test, table, store.noise_floor(space.config_hash(), protocol.batch_size))
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    print_report(report, f"Latency predictor {path.name} on {len(test)} held-out subnets")
+    for written in write_plots(run_dir, predictor, train, test, table):
+        print(f"Wrote {written}")
+    if build_report.get("build_s") is not None:
+        print(f"Predictor built in {build_report['build_s']:.1f} s (profiling {build_report.get('profile_s', 0.0):.1f} s).")
+    return report
+
+
+def main() -> None:
+    import hydra
+
+    from nas.cli import run_cli
+
+    @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+    def entry(cfg: Any) -> None:
+        run_cli(run, cfg)
+
+    entry()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,8 @@ from nas.spaces import LayerSpec, create_space
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import evaluate_predictions, fit_macs_linear
 from predictors.features import HardwareFacts
+from predictors.plots import plot_predicted_vs_measured, plot_staircase, staircase_from_table
+from predictors.tail_aware import snap_to_step_edges, tail_aware_widths, width_latency_curve
 from predictors.xgb import LatencyPredictor, PredictorError, PredictorNotFoundError, XGBParams
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,3 +229,145 @@ def test_unknown_metadata_and_params_rejected() -> None:
         LatencyPredictor(metadata={"colour": "red"})
     with pytest.raises(PredictorError, match="Unknown keys"):
         XGBParams.from_mapping({"n_estimators": 10, "depth": 3}, "predictor.layer_model")
+
+
+class StaircaseLayers:
+    """Per-layer latencies of the synthetic staircase device, in the shape of LatencyPredictor.predict_layers."""
+
+    def predict_layers(self, layers: list[LayerSpec], use_lut: bool = True) -> np.ndarray:
+        return np.array([staircase_ms(layer) for layer in layers])
+
+
+class StaircaseStore:
+    """A profile-store stand-in whose layer table stores the staircase latency of ``layers``."""
+
+    def __init__(self, layers: list[LayerSpec]) -> None:
+        self.table = {layer.key(): staircase_ms(layer) for layer in layers}
+
+    def layer_table(self, batch_size: int) -> dict[str, float]:
+        return self.table
+
+
+def test_tail_aware_moves_widths_to_step_edges() -> None:
+    space = small_space()
+    widths = tail_aware_widths(space, StaircaseLayers(), protocol=None)
+
+    # Stage 0 choices 8..40: 24 shares the 17-32 step with 32, and 8 costs more than 16 because
+    # a stage narrower than the 16-channel stem needs a downsampling shortcut.
+    assert widths["width_0"] == [16, 32, 40]
+    assert widths["width_1"] == [16, 32, 48, 64]
+    # Stage 2 choices are multiples of 16 already, each at the right edge of its step.
+    assert widths["width_2"] == [32, 48, 64, 96, 128]
+    for key, values in widths.items():
+        assert max(values) <= max(space.width_choices()[key])
+    assert space.with_width_choices(widths).width_choices() == widths
+
+
+def test_tail_aware_from_store_matches_predictor() -> None:
+    space = small_space()
+    swept = [
+        LayerSpec("conv", c_in, c_out, size, kernel_size=k, stride=s, act=act)
+        for c_in, size, s in ((16, 28, 1), (40, 28, 2), (64, 14, 2))
+        for k, act in ((3, "relu"), (1, "none"))
+        for c_out in range(8, 129, 8)
+    ]
+    store = StaircaseStore(swept)
+
+    class Protocol:
+        batch_size = 1
+
+    assert tail_aware_widths(space, store, Protocol()) == tail_aware_widths(space, StaircaseLayers(), None)
+
+
+def test_snap_respects_tolerance() -> None:
+    curve = {8: 1.0, 16: 1.02, 24: 1.5, 32: 1.52, 40: 2.0}
+    assert snap_to_step_edges([8, 24, 40], curve, tolerance=0.03) == [16, 32, 40]
+    assert snap_to_step_edges([8, 24, 40], curve, tolerance=0.01) == [8, 24, 40]
+    # A choice the curve lacks stays, and a later cheaper width beyond a rise is not reached.
+    assert snap_to_step_edges([12], curve, tolerance=0.03) == [12]
+    assert snap_to_step_edges([8], {8: 1.0, 16: 1.2, 24: 0.9}, tolerance=0.03) == [8]
+
+
+def test_width_curve_sums_swept_convs() -> None:
+    curve = width_latency_curve(small_space(), "width_1", StaircaseLayers().predict_layers)
+    assert sorted(curve) == list(range(8, 65, 8))
+    assert curve[8] == pytest.approx(curve[16])
+    assert curve[24] > curve[16] * 1.5
+
+
+def test_plots_are_written(trained: tuple[SearchSpace, LatencyPredictor], tmp_path: Path) -> None:
+    space, predictor = trained
+    layer_lists = [space.layers(space.sample(np.random.default_rng(6))) for _ in range(20)]
+    prediction = predictor.predict(layer_lists)
+    scatter = plot_predicted_vs_measured(
+        tmp_path / "scatter.png", prediction.mean_ms * 1.02, prediction.mean_ms, prediction.low_ms, prediction.high_ms
+    )
+    assert scatter.stat().st_size > 1000
+
+    table = {layer.key(): staircase_ms(layer) for layer in sweep(list(range(8, 129, 8)))}
+    picked = staircase_from_table(table)
+    assert picked is not None
+    layer, measured = picked
+    assert (layer.in_channels, layer.in_size, layer.out_channels) == (64, 28, 128)
+    assert sorted(measured) == list(range(8, 129, 8))
+    staircase = plot_staircase(tmp_path / "staircase.png", layer, measured)
+    assert staircase.stat().st_size > 1000
+
+
+TINY_SPACE = {
+    "name": "resnet_tiny",
+    "family": "resnet",
+    "block": "basic",
+    "in_channels": 1,
+    "num_classes": 4,
+    "resolutions": [8],
+    "stem": {"channels": 8, "kernel_size": 3, "stride": 1, "max_pool": False},
+    "stages": [{"depths": [1, 2], "widths": [8, 16, 24], "stride": 1}, {"depths": [1, 2], "widths": [8, 16, 24], "stride": 2}],
+    "expand_ratios": None,
+    "tail_aware": False,
+}
+TINY_PREDICTOR = {
+    "n_subnets": 16,
+    "passes": 2,
+    "width_step": 8,
+    "holdout_fraction": 0.25,
+    "layer_model": {"n_estimators": 50},
+    "network_model": {"n_estimators": 50},
+}
+
+
+def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
+    from predictors.build import load_or_build_predictor
+    from predictors.protocol import MeasurementProtocol
+
+    space = create_space(TINY_SPACE)
+    protocol = MeasurementProtocol.from_config(
+        {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": 1, "dtype": "float32", "warmup": 1, "repeats": 3}
+    )
+    predictor, report, path = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+
+    assert path.parent.parent == tmp_path / "predictors"
+    assert path.name == f"resnet_tiny-{space.config_hash()}-b1.json"
+    assert path.with_name(path.stem + ".report.json").is_file()
+    assert report["n_train"] == 12
+    assert report["n_test"] == 4
+    assert set(report["baselines"]) == {"macs_linear", "lut_calibrated", "lut_sum"}
+    holdout = set(predictor.metadata["training"]["holdout_keys"])
+    assert len(holdout) == 4
+
+    modified = path.stat().st_mtime_ns
+    again, again_report, again_path = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+    assert again_path == path
+    assert path.stat().st_mtime_ns == modified
+    assert again_report["within_10pct"] == report["within_10pct"]
+    layers = [space.layers(space.largest())]
+    np.testing.assert_allclose(again.predict(layers).mean_ms, predictor.predict(layers).mean_ms, rtol=1e-6)
+
+    loaded, _, loaded_path = load_or_build_predictor(
+        space, protocol, {**TINY_PREDICTOR, "path": str(path)}, tmp_path / "elsewhere", seed=0, progress=False
+    )
+    assert loaded_path == path
+    assert loaded.metadata["training"]["holdout_keys"] == sorted(holdout)
+
+    with pytest.raises(PredictorError, match=r"Unknown keys \['n_subnet'\]"):
+        load_or_build_predictor(space, protocol, {"n_subnet": 3}, tmp_path, seed=0)

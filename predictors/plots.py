@@ -1,0 +1,133 @@
+"""Plots of predictor quality: predicted against measured latency, and a layer's latency staircase."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from nas.spaces.layers import LayerSpec
+
+__all__ = ["plot_predicted_vs_measured", "plot_staircase", "staircase_from_table"]
+
+logger = logging.getLogger(__name__)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_predicted_vs_measured(
+    path: str | Path,
+    measured_ms: Sequence[float] | np.ndarray,
+    predicted_ms: Sequence[float] | np.ndarray,
+    low_ms: Sequence[float] | np.ndarray | None = None,
+    high_ms: Sequence[float] | np.ndarray | None = None,
+    title: str = "Predicted vs measured latency",
+    baseline_ms: Sequence[float] | np.ndarray | None = None,
+    baseline_label: str = "MACs-linear",
+) -> Path:
+    """Write a log-log scatter of predicted against measured latency (ms) with the y = x line and a ±10% band.
+
+    ``low_ms``/``high_ms`` draw each prediction's interval as an error bar; ``baseline_ms`` adds a
+    second series (for example the MACs-linear fit) in grey. Returns the written path.
+    """
+    plt = _pyplot()
+    measured = np.asarray(measured_ms, dtype=float)
+    predicted = np.asarray(predicted_ms, dtype=float)
+    fig, ax = plt.subplots(figsize=(5.5, 5.0))
+
+    if baseline_ms is not None:
+        ax.scatter(measured, np.asarray(baseline_ms, dtype=float), s=10, color="0.65", label=baseline_label, zorder=1)
+    if low_ms is not None and high_ms is not None:
+        errors = np.vstack([predicted - np.asarray(low_ms, dtype=float), np.asarray(high_ms, dtype=float) - predicted])
+        ax.errorbar(measured, predicted, yerr=errors, fmt="none", ecolor="tab:blue", alpha=0.3, zorder=2)
+    ax.scatter(measured, predicted, s=12, color="tab:blue", label="predictor", zorder=3)
+
+    lo = float(min(measured.min(), predicted.min())) * 0.9
+    hi = float(max(measured.max(), predicted.max())) * 1.1
+    line = np.array([lo, hi])
+    ax.plot(line, line, color="black", linewidth=1, label="y = x")
+    ax.fill_between(line, line * 0.9, line * 1.1, color="tab:green", alpha=0.12, label="±10%")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (ms)",
+           ylabel="predicted latency (ms)", title=title)
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(fig, plt, path)
+
+
+def staircase_from_table(table: Mapping[str, float], min_points: int = 4) -> tuple[LayerSpec, dict[int, float]] | None:
+    """Pick the representative staircase of a layer table: the ungrouped conv shape with the most output widths.
+
+    Args:
+        table: ``LayerSpec.key()`` to measured latency in ms (a profile store's ``layer_table``).
+        min_points: the fewest widths a staircase needs.
+
+    Returns:
+        The widest layer of that shape and its latency per output-channel count, or ``None`` when no
+        shape has ``min_points`` widths. Ties go to the shape with the most MACs.
+    """
+    shapes: dict[tuple[Any, ...], dict[int, float]] = {}
+    widest: dict[tuple[Any, ...], LayerSpec] = {}
+    for key, latency in table.items():
+        layer = LayerSpec.from_dict(json.loads(key))
+        if layer.op != "conv" or layer.groups != 1:
+            continue
+        shape = (layer.in_channels, layer.in_size, layer.kernel_size, layer.stride, layer.act)
+        shapes.setdefault(shape, {})[layer.out_channels] = latency
+        if shape not in widest or layer.out_channels > widest[shape].out_channels:
+            widest[shape] = layer
+    candidates = [s for s in shapes if len(shapes[s]) >= min_points]
+    if not candidates:
+        return None
+    best = max(candidates, key=lambda s: (len(shapes[s]), widest[s].macs))
+    return widest[best], dict(sorted(shapes[best].items()))
+
+
+def plot_staircase(
+    path: str | Path,
+    layer: LayerSpec,
+    measured_ms: Mapping[int, float],
+    predicted_ms: Mapping[int, float] | None = None,
+    title: str | None = None,
+) -> Path:
+    """Write latency against output channels for one layer shape: measured, predicted and MACs-scaled.
+
+    The MACs-scaled line is the measured latency at the widest width times MACs(c) / MACs(widest),
+    which is what a FLOPs-proportional model assumes. Returns the written path.
+    """
+    plt = _pyplot()
+    widths = np.array(sorted(measured_ms))
+    measured = np.array([measured_ms[w] for w in widths])
+    fig, ax = plt.subplots(figsize=(6.0, 4.0))
+
+    ax.step(widths, measured, where="mid", color="tab:blue", alpha=0.35)
+    ax.plot(widths, measured, "o", color="tab:blue", label="measured")
+    if predicted_ms:
+        predicted_widths = np.array(sorted(predicted_ms))
+        ax.plot(predicted_widths, [predicted_ms[w] for w in predicted_widths], "x-", color="tab:orange", label="predicted (layer model)")
+    ax.plot(widths, measured[-1] * widths / widths[-1], "--", color="0.4", label="MACs-scaled")
+
+    shape = f"conv {layer.kernel_size}x{layer.kernel_size}, {layer.in_channels} in, {layer.in_size}x{layer.in_size}, stride {layer.stride}"
+    ax.set(xlabel="output channels", ylabel="latency (ms)", title=title or f"Latency staircase: {shape}")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def _save(fig: Any, plt: Any, path: str | Path) -> Path:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(target, dpi=120)
+    plt.close(fig)
+    logger.info("Wrote %s.", target)
+    return target
