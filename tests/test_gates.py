@@ -35,10 +35,16 @@ from nas.gates.blocks import block_layout
 from nas.gates.budget import choose_keep_ratio, predict_latency_ms
 from nas.gates.modules import straight_through, targeted_dropout_mask
 from nas.gates.planning import channel_staircase, plan_blocks
+from nas.gates.timing import choose_gate_option
 from nas.spaces.layers import LayerSpec
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
+from predictors.protocol import MeasurementProtocol
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Placements that need no timing, so tests are deterministic and quick.
+ALL = {"name": "feature", "placement": "all"}
+TABLE = {"name": "feature", "placement": "table"}
 
 
 def _randomise_batchnorm(module: nn.Module, generator: torch.Generator) -> None:
@@ -108,6 +114,8 @@ def test_none_yaml_parses_to_disabled():
         ({"name": "feature", "targeted_dropout": {"rate": 0.5, "p": 1}}, "gates.targeted_dropout"),
         ({"name": "feature", "channel": "yes"}, "true or false"),
         ({"name": "feature", "latency_budget_ms": -1.0}, "latency_budget_ms"),
+        ({"name": "feature", "placement": "everywhere"}, "gates.placement"),
+        ({"name": "feature", "measure_batch_sizes": [0]}, "gates.measure_batch_sizes"),
     ],
 )
 def test_config_rejects_invalid(data, fragment):
@@ -135,8 +143,8 @@ def test_channel_gate_scores_hand_made():
     with torch.no_grad():
         gate.fc.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
         gate.fc.bias.zero_()
-    rows = torch.tensor([[[1.0, 3.0], [-2.0, -2.0]]])  # (N=1, C=2, W=2): channel means 2 and -2
-    scores = gate(rows)
+    pooled = torch.tensor([[2.0, -2.0]])  # (N=1, C=2) channel means
+    scores = gate(pooled)
     expected = torch.sigmoid(torch.tensor([[2.0, -2.0, 0.0]]))
     torch.testing.assert_close(scores, expected)
     assert gate.macs == 6
@@ -218,9 +226,8 @@ def test_mask_zeroes_dropped_channels_and_columns():
     captured = {}
     gated.conv2.register_forward_pre_hook(lambda m, args: captured.setdefault("hidden", args[0].detach().clone()))
     with torch.no_grad():
-        rows = x.mean(dim=2)
-        kept_channels = top_k_mask(gated.channel_gate(rows), 6).bool()
-        kept_columns = top_k_mask(gated.column_gate(rows), 4).bool()
+        kept_channels = top_k_mask(gated.channel_gate(x.mean(dim=(2, 3))), 6).bool()
+        kept_columns = top_k_mask(gated.column_gate(x.mean(dim=2)), 4).bool()
         gated(x)
     hidden = captured["hidden"]
     for image in range(2):
@@ -236,7 +243,7 @@ def test_skip_never_reads_dropped_channels():
     x = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = gated(x)
-        kept = top_k_mask(gated.channel_gate(x.mean(dim=2)), 8)[0].bool()
+        kept = top_k_mask(gated.channel_gate(x.mean(dim=(2, 3))), 8)[0].bool()
         # Poison the producer's filters and the consumer's inputs of the dropped channels.
         gated.conv1.weight[~kept] = float("nan")
         gated.conv2.weight[:, ~kept] = float("nan")
@@ -289,7 +296,7 @@ def test_executed_macs_gated_block_known_case():
 
 def test_apply_gates_leaves_model_unchanged(subnet):
     before = {k: v.clone() for k, v in subnet.state_dict().items()}
-    network = apply_gates(subnet, {"name": "feature"})
+    network = apply_gates(subnet, ALL)
     assert isinstance(network, GatedNetwork)
     assert not any(isinstance(m, GatedResidualBlock) for m in subnet.modules())
     for key, value in subnet.state_dict().items():
@@ -298,7 +305,7 @@ def test_apply_gates_leaves_model_unchanged(subnet):
 
 
 def test_network_full_keep_equals_subnet(subnet):
-    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 1.0}).eval()
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 1.0}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -306,7 +313,7 @@ def test_network_full_keep_equals_subnet(subnet):
 
 
 def test_network_skip_matches_mask_and_saves_macs(subnet):
-    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.4}).eval()
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.4}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -321,7 +328,7 @@ def test_network_skip_matches_mask_and_saves_macs(subnet):
 
 
 def test_set_keep_ratio_across_range(subnet):
-    network = apply_gates(subnet, {"name": "feature"})
+    network = apply_gates(subnet, ALL)
     previous = None
     for ratio in (0.4, 0.5, 0.6, 0.75, 0.9, 1.0):
         network.set_keep_ratio(ratio)
@@ -353,18 +360,18 @@ def test_none_config_places_no_gate(subnet):
 
 
 def test_describe_rebuilds_same_gates(subnet):
-    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.5}).eval()
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     record = network.describe()
     assert record["format_version"] == 1
-    rebuilt = apply_gates(subnet, {"name": "feature"}, plan=record).eval()
+    rebuilt = apply_gates(subnet, ALL, plan=record).eval()
     rebuilt.load_state_dict(network.state_dict())
     assert rebuilt.keep_ratio == 0.5
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), network(x))
     with pytest.raises(GateConfigError, match="format_version"):
-        apply_gates(subnet, {"name": "feature"}, plan={**record, "format_version": 99})
+        apply_gates(subnet, ALL, plan={**record, "format_version": 99})
 
 
 # -- planning from profiles ------------------------------------------------------------------------
@@ -400,7 +407,7 @@ def test_staircase_snaps_to_step_tops(subnet):
 def test_plan_skips_flat_staircase(subnet, caplog):
     sites = find_block_sites(subnet, (1, 28, 28))
     table = _staircase_table(subnet, step=8, flat_at=7)
-    config = parse_gate_config({"name": "feature"})
+    config = parse_gate_config(TABLE)
     with caplog.at_level(logging.INFO, logger="nas.gates.planning"):
         plans = plan_blocks(sites, config, table)
     by_name = {plan.name: plan for plan in plans}
@@ -414,7 +421,7 @@ def test_plan_skips_flat_staircase(subnet, caplog):
 
 def test_plan_skips_small_saving(subnet):
     sites = find_block_sites(subnet, (1, 28, 28))
-    config = parse_gate_config({"name": "feature", "min_saving": 0.4})
+    config = parse_gate_config({**TABLE, "min_saving": 0.4})
     plans = {plan.name: plan for plan in plan_blocks(sites, config, _staircase_table(subnet, step=8))}
     assert plans["layer1.0"].channel  # 8 of 16 channels: 50% predicted saving
     assert not plans["layer2.0"].channel  # 16 of 24 channels: 33% predicted saving
@@ -422,7 +429,7 @@ def test_plan_skips_small_saving(subnet):
 
 
 def test_apply_gates_snaps_to_table_steps(subnet):
-    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.6}, _staircase_table(subnet, step=16))
+    network = apply_gates(subnet, {**TABLE, "keep_ratio": 0.6}, _staircase_table(subnet, step=16))
     counts = network.keep_counts()
     assert counts["layer1.0"][0] == 16  # 16 channels: 0.6 * 16 = 10 rounds up to the 16-channel step
     assert counts["layer2.0"][0] == 16  # 0.6 * 24 = 15 rounds up to the step ending at 16
@@ -432,7 +439,7 @@ def test_latency_budget_picks_largest_fitting_ratio(subnet):
     table = _staircase_table(subnet, step=8)
     sites = find_block_sites(subnet, (1, 28, 28))
     layers = describe_layers(subnet, (1, 28, 28))
-    config = parse_gate_config({"name": "feature"})
+    config = parse_gate_config(TABLE)
     plans = plan_blocks(sites, config, table)
     full = predict_latency_ms(layers, sites, plans, 1.0, table)
     low = predict_latency_ms(layers, sites, plans, 0.4, table)
@@ -442,19 +449,46 @@ def test_latency_budget_picks_largest_fitting_ratio(subnet):
                               table)
     assert predict_latency_ms(layers, sites, plans, ratio, table) <= budget
     assert predict_latency_ms(layers, sites, plans, ratio + 0.01, table) > budget
-    network = apply_gates(subnet, {"name": "feature", "latency_budget_ms": budget}, table)
+    network = apply_gates(subnet, {**TABLE, "latency_budget_ms": budget}, table)
     assert network.keep_ratio == ratio
     with pytest.raises(GateConfigError, match="latency_budget_ms"):
-        apply_gates(subnet, {"name": "feature", "latency_budget_ms": low / 2}, table)
+        apply_gates(subnet, {**TABLE, "latency_budget_ms": low / 2}, table)
     with pytest.raises(GateConfigError, match="needs a profile table"):
-        apply_gates(subnet, {"name": "feature", "latency_budget_ms": budget})
+        apply_gates(subnet, {**ALL, "latency_budget_ms": budget})
+
+
+def test_choose_gate_option_hand_made():
+    config = parse_gate_config({"name": "feature", "min_saving": 0.1, "max_slowdown": 0.05})
+    latency = {
+        "none": {1: 1.00, 32: 10.0},
+        "channel": {1: 0.80, 32: 10.4},  # pays: 20% faster at batch 1, 4% slower at batch 32
+        "column": {1: 0.70, 32: 11.0},  # fastest at batch 1 but 10% slower at batch 32
+        "channel+column": {1: 0.95, 32: 9.0},  # only 5% faster at batch 1
+    }
+    option, reason = choose_gate_option(latency, config)
+    assert option == "channel"
+    assert "channel 0.800/10.400" in reason
+    latency["channel"][32] = 10.6
+    assert choose_gate_option(latency, config)[0] == "none"
+
+
+def test_measured_placement_records_times(subnet, caplog):
+    config = {**ALL, "placement": "measure", "measure_batch_sizes": [1], "spatial": False}
+    protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=3)
+    with caplog.at_level(logging.INFO, logger="nas.gates.planning"):
+        network = apply_gates(subnet, config, protocol=protocol)
+    for plan in network.plans:
+        assert set(plan.measured_ms) == {"none", "channel"}
+        assert all(ms > 0 for times in plan.measured_ms.values() for ms in times.values())
+        assert plan.spatial is False
+    assert "ms at batch 1:" in caplog.text
 
 
 # -- training --------------------------------------------------------------------------------------
 
 
 def test_training_step_with_targeted_dropout(subnet):
-    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.5,
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5,
                                    "targeted_dropout": {"fraction": 0.5, "rate": 0.5}}).train()
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
     generator = torch.Generator().manual_seed(0)
@@ -497,7 +531,7 @@ class _TinyModule(pl.LightningModule):
 
 
 def test_keep_ratio_schedule_in_trainer(subnet):
-    network = apply_gates(subnet, {"name": "feature", "keep_ratio": 0.5, "schedule_epochs": 1}).train()
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5, "schedule_epochs": 1}).train()
     generator = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(16, 1, 28, 28, generator=generator),
                                           torch.randint(0, 10, (16,), generator=generator))

@@ -8,7 +8,7 @@ The residual path's output is never gated: every output channel and column is co
 Paths through a block:
 
 * training: the block's own modules (BatchNorm in training mode), then the inner map times a
-  mask of gate scores, zero where the gates drop a feature, with targeted dropout;
+  0/1 mask of the top-k selection and targeted dropout, with a straight-through gradient;
 * eval, "mask": the same masking on dense convolutions with BatchNorm folded into the weights;
   this is the reference that "skip" must match;
 * eval, "skip": the producer computes only the kept channels at the kept columns, and the
@@ -207,11 +207,7 @@ class GatedResidualBlock(nn.Module):
         if self.downsample is not None and (self.stride != 1 or x.shape[1] != self.out_channels):
             shortcut = self.downsample(x)
 
-        # Keeping everything makes the 0/1 masks all ones: the gates are not even run.
-        run_gates = self.gated and not self.keeps_all
-        rows = row_mean(x) if run_gates else None
-        channel_scores = self.channel_gate(rows) if run_gates and self.channel_gate is not None else None
-        column_scores = self.column_gate(rows) if run_gates and self.column_gate is not None else None
+        channel_logits, column_logits = self._gate_logits(x)
 
         inner = x
         for index in range(self.layout.producer):
@@ -219,28 +215,41 @@ class GatedResidualBlock(nn.Module):
             inner = act(bn(conv(inner))) if act is not None else bn(conv(inner))
 
         if self.training:
-            branch = self._run_train(inner, channel_scores, column_scores)
+            branch = self._run_train(inner, channel_logits, column_logits)
         else:
-            branch = self._run_eval(inner, channel_scores, column_scores)
+            branch = self._run_eval(inner, channel_logits, column_logits)
         return getattr(self, self.layout.final_act)(branch + shortcut)
 
-    def _train_mask(self, scores: torch.Tensor, kept: int) -> torch.Tensor:
-        mask = top_k_mask(scores.detach(), kept)
-        if self.runtime.dropout_rate > 0 and self.runtime.dropout_fraction > 0:
-            generator = self.runtime.dropout_generator(scores.device)
-            mask = mask * targeted_dropout_mask(scores, self.runtime.dropout_fraction, self.runtime.dropout_rate,
-                                                generator)
-        return straight_through(mask, scores)
+    def _gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        # Keeping everything makes the 0/1 masks all ones: the gates are not even run.
+        if not self.gated or self.keeps_all:
+            return None, None
+        if self.column_gate is None:
+            return self.channel_gate.logits(x.mean(dim=(2, 3))), None
 
-    def _run_train(self, inner: torch.Tensor, channel_scores: torch.Tensor | None,
-                   column_scores: torch.Tensor | None) -> torch.Tensor:
+        rows = row_mean(x)
+        column_logits = self.column_gate.logits(rows)
+        if self.channel_gate is None:
+            return None, column_logits
+        return self.channel_gate.logits(rows.mean(dim=2)), column_logits
+
+    def _train_mask(self, logits: torch.Tensor, kept: int) -> torch.Tensor:
+        mask = top_k_mask(logits.detach(), kept)
+        if self.runtime.dropout_rate > 0 and self.runtime.dropout_fraction > 0:
+            generator = self.runtime.dropout_generator(logits.device)
+            mask = mask * targeted_dropout_mask(logits, self.runtime.dropout_fraction, self.runtime.dropout_rate,
+                                                generator)
+        return straight_through(mask, torch.sigmoid(logits))
+
+    def _run_train(self, inner: torch.Tensor, channel_logits: torch.Tensor | None,
+                   column_logits: torch.Tensor | None) -> torch.Tensor:
         conv, bn, act = self._stage_modules(self.layout.producer)
         hidden = act(bn(conv(inner)))
 
-        if channel_scores is not None:
-            hidden = hidden * self._train_mask(channel_scores, self.kept_channels)[:, :, None, None]
-        if column_scores is not None:
-            hidden = hidden * self._train_mask(column_scores, self.kept_columns)[:, None, None, :]
+        if channel_logits is not None:
+            hidden = hidden * self._train_mask(channel_logits, self.kept_channels)[:, :, None, None]
+        if column_logits is not None:
+            hidden = hidden * self._train_mask(column_logits, self.kept_columns)[:, None, None, :]
 
         conv, bn, _ = self._stage_modules(len(self.layout.stages) - 1)
         return bn(conv(hidden))
@@ -274,22 +283,22 @@ class GatedResidualBlock(nn.Module):
         return out
 
     @staticmethod
-    def _select(scores: torch.Tensor | None, kept: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _select(logits: torch.Tensor | None, kept: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Return the batch's union of kept indices (u,) and each image's 0/1 mask on the union (N, u).
 
         At batch 1 the mask is None because the image keeps its whole union. Without a gate both are None.
         """
-        if scores is None:
+        if logits is None:
             return None, None
-        indices = top_k_indices(scores, kept)
-        if scores.shape[0] == 1:
+        indices = top_k_indices(logits, kept)
+        if logits.shape[0] == 1:
             return indices[0], None
-        selected = torch.zeros_like(scores).scatter_(1, indices, 1.0)
+        selected = torch.zeros_like(logits).scatter_(1, indices, 1.0)
         union = selected.amax(dim=0).nonzero().squeeze(1)
         return union, selected.index_select(1, union)
 
-    def _run_eval(self, inner: torch.Tensor, channel_scores: torch.Tensor | None,
-                  column_scores: torch.Tensor | None) -> torch.Tensor:
+    def _run_eval(self, inner: torch.Tensor, channel_logits: torch.Tensor | None,
+                  column_logits: torch.Tensor | None) -> torch.Tensor:
         """Run the gated branch in eval mode, skipping dropped work where that pays.
 
         Each image keeps its own channels and columns. The block gathers the union of the batch's
@@ -303,8 +312,8 @@ class GatedResidualBlock(nn.Module):
         and the per-call overhead and lost batching cost more than the skipped MACs at these sizes.
         """
         weights = self._folded_weights()
-        channel_index, channel_mask = self._select(channel_scores, self.kept_channels)
-        column_index, column_mask = self._select(column_scores, self.kept_columns)
+        channel_index, channel_mask = self._select(channel_logits, self.kept_channels)
+        column_index, column_mask = self._select(column_logits, self.kept_columns)
 
         share = 1.0
         if channel_index is not None:
@@ -315,16 +324,16 @@ class GatedResidualBlock(nn.Module):
             hidden = self._produce_gathered(inner, weights, channel_index, column_index)
             mask = self._outer_mask(channel_mask, column_mask)
             if mask is not None:
-                hidden = hidden * mask
+                hidden.mul_(mask)
             return self._consume_gathered(hidden, weights, channel_index, column_index)
 
         conv, _, act = self._stage_modules(self.layout.producer)
         hidden = act(self._conv(inner, weights["producer_w"], weights["producer_b"], conv.stride, conv.padding))
-        channel_mask = top_k_mask(channel_scores, self.kept_channels) if channel_scores is not None else None
-        column_mask = top_k_mask(column_scores, self.kept_columns) if column_scores is not None else None
+        channel_mask = top_k_mask(channel_logits, self.kept_channels) if channel_logits is not None else None
+        column_mask = top_k_mask(column_logits, self.kept_columns) if column_logits is not None else None
         mask = self._outer_mask(channel_mask, column_mask)
         if mask is not None:
-            hidden = hidden * mask
+            hidden.mul_(mask)
         conv = self._stage_modules(len(self.layout.stages) - 1)[0]
         return self._conv(hidden, weights["consumer_w"], weights["consumer_b"], 1, conv.padding)
 

@@ -7,10 +7,19 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-__all__ = ["GateConfig", "GateConfigError", "TargetedDropoutConfig", "GATE_NAMES", "GATE_MODES", "parse_gate_config"]
+__all__ = [
+    "GATE_MODES",
+    "GATE_NAMES",
+    "GATE_PLACEMENTS",
+    "GateConfig",
+    "GateConfigError",
+    "TargetedDropoutConfig",
+    "parse_gate_config",
+]
 
 GATE_NAMES = ("none", "feature")
 GATE_MODES = ("mask", "skip")
+GATE_PLACEMENTS = ("measure", "table", "all")
 
 
 class GateConfigError(ValueError):
@@ -42,17 +51,27 @@ class GateConfig:
         keep_ratio_range: lowest and highest keep ratio that ``set_keep_ratio`` accepts.
         latency_budget_ms: when set, the keep ratio is the largest one whose latency, predicted from
             the device's layer profiles, fits this budget (ms per batch of the profiles).
-        channel: place channel gates.
-        spatial: place column gates.
+        channel: allow channel gates.
+        spatial: allow column gates.
         mode: eval-time path, "skip" (gathered channels and columns, nothing dropped is computed) or
             "mask" (dense computation multiplied by a 0/1 mask). Training always masks.
         targeted_dropout: see :class:`TargetedDropoutConfig`.
         schedule_epochs: epochs over which the keep ratio falls from 1.0 to ``keep_ratio``.
         kd_weight: weight of distillation from the ungated subnet during fine-tuning.
-        min_saving: a channel gate is placed only where the profiles predict that the block's inner
-            convolutions get at least this much faster (share of their latency) at ``keep_ratio``.
+        placement: how gates are placed. "measure" times each block on this machine with and
+            without gates and keeps the fastest option that pays. "table" places channel gates
+            where the profile table predicts a saving and column gates on maps at least
+            ``spatial_min_size`` wide. "all" places every enabled gate that drops a feature.
+        measure_batch_sizes: batch sizes at which "measure" times blocks; the smallest must show
+            the saving.
+        max_slowdown: with "measure", a gate may make the block at most this much slower (share of
+            the ungated latency) at any batch size of ``measure_batch_sizes``.
+        min_saving: the saving a gate must bring at the low end of ``keep_ratio_range``, as a share
+            of the block's latency. With "measure" it is the block's measured latency at the smallest
+            batch size. With "table" it is the predicted latency of the producer and consumer.
         step_tolerance: two latencies within this relative difference count as one staircase step.
-        spatial_min_size: column gates are placed only on inner maps at least this many pixels wide.
+        spatial_min_size: with "table", column gates are placed only on inner maps at least this many
+            pixels wide.
         skip_max_share: in skip mode a block gathers channels and columns only when the share of its
             inner-convolution MACs still to run is at most this. Above it, the block masks densely
             because that is cheaper.
@@ -69,6 +88,9 @@ class GateConfig:
     targeted_dropout: TargetedDropoutConfig = dataclasses.field(default_factory=TargetedDropoutConfig)
     schedule_epochs: int = 3
     kd_weight: float = 1.0
+    placement: str = "measure"
+    measure_batch_sizes: tuple[int, ...] = (1, 32)
+    max_slowdown: float = 0.05
     min_saving: float = 0.05
     step_tolerance: float = 0.05
     spatial_min_size: int = 14
@@ -115,6 +137,13 @@ def _parse_range(value: Any) -> tuple[float, float]:
     return low, high
 
 
+def _parse_batch_sizes(value: Any) -> tuple[int, ...]:
+    valid = isinstance(value, Sequence) and not isinstance(value, str) and len(value) > 0
+    if not valid or any(isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in value):
+        raise GateConfigError(f"gates.measure_batch_sizes must be a non-empty list of integers >= 1, but got {value!r}.")
+    return tuple(sorted(set(value)))
+
+
 def _parse_dropout(value: Any) -> TargetedDropoutConfig:
     if not isinstance(value, Mapping):
         raise GateConfigError(
@@ -131,6 +160,8 @@ def _check_numbers(cfg: GateConfig) -> None:
     cfg.check_keep_ratio(cfg.keep_ratio)
     if cfg.mode not in GATE_MODES:
         raise GateConfigError(f"gates.mode must be one of {GATE_MODES}, but got {cfg.mode!r}.")
+    if cfg.placement not in GATE_PLACEMENTS:
+        raise GateConfigError(f"gates.placement must be one of {GATE_PLACEMENTS}, but got {cfg.placement!r}.")
     if cfg.latency_budget_ms is not None and not cfg.latency_budget_ms > 0:
         raise GateConfigError(f"gates.latency_budget_ms must be positive or null, but got {cfg.latency_budget_ms!r}.")
     if not isinstance(cfg.schedule_epochs, int) or cfg.schedule_epochs < 0:
@@ -139,7 +170,7 @@ def _check_numbers(cfg: GateConfig) -> None:
         raise GateConfigError(f"gates.spatial_min_size must be an integer >= 1, but got {cfg.spatial_min_size!r}.")
     if isinstance(cfg.kd_weight, bool) or not isinstance(cfg.kd_weight, (int, float)) or cfg.kd_weight < 0:
         raise GateConfigError(f"gates.kd_weight must be a number >= 0, but got {cfg.kd_weight!r}.")
-    for key in ("min_saving", "step_tolerance", "skip_max_share"):
+    for key in ("min_saving", "step_tolerance", "skip_max_share", "max_slowdown"):
         _check_share(getattr(cfg, key), f"gates.{key}", allow_zero=True)
 
 
@@ -170,6 +201,8 @@ def parse_gate_config(data: Mapping[str, Any] | GateConfig) -> GateConfig:
     values = dict(data)
     if "keep_ratio_range" in values:
         values["keep_ratio_range"] = _parse_range(values["keep_ratio_range"])
+    if "measure_batch_sizes" in values:
+        values["measure_batch_sizes"] = _parse_batch_sizes(values["measure_batch_sizes"])
     if "targeted_dropout" in values:
         values["targeted_dropout"] = _parse_dropout(values["targeted_dropout"])
     for key in ("channel", "spatial"):

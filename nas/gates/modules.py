@@ -1,10 +1,11 @@
 """Channel and column gates, top-k selection and targeted dropout.
 
 A gate reads the block's input, never the feature map it gates, so the block can decide what to
-compute before computing it. Both gates share one cheap summary of the input: the mean over
-rows, of shape (N, C, W). Scores lie in (0, 1) and only rank features: the map is multiplied by
+compute before computing it. The channel gate reads the global mean of the input, of shape
+(N, C), and the column gate its mean over rows, of shape (N, C, W). Scores lie in (0, 1) and only rank features: the map is multiplied by
 a 0/1 mask, and training passes the gradient to the scores with a straight-through estimator
-(:func:`straight_through`). So a gated block at keep ratio 1.0 computes exactly what the ungated
+(:func:`straight_through`). Selection ranks the logits, which order features like the scores
+without the ties that float32 sigmoid saturation would create. So a gated block at keep ratio 1.0 computes exactly what the ungated
 block computes, whatever the gates learned.
 """
 
@@ -29,7 +30,7 @@ __all__ = [
 
 
 def row_mean(x: torch.Tensor) -> torch.Tensor:
-    """Return the mean over rows of an (N, C, H, W) map, of shape (N, C, W): the input both gates read."""
+    """Return the mean over rows of an (N, C, H, W) map, of shape (N, C, W): the column gate's input."""
     return x.mean(dim=2)
 
 
@@ -43,7 +44,7 @@ def straight_through(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 
 class ChannelGate(nn.Module):
-    """Scores a block's inner channels from the globally pooled block input.
+    """Scores a block's inner channels from the global mean of the block input.
 
     Args:
         in_channels: channels C of the block input.
@@ -54,9 +55,13 @@ class ChannelGate(nn.Module):
         super().__init__()
         self.fc = nn.Linear(in_channels, channels)
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """Map the (N, C, W) row mean of the block input to (N, channels) scores in (0, 1)."""
-        return torch.sigmoid(self.fc(rows.mean(dim=2)))
+    def logits(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Map the (N, C) mean of the block input to (N, channels) logits, which rank like the scores."""
+        return self.fc(pooled)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Map the (N, C) mean of the block input to (N, channels) scores in (0, 1)."""
+        return torch.sigmoid(self.logits(pooled))
 
     @property
     def macs(self) -> int:
@@ -83,11 +88,15 @@ class ColumnGate(nn.Module):
         self.stride = stride
         self.conv = nn.Conv1d(in_channels, 1, kernel_size, padding=kernel_size // 2)
 
-    def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        """Map the (N, C, W) row mean to (N, ceil(W / stride)) scores in (0, 1)."""
+    def logits(self, rows: torch.Tensor) -> torch.Tensor:
+        """Map the (N, C, W) row mean to (N, ceil(W / stride)) logits, which rank like the scores."""
         if self.stride > 1:
             rows = F.avg_pool1d(rows, self.stride, self.stride, ceil_mode=True)
-        return torch.sigmoid(self.conv(rows).squeeze(1))
+        return self.conv(rows).squeeze(1)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        """Map the (N, C, W) row mean to (N, ceil(W / stride)) scores in (0, 1)."""
+        return torch.sigmoid(self.logits(rows))
 
     def macs(self, columns: int) -> int:
         """Multiply-accumulates per image for ``columns`` inner columns (pooling adds not counted)."""

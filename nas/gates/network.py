@@ -15,7 +15,14 @@ from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout
 from nas.gates.budget import choose_keep_ratio
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
 from nas.gates.modules import keep_count
-from nas.gates.planning import BlockPlan, BlockSite, describe_layers, find_block_sites, plan_blocks
+from nas.gates.planning import (
+    BlockPlan,
+    BlockSite,
+    MeasuredPlacement,
+    describe_layers,
+    find_block_sites,
+    plan_blocks,
+)
 
 __all__ = ["FORMAT_VERSION", "GatedNetwork", "apply_gates"]
 
@@ -161,9 +168,20 @@ def _install_gates(model: nn.Module, sites: Sequence[BlockSite], plans: Sequence
         setattr(parent, leaf, gated.to(device=parameter.device, dtype=parameter.dtype))
 
 
+def _measured_placement(model: nn.Module, config: GateConfig, protocol: Any) -> MeasuredPlacement:
+    from nas.gates.timing import make_measured_placement
+    from predictors.protocol import MeasurementProtocol
+
+    if protocol is None:
+        parameter = next(model.parameters())
+        # Fewer repeats than a profile pass: a placement compares options that differ by 5% or more.
+        protocol = MeasurementProtocol(device=str(parameter.device), warmup=5, repeats=15)
+    return make_measured_placement(model, config, protocol)
+
+
 def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
                 profile_table: Mapping[str, float] | None = None, input_shape: Sequence[int] | None = None,
-                plan: Mapping[str, Any] | None = None) -> GatedNetwork:
+                plan: Mapping[str, Any] | None = None, protocol: Any = None) -> GatedNetwork:
     """Return a gated copy of ``model``; ``model`` itself is unchanged and can serve as the distillation teacher.
 
     Args:
@@ -173,7 +191,10 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
             channel steps and the channel-gate placement, and is required by ``latency_budget_ms``.
         input_shape: (C, H, W) of one input image; inferred from ``model.arch.resolution`` when omitted.
         plan: a :meth:`GatedNetwork.describe` record to rebuild the same gates (for loading a
-            fine-tuned checkpoint); the table is then not consulted.
+            fine-tuned checkpoint); nothing is measured and the table is not consulted.
+        protocol: the ``predictors.protocol.MeasurementProtocol`` for ``placement: measure`` (device,
+            threads, warm-up, repeats; the batch sizes come from ``measure_batch_sizes``). Defaults to
+            the model's device with 5 warm-up passes and 15 timed ones.
 
     Raises:
         GateConfigError: on an invalid configuration, a plan that does not fit the model, or a latency
@@ -187,7 +208,10 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
     if plan is not None:
         plans, ratio = _plans_from_record(plan, sites)
     else:
-        plans = plan_blocks(sites, config, profile_table)
+        measure = None
+        if config.enabled and config.placement == "measure":
+            measure = _measured_placement(gated_model, config, protocol)
+        plans = plan_blocks(sites, config, profile_table, measure)
         ratio = config.keep_ratio
         if config.enabled and config.latency_budget_ms is not None:
             if profile_table is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -86,6 +86,11 @@ class BlockSite:
                 dataclasses.replace(self.consumer, in_channels=channels))
 
 
+# A measured placement maps a block and its channel steps to (channel gate, column gate, reason,
+# measured latency in ms per gate option and batch size).
+MeasuredPlacement = Callable[[BlockSite, list[int]], tuple[bool, bool, str, dict[str, dict[int, float]]]]
+
+
 @dataclasses.dataclass
 class BlockPlan:
     """The gate decision for one block, kept with the network so a checkpoint can be rebuilt.
@@ -98,6 +103,8 @@ class BlockPlan:
         reason: the decision in words, for logs and reports.
         latency_ms: predicted latency (ms) of the producer plus consumer per count in ``channel_steps``,
             from the profile table; empty without one.
+        measured_ms: measured block latency (ms) per gate option and batch size with
+            ``placement: measure``; empty otherwise.
     """
 
     name: str
@@ -106,6 +113,7 @@ class BlockPlan:
     channel_steps: list[int]
     reason: str
     latency_ms: dict[int, float] = dataclasses.field(default_factory=dict)
+    measured_ms: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
 
     def snap_channels(self, requested: int) -> int:
         """Round a requested kept-channel count up to the next step top."""
@@ -117,6 +125,9 @@ class BlockPlan:
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["latency_ms"] = {str(k): v for k, v in self.latency_ms.items()}
+        data["measured_ms"] = {
+            option: {str(b): v for b, v in times.items()} for option, times in self.measured_ms.items()
+        }
         return data
 
     @classmethod
@@ -129,6 +140,8 @@ class BlockPlan:
         values = dict(data)
         values["channel_steps"] = [int(v) for v in values["channel_steps"]]
         values["latency_ms"] = {int(k): float(v) for k, v in values["latency_ms"].items()}
+        values["measured_ms"] = {option: {int(b): float(v) for b, v in times.items()}
+                                 for option, times in values["measured_ms"].items()}
         return cls(**values)
 
 
@@ -297,33 +310,63 @@ def _decide_spatial(site: BlockSite, config: GateConfig) -> tuple[bool, str]:
     return True, f"column gate: {kept}/{site.inner_size} columns at keep ratio {config.keep_ratio_range[0]}"
 
 
-def plan_blocks(sites: Sequence[BlockSite], config: GateConfig,
-                profile_table: Mapping[str, float] | None) -> list[BlockPlan]:
+def _decide_all(site: BlockSite, config: GateConfig, steps: list[int]) -> tuple[bool, bool, str]:
+    low = config.keep_ratio_range[0]
+    channels = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
+    columns = keep_count(low, site.inner_size)
+    channel = config.channel and channels < site.inner_channels
+    spatial = config.spatial and columns < site.inner_size
+    reason = (f"placement=all: channel gate {'on' if channel else 'off'} ({channels}/{site.inner_channels} channels), "
+              f"column gate {'on' if spatial else 'off'} ({columns}/{site.inner_size} columns) at keep ratio {low}")
+    return channel, spatial, reason
+
+
+def _decide_table(site: BlockSite, config: GateConfig, steps: list[int], latency: dict[int, float],
+                  table_given: bool) -> tuple[bool, bool, str]:
+    profiled = bool(latency)
+    channel, channel_reason = _decide_channel(site, config, steps, latency, profiled)
+    spatial, spatial_reason = _decide_spatial(site, config)
+    if table_given and not profiled and channel:
+        channel_reason += "; the table lacks this block's convolutions"
+    return channel, spatial, f"{channel_reason}; {spatial_reason}"
+
+
+def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: Mapping[str, float] | None,
+                measure: MeasuredPlacement | None = None) -> list[BlockPlan]:
     """Decide, per block, whether to place a channel gate and a column gate, and how counts snap.
 
+    Channel counts snap to the table's staircase steps, or to multiples of 8 without profiles.
     Decisions use the low end of ``keep_ratio_range``, the largest saving the gates will be asked
-    for. A channel gate needs a predicted saving of at least ``min_saving`` when the table profiles
-    the block. Without profiles it is placed wherever the low keep ratio drops a channel, and a
-    warning is logged. Column gates are placed on maps at least ``spatial_min_size`` wide, because the
-    table times square maps only and cannot predict column savings.
+    for. With ``placement: measure``, ``measure`` times the block and decides. With
+    ``placement: table``, a channel gate needs a predicted saving of at least ``min_saving`` where
+    the table profiles the block, and is placed wherever the low keep ratio drops a channel where it
+    does not, with a warning. Column gates are placed on maps at least ``spatial_min_size`` wide,
+    because the table times square maps only and cannot predict column savings.
+
+    Raises:
+        GateConfigError: with ``placement: measure`` and no ``measure`` function.
     """
-    if profile_table is None and config.enabled and config.channel:
+    if config.enabled and config.placement == "measure" and measure is None:
+        raise GateConfigError("gates.placement=measure needs a measure function; use apply_gates, or set "
+                              "gates.placement to table or all.")
+    if profile_table is None and config.enabled and config.channel and config.placement == "table":
         log.warning("gates: no profile table given, so kept channel counts round up to multiples of %d and "
                     "channel gates are placed without checking that they pay on this device.", DEFAULT_CHANNEL_STEP)
     plans = []
     for site in sites:
         steps, latency = channel_staircase(site, profile_table, config.step_tolerance) if profile_table else ([], {})
-        profiled = bool(steps)
-        if not profiled:
+        if not steps:
             steps = _default_steps(site.inner_channels)
-        if config.enabled:
-            channel, channel_reason = _decide_channel(site, config, steps, latency, profiled)
-            spatial, spatial_reason = _decide_spatial(site, config)
+        measured: dict[str, dict[int, float]] = {}
+        if not config.enabled:
+            channel, spatial, reason = False, False, "gates.name=none"
+        elif config.placement == "measure":
+            channel, spatial, reason, measured = measure(site, steps)
+        elif config.placement == "table":
+            channel, spatial, reason = _decide_table(site, config, steps, latency, profile_table is not None)
         else:
-            channel, spatial, channel_reason, spatial_reason = False, False, "gates.name=none", "no gates"
-        if profile_table is not None and not profiled and channel:
-            channel_reason += "; the table lacks this block's convolutions"
-        plan = BlockPlan(site.name, channel, spatial, steps, f"{channel_reason}; {spatial_reason}", latency)
+            channel, spatial, reason = _decide_all(site, config, steps)
+        plan = BlockPlan(site.name, channel, spatial, steps, reason, latency, measured)
         log.info("gates: %s: %s", site.name, plan.reason)
         plans.append(plan)
     return plans
