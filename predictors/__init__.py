@@ -36,3 +36,21 @@ __all__ = [
     "simd_width_floats",
     "width_sweep",
 ]
+
+# Features, the XGBoost predictor and tail-aware widths. predictors.build, predictors.external and
+# predictors.evaluate are imported from their modules, because predictors.evaluate is also run as
+# `python -m predictors.evaluate` and must not be imported before that runs.
+from predictors.features import HardwareFacts, NetworkFeaturizer, layer_features, network_contributions  # noqa: E402
+from predictors.tail_aware import tail_aware_widths  # noqa: E402
+from predictors.xgb import LatencyPredictor, Prediction, PredictorError  # noqa: E402
+
+__all__ += [
+    "HardwareFacts",
+    "LatencyPredictor",
+    "NetworkFeaturizer",
+    "Prediction",
+    "PredictorError",
+    "layer_features",
+    "network_contributions",
+    "tail_aware_widths",
+]
