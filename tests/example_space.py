@@ -6,7 +6,7 @@ docs/spaces.md shows this file, and the contract tests run it like the built-in 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -15,6 +15,10 @@ from torch import nn
 from nas.spaces import Arch, LayerSpec, SearchSpace, SpaceError, dataclass_from_mapping, register_space
 from nas.spaces.layers import conv_out_size
 from nas.supernet import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear, Supernet
+
+
+# A layer class: the plain torch.nn one for subnets, the sliceable one from nas.supernet for the supernet.
+LayerFactory = Callable[..., nn.Module]
 
 
 @dataclasses.dataclass
@@ -45,7 +49,8 @@ class SeparableArch(Arch):
 class SeparableBlock(nn.Module):
     """3x3 depthwise convolution (BatchNorm, ReLU), then 1x1 pointwise convolution (BatchNorm, ReLU)."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int, conv=nn.Conv2d, bn=nn.BatchNorm2d) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, conv: LayerFactory = nn.Conv2d,
+                 bn: LayerFactory = nn.BatchNorm2d) -> None:
         super().__init__()
         self.conv_dw = conv(in_channels, in_channels, 3, stride, padding=1, groups=in_channels, bias=False)
         self.bn1 = bn(in_channels)
@@ -138,8 +143,8 @@ class SeparableSpace(SearchSpace):
         return ElasticSeparableNet(self)
 
 
-def build_layers(net: nn.Module, space: SeparableSpace, arch: SeparableArch, conv=nn.Conv2d, bn=nn.BatchNorm2d,
-                 linear=nn.Linear) -> None:
+def build_layers(net: nn.Module, space: SeparableSpace, arch: SeparableArch, conv: LayerFactory = nn.Conv2d,
+                 bn: LayerFactory = nn.BatchNorm2d, linear: LayerFactory = nn.Linear) -> None:
     """Add the stages and the classifier of ``arch`` to ``net``, with the given layer classes."""
     net.stages = nn.ModuleList(nn.Sequential() for _ in space.cfg.stages)
     for stage, _, cin, cout, stride in space.block_plan(arch):

@@ -448,6 +448,13 @@ def test_ofa_wrong_width_checkpoint_rejected(imagenet_w12, ofa_state):
     assert "mobilenet_imagenet_w1.2" in str(err.value)
 
 
+def test_ofa_file_without_state_dict_rejected(imagenet, tmp_path):
+    torch.save([torch.zeros(3)], tmp_path / "list.pth")
+    with pytest.raises(OFACheckpointError) as err:
+        load_ofa_checkpoint(imagenet.build_supernet(), tmp_path / "list.pth")
+    assert "contains a list" in str(err.value)
+
+
 def test_ofa_missing_file_named(imagenet, tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_ofa_checkpoint(imagenet.build_supernet(), tmp_path / "absent.pth")
