@@ -306,6 +306,46 @@ def test_depth_uses_first_blocks(mnist):
         assert not torch.allclose(supernet(x), before)
 
 
+def test_channel_sort_keeps_widest_output(mnist):
+    supernet = mnist.build_supernet()
+    with torch.no_grad():
+        for name, param in supernet.named_parameters():
+            if "bias" in name:
+                param.normal_(0, 0.1)
+    supernet.set_active(mnist.largest())
+    calibrated(supernet, (1, 28, 28), batch=4)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        before = supernet(x)
+        supernet.sort_expanded_channels()
+        assert torch.allclose(supernet(x), before, atol=1e-5)
+
+    block = supernet.blocks[2][1]  # has squeeze-and-excitation
+    importance = block.conv_pwl.weight.abs().sum(dim=(0, 2, 3))
+    assert torch.all(importance[:-1] >= importance[1:])
+    hidden = block.se.conv_expand.weight.abs().sum(dim=(0, 2, 3))
+    assert torch.all(hidden[:-1] >= hidden[1:])
+
+
+def test_channel_sort_respects_trained_widths(mnist):
+    supernet = mnist.build_supernet()
+    block = supernet.blocks[1][1]
+    in_channels = block.conv_pw.in_channels
+    narrow, middle = in_channels * 3, in_channels * 4
+    with torch.no_grad():
+        block.conv_pwl.weight.normal_()
+        original = block.conv_pw.weight.clone()
+        supernet.sort_expanded_channels(expand_stage=2)
+    rows = {tuple(row.flatten().tolist()): i for i, row in enumerate(original)}
+    new_positions = [rows[tuple(row.flatten().tolist())] for row in block.conv_pw.weight]
+    assert sorted(new_positions[:narrow]) == list(range(narrow))
+    assert sorted(new_positions[narrow:middle]) == list(range(narrow, middle))
+
+    with pytest.raises(ValueError) as err:
+        supernet.sort_expanded_channels(expand_stage=3)
+    assert "expand_stage must be in [0, 2]" in str(err.value)
+
+
 def test_supernet_rejects_arch_outside_space(mnist):
     supernet = mnist.build_supernet()
     bad = MobileNetV3Arch(ks=(9,) * 20, e=(3,) * 20, d=(2,) * 5, r=28)

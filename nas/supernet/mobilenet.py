@@ -111,12 +111,52 @@ class InvertedResidual(nn.Module):
         if isinstance(self.se, DynamicSqueezeExcite):
             self.se.active_reduced = se_channels
 
+    @torch.no_grad()
+    def sort_channels(self, tiers: list[int]) -> None:
+        """Reorder the expanded channels by importance, most important first (elastic only).
+
+        Importance is the L1 norm of each channel's projection weights. ``tiers`` are the widths
+        that already serve smaller expand ratios. Channels never move across such a width, so
+        subnets trained before keep their channels. The widest subnet computes
+        the same function before and after.
+        """
+        importance = self.conv_pwl.weight.abs().sum(dim=(0, 2, 3))
+        tier = torch.zeros_like(importance)
+        for width in sorted(tiers):
+            tier[width:] += 1
+        order = torch.argsort(tier * (importance.max() + 1) * 2 - importance, stable=True)
+
+        self.conv_pwl.weight.copy_(self.conv_pwl.weight[:, order])
+        self.conv_dw.weight.copy_(self.conv_dw.weight[order])
+        self.conv_pw.weight.copy_(self.conv_pw.weight[order])
+        _permute_batchnorm(self.bn1, order)
+        _permute_batchnorm(self.bn2, order)
+        if isinstance(self.se, DynamicSqueezeExcite):
+            _sort_squeeze_excite(self.se, order)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv_pw(x)))
         out = self.act2(self.bn2(self.conv_dw(out)))
         out = self.se(out)
         out = self.bn3(self.conv_pwl(out))
         return out + x if self.residual else out
+
+
+def _permute_batchnorm(norm: nn.BatchNorm2d, order: torch.Tensor) -> None:
+    for tensor in (norm.weight, norm.bias, norm.running_mean, norm.running_var):
+        tensor.copy_(tensor[order])
+
+
+def _sort_squeeze_excite(se: DynamicSqueezeExcite, order: torch.Tensor) -> None:
+    """Follow the expanded channels' new ``order``, then sort the hidden channels by importance too."""
+    se.conv_reduce.weight.copy_(se.conv_reduce.weight[:, order])
+    se.conv_expand.weight.copy_(se.conv_expand.weight[order])
+    se.conv_expand.bias.copy_(se.conv_expand.bias[order])
+
+    hidden = torch.argsort(se.conv_expand.weight.abs().sum(dim=(0, 2, 3)), descending=True, stable=True)
+    se.conv_expand.weight.copy_(se.conv_expand.weight[:, hidden])
+    se.conv_reduce.weight.copy_(se.conv_reduce.weight[hidden])
+    se.conv_reduce.bias.copy_(se.conv_reduce.bias[hidden])
 
 
 class ConvBnAct(nn.Module):
@@ -228,6 +268,23 @@ class ElasticMobileNetV3(_MobileNetV3Body, Supernet):
 
     def build_static(self, arch: MobileNetV3Arch) -> MobileNetV3Subnet:
         return MobileNetV3Subnet(self.space, arch)
+
+    def sort_expanded_channels(self, expand_stage: int = 0) -> None:
+        """Put each block's most important expanded channels first, as OFA does before elastic-expand training.
+
+        ``expand_stage`` counts the smaller expand ratios already trained: with ratios [3, 4, 6] and
+        ``expand_stage=1`` the channels of ratio 4 stay within its width, while stage 0 sorts freely.
+        OFA separates the tiers by adding large offsets to float32 importances, which rounds them, so
+        its order of nearly equal channels can differ from this exact sort.
+        """
+        ratios = sorted(self.space.cfg.expand_ratios, reverse=True)
+        if not 0 <= expand_stage < len(ratios):
+            raise ValueError(f"expand_stage must be in [0, {len(ratios) - 1}], but got {expand_stage}.")
+        for stage in range(NUM_STAGES):
+            for block in self.blocks[stage + 1]:
+                in_channels = block.conv_pw.in_channels
+                tiers = [make_divisible(round(in_channels * ratio)) for ratio in ratios[1 : expand_stage + 1]]
+                block.sort_channels(tiers)
 
     def kernel_transforms(self, arch: MobileNetV3Arch) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """Map each active depthwise weight to its kernel transform (centre crops through the learned matrices)."""
