@@ -318,7 +318,8 @@ def test_channel_sort_keeps_widest_output(mnist):
     with torch.no_grad():
         before = supernet(x)
         supernet.sort_expanded_channels()
-        assert torch.allclose(supernet(x), before, atol=1e-5)
+        # Reordered channels change the summation order, so allow float32 rounding.
+        assert torch.allclose(supernet(x), before, rtol=1e-4, atol=1e-4)
 
     block = supernet.blocks[2][1]  # has squeeze-and-excitation
     importance = block.conv_pwl.weight.abs().sum(dim=(0, 2, 3))
