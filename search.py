@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from nas.cli import StageTimer, default_storage, require_space, run_cli, to_container
+from nas.cli import StageTimer, default_storage, import_user_modules, require_space, run_cli, to_container
 from nas.data import build_datamodule
 from nas.report import plot_pareto, write_manifest, write_pareto_csv
 from nas.search import (
@@ -43,6 +43,7 @@ log = logging.getLogger("tailnas.search")
 
 def build_space(cfg: DictConfig, datamodule: Any) -> SearchSpace:
     """Build the space, filling channels and classes the data decides (for example ImageFolder's classes)."""
+    import_user_modules(to_container(cfg.get("imports")))
     space_cfg = to_container(cfg.space)
     if space_cfg.get("in_channels") is None:
         space_cfg["in_channels"] = datamodule.in_channels
@@ -217,7 +218,8 @@ def run(cfg: DictConfig) -> None:
             uncertainty_threshold=search_cfg.uncertainty_threshold if search_cfg.measure_uncertain else None,
         )
         record = {
-            "space": space.raw_config, "space_name": space.name, "data": to_container(cfg.data),
+            "space": space.raw_config, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],
+            "data": to_container(cfg.data),
             "supernet_checkpoint": str(checkpoint), "supernet": to_container(cfg.supernet),
             "predictor_path": str(predictor_path), "hardware": protocol.to_dict(),
             "device_fingerprint_id": fingerprint_id(fingerprint), "seed": cfg.seed,

@@ -19,7 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from nas.cli import StageTimer, UsageError, default_storage, run_cli, to_container
+from nas.cli import StageTimer, UsageError, default_storage, import_user_modules, run_cli, to_container
 from nas.data import build_datamodule
 from nas.report import atomic_write_text
 from nas.search import SearchError, knee_index, latest_study_name, pareto_trials
@@ -151,6 +151,7 @@ def run(cfg: DictConfig) -> None:
     study = load_study(cfg)
     trial = pick_trial(study, cfg)
     record = study.user_attrs
+    import_user_modules(record.get("imports"))
     space = create_space(record["space"])
     arch = space.arch_from_dict(trial.user_attrs["arch"])
     log.info("Picked trial %d: accuracy %.4f, predicted %.3f ms, arch %s", trial.number, trial.values[0],

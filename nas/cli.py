@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import sys
@@ -19,6 +20,7 @@ __all__ = [
     "available_spaces",
     "require_space",
     "default_storage",
+    "import_user_modules",
     "run_cli",
     "to_container",
 ]
@@ -44,6 +46,15 @@ def require_space(cfg: DictConfig, command: str) -> None:
         raise UsageError(
             f"No search space chosen. Run `{command} +space=resnet` (or another space). Available spaces: {spaces}."
         )
+
+
+def import_user_modules(modules: list[str] | None) -> None:
+    """Import the modules in ``imports`` so that user-defined space families register themselves."""
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise UsageError(f"imports: cannot import {name!r} ({err}); check the module name and PYTHONPATH.") from err
 
 
 def default_storage(cfg: DictConfig) -> str:
