@@ -509,10 +509,21 @@ def test_keep_ratio_schedule_values():
     assert schedule.ratio_at(0) == 1.0
     assert schedule.ratio_at(2) == pytest.approx(0.8)
     assert schedule.ratio_at(10) == pytest.approx(0.6)
+    assert schedule.next_ratio(10) == pytest.approx(0.6)
     assert KeepRatioSchedule(target=0.6, epochs=0).ratio_at(0) == 0.6
-    restored = KeepRatioSchedule(target=0.9, epochs=1)
+
+
+def test_keep_ratio_schedule_samples_range():
+    schedule = KeepRatioSchedule(target=0.6, epochs=2, sample_range=(0.4, 1.0), seed=3)
+    assert schedule.next_ratio(1.0) == pytest.approx(0.8)
+    draws = [schedule.next_ratio(2.5) for _ in range(200)]
+    assert min(draws) >= 0.4
+    assert max(draws) <= 1.0
+    assert max(draws) - min(draws) > 0.5
+
+    restored = KeepRatioSchedule(target=0.9, epochs=1, sample_range=(0.5, 0.6))
     restored.load_state_dict(schedule.state_dict())
-    assert restored.ratio_at(2) == pytest.approx(0.8)
+    assert [restored.next_ratio(3) for _ in range(5)] == [schedule.next_ratio(3) for _ in range(5)]
 
 
 class _TinyModule(pl.LightningModule):
@@ -531,16 +542,17 @@ class _TinyModule(pl.LightningModule):
 
 
 def test_keep_ratio_schedule_in_trainer(subnet):
-    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5, "schedule_epochs": 1}).train()
+    config = {**ALL, "keep_ratio": 0.5, "schedule_epochs": 1}
+    network = apply_gates(subnet, config).train()
     generator = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(16, 1, 28, 28, generator=generator),
                                           torch.randint(0, 10, (16,), generator=generator))
     module = _TinyModule(network)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[KeepRatioSchedule.from_config({"name": "feature", "keep_ratio": 0.5,
-                                                                                "schedule_epochs": 1})],
+    trainer = pl.Trainer(max_epochs=2, callbacks=[KeepRatioSchedule.from_config(config)],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
     assert module.seen[:4] == pytest.approx([1.0, 0.875, 0.75, 0.625])
-    assert module.seen[4:] == pytest.approx([0.5] * 4)
+    assert all(0.4 <= ratio <= 1.0 for ratio in module.seen[4:])
+    assert len(set(module.seen[4:])) == 4
     assert network.keep_ratio == 0.5

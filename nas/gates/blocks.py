@@ -302,25 +302,34 @@ class GatedResidualBlock(nn.Module):
         """Run the gated branch in eval mode, skipping dropped work where that pays.
 
         Each image keeps its own channels and columns. The block gathers the union of the batch's
-        selections and zeroes, per image, what that image dropped, so "skip" gives the outputs of
-        "mask" for any batch size. At batch 1 the union is the image's own selection and nothing
-        dropped is computed. At batch 32, 32 selections of 60% of the channels cover nearly all of
-        them. When the union leaves more than ``skip_max_share`` of the inner-convolution MACs,
-        gathering saves little and costs index copies, so the block runs dense and masks. The
-        gates then add only their pooled layers and one multiply. A per-image loop
-        would keep every image's savings, but it replaces one batched convolution by N small ones,
-        and the per-call overhead and lost batching cost more than the skipped MACs at these sizes.
+        selected channels and zeroes, per image, what that image dropped, so "skip" gives the
+        outputs of "mask" for any batch size. At batch 1 the union is the image's own selection and
+        nothing dropped is computed. At batch 32, 32 selections of 60% of the channels cover nearly
+        all of them. When the union leaves more than ``skip_max_share`` of the inner-convolution
+        MACs, gathering saves little and costs index copies, so the block runs dense and masks. The
+        gates then add only their pooled layers and one multiply. A per-image loop would keep every
+        image's savings, but it replaces one batched convolution by N small ones, and the per-call
+        overhead and lost batching cost more than the skipped MACs at these sizes.
+
+        Columns are gathered at batch 1 only and masked otherwise, because a batch's union of columns
+        is nearly full. On the 2-core x86 CPU used in development, the windowed convolutions of the
+        column path ran slower than the dense ones even at batch 1 (``benchmarks/gates.py``).
         """
         weights = self._folded_weights()
+        skip = self.runtime.mode == "skip"
         channel_index, channel_mask = self._select(channel_logits, self.kept_channels)
-        column_index, column_mask = self._select(column_logits, self.kept_columns)
+        column_index, column_mask = None, None
+        if column_logits is not None and skip and inner.shape[0] == 1:
+            column_index, column_mask = self._select(column_logits, self.kept_columns)
+        elif column_logits is not None:
+            column_mask = top_k_mask(column_logits, self.kept_columns)
 
         share = 1.0
         if channel_index is not None:
             share *= channel_index.numel() / self.inner_channels
         if column_index is not None:
             share *= column_index.numel() / self.inner_width
-        if self.runtime.mode == "skip" and share <= self.runtime.skip_max_share:
+        if skip and share <= self.runtime.skip_max_share:
             hidden = self._produce_gathered(inner, weights, channel_index, column_index)
             mask = self._outer_mask(channel_mask, column_mask)
             if mask is not None:
@@ -329,8 +338,10 @@ class GatedResidualBlock(nn.Module):
 
         conv, _, act = self._stage_modules(self.layout.producer)
         hidden = act(self._conv(inner, weights["producer_w"], weights["producer_b"], conv.stride, conv.padding))
-        channel_mask = top_k_mask(channel_logits, self.kept_channels) if channel_logits is not None else None
-        column_mask = top_k_mask(column_logits, self.kept_columns) if column_logits is not None else None
+        if channel_logits is not None:
+            channel_mask = top_k_mask(channel_logits, self.kept_channels)
+        if column_index is not None:
+            column_mask = top_k_mask(column_logits, self.kept_columns)
         mask = self._outer_mask(channel_mask, column_mask)
         if mask is not None:
             hidden.mul_(mask)

@@ -57,6 +57,8 @@ class GateConfig:
             "mask" (dense computation multiplied by a 0/1 mask). Training always masks.
         targeted_dropout: see :class:`TargetedDropoutConfig`.
         schedule_epochs: epochs over which the keep ratio falls from 1.0 to ``keep_ratio``.
+        sample_range_after_ramp: after the ramp, draw each training step's keep ratio uniformly from
+            ``keep_ratio_range``, so that every ratio in the range is trained.
         kd_weight: weight of distillation from the ungated subnet during fine-tuning.
         placement: how gates are placed. "measure" times each block on this machine with and
             without gates and keeps the fastest option that pays. "table" places channel gates
@@ -87,6 +89,7 @@ class GateConfig:
     mode: str = "skip"
     targeted_dropout: TargetedDropoutConfig = dataclasses.field(default_factory=TargetedDropoutConfig)
     schedule_epochs: int = 3
+    sample_range_after_ramp: bool = True
     kd_weight: float = 1.0
     placement: str = "measure"
     measure_batch_sizes: tuple[int, ...] = (1, 32)
@@ -205,7 +208,7 @@ def parse_gate_config(data: Mapping[str, Any] | GateConfig) -> GateConfig:
         values["measure_batch_sizes"] = _parse_batch_sizes(values["measure_batch_sizes"])
     if "targeted_dropout" in values:
         values["targeted_dropout"] = _parse_dropout(values["targeted_dropout"])
-    for key in ("channel", "spatial"):
+    for key in ("channel", "spatial", "sample_range_after_ramp"):
         if key in values and not isinstance(values[key], bool):
             raise GateConfigError(f"gates.{key} must be true or false, but got {values[key]!r}.")
     cfg = GateConfig(**values)
