@@ -38,6 +38,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 REPORT_FORMAT_VERSION = 1
+# Below this share of pass-to-pass agreement within 10%, the build warns that measurements are too noisy.
+NOISY_WITHIN_10PCT = 0.9
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,14 @@ def build_predictor(
         profile_s=round(profile_s, 2), fit_s=round(fit_s, 2), build_s=round(time.perf_counter() - started, 2),
         n_layers=len({r["key"] for r in layer_records}), profile=summary.to_dict(),
     )
+    noise = report.get("noise_floor") or {}
+    if noise.get("within_10pct") is not None and noise["within_10pct"] < NOISY_WITHIN_10PCT:
+        logger.warning(
+            "Only %.0f%% of the subnets measured twice agree within 10%% between passes, so latency on this "
+            "device is too noisy for an accurate predictor. Profile on a quiet machine, or set hardware.threads=1 "
+            "when other processes share the CPU, then rebuild with predictor.rebuild=true.",
+            100 * noise["within_10pct"],
+        )
     logger.info(
         "Latency predictor for %s: within 10%% %.3f, within 5%% %.3f, Kendall tau %s on %d held-out subnets "
         "(MACs-linear within 10%% %.3f); built in %.1f s.",
