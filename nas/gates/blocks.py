@@ -255,23 +255,29 @@ class GatedResidualBlock(nn.Module):
         return bn(conv(hidden))
 
     # -- eval paths -----------------------------------------------------------------------------
-    def _folded_weights(self) -> dict[str, torch.Tensor]:
-        """Return BatchNorm-folded producer and consumer weights, rebuilt when any source tensor changed."""
+    def _fold_weights(self) -> dict[str, torch.Tensor]:
         producer_conv, producer_bn, _ = self._stage_modules(self.layout.producer)
         consumer_conv, consumer_bn, _ = self._stage_modules(len(self.layout.stages) - 1)
-        sources = [t for m in (producer_conv, producer_bn, consumer_conv, consumer_bn)
-                   for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
+        producer_w, producer_b = _fold_batchnorm(producer_conv, producer_bn)
+        consumer_w, consumer_b = _fold_batchnorm(consumer_conv, consumer_bn)
+        # Column form of the consumer: one (k, 1) filter per kernel column dx, stacked dx-major on
+        # the output channels, so each kept input column can be convolved on its own.
+        taps = consumer_w.shape[3]
+        stacked = consumer_w.permute(3, 0, 1, 2).reshape(taps * consumer_w.shape[0], consumer_w.shape[1],
+                                                           consumer_w.shape[2], 1)
+        return {"producer_w": producer_w, "producer_b": producer_b, "consumer_w": consumer_w,
+                "consumer_b": consumer_b, "consumer_columns_w": stacked.contiguous()}
+
+    def _folded_weights(self) -> dict[str, torch.Tensor]:
+        """Return BatchNorm-folded producer and consumer weights, rebuilt when any source tensor changed."""
+        # torch.export and torch.compile trace fake tensors, which have no data pointer, so fold inline.
+        if torch.compiler.is_compiling():
+            return self._fold_weights()
+        modules = [*self._stage_modules(self.layout.producer)[:2], *self._stage_modules(len(self.layout.stages) - 1)[:2]]
+        sources = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
         key = tuple((t.data_ptr(), t._version) for t in sources)
         if key != self._folded_key:
-            producer_w, producer_b = _fold_batchnorm(producer_conv, producer_bn)
-            consumer_w, consumer_b = _fold_batchnorm(consumer_conv, consumer_bn)
-            # Column form of the consumer: one (k, 1) filter per kernel column dx, stacked dx-major on
-            # the output channels, so each kept input column can be convolved on its own.
-            taps = consumer_w.shape[3]
-            stacked = consumer_w.permute(3, 0, 1, 2).reshape(taps * consumer_w.shape[0], consumer_w.shape[1],
-                                                               consumer_w.shape[2], 1)
-            self._folded = {"producer_w": producer_w, "producer_b": producer_b, "consumer_w": consumer_w,
-                            "consumer_b": consumer_b, "consumer_columns_w": stacked.contiguous()}
+            self._folded = self._fold_weights()
             self._folded_key = key
         return self._folded
 
@@ -317,9 +323,16 @@ class GatedResidualBlock(nn.Module):
         """
         weights = self._folded_weights()
         skip = self.runtime.mode == "skip"
-        channel_index, channel_mask = self._select(channel_logits, self.kept_channels)
-        column_index, column_mask = None, None
-        if column_logits is not None and skip and inner.shape[0] == 1:
+        single = isinstance(inner.shape[0], int) and inner.shape[0] == 1
+        # A traced program (torch.export with a dynamic batch) cannot size tensors by a batch's
+        # union, so traced batches other than 1 take the dense masked path.
+        gather_channels = skip and (single or not torch.compiler.is_compiling())
+        channel_index, channel_mask, column_index, column_mask = None, None, None, None
+        if channel_logits is not None and gather_channels:
+            channel_index, channel_mask = self._select(channel_logits, self.kept_channels)
+        elif channel_logits is not None:
+            channel_mask = top_k_mask(channel_logits, self.kept_channels)
+        if column_logits is not None and skip and single:
             column_index, column_mask = self._select(column_logits, self.kept_columns)
         elif column_logits is not None:
             column_mask = top_k_mask(column_logits, self.kept_columns)
@@ -338,7 +351,7 @@ class GatedResidualBlock(nn.Module):
 
         conv, _, act = self._stage_modules(self.layout.producer)
         hidden = act(self._conv(inner, weights["producer_w"], weights["producer_b"], conv.stride, conv.padding))
-        if channel_logits is not None:
+        if channel_index is not None:
             channel_mask = top_k_mask(channel_logits, self.kept_channels)
         if column_index is not None:
             column_mask = top_k_mask(column_logits, self.kept_columns)

@@ -1,0 +1,324 @@
+"""Sweep a gated subnet's keep ratio against static subnets on the MNIST subset and print one JSON line.
+
+Usage: python benchmarks/gates.py [--arch JSON] [--epochs E] [--finetune-epochs F] [--ratios R ...]
+       [--placement measure|table|all] [--static N] [--threads T] [--repeats R] [--out DIR]
+
+Trains one subnet of ``conf/space/resnet.yaml`` (1x28x28, 10 classes) on the bundled MNIST subset
+with a plain loop. Then it gates the subnet (``conf/gates/feature.yaml`` with the flags overriding
+it) and fine-tunes the gated copy with the keep-ratio schedule of ``KeepRatioSchedule``, targeted
+dropout and distillation from the ungated subnet. :func:`sweep_keep_ratios` then measures, per
+keep ratio:
+
+- ``accuracy`` on the test split with its 95% Wilson interval (``accuracy_low``, ``accuracy_high``);
+- ``macs``: MACs per image that run at batch 1 (``executed_macs``, gates included);
+- ``latency_b1_ms`` and ``latency_b32_ms``: median latency per batch of 1 and 32 images, BatchNorm
+  folded, from ``predictors.profiling.measure_module``.
+
+``baseline`` is the ungated subnet, and ``static`` lists subnets of the space, trained from scratch
+for as many epochs as the gated one had in total, whose batch-1 latency falls in the sweep's range.
+Writes ``gates_accuracy_latency.png`` (accuracy against batch-1 latency) and ``gates.json`` to
+``--out``. Latencies are only as quiet as the machine: run it alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nas.data import build_datamodule  # noqa: E402
+from nas.gates import GatedNetwork, KeepRatioSchedule, apply_gates, executed_macs, parse_gate_config  # noqa: E402
+from nas.spaces import create_space  # noqa: E402
+from nas.spaces.base import SearchSpace  # noqa: E402
+from predictors.modules import fold_batchnorm  # noqa: E402
+from predictors.profiling import measure_module  # noqa: E402
+from predictors.protocol import MeasurementProtocol  # noqa: E402
+
+log = logging.getLogger("benchmarks.gates")
+
+DEFAULT_ARCH = {"depths": [1, 2, 2], "widths": [32, 48, 96], "expand_ratios": [], "resolution": 28}
+# Images whose batch-1 MACs are averaged: top-k keeps a fixed count, so MACs barely vary by image.
+MACS_IMAGES = 8
+# z of a two-sided 95% interval.
+Z_95 = 1.959963984540054
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=json.loads, default=DEFAULT_ARCH, help="subnet to gate, as arch JSON")
+    parser.add_argument("--epochs", type=int, default=4, help="training epochs of the ungated subnet")
+    parser.add_argument("--finetune-epochs", type=int, default=4, help="fine-tuning epochs of the gated subnet")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+                        help="keep ratios to sweep, inside gates.keep_ratio_range")
+    parser.add_argument("--keep-ratio", type=float, default=None, help="gates.keep_ratio (default: feature.yaml)")
+    parser.add_argument("--placement", default="measure", help="gates.placement: measure, table or all")
+    parser.add_argument("--static", type=int, default=3, help="static subnets to train for comparison")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
+    parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency")
+    parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
+    parser.add_argument("--seed", type=int, default=0, help="seed of data split, weights and sampling")
+    parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/gates"), help="output folder")
+    return parser.parse_args()
+
+
+# -- statistics and measurement ---------------------------------------------------------------
+
+
+def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """Return the Wilson score interval of a binomial proportion ``correct / total``."""
+    if total == 0:
+        return 0.0, 1.0
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+@torch.no_grad()
+def count_correct(model: nn.Module, loader: DataLoader) -> tuple[int, int]:
+    """Return (correct, total) predictions of ``model`` in eval mode over ``loader``."""
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(dim=1) == y).sum())
+        total += len(y)
+    return correct, total
+
+
+def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, threads: int,
+                       repeats: int) -> float:
+    """Return the median latency (ms per batch) of a BatchNorm-folded copy of ``model`` on this CPU."""
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm(folded)
+    protocol = MeasurementProtocol(device="cpu", batch_size=batch_size, threads=threads, warmup=10, repeats=repeats)
+    return measure_module(folded, tuple(input_shape), protocol, record_operators=False).median_ms
+
+
+def describe_point(model: nn.Module, loader: DataLoader, input_shape: Sequence[int], images: torch.Tensor,
+                   args: argparse.Namespace) -> dict[str, Any]:
+    """Return accuracy with its interval, batch-1 MACs per image and latencies at batch 1 and 32."""
+    correct, total = count_correct(model, loader)
+    low, high = wilson_interval(correct, total)
+    macs = [executed_macs(model, images[i : i + 1]) for i in range(len(images))]
+    return {
+        "accuracy": correct / total,
+        "accuracy_low": low,
+        "accuracy_high": high,
+        "test_images": total,
+        "macs": int(round(float(np.mean(macs)))),
+        "latency_b1_ms": measure_latency_ms(model, input_shape, 1, args.threads, args.repeats),
+        "latency_b32_ms": measure_latency_ms(model, input_shape, 32, args.threads, max(5, args.repeats // 3)),
+    }
+
+
+def sweep_keep_ratios(network: GatedNetwork, loader: DataLoader, ratios: Sequence[float],
+                      input_shape: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Measure ``network`` in skip mode at each keep ratio; the network ends at its original ratio."""
+    images = next(iter(loader))[0][:MACS_IMAGES]
+    original = network.keep_ratio
+    network.set_mode("skip")
+    points = []
+    for ratio in ratios:
+        network.set_keep_ratio(ratio)
+        point = {"keep_ratio": ratio, **describe_point(network, loader, input_shape, images, args)}
+        log.info("keep ratio %.2f: %s", ratio, point)
+        points.append(point)
+    network.set_keep_ratio(original)
+    return points
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def train_epochs(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
+                 on_epoch: Callable[[int, float], None] | None = None, teacher: nn.Module | None = None,
+                 kd_weight: float = 0.0) -> None:
+    """Train with AdamW and a cosine schedule; ``on_epoch(epoch, fraction)`` runs before every step."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
+    steps = max(1, epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+    model.train()
+    for epoch in range(epochs):
+        for index, (x, y) in enumerate(loader):
+            if on_epoch is not None:
+                on_epoch(epoch, index / len(loader))
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None and kd_weight > 0:
+                with torch.no_grad():
+                    target = F.softmax(teacher(x), dim=1)
+                loss = loss + kd_weight * F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        log.info("epoch %d/%d: last loss %.4f", epoch + 1, epochs, float(loss))
+    model.eval()
+
+
+def build_gated(subnet: nn.Module, loader: DataLoader, args: argparse.Namespace) -> GatedNetwork:
+    """Gate ``subnet`` and fine-tune the gated copy with the keep-ratio schedule and distillation."""
+    gates_cfg = yaml.safe_load((ROOT / "conf/gates/feature.yaml").read_text())
+    gates_cfg.update(seed=args.seed, placement=args.placement)
+    if args.keep_ratio is not None:
+        gates_cfg["keep_ratio"] = args.keep_ratio
+    config = parse_gate_config(gates_cfg)
+    protocol = MeasurementProtocol(device="cpu", threads=args.threads, warmup=5, repeats=15)
+    network = apply_gates(subnet, config, protocol=protocol)
+
+    schedule = KeepRatioSchedule.from_config(config)
+
+    def on_step(epoch: int, fraction: float) -> None:
+        network.set_keep_ratio(schedule.next_ratio(epoch + fraction))
+
+    teacher = copy.deepcopy(subnet).eval()
+    train_epochs(network, loader, args.finetune_epochs, args.lr / 2, on_step, teacher, config.kd_weight)
+    network.set_keep_ratio(config.keep_ratio)
+    return network
+
+
+# -- static subnets ---------------------------------------------------------------------------
+
+
+def pick_static_archs(space: SearchSpace, low_ms: float, high_ms: float, count: int,
+                      args: argparse.Namespace) -> list[tuple[Any, float]]:
+    """Return ``count`` sampled architectures with batch-1 latency in [low, high], spread over the range."""
+    rng = np.random.default_rng(args.seed)
+    candidates = {space.smallest().to_json(): space.smallest()}
+    for _ in range(200):
+        arch = space.sample(rng)
+        candidates.setdefault(arch.to_json(), arch)
+        if len(candidates) >= 40:
+            break
+    supernet = space.build_supernet().eval()
+    timed = []
+    for arch in candidates.values():
+        latency = measure_latency_ms(supernet.extract(arch), space.input_shape(arch), 1, args.threads, 15)
+        if low_ms <= latency <= high_ms:
+            timed.append((arch, latency))
+    timed.sort(key=lambda item: item[1])
+    if len(timed) <= count:
+        return timed
+    picks = np.linspace(0, len(timed) - 1, count).round().astype(int)
+    return [timed[i] for i in sorted(set(picks.tolist()))]
+
+
+def static_points(space: SearchSpace, loader: DataLoader, test_loader: DataLoader, low_ms: float, high_ms: float,
+                  args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Train and measure static subnets whose batch-1 latency lies in [low_ms, high_ms]."""
+    images = next(iter(test_loader))[0][:MACS_IMAGES]
+    points = []
+    for arch, _ in pick_static_archs(space, low_ms, high_ms, args.static, args):
+        torch.manual_seed(args.seed)
+        model = space.build_supernet().build_static(arch)
+        train_epochs(model, loader, args.epochs + args.finetune_epochs, args.lr)
+        point = {"arch": arch.to_dict(), **describe_point(model, test_loader, space.input_shape(arch), images, args)}
+        log.info("static %s: %s", arch.to_json(), point)
+        points.append(point)
+    return points
+
+
+# -- output -----------------------------------------------------------------------------------
+
+
+def plot(points: list[dict[str, Any]], baseline: dict[str, Any], static: list[dict[str, Any]], path: Path) -> None:
+    """Write accuracy against batch-1 latency for gated, ungated and static networks to ``path`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for series, style, label in ((points, "o-", "gated (keep ratio sweep)"), (static, "s", "static subnets"),
+                                 ([baseline], "*", "ungated subnet")):
+        if not series:
+            continue
+        x = [p["latency_b1_ms"] for p in series]
+        y = [100 * p["accuracy"] for p in series]
+        errors = [[100 * (p["accuracy"] - p["accuracy_low"]) for p in series],
+                  [100 * (p["accuracy_high"] - p["accuracy"]) for p in series]]
+        axes.errorbar(x, y, yerr=errors, fmt=style, capsize=3, label=label, markersize=8 if style == "*" else 5)
+    for p in points:
+        axes.annotate(f"{p['keep_ratio']:.1f}", (p["latency_b1_ms"], 100 * p["accuracy"]), fontsize=7,
+                      textcoords="offset points", xytext=(4, 4))
+    axes.set_xlabel("latency at batch 1 (ms, BatchNorm folded)")
+    axes.set_ylabel("test accuracy (%, 95% Wilson interval)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp")
+    figure.savefig(temporary, format="png", dpi=120)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def write_json(data: dict[str, Any], path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    args.out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    started = time.perf_counter()
+
+    space_cfg = yaml.safe_load((ROOT / "conf/space/resnet.yaml").read_text())
+    space_cfg.update(in_channels=1, num_classes=10)
+    space = create_space(space_cfg)
+    arch = space.arch_from_dict(args.arch)
+    input_shape = space.input_shape(arch)
+    data = build_datamodule({"name": "mnist", "seed": args.seed, "batch_size": 64, "eval_batch_size": 500})
+    data.setup()
+    loader, test_loader = data.train_dataloader(), data.test_dataloader()
+
+    subnet = space.build_supernet().build_static(arch)
+    train_epochs(subnet, loader, args.epochs, args.lr)
+    images = next(iter(test_loader))[0][:MACS_IMAGES]
+    baseline = {"arch": arch.to_dict(), **describe_point(subnet, test_loader, input_shape, images, args)}
+    log.info("ungated: %s", baseline)
+
+    network = build_gated(subnet, loader, args)
+    points = sweep_keep_ratios(network, test_loader, args.ratios, input_shape, args)
+    latencies = [p["latency_b1_ms"] for p in points] + [baseline["latency_b1_ms"]]
+    static = static_points(space, loader, test_loader, 0.8 * min(latencies), 1.2 * max(latencies), args)
+
+    plot(points, baseline, static, args.out / "gates_accuracy_latency.png")
+    result = {
+        "points": points,
+        "baseline": baseline,
+        "static": static,
+        "gates": network.describe(),
+        "threads": args.threads,
+        "epochs": args.epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(result, args.out / "gates.json")
+    summary = {key: result[key] for key in ("points", "baseline", "static", "threads", "seconds")}
+    summary["gated_blocks"] = {p["name"]: [p["channel"], p["spatial"]] for p in result["gates"]["blocks"]}
+    print(json.dumps(summary, separators=(",", ":")))
+
+
+if __name__ == "__main__":
+    main()
