@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from nas.cli import StageTimer, default_storage, import_user_modules, require_space, run_cli, to_container
 from nas.data import build_datamodule
+from nas.progressive import ProgressiveError, create_supernet_module
 from nas.report import plot_pareto, write_manifest, write_pareto_csv
 from nas.search import (
     LatencyEstimate,
@@ -36,7 +37,7 @@ from nas.search import (
 from nas.spaces import SearchSpace, create_space
 from nas.supernet.cache import load_supernet, save_supernet, supernet_key
 from nas.tracking import create_tracker
-from nas.training import SubnetEvaluator, SupernetModule
+from nas.training import SubnetEvaluator
 
 log = logging.getLogger("tailnas.search")
 
@@ -59,7 +60,10 @@ def training_device(trainer_cfg: DictConfig) -> str:
 
 
 def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any, tracker: Any) -> tuple[Any, Path]:
-    """Return the supernet for this space, data and training setup, training it only when no checkpoint exists."""
+    """Return the supernet for this space, data and training setup, training it only when no checkpoint exists.
+
+    ``supernet.schedule`` picks the training: "sandwich" or "progressive" (see ``nas.progressive``).
+    """
     import lightning.pytorch as pl
 
     training = to_container(cfg.supernet)
@@ -70,18 +74,15 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
         supernet, _ = load_supernet(path, space)
         return supernet, path
 
-    if training["schedule"] != "sandwich":
-        raise SearchError(f"Unknown supernet.schedule={training['schedule']!r}; available schedules are ['sandwich'].")
     pl.seed_everything(cfg.seed, workers=True)
     supernet = space.build_supernet()
-    module = SupernetModule(
-        supernet, lr=training["lr"], weight_decay=training["weight_decay"], num_random=training["num_random"],
-        kd_weight=training["kd_weight"], temperature=training["temperature"], seed=cfg.seed,
-        label_smoothing=training["label_smoothing"],
-    )
+    try:
+        module, epochs = create_supernet_module(supernet, training, seed=cfg.seed)
+    except ProgressiveError as err:
+        raise SearchError(str(err)) from err
     trainer_cfg = training["trainer"]
     trainer = pl.Trainer(
-        max_epochs=training["epochs"], accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"],
+        max_epochs=epochs, accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"],
         strategy=trainer_cfg["strategy"], precision=trainer_cfg["precision"], logger=tracker.lightning_logger(),
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=HydraConfig.get().runtime.output_dir,

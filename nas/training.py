@@ -27,7 +27,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SUPERNET_SCHEDULES = ("sandwich",)
+# Values of supernet.schedule; nas.progressive.create_supernet_module builds the module of each.
+SUPERNET_SCHEDULES = ("sandwich", "progressive")
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
