@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from nas.spaces.layers import LayerSpec
 from predictors.fingerprint import device_fingerprint, fingerprint_id, fingerprints_match
 from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape
-from predictors.profiler_records import ProfilingError, profile_operators, synchronize
+from predictors.profiler_records import ProfilingError, synchronize
 from predictors.protocol import (
     DTYPES,
     RUNTIMES,
@@ -39,6 +39,7 @@ from predictors.protocol import (
     MeasurementProtocol,
     check_device_available,
 )
+from predictors.runtimes import RuntimeFailedError, create_runner
 
 __all__ = [
     "DTYPES",
@@ -49,6 +50,7 @@ __all__ = [
     "MeasurementProtocol",
     "ProfileSummary",
     "ProfilingError",
+    "RuntimeFailedError",
     "check_device_available",
     "enumerate_layers",
     "fold_batchnorm_checked",
@@ -118,13 +120,13 @@ def _thread_count(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(previous)
 
 
-def _time_passes(module: nn.Module, x: torch.Tensor, device: torch.device, passes: int) -> list[float]:
-    """Run ``passes`` forward passes and return each one's wall time in milliseconds."""
+def _time_passes(run: Callable[[], Any], device: torch.device, passes: int) -> list[float]:
+    """Call ``run`` (one forward pass) ``passes`` times and return each call's wall time in milliseconds."""
     times = []
     for _ in range(passes):
         synchronize(device)
         start = time.perf_counter()
-        module(x)
+        run()
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return times
@@ -136,34 +138,37 @@ def measure_module(
     protocol: MeasurementProtocol,
     record_operators: bool = True,
 ) -> Measurement:
-    """Time ``module`` on random input of shape ``(protocol.batch_size, *input_shape)``.
+    """Time ``module`` on random input of shape ``(protocol.batch_size, *input_shape)`` with ``protocol.runtime``.
 
     The module is moved to the protocol's device and dtype and set to eval mode in place. Timing
     runs under ``torch.inference_mode``: ``warmup`` untimed passes, then ``repeats`` timed passes.
-    With ``record_operators``, one more pass runs under ``torch.profiler`` and its records become
+    With ``record_operators``, one more pass runs under a profiler and its records become
     ``Measurement.operators``; that pass is not part of the timing.
 
+    Runtimes (see :mod:`predictors.runtimes`): "eager" calls the module. "compile" runs
+    ``torch.compile`` and compiles in one extra untimed pass before the warm-up, so a compilation
+    adds seconds per call. "onnxruntime" exports the module to ONNX and times an ONNX Runtime
+    session with ``threads`` intra-op threads, and its operator records come from ONNX Runtime's
+    own profiler (``kind="ort_node"``).
+
     Raises:
-        NotImplementedError: for ``runtime`` other than ``"eager"``.
         DeviceUnavailableError: if the protocol's CUDA device is not present.
-        ProfilingError: if the profiled pass recorded no operator (CPU) or kernel (CUDA) events.
+        RuntimeFailedError: if the runtime cannot prepare the module (compilation, export or session failed).
+        ProfilingError: if the profiled pass recorded no operator (CPU), kernel (CUDA) or node (ONNX Runtime) events.
     """
-    if protocol.runtime != "eager":
-        # TODO: time torch.compile and ONNX Runtime sessions; both need their own warm-up rules.
-        raise NotImplementedError(
-            f"hardware.runtime={protocol.runtime!r} is not implemented yet; use hardware.runtime=eager."
-        )
     check_device_available(protocol.device)
     device = torch.device(protocol.device)
     module = module.to(device=device, dtype=protocol.torch_dtype).eval()
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((protocol.batch_size, *input_shape), generator=generator).to(device, protocol.torch_dtype)
 
-    load = load_average()
-    with _thread_count(protocol.threads) as threads, torch.inference_mode():
-        _time_passes(module, x, device, protocol.warmup)
-        times = np.asarray(_time_passes(module, x, device, protocol.repeats))
-        operators = profile_operators(module, x, device) if record_operators else []
+    with _thread_count(protocol.threads) as threads:
+        runner = create_runner(protocol.runtime, module, x, device, threads)
+        load = load_average()
+        with torch.inference_mode():
+            _time_passes(runner.run, device, protocol.warmup)
+            times = np.asarray(_time_passes(runner.run, device, protocol.repeats))
+            operators = runner.operators() if record_operators else []
 
     p10, p25, p75, p90 = np.percentile(times, [10, 25, 75, 90])
     return Measurement(

@@ -43,8 +43,8 @@ class MeasurementProtocol:
 
     Attributes:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        runtime: ``"eager"``; ``"compile"`` and ``"onnxruntime"`` are accepted in configs but
-            :func:`predictors.profiling.measure_module` raises ``NotImplementedError`` for them.
+        runtime: ``"eager"`` (PyTorch), ``"compile"`` (``torch.compile``) or ``"onnxruntime"`` (an ONNX
+            Runtime session on the exported module; float32 only).
         batch_size: images per forward pass; latencies are per pass, not per image.
         threads: intra-op threads (``torch.set_num_threads``) during measurement; ``None`` keeps
             torch's current setting, and the count actually used is recorded either way.
@@ -68,6 +68,11 @@ class MeasurementProtocol:
             raise HardwareConfigError(f"hardware.runtime must be one of {list(RUNTIMES)}, but got {self.runtime!r}.")
         if self.dtype not in DTYPES:
             raise HardwareConfigError(f"hardware.dtype must be one of {list(DTYPES)}, but got {self.dtype!r}.")
+        if self.runtime == "onnxruntime" and self.dtype != "float32":
+            raise HardwareConfigError(
+                f"hardware.runtime=onnxruntime times float32 models only, but hardware.dtype={self.dtype!r}; "
+                "set hardware.dtype=float32, or use hardware.runtime=eager or compile for reduced precision."
+            )
         _check_int("batch_size", self.batch_size, minimum=1)
         _check_int("warmup", self.warmup, minimum=0)
         _check_int("repeats", self.repeats, minimum=1)
