@@ -1,7 +1,8 @@
 """Sweep a gated subnet's keep ratio against static subnets on the MNIST subset and print one JSON line.
 
 Usage: python benchmarks/gates.py [--arch JSON] [--epochs E] [--finetune-epochs F] [--ratios R ...]
-       [--placement measure|table|all] [--static N] [--threads T] [--repeats R] [--out DIR]
+       [--placement measure|table|all] [--gates KEY=VALUE ...] [--static N] [--threads T] [--repeats R]
+       [--out DIR]
 
 Trains one subnet of ``conf/space/resnet.yaml`` (1x28x28, 10 classes) on the bundled MNIST subset
 with a plain loop. Then it gates the subnet (``conf/gates/feature.yaml`` with the flags overriding
@@ -45,10 +46,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nas.data import build_datamodule  # noqa: E402
-from nas.gates import GatedNetwork, KeepRatioSchedule, apply_gates, executed_macs, parse_gate_config  # noqa: E402
+from nas.gates import (  # noqa: E402
+    GatedNetwork,
+    KeepRatioSchedule,
+    apply_gates,
+    describe_layers,
+    executed_macs,
+    find_block_sites,
+    parse_gate_config,
+)
 from nas.spaces import create_space  # noqa: E402
 from nas.spaces.base import SearchSpace  # noqa: E402
-from predictors.modules import fold_batchnorm  # noqa: E402
+from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape  # noqa: E402
 from predictors.profiling import measure_module  # noqa: E402
 from predictors.protocol import MeasurementProtocol  # noqa: E402
 
@@ -70,6 +79,8 @@ def parse_args() -> argparse.Namespace:
                         help="keep ratios to sweep, inside gates.keep_ratio_range")
     parser.add_argument("--keep-ratio", type=float, default=None, help="gates.keep_ratio (default: feature.yaml)")
     parser.add_argument("--placement", default="measure", help="gates.placement: measure, table or all")
+    parser.add_argument("--gates", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more conf/gates/feature.yaml overrides, values in YAML (spatial=false)")
     parser.add_argument("--static", type=int, default=3, help="static subnets to train for comparison")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency")
@@ -170,19 +181,47 @@ def train_epochs(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
             loss.backward()
             optimizer.step()
             scheduler.step()
-        log.info("epoch %d/%d: last loss %.4f", epoch + 1, epochs, float(loss))
+        log.info("epoch %d/%d: last loss %.4f", epoch + 1, epochs, loss.item())
     model.eval()
 
 
-def build_gated(subnet: nn.Module, loader: DataLoader, args: argparse.Namespace) -> GatedNetwork:
+def build_profile_table(subnet: nn.Module, input_shape: Sequence[int], args: argparse.Namespace) -> dict[str, float]:
+    """Time every layer of ``subnet`` and every kept-channel count of its gateable blocks at batch 1.
+
+    Returns ``{LayerSpec.key(): median ms}``, the form of ``ProfileStore.layer_table``, measured here
+    with ``build_layer_module`` (BatchNorm folded) so the benchmark needs no profile store.
+    """
+    specs = {layer.key(): layer for _, layer in describe_layers(subnet, input_shape)}
+    for site in find_block_sites(subnet, input_shape):
+        for channels in range(1, site.inner_channels + 1):
+            specs.update((layer.key(), layer) for layer in site.gated_layers(channels))
+    protocol = MeasurementProtocol(device="cpu", batch_size=1, threads=args.threads, warmup=5, repeats=args.repeats)
+    table = {}
+    for key, spec in specs.items():
+        module = build_layer_module(spec)
+        table[key] = measure_module(module, layer_input_shape(spec), protocol, record_operators=False).median_ms
+    log.info("profile table: %d layers timed at batch 1", len(table))
+    return table
+
+
+def build_gated(subnet: nn.Module, input_shape: Sequence[int], loader: DataLoader,
+                args: argparse.Namespace) -> GatedNetwork:
     """Gate ``subnet`` and fine-tune the gated copy with the keep-ratio schedule and distillation."""
     gates_cfg = yaml.safe_load((ROOT / "conf/gates/feature.yaml").read_text())
     gates_cfg.update(seed=args.seed, placement=args.placement)
     if args.keep_ratio is not None:
         gates_cfg["keep_ratio"] = args.keep_ratio
+    for override in args.gates:
+        key, separator, value = override.partition("=")
+        if not separator:
+            raise SystemExit(f"--gates takes KEY=VALUE pairs, but got {override!r}; for example spatial=false.")
+        gates_cfg[key] = yaml.safe_load(value)
     config = parse_gate_config(gates_cfg)
     protocol = MeasurementProtocol(device="cpu", threads=args.threads, warmup=5, repeats=15)
-    network = apply_gates(subnet, config, protocol=protocol)
+    table = None
+    if config.placement == "table":
+        table = build_profile_table(subnet, input_shape, args)
+    network = apply_gates(subnet, config, profile_table=table, protocol=protocol)
 
     schedule = KeepRatioSchedule.from_config(config)
 
@@ -298,7 +337,7 @@ def main() -> None:
     baseline = {"arch": arch.to_dict(), **describe_point(subnet, test_loader, input_shape, images, args)}
     log.info("ungated: %s", baseline)
 
-    network = build_gated(subnet, loader, args)
+    network = build_gated(subnet, input_shape, loader, args)
     points = sweep_keep_ratios(network, test_loader, args.ratios, input_shape, args)
     latencies = [p["latency_b1_ms"] for p in points] + [baseline["latency_b1_ms"]]
     static = static_points(space, loader, test_loader, 0.8 * min(latencies), 1.2 * max(latencies), args)
