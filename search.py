@@ -85,7 +85,7 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
         max_epochs=epochs, accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"],
         strategy=trainer_cfg["strategy"], precision=trainer_cfg["precision"], logger=tracker.lightning_logger(),
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
-        default_root_dir=HydraConfig.get().runtime.output_dir,
+        default_root_dir=HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.work_dir,
     )
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     if trainer.is_global_zero:
