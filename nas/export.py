@@ -49,7 +49,8 @@ def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``path``, then move it onto ``path``, or delete it if the block raises."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    # The temporary name keeps the final suffix because torch.export.save warns about names not ending in .pt2.
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{final.suffix}", dir=final.parent)
     os.close(handle)
     tmp = Path(tmp_name)
     try:
