@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from nas.spaces import MobileNetV3Arch, SpaceError, create_space
+from nas.spaces import LayerSpec, MobileNetV3Arch, SpaceError, create_space
 from nas.spaces.mobilenet import make_divisible
 from nas.supernet import DynamicDepthwiseConv2d, recalibrate_batchnorm
 from nas.supernet.ofa_checkpoint import OFACheckpointError, convert_ofa_state_dict, load_ofa_checkpoint
@@ -221,11 +221,36 @@ def test_largest_layer_shapes(imagenet):
     assert layers[-4:] == [
         layers[-4].__class__("conv", 160, 960, 7, 1, 1, act="hswish"),
         layers[-4].__class__("gap", 960, 960, 7),
-        layers[-4].__class__("linear", 960, 1280, 1, act="hswish"),
+        layers[-4].__class__("linear", 960, 1280, 1, act="hswish", bias=False),
         layers[-4].__class__("linear", 1280, 1000, 1),
     ]
     residuals = [l for l in layers if l.op == "add"]
     assert len(residuals) == 1 + 5 * 3  # the first block and blocks 1..3 of every stage
+
+
+def test_feature_mix_has_no_bias(imagenet):
+    feature_mix = imagenet.layers(imagenet.largest())[-2]
+    assert feature_mix.bias is False
+    assert feature_mix.params == 960 * 1280
+    assert json.loads(feature_mix.key())["bias"] is False
+    assert LayerSpec.from_dict(feature_mix.to_dict()) == feature_mix
+
+
+def test_layer_key_omits_default_bias():
+    classifier = LayerSpec("linear", 1280, 1000, 1)
+    assert "bias" not in classifier.to_dict()
+    assert classifier.key() == (
+        '{"act":"none","groups":1,"in_channels":1280,"in_size":1,"kernel_size":1,"op":"linear",'
+        '"out_channels":1000,"stride":1}'
+    )
+    assert classifier.params == 1280 * 1000 + 1000
+
+
+def test_layer_bias_only_for_linear():
+    with pytest.raises(ValueError, match="bias=False applies only to op='linear'"):
+        LayerSpec("conv", 8, 8, 4, bias=False)
+    with pytest.raises(ValueError, match="bias must be true or false"):
+        LayerSpec("linear", 8, 8, 1, bias="no")
 
 
 def test_activations_and_se_per_stage(imagenet):

@@ -35,7 +35,9 @@ class LayerSpec:
 
     Sizes are square feature maps: ``in_size`` is the input height and width in pixels.
     For "linear" layers ``in_size`` is 1. ``batch_size`` is not part of a layer: the profiler
-    and predictor take it from the measurement protocol.
+    and predictor take it from the measurement protocol. ``bias`` says whether a "linear" layer
+    adds a bias vector; other ops keep the default ``True``, and :meth:`to_dict` and :meth:`key`
+    leave it out while it has that default, so records written before the field existed still match.
     """
 
     op: str
@@ -46,6 +48,7 @@ class LayerSpec:
     stride: int = 1
     groups: int = 1
     act: str = "none"
+    bias: bool = True
 
     def __post_init__(self) -> None:
         if self.op not in LAYER_OPS:
@@ -56,6 +59,13 @@ class LayerSpec:
             raise ValueError(f"LayerSpec fields must be positive, but got {self}.")
         if self.in_channels % self.groups or self.out_channels % self.groups:
             raise ValueError(f"groups={self.groups} must divide in_channels and out_channels in {self}.")
+        if not isinstance(self.bias, bool):
+            raise ValueError(f"LayerSpec.bias must be true or false, but got {self.bias!r}.")
+        if not self.bias and self.op != "linear":
+            raise ValueError(
+                f"LayerSpec.bias=False applies only to op='linear', but got op={self.op!r}; "
+                "a 'conv' unit's BatchNorm supplies its bias."
+            )
 
     @property
     def out_size(self) -> int:
@@ -88,7 +98,7 @@ class LayerSpec:
             weights = self.kernel_size**2 * (self.in_channels // self.groups) * self.out_channels
             return weights + 2 * self.out_channels
         if self.op == "linear":
-            return self.in_channels * self.out_channels + self.out_channels
+            return self.in_channels * self.out_channels + (self.out_channels if self.bias else 0)
         if self.op == "se":
             # reduce conv (with bias) and expand conv (with bias)
             return 2 * self.in_channels * self.out_channels + self.in_channels + self.out_channels
@@ -111,7 +121,11 @@ class LayerSpec:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Return the fields as a dict, without ``bias`` while it has its default ``True``."""
+        out = dataclasses.asdict(self)
+        if out["bias"]:
+            del out["bias"]
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerSpec:

@@ -369,18 +369,11 @@ class MobileNetV3Space(SearchSpace):
         last = self.widths[6]
         out.append(LayerSpec("conv", last, final_expand, size, 1, 1, act="hswish"))
         out.append(LayerSpec("gap", final_expand, final_expand, size))
-        # The feature-mix 1x1 convolution runs on the pooled 1x1 map, so it is a matrix multiply.
-        out.append(LayerSpec("linear", final_expand, feature_mix, 1, act="hswish"))
+        # The feature-mix 1x1 convolution has no BatchNorm and no bias. It runs on the pooled 1x1 map,
+        # so it is a matrix multiply.
+        out.append(LayerSpec("linear", final_expand, feature_mix, 1, act="hswish", bias=False))
         out.append(LayerSpec("linear", feature_mix, self.cfg.num_classes, 1))
         return out
-
-    def params(self, arch: Arch) -> int:
-        """Trainable parameters of the exported subnet.
-
-        The feature-mix layer has neither BatchNorm nor a bias, but its "linear" LayerSpec counts a
-        bias, so that bias is taken off here.
-        """
-        return super().params(arch) - self.widths[8]
 
     # -- models ------------------------------------------------------------------------------
     def build_supernet(self) -> Any:
