@@ -12,8 +12,9 @@ keep ratio:
 
 - ``accuracy`` on the test split with its 95% Wilson interval (``accuracy_low``, ``accuracy_high``);
 - ``macs``: MACs per image that run at batch 1 (``executed_macs``, gates included);
-- ``latency_b1_ms`` and ``latency_b32_ms``: median latency per batch of 1 and 32 images, BatchNorm
-  folded, from ``predictors.profiling.measure_module``.
+- ``latency_b1_ms`` and ``latency_b32_ms``: latency per batch of 1 and 32 images, BatchNorm folded,
+  from ``predictors.profiling.measure_module``: the smallest median over ``--rounds`` rounds that
+  time all models in alternating order.
 
 ``baseline`` is the ungated subnet, and ``static`` lists subnets of the space, trained from scratch
 for as many epochs as the gated one had in total, whose batch-1 latency falls in the sweep's range.
@@ -83,7 +84,8 @@ def parse_args() -> argparse.Namespace:
                         help="more conf/gates/feature.yaml overrides, values in YAML (spatial=false)")
     parser.add_argument("--static", type=int, default=3, help="static subnets to train for comparison")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
-    parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency")
+    parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency at batch 1 (a third at 32)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the fastest median counts")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, weights and sampling")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/gates"), help="output folder")
@@ -123,37 +125,45 @@ def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size:
     return measure_module(folded, tuple(input_shape), protocol, record_operators=False).median_ms
 
 
-def describe_point(model: nn.Module, loader: DataLoader, input_shape: Sequence[int], images: torch.Tensor,
-                   args: argparse.Namespace) -> dict[str, Any]:
-    """Return accuracy with its interval, batch-1 MACs per image and latencies at batch 1 and 32."""
+def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int], batch_size: int,
+                      args: argparse.Namespace) -> dict[str, float]:
+    """Return each model's latency (ms per batch): the smallest median over ``args.rounds`` rounds.
+
+    Rounds alternate the order of the models, so a change of load on a shared machine hits all of
+    them alike instead of whichever model happened to run then.
+    """
+    repeats = args.repeats if batch_size == 1 else max(5, args.repeats // 3)
+    latency: dict[str, float] = {}
+    names = list(models)
+    for round_index in range(args.rounds):
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            median = measure_latency_ms(models[name], input_shape, batch_size, args.threads, repeats)
+            latency[name] = min(median, latency.get(name, math.inf))
+    return latency
+
+
+def describe_quality(model: nn.Module, loader: DataLoader, images: torch.Tensor) -> dict[str, Any]:
+    """Return test accuracy with its 95% Wilson interval and the MACs per image run at batch 1."""
     correct, total = count_correct(model, loader)
     low, high = wilson_interval(correct, total)
     macs = [executed_macs(model, images[i : i + 1]) for i in range(len(images))]
-    return {
-        "accuracy": correct / total,
-        "accuracy_low": low,
-        "accuracy_high": high,
-        "test_images": total,
-        "macs": int(round(float(np.mean(macs)))),
-        "latency_b1_ms": measure_latency_ms(model, input_shape, 1, args.threads, args.repeats),
-        "latency_b32_ms": measure_latency_ms(model, input_shape, 32, args.threads, max(5, args.repeats // 3)),
-    }
+    return {"accuracy": correct / total, "accuracy_low": low, "accuracy_high": high, "test_images": total,
+            "macs": int(round(float(np.mean(macs))))}
 
 
 def sweep_keep_ratios(network: GatedNetwork, loader: DataLoader, ratios: Sequence[float],
-                      input_shape: Sequence[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Measure ``network`` in skip mode at each keep ratio; the network ends at its original ratio."""
-    images = next(iter(loader))[0][:MACS_IMAGES]
+                      images: torch.Tensor) -> tuple[list[dict[str, Any]], dict[str, nn.Module]]:
+    """Return accuracy and MACs of ``network`` in skip mode per keep ratio, and a copy set to each ratio."""
     original = network.keep_ratio
     network.set_mode("skip")
-    points = []
+    points, copies = [], {}
     for ratio in ratios:
         network.set_keep_ratio(ratio)
-        point = {"keep_ratio": ratio, **describe_point(network, loader, input_shape, images, args)}
-        log.info("keep ratio %.2f: %s", ratio, point)
-        points.append(point)
+        points.append({"keep_ratio": ratio, **describe_quality(network, loader, images)})
+        copies[f"gated@{ratio}"] = copy.deepcopy(network)
+        log.info("keep ratio %.2f: %s", ratio, points[-1])
     network.set_keep_ratio(original)
-    return points
+    return points, copies
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -250,7 +260,7 @@ def pick_static_archs(space: SearchSpace, low_ms: float, high_ms: float, count: 
     supernet = space.build_supernet().eval()
     timed = []
     for arch in candidates.values():
-        latency = measure_latency_ms(supernet.extract(arch), space.input_shape(arch), 1, args.threads, 15)
+        latency = measure_latency_ms(supernet.extract(arch), space.input_shape(arch), 1, args.threads, args.repeats)
         if low_ms <= latency <= high_ms:
             timed.append((arch, latency))
     timed.sort(key=lambda item: item[1])
@@ -260,19 +270,18 @@ def pick_static_archs(space: SearchSpace, low_ms: float, high_ms: float, count: 
     return [timed[i] for i in sorted(set(picks.tolist()))]
 
 
-def static_points(space: SearchSpace, loader: DataLoader, test_loader: DataLoader, low_ms: float, high_ms: float,
-                  args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Train and measure static subnets whose batch-1 latency lies in [low_ms, high_ms]."""
-    images = next(iter(test_loader))[0][:MACS_IMAGES]
-    points = []
-    for arch, _ in pick_static_archs(space, low_ms, high_ms, args.static, args):
+def train_static(space: SearchSpace, loader: DataLoader, test_loader: DataLoader, low_ms: float, high_ms: float,
+                 images: torch.Tensor, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, nn.Module]]:
+    """Train static subnets whose batch-1 latency lies in [low_ms, high_ms]; return their quality and models."""
+    points, models = [], {}
+    for index, (arch, _) in enumerate(pick_static_archs(space, low_ms, high_ms, args.static, args)):
         torch.manual_seed(args.seed)
         model = space.build_supernet().build_static(arch)
         train_epochs(model, loader, args.epochs + args.finetune_epochs, args.lr)
-        point = {"arch": arch.to_dict(), **describe_point(model, test_loader, space.input_shape(arch), images, args)}
-        log.info("static %s: %s", arch.to_json(), point)
-        points.append(point)
-    return points
+        points.append({"arch": arch.to_dict(), **describe_quality(model, test_loader, images)})
+        models[f"static{index}"] = model
+        log.info("static %s: %s", arch.to_json(), points[-1])
+    return points, models
 
 
 # -- output -----------------------------------------------------------------------------------
@@ -334,13 +343,23 @@ def main() -> None:
     subnet = space.build_supernet().build_static(arch)
     train_epochs(subnet, loader, args.epochs, args.lr)
     images = next(iter(test_loader))[0][:MACS_IMAGES]
-    baseline = {"arch": arch.to_dict(), **describe_point(subnet, test_loader, input_shape, images, args)}
+    baseline = {"arch": arch.to_dict(), **describe_quality(subnet, test_loader, images)}
     log.info("ungated: %s", baseline)
 
     network = build_gated(subnet, input_shape, loader, args)
-    points = sweep_keep_ratios(network, test_loader, args.ratios, input_shape, args)
-    latencies = [p["latency_b1_ms"] for p in points] + [baseline["latency_b1_ms"]]
-    static = static_points(space, loader, test_loader, 0.8 * min(latencies), 1.2 * max(latencies), args)
+    points, models = sweep_keep_ratios(network, test_loader, args.ratios, images)
+    models["baseline"] = subnet
+    first = measure_latencies(models, input_shape, 1, args)
+    static, static_models = train_static(space, loader, test_loader, 0.8 * min(first.values()),
+                                         1.2 * max(first.values()), images, args)
+    models.update(static_models)
+
+    # Every model is timed in the same interleaved rounds, so their latencies compare.
+    for batch_size in (1, 32):
+        latency = measure_latencies(models, input_shape, batch_size, args)
+        for name, point in zip([*[f"gated@{p['keep_ratio']}" for p in points], "baseline",
+                                *[f"static{i}" for i in range(len(static))]], [*points, baseline, *static]):
+            point[f"latency_b{batch_size}_ms"] = latency[name]
 
     plot(points, baseline, static, args.out / "gates_accuracy_latency.png")
     result = {
@@ -349,6 +368,7 @@ def main() -> None:
         "static": static,
         "gates": network.describe(),
         "threads": args.threads,
+        "rounds": args.rounds,
         "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs,
         "seconds": round(time.perf_counter() - started, 1),

@@ -1,13 +1,16 @@
 """Dynamic redundancy gates: per-input channel and column skipping in fine-tuned subnets.
 
-Typical use in fine-tuning::
+Typical use in fine-tuning (``docs/gates.md`` explains placement, paths and figures)::
 
-    gated = apply_gates(subnet, cfg.gates, profile_table=store.layer_table(batch_size))
-    module = FinetuneModule(gated, teacher=subnet, kd_weight=parse_gate_config(cfg.gates).kd_weight)
-    trainer = pl.Trainer(callbacks=[KeepRatioSchedule.from_config(cfg.gates)])
+    config = parse_gate_config(cfg.gates)
+    gated = apply_gates(subnet, config, protocol=MeasurementProtocol.from_config(cfg.hardware))
+    module = FinetuneModule(gated, teacher=subnet, kd_weight=config.kd_weight)
+    trainer = pl.Trainer(callbacks=[KeepRatioSchedule.from_config(config)])
 
-After training, ``gated.eval()`` runs the skip path; ``gated.set_keep_ratio(r)`` trades accuracy for
-latency within ``keep_ratio_range`` and ``executed_macs(gated, x)`` counts what runs.
+``apply_gates`` leaves ``subnet`` unchanged. After training, ``gated.eval()`` runs the skip path,
+``gated.set_keep_ratio(r)`` trades accuracy for latency within ``keep_ratio_range``, and
+``executed_macs(gated, x)`` counts what runs. Save ``gated.describe()`` with the state dict and
+rebuild with ``apply_gates(subnet, config, plan=record)`` before ``load_state_dict``.
 """
 
 from nas.gates.blocks import BlockLayout, GatedResidualBlock, GateRuntime, register_block_layout

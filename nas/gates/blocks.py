@@ -113,6 +113,12 @@ class GateRuntime:
         return self.generator
 
 
+def _batchnorm_tensors(bn: nn.Module) -> tuple[torch.Tensor | None, ...]:
+    if isinstance(bn, nn.Identity):
+        return ()
+    return bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+
 def _fold_batchnorm(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     weight = conv.weight.detach()
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
@@ -273,9 +279,12 @@ class GatedResidualBlock(nn.Module):
         # torch.export and torch.compile trace fake tensors, which have no data pointer, so fold inline.
         if torch.compiler.is_compiling():
             return self._fold_weights()
-        modules = [*self._stage_modules(self.layout.producer)[:2], *self._stage_modules(len(self.layout.stages) - 1)[:2]]
-        sources = [t for m in modules for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))]
-        key = tuple((t.data_ptr(), t._version) for t in sources)
+        producer_conv, producer_bn, _ = self._stage_modules(self.layout.producer)
+        consumer_conv, consumer_bn, _ = self._stage_modules(len(self.layout.stages) - 1)
+        sources = (producer_conv.weight, producer_conv.bias, consumer_conv.weight, consumer_conv.bias,
+                   *_batchnorm_tensors(producer_bn), *_batchnorm_tensors(consumer_bn))
+        # A reassigned tensor changes its id, an in-place update (optimizer step, load_state_dict) its version.
+        key = tuple((id(t), t._version) for t in sources if t is not None)
         if key != self._folded_key:
             self._folded = self._fold_weights()
             self._folded_key = key
