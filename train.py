@@ -80,17 +80,19 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
     return max(within, key=lambda t: (_latency(t, measured), t.values[0]))
 
 
-def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: Any, tag: str) -> float:
+def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: Any, tag: str,
+             teacher: torch.nn.Module | None = None, kd_weight: float = 0.0, callbacks: list | None = None) -> float:
     """Fine-tune ``model`` with Lightning and return its test accuracy in [0, 1]."""
     import lightning.pytorch as pl
 
     ft = cfg.finetune
     pl.seed_everything(cfg.seed, workers=True)
-    module = FinetuneModule(model, lr=ft.lr, weight_decay=ft.weight_decay, label_smoothing=ft.label_smoothing)
+    module = FinetuneModule(model, lr=ft.lr, weight_decay=ft.weight_decay, label_smoothing=ft.label_smoothing,
+                            teacher=teacher, kd_weight=kd_weight)
     trainer = pl.Trainer(
         max_epochs=ft.epochs, accelerator=ft.trainer.accelerator, devices=ft.trainer.devices,
         strategy=ft.trainer.strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
-        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks or [],
         default_root_dir=str(Path(HydraConfig.get().runtime.output_dir) / tag),
     )
     log.info("Fine-tuning (%s) for %d epochs", tag, ft.epochs)
@@ -125,7 +127,7 @@ def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch
 
     model = model.cpu().eval()
     payload = {"format_version": FINETUNE_FORMAT_VERSION, "space": space.raw_config, "arch": arch.to_dict(),
-               "state_dict": model.state_dict()}
+               "gates": result.get("gates"), "state_dict": model.state_dict()}
     tmp = run_dir / ".subnet.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(run_dir / "subnet.pt")
@@ -134,13 +136,25 @@ def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch
     atomic_write_text(run_dir / "finetune.json", json.dumps(result, indent=2) + "\n")
 
 
-def apply_gates_if_requested(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
-    gates = to_container(cfg.gates)
-    if gates.get("name", "none") == "none":
-        return model
-    from nas.gates import apply_gates
+def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: DictConfig) -> tuple[Any, Any]:
+    """Wrap ``model`` with the gates that ``gates=...`` selects; returns (gated network, gate config).
 
-    return apply_gates(model, gates)
+    The device's layer profiles (if this device was profiled) set the channel steps and placement,
+    and are what ``gates.latency_budget_ms`` is judged against.
+    """
+    from nas.gates import apply_gates, parse_gate_config
+    from predictors import MeasurementProtocol, ProfileStore, device_fingerprint
+
+    config = parse_gate_config(to_container(cfg.gates))
+    protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
+    store_root = Path(cfg.paths.work_dir) / "profiles"
+    table = None
+    if store_root.is_dir():
+        table = ProfileStore(store_root, device_fingerprint(protocol)).layer_table(protocol.batch_size) or None
+    if table is None:
+        log.warning("No layer profiles of this device in %s; gates snap to multiples of 8 channels.", store_root)
+    gated = apply_gates(model, config, profile_table=table, input_shape=space.input_shape(arch), protocol=protocol)
+    return gated, config
 
 
 def run(cfg: DictConfig) -> None:
@@ -165,13 +179,24 @@ def run(cfg: DictConfig) -> None:
 
     result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
                               "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0]}
+    gates_on = cfg.gates.get("name", "none") != "none"
     with timer.stage("finetune"):
         if cfg.from_scratch:
-            model = apply_gates_if_requested(space.build_supernet().build_static(arch), cfg)
+            model = space.build_supernet().build_static(arch)
         else:
             model = extract_subnet(space, arch, record["supernet_checkpoint"], datamodule, cfg.finetune.calibration_images)
-            model = apply_gates_if_requested(model, cfg)
-        result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, "scratch" if cfg.from_scratch else "inherited")
+        tag = "scratch" if cfg.from_scratch else "inherited"
+        if gates_on:
+            from nas.gates import KeepRatioSchedule
+
+            teacher = model
+            model, gate_config = gate_subnet(teacher, space, arch, cfg)
+            result["gates"] = model.describe()
+            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
+                                               kd_weight=gate_config.kd_weight,
+                                               callbacks=[KeepRatioSchedule.from_config(gate_config)])
+        else:
+            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
     result["from_scratch"] = bool(cfg.from_scratch)
 
     if cfg.from_scratch:

@@ -121,3 +121,14 @@ def test_corrupt_predictor_names_file(searched, tmp_path):
     assert result.returncode == 1
     assert str(broken) in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_train_with_gates_records_them(searched):
+    tmp, _, _ = searched
+    run_dir = tmp / "train-gates"
+    result = run("train.py", ["search.study_name=tiny", "finetune.epochs=1", "compare_scratch=false", "gates=feature",
+                              f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((run_dir / "finetune.json").read_text())
+    assert report["gates"]["config"]["keep_ratio"] == 0.6
+    assert (run_dir / "subnet.pt2").is_file()
