@@ -147,6 +147,16 @@ def test_largest_costs_most(space):
     assert space.params(space.largest()) > space.params(space.smallest())
 
 
+def test_decisions_have_progressive_dimensions(space):
+    from nas.progressive import PHASES, build_plan, decision_dimensions
+
+    dims = decision_dimensions(space)
+    assert set(dims) == set(space.choices())
+    assert set(dims.values()) <= {"resolution", *PHASES[1:]}
+    plan = build_plan(space, {phase: 1 for phase in PHASES}, steps_per_epoch=4)
+    assert plan.stages[-1].options == {name: sorted(values) for name, values in space.choices().items()}
+
+
 def test_params_match_built_module(space):
     supernet = supernet_of(space)
     for arch in (space.largest(), space.smallest(), space.sample(np.random.default_rng(2))):
