@@ -107,6 +107,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("nas.spaces.base", "SpaceError"),
         ("nas.data", "DataError"),
         ("nas.search", "SearchError"),
+        ("nas.progressive", "ProgressiveError"),
+        ("nas.gates", "GateConfigError"),
         ("nas.supernet.cache", "CheckpointError"),
         ("predictors.xgb", "PredictorError"),
         ("predictors.profiler_records", "ProfilingError"),

@@ -84,7 +84,7 @@ class ImageDataModule(pl.LightningDataModule):
     def describe(self) -> dict[str, Any]:
         """Return what identifies this data for caches and study records."""
         return {"name": type(self).__name__, "split": list(self.split), "seed": self.seed,
-                "max_train_samples": self.max_train_samples}
+                "batch_size": self.batch_size, "max_train_samples": self.max_train_samples}
 
     def _split_pool(self, pool: Dataset) -> None:
         n_train, n_val, n_test = _split_sizes(len(pool), self.split)  # type: ignore[arg-type]

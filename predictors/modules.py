@@ -99,7 +99,7 @@ def build_layer_module(spec: LayerSpec) -> nn.Module:
     if spec.op == "gap":
         return GlobalAvgPool()
     if spec.op == "linear":
-        return nn.Sequential(nn.Linear(spec.in_channels, spec.out_channels), act)
+        return nn.Sequential(nn.Linear(spec.in_channels, spec.out_channels, bias=spec.bias), act)
     raise ValueError(f"No module builder for LayerSpec.op={spec.op!r}; add one to predictors/modules.py.")
 
 

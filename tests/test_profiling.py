@@ -136,11 +136,6 @@ def test_measure_module_batch_and_no_operators():
     assert m.protocol["batch_size"] == 4
 
 
-def test_measure_module_rejects_unimplemented_runtime():
-    with pytest.raises(NotImplementedError, match="runtime='compile' is not implemented"):
-        measure_module(nn.ReLU(), (4,), MeasurementProtocol(runtime="compile"))
-
-
 def test_empty_profiler_records_raise(monkeypatch):
     class EmptyProfile:
         def key_averages(self, group_by_input_shape: bool = False) -> list:
