@@ -106,10 +106,13 @@ def calibration_batches(datamodule: Any, images: int, seed: int) -> list[torch.T
     return batches
 
 
-def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: Any, run_dir: Path) -> SearchSpace:
-    """Move each width choice to the right edge of its latency step on this device."""
+def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: Any, predictor: Any,
+                     run_dir: Path) -> SearchSpace:
+    """Move each width choice to the right edge of its latency step on this device; writes staircase.png."""
+    from predictors.plots import write_staircase
     from predictors.tail_aware import tail_aware_widths
 
+    write_staircase(run_dir / "staircase.png", predictor, store.layer_table(protocol.batch_size))
     widths = tail_aware_widths(space, store, protocol)
     for key, values in widths.items():
         log.info("Tail-aware %s: %s -> %s", key, space.width_choices()[key], values)
@@ -191,7 +194,7 @@ def run(cfg: DictConfig) -> None:
     tracker.summary({f"predictor/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
 
     if cfg.space.get("tail_aware", False):
-        space = tail_aware_space(space, store, protocol, supernet, run_dir)
+        space = tail_aware_space(space, store, protocol, supernet, predictor, run_dir)
 
     def measure(arch_dict: dict[str, Any]) -> float:
         arch = space.arch_from_dict(arch_dict)

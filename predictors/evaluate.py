@@ -256,7 +256,7 @@ def print_report(report: Mapping[str, Any], title: str) -> None:
 
 def write_plots(run_dir: Path, predictor: Any, train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], table: Mapping[str, float]) -> list[Path]:
     """Write ``predicted_vs_measured.png`` and, when the store has a width sweep, ``staircase.png``."""
-    from predictors.plots import plot_predicted_vs_measured, plot_staircase, staircase_from_table
+    from predictors.plots import plot_predicted_vs_measured, write_staircase
 
     written = []
     measured = np.array([s["latency_ms"] for s in test])
@@ -270,15 +270,9 @@ def write_plots(run_dir: Path, predictor: Any, train: Sequence[Mapping[str, Any]
         title=f"Held-out subnets ({len(test)})", baseline_ms=baseline,
     ))
 
-    staircase = staircase_from_table(table)
-    if staircase is None:
-        logger.warning("The profile store has no width sweep with 4 or more widths, so staircase.png is not written.")
-        return written
-    layer, measured_by_width = staircase
-    sweep = [LayerSpec(**{**layer.to_dict(), "out_channels": w}) for w in measured_by_width]
-    predicted = predictor.predict_layers(sweep, use_lut=False) if predictor.layer_model is not None else None
-    predicted_by_width = None if predicted is None else dict(zip(measured_by_width, predicted))
-    written.append(plot_staircase(run_dir / "staircase.png", layer, measured_by_width, predicted_by_width))
+    staircase = write_staircase(run_dir / "staircase.png", predictor, table)
+    if staircase is not None:
+        written.append(staircase)
     return written
 
 

@@ -123,6 +123,22 @@ def plot_staircase(
     return _save(fig, plt, path)
 
 
+def write_staircase(path: str | Path, predictor: Any, table: Mapping[str, float]) -> Path | None:
+    """Plot the representative staircase of ``table`` with the predictor's layer model beside it.
+
+    Returns the written path, or ``None`` (with a warning) when the table has no width sweep.
+    """
+    staircase = staircase_from_table(table)
+    if staircase is None:
+        logger.warning("The profile store has no width sweep with 4 or more widths, so %s is not written.", path)
+        return None
+    layer, measured_by_width = staircase
+    sweep = [LayerSpec(**{**layer.to_dict(), "out_channels": w}) for w in measured_by_width]
+    predicted = predictor.predict_layers(sweep, use_lut=False) if getattr(predictor, "layer_model", None) is not None else None
+    predicted_by_width = None if predicted is None else dict(zip(measured_by_width, predicted))
+    return plot_staircase(path, layer, measured_by_width, predicted_by_width)
+
+
 def _save(fig: Any, plt: Any, path: str | Path) -> Path:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
