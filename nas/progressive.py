@@ -28,11 +28,10 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from nas.spaces.base import Arch, SearchSpace
 from nas.supernet.base import Supernet
-from nas.training import SUPERNET_SCHEDULES, SupernetModule, distillation_loss, resize_to_arch
+from nas.training import SUPERNET_SCHEDULES, SupernetModule, inplace_distillation_loss
 
 __all__ = [
     "PHASES",
@@ -333,20 +332,9 @@ class ProgressiveShrinkingModule(pl.LightningModule):
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
         archs = self.step_archs(self.global_step)
-
-        self.supernet.set_active(archs[0])
-        teacher_logits = self.supernet(resize_to_arch(x, self.space, archs[0]))
-        loss = F.cross_entropy(teacher_logits, y, label_smoothing=self.label_smoothing)
-        teacher = teacher_logits.detach()
-
-        for arch in archs[1:]:
-            self.supernet.set_active(arch)
-            logits = self.supernet(resize_to_arch(x, self.space, arch))
-            sub_loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-            if self.kd_weight > 0:
-                sub_loss = sub_loss + self.kd_weight * distillation_loss(logits, teacher, self.temperature)
-            loss = loss + sub_loss
-
+        loss, _ = inplace_distillation_loss(
+            self.supernet, x, y, archs, self.label_smoothing, self.kd_weight, self.temperature
+        )
         self.supernet.set_active(self.space.largest())
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/stage", float(self.current_stage))

@@ -20,6 +20,7 @@ __all__ = [
     "SupernetModule",
     "FinetuneModule",
     "distillation_loss",
+    "inplace_distillation_loss",
     "resize_to_arch",
     "SubnetEvaluator",
     "SUPERNET_SCHEDULES",
@@ -45,6 +46,35 @@ def resize_to_arch(x: torch.Tensor, space: SearchSpace, arch: Arch) -> torch.Ten
     if x.shape[-2:] == (height, width):
         return x
     return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+
+
+def inplace_distillation_loss(
+    supernet: Supernet, x: torch.Tensor, y: torch.Tensor, archs: Sequence[Arch], label_smoothing: float = 0.0,
+    kd_weight: float = 1.0, temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum the losses of ``archs`` on one batch; the first one teaches the others.
+
+    The first architecture is trained on the labels; every other one on the labels plus
+    ``kd_weight`` times distillation from the first one's detached logits. The supernet is left
+    with the first architecture active. Returns (total loss, the first architecture's loss).
+    """
+    space = supernet.space
+    supernet.set_active(archs[0])
+    teacher_logits = supernet(resize_to_arch(x, space, archs[0]))
+    teacher_loss = F.cross_entropy(teacher_logits, y, label_smoothing=label_smoothing)
+    teacher = teacher_logits.detach()
+
+    loss = teacher_loss
+    for arch in archs[1:]:
+        supernet.set_active(arch)
+        logits = supernet(resize_to_arch(x, space, arch))
+        sub_loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
+        if kd_weight > 0:
+            sub_loss = sub_loss + kd_weight * distillation_loss(logits, teacher, temperature)
+        loss = loss + sub_loss
+
+    supernet.set_active(archs[0])
+    return loss, teacher_loss
 
 
 def _cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int) -> dict[str, Any]:
@@ -107,23 +137,10 @@ class SupernetModule(pl.LightningModule):
 
     def training_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch
-        archs = self.step_archs(self.global_step)
-
-        self.supernet.set_active(archs[0])
-        teacher_logits = self.supernet(resize_to_arch(x, self.space, archs[0]))
-        loss = F.cross_entropy(teacher_logits, y, label_smoothing=self.label_smoothing)
-        self.log("train/loss_largest", loss, prog_bar=True)
-        teacher = teacher_logits.detach()
-
-        for arch in archs[1:]:
-            self.supernet.set_active(arch)
-            logits = self.supernet(resize_to_arch(x, self.space, arch))
-            sub_loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
-            if self.kd_weight > 0:
-                sub_loss = sub_loss + self.kd_weight * distillation_loss(logits, teacher, self.temperature)
-            loss = loss + sub_loss
-
-        self.supernet.set_active(archs[0])
+        loss, largest_loss = inplace_distillation_loss(
+            self.supernet, x, y, self.step_archs(self.global_step), self.label_smoothing, self.kd_weight, self.temperature
+        )
+        self.log("train/loss_largest", largest_loss, prog_bar=True)
         self.log("train/loss", loss)
         return loss
 
