@@ -98,7 +98,9 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     log.info("Fine-tuning (%s) for %d epochs", tag, ft.epochs)
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=datamodule.val_dataloader())
     results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
-    return float(results[0]["test/accuracy"])
+    accuracy = float(results[0]["test/accuracy"])
+    log.info("Test accuracy (%s): %.4f", tag, accuracy)
+    return accuracy
 
 
 def extract_subnet(space: SearchSpace, arch: Arch, checkpoint: str, datamodule: Any, images: int) -> torch.nn.Module:
