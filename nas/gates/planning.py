@@ -236,7 +236,8 @@ def describe_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[
         elif isinstance(module, nn.AdaptiveAvgPool2d):
             layers.append((name, LayerSpec("gap", shape[1], shape[1], shape[2])))
         elif isinstance(module, nn.Linear):
-            layers.append((name, LayerSpec("linear", module.in_features, module.out_features, 1)))
+            layers.append((name, LayerSpec("linear", module.in_features, module.out_features, 1,
+                                           bias=module.bias is not None)))
         if name in adds:
             layers.append((f"{name}.add", adds[name]))
     return layers
