@@ -59,7 +59,8 @@ TINY_SPACE = {
 def test_protocol_from_cpu_yaml():
     cfg = yaml.safe_load((ROOT / "conf" / "hardware" / "cpu.yaml").read_text())
     protocol = MeasurementProtocol.from_config(cfg)
-    assert protocol == MeasurementProtocol()
+    # The shipped CPU config differs from the dataclass defaults only in timing on one thread.
+    assert protocol == MeasurementProtocol(threads=1)
     assert protocol.to_dict() == cfg
 
 
