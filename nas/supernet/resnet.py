@@ -51,10 +51,13 @@ class BasicBlock(nn.Module):
             shortcut = self.downsample(x)
 
         out = self.residual(x)
-        return self.act2(out + shortcut)
+        return self._final_activation()(out + shortcut)
+
+    def _final_activation(self) -> nn.Module:
+        return self.act2
 
     def _out_channels(self) -> int:
-        return getattr(self, "active_out", self.conv2.out_channels if hasattr(self, "conv2") else 0)
+        return getattr(self, "active_out", self.conv2.out_channels)
 
 
 class Bottleneck(BasicBlock):
@@ -87,13 +90,8 @@ class Bottleneck(BasicBlock):
         out = self.act2(self.bn2(self.conv2(out)))
         return self.bn3(self.conv3(out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        if self.downsample is not None and (self.stride != 1 or x.shape[1] != self._out_channels()):
-            shortcut = self.downsample(x)
-
-        out = self.residual(x)
-        return self.act3(out + shortcut)
+    def _final_activation(self) -> nn.Module:
+        return self.act3
 
     def _out_channels(self) -> int:
         return getattr(self, "active_out", self.conv3.out_channels)
