@@ -1,8 +1,14 @@
+import io
+import logging
+import os
+import pickle
+import struct
+
 import numpy as np
 import pytest
 import torch
 
-from nas.data import DataError, build_datamodule
+from nas.data import CIFAR10_FOLDER, DataError, build_datamodule, read_cifar10_format, write_cifar10_format
 
 
 def test_mnist_subset_split_is_seeded():
@@ -55,3 +61,208 @@ def test_bad_split_rejected():
     datamodule = build_datamodule({"name": "synthetic", "split": [0.5, 0.5, 0.5]})
     with pytest.raises(DataError, match="three positive fractions that sum to 1"):
         datamodule.setup()
+
+
+def _write_tiny_cifar10(root, n_train=60, n_test=20):
+    rng = np.random.default_rng(0)
+    train = (rng.integers(0, 256, (n_train, 32, 32, 3), dtype=np.uint8), np.arange(n_train) % 10)
+    test = (rng.integers(0, 256, (n_test, 32, 32, 3), dtype=np.uint8), (np.arange(n_test) * 3) % 10)
+    write_cifar10_format(root, train=train, test=test)
+    return train, test
+
+
+def _cifar10_module(root, seed=0, **options):
+    return build_datamodule({"name": "cifar10", "root": str(root), "batch_size": 8, "num_workers": 0, "seed": seed,
+                             "split": [0.9, 0.1, 0.0], **options})
+
+
+def test_cifar10_roundtrip_keeps_pixels(tmp_path):
+    (train_images, train_labels), (test_images, test_labels) = _write_tiny_cifar10(tmp_path)
+    arrays = read_cifar10_format(tmp_path)
+    assert arrays.train_images.shape == (60, 32, 32, 3)
+    assert np.array_equal(arrays.train_images, train_images)
+    assert np.array_equal(arrays.train_labels, train_labels)
+    assert np.array_equal(arrays.test_images, test_images)
+    assert np.array_equal(arrays.test_labels, test_labels)
+    assert arrays.classes[0] == "airplane"
+
+
+def test_cifar10_file_is_channel_major(tmp_path):
+    images = np.zeros((5, 32, 32, 3), dtype=np.uint8)
+    images[:, 0, 1, 2] = 200  # blue value of the second pixel in the first row
+    write_cifar10_format(tmp_path, train=(images, [0] * 5), test=(images[:1], [0]))
+    with open(tmp_path / CIFAR10_FOLDER / "data_batch_1", "rb") as file:
+        row = pickle.load(file)[b"data"][0]
+    assert row.shape == (3072,)
+    assert row[2 * 1024 + 1] == 200
+    assert row.sum() == 200
+
+
+def test_cifar10_module_shapes_and_labels(tmp_path):
+    _, (_, test_labels) = _write_tiny_cifar10(tmp_path)
+    datamodule = _cifar10_module(tmp_path)
+    datamodule.setup()
+    assert (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set)) == (54, 6, 20)
+    x, y = next(iter(datamodule.train_dataloader()))
+    assert x.shape == (8, 3, 32, 32)
+    assert x.dtype == torch.float32
+    assert y.dtype == torch.int64
+    test_y = torch.cat([y for _, y in datamodule.test_dataloader()])
+    assert test_y.tolist() == test_labels.tolist()
+
+
+def test_cifar10_eval_images_not_augmented(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    datamodule = _cifar10_module(tmp_path)
+    datamodule.setup()
+    first, _ = datamodule.val_set[0]
+    again, _ = datamodule.val_set[0]
+    assert torch.equal(first, again)
+    torch.manual_seed(0)
+    crops = {datamodule.train_set[0][0].sum().item() for _ in range(8)}
+    assert len(crops) > 1
+
+
+def test_cifar10_split_is_seeded(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    first, second, other = _cifar10_module(tmp_path, seed=3), _cifar10_module(tmp_path, seed=3), _cifar10_module(tmp_path, seed=4)
+    for datamodule in (first, second, other):
+        datamodule.setup()
+    assert first.val_set.indices == second.val_set.indices
+    assert first.train_set.indices == second.train_set.indices
+    assert first.val_set.indices != other.val_set.indices
+    assert not set(first.val_set.indices) & set(first.train_set.indices)
+
+
+def test_cifar10_max_train_samples(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    datamodule = _cifar10_module(tmp_path, max_train_samples=10)
+    datamodule.setup()
+    assert len(datamodule.train_set) == 10
+    assert len(datamodule.val_set) == 6
+
+
+def test_cifar10_empty_validation_rejected(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    datamodule = build_datamodule({"name": "cifar10", "root": str(tmp_path), "split": [0.999, 0.001, 0.0]})
+    with pytest.raises(DataError, match=r"data.split\[1\]=0.001 puts 0 of 60 CIFAR-10 training images"):
+        datamodule.setup()
+
+
+class _Python2Pickler(pickle._Pickler):
+    """Pickler that writes bytes as Python 2 ``str`` opcodes, as the official files store keys and pixels."""
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_python2_str(self, obj):
+        if len(obj) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(obj)]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(obj)) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_python2_str
+
+
+def _dump_as_python2(content, path):
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(content)
+    # numpy 1.x, which wrote the official files, kept _reconstruct in numpy.core.multiarray.
+    path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
+def test_cifar10_reads_python2_pickles(tmp_path):
+    (train_images, _), _ = _write_tiny_cifar10(tmp_path)
+    folder = tmp_path / CIFAR10_FOLDER
+    for name in ("data_batch_1", "batches.meta"):
+        with open(folder / name, "rb") as file:
+            content = pickle.load(file)
+        _dump_as_python2(content, folder / name)
+    assert b"cnumpy.core.multiarray\n_reconstruct" in (folder / "data_batch_1").read_bytes()
+    arrays = read_cifar10_format(tmp_path)
+    assert np.array_equal(arrays.train_images, train_images)
+    assert arrays.classes[9] == "truck"
+
+
+class _RunsSystem:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _CallsMkdir:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+@pytest.mark.parametrize("payload, refused", [(_RunsSystem, "system"), (_CallsMkdir, "mkdir")])
+def test_cifar10_forbidden_global_not_run(tmp_path, payload, refused):
+    _write_tiny_cifar10(tmp_path)
+    marker = tmp_path / "side-effect"
+    batch = tmp_path / CIFAR10_FOLDER / "data_batch_3"
+    batch.write_bytes(pickle.dumps({b"data": payload(marker), b"labels": []}, protocol=2))
+    with pytest.raises(DataError, match=rf"data_batch_3 refers to the global \w+\.{refused},") as error:
+        read_cifar10_format(tmp_path)
+    assert "the official archive" in str(error.value)
+    assert not marker.exists()
+
+
+def test_cifar10_checksum_mismatch_warns(tmp_path, caplog):
+    _write_tiny_cifar10(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="nas.data"):
+        read_cifar10_format(tmp_path)
+    warned = [record.getMessage() for record in caplog.records if "not the official CIFAR-10 file" in record.getMessage()]
+    assert len(warned) == 7
+    assert any("data_batch_1 is not the official" in message and message.endswith("continuing with it.") for message in warned)
+
+
+def test_cifar10_missing_batch_named(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    (tmp_path / CIFAR10_FOLDER / "data_batch_4").unlink()
+    with pytest.raises(DataError, match=r"data_batch_4 is missing. Extract cifar-10-python.tar.gz into data.root"):
+        _cifar10_module(tmp_path).setup()
+
+
+def test_cifar10_truncated_pickle_rejected(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    batch = tmp_path / CIFAR10_FOLDER / "test_batch"
+    batch.write_bytes(batch.read_bytes()[:1000])
+    with pytest.raises(DataError, match=r"test_batch is not a readable pickle .*Extract cifar-10-python.tar.gz"):
+        read_cifar10_format(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({b"data": np.zeros((2, 3000), np.uint8), b"labels": [0, 1]}, r"'data' as a uint8 array of shape \(2, 3000\)"),
+        ({b"data": np.zeros((2, 3072), np.float32), b"labels": [0, 1]}, r"'data' as a float32 array"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 10]}, r"labels from 0 to 10, outside 0..9"),
+        ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0]}, r"but 2 integers were expected"),
+        ({b"data": np.zeros((2, 3072), np.uint8)}, r"has no 'labels' key \(its keys are \['data'\]\)"),
+        ([1, 2], r"contains a list, but a dict was expected"),
+    ],
+)
+def test_cifar10_bad_batch_rejected(tmp_path, content, message):
+    _write_tiny_cifar10(tmp_path)
+    batch = tmp_path / CIFAR10_FOLDER / "data_batch_2"
+    batch.write_bytes(pickle.dumps(content, protocol=2))
+    with pytest.raises(DataError, match=r"data_batch_2 .*" + message):
+        read_cifar10_format(tmp_path)
+
+
+def test_cifar10_writer_checks_input(tmp_path):
+    images = np.zeros((5, 32, 32, 3), dtype=np.uint8)
+    with pytest.raises(DataError, match=r"train images must be an N x 32 x 32 x 3 uint8 array"):
+        write_cifar10_format(tmp_path, train=(images.transpose(0, 3, 1, 2), [0] * 5), test=(images, [0] * 5))
+    with pytest.raises(DataError, match=r"test labels must be in 0..9, but range from 0 to 12"):
+        write_cifar10_format(tmp_path, train=(images, [0] * 5), test=(images, [0, 1, 2, 3, 12]))
+    assert not (tmp_path / CIFAR10_FOLDER).exists()
+    write_cifar10_format(tmp_path, train=(images, [0] * 5), test=(images, [0] * 5))
+    with pytest.raises(DataError, match=r"already exists. Remove it or write into another root"):
+        write_cifar10_format(tmp_path, train=(images, [0] * 5), test=(images, [0] * 5))
+    assert sorted(path.name for path in tmp_path.iterdir()) == [CIFAR10_FOLDER]
