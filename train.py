@@ -189,14 +189,16 @@ def run(cfg: DictConfig) -> None:
             model = extract_subnet(space, arch, record["supernet_checkpoint"], datamodule, cfg.finetune.calibration_images)
         tag = "scratch" if cfg.from_scratch else "inherited"
         if gates_on:
-            from nas.gates import KeepRatioSchedule
+            from nas.gates import BatchNormCalibration, KeepRatioSchedule
 
             teacher = model
             model, gate_config = gate_subnet(teacher, space, arch, cfg)
-            result["gates"] = model.describe()
+            # Per-keep-ratio BatchNorm statistics are estimated after training and before the test.
+            callbacks = [KeepRatioSchedule.from_config(gate_config),
+                         BatchNormCalibration(images=cfg.finetune.calibration_images)]
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
-                                               kd_weight=gate_config.kd_weight,
-                                               callbacks=[KeepRatioSchedule.from_config(gate_config)])
+                                               kd_weight=gate_config.kd_weight, callbacks=callbacks)
+            result["gates"] = model.describe()
         else:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
     result["from_scratch"] = bool(cfg.from_scratch)

@@ -1,14 +1,15 @@
 """Sweep a gated subnet's keep ratio against static subnets on the MNIST subset and print one JSON line.
 
 Usage: python benchmarks/gates.py [--arch JSON] [--epochs E] [--finetune-epochs F] [--ratios R ...]
-       [--placement measure|table|all] [--gates KEY=VALUE ...] [--static N] [--threads T] [--repeats R]
-       [--out DIR]
+       [--placement measure|table|all] [--gates KEY=VALUE ...] [--calibration-images I] [--static N]
+       [--threads T] [--repeats R] [--out DIR]
 
 Trains one subnet of ``conf/space/resnet.yaml`` (1x28x28, 10 classes) on the bundled MNIST subset
 with a plain loop. Then it gates the subnet (``conf/gates/feature.yaml`` with the flags overriding
 it) and fine-tunes the gated copy with the keep-ratio schedule of ``KeepRatioSchedule``, targeted
-dropout and distillation from the ungated subnet. :func:`sweep_keep_ratios` then measures, per
-keep ratio:
+dropout and distillation from the ungated subnet, then estimates BatchNorm statistics per keep
+ratio (``calibrate_keep_ratios``, on the grid of ``calibration_ratios`` plus the swept ratios).
+:func:`sweep_keep_ratios` then measures, per keep ratio:
 
 - ``accuracy`` on the test split with its 95% Wilson interval (``accuracy_low``, ``accuracy_high``);
 - ``macs``: MACs per image that run at batch 1 (``executed_macs``, gates included);
@@ -51,6 +52,8 @@ from nas.gates import (  # noqa: E402
     GatedNetwork,
     KeepRatioSchedule,
     apply_gates,
+    calibrate_keep_ratios,
+    calibration_ratios,
     describe_layers,
     executed_macs,
     find_block_sites,
@@ -82,6 +85,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--placement", default="measure", help="gates.placement: measure, table or all")
     parser.add_argument("--gates", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more conf/gates/feature.yaml overrides, values in YAML (spatial=false)")
+    parser.add_argument("--calibration-images", type=int, default=512,
+                        help="training images per keep ratio for BatchNorm calibration (0: none)")
     parser.add_argument("--static", type=int, default=3, help="static subnets to train for comparison")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency at batch 1 (a third at 32)")
@@ -241,6 +246,10 @@ def build_gated(subnet: nn.Module, input_shape: Sequence[int], loader: DataLoade
     teacher = copy.deepcopy(subnet).eval()
     train_epochs(network, loader, args.finetune_epochs, args.lr / 2, on_step, teacher, config.kd_weight)
     network.set_keep_ratio(config.keep_ratio)
+    if args.calibration_images > 0:
+        ratios = sorted(set(calibration_ratios(config)) | {float(r) for r in args.ratios})
+        max_batches = max(1, math.ceil(args.calibration_images / loader.batch_size))
+        calibrate_keep_ratios(network, loader, max_batches, ratios)
     return network
 
 

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from nas.gates import (
+    BatchNormCalibration,
     ChannelGate,
     ColumnGate,
     GateConfigError,
@@ -25,6 +26,8 @@ from nas.gates import (
     GateRuntime,
     KeepRatioSchedule,
     apply_gates,
+    calibrate_keep_ratios,
+    calibration_ratios,
     describe_layers,
     executed_macs,
     find_block_sites,
@@ -38,6 +41,7 @@ from nas.gates.modules import straight_through, targeted_dropout_mask
 from nas.gates.planning import channel_staircase, plan_blocks
 from nas.gates.timing import choose_gate_option
 from nas.spaces.layers import LayerSpec
+from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
 from predictors.protocol import MeasurementProtocol
 
@@ -364,7 +368,8 @@ def test_describe_rebuilds_same_gates(subnet):
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     record = json.loads(json.dumps(network.describe()))
-    assert record["format_version"] == 1
+    assert record["format_version"] == 2
+    assert record["batchnorm_stats"] is None
     rebuilt = apply_gates(subnet, ALL, plan=record).eval()
     rebuilt.load_state_dict(network.state_dict())
     assert rebuilt.keep_ratio == 0.5
@@ -570,3 +575,102 @@ def test_keep_ratio_schedule_in_trainer(subnet):
     assert all(0.4 <= ratio <= 1.0 for ratio in module.seen[4:])
     assert len(set(module.seen[4:])) == 4
     assert network.keep_ratio == 0.5
+
+
+# -- per-keep-ratio BatchNorm statistics -------------------------------------------------------------
+
+
+def _calibration_batches(count: int = 3) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(11)
+    return [torch.randn(8, 1, 28, 28, generator=generator) * 2 + 0.5 for _ in range(count)]
+
+
+def test_calibration_ratios_cover_range():
+    config = parse_gate_config({"name": "feature", "keep_ratio": 0.65, "keep_ratio_range": [0.4, 1.0]})
+    assert calibration_ratios(config) == [0.4, 0.5, 0.6, 0.65, 0.7, 0.8, 0.9, 1.0]
+
+
+def test_calibrated_full_keep_equals_calibrated_subnet(subnet):
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5})
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    batches = _calibration_batches()
+    calibrate_keep_ratios(network, batches, max_batches=3)
+    reference = copy.deepcopy(subnet)
+    with torch.no_grad():
+        recalibrate_batchnorm(reference, batches, max_batches=3)
+    network.set_keep_ratio(1.0)
+    reference.eval()
+    network.eval()
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(network(x), reference(x), atol=1e-5, rtol=1e-5)
+
+
+def test_calibrated_stats_switch_with_ratio(subnet):
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5})
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    bank = calibrate_keep_ratios(network, _calibration_batches(), max_batches=3, ratios=[0.4, 0.7, 1.0])
+    assert bank.grid == [0.4, 0.7, 1.0]
+    assert network.keep_ratio == 0.5
+    # The first gated block's consumer BatchNorm reads the gated map, the stem BatchNorm does not.
+    assert "layer1.0.bn2" in bank.paths
+    assert "bn1" not in bank.paths
+    assert "layer1.0.bn1" not in bank.paths
+    consumer = network.model.get_submodule("layer1.0.bn2")
+    row = bank.paths.index("layer1.0.bn2")
+    for ratio, index in ((0.4, 0), (0.5, 0), (0.6, 1), (0.84, 1), (0.86, 2), (1.0, 2)):
+        network.set_keep_ratio(ratio)
+        assert torch.equal(consumer.running_var, bank.stats[row].running_var[index]), ratio
+    assert not torch.equal(bank.stats[row].running_var[0], bank.stats[row].running_var[2])
+
+
+def test_calibrated_stats_survive_reload(subnet):
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.6})
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    calibrate_keep_ratios(network, _calibration_batches(), max_batches=2, ratios=[0.4, 0.6, 1.0])
+    record = json.loads(json.dumps(network.describe()))
+    assert record["batchnorm_stats"]["ratios"] == [0.4, 0.6, 1.0]
+    rebuilt = apply_gates(subnet, ALL, plan=record)
+    rebuilt.load_state_dict(network.state_dict())
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    network.eval()
+    rebuilt.eval()
+    for ratio in (1.0, 0.4, 0.6):
+        network.set_keep_ratio(ratio)
+        rebuilt.set_keep_ratio(ratio)
+        with torch.no_grad():
+            torch.testing.assert_close(rebuilt(x), network(x))
+
+
+def test_calibration_rejects_ratio_outside_range(subnet):
+    network = apply_gates(subnet, ALL)
+    with pytest.raises(GateConfigError, match="outside gates.keep_ratio_range"):
+        calibrate_keep_ratios(network, _calibration_batches(), max_batches=1, ratios=[0.2, 1.0])
+
+
+def test_folded_network_rejects_ratio_switch(subnet):
+    from predictors.modules import fold_batchnorm
+
+    network = apply_gates(subnet, ALL)
+    calibrate_keep_ratios(network, _calibration_batches(), max_batches=1, ratios=[0.4, 1.0])
+    folded = copy.deepcopy(network).eval()
+    fold_batchnorm(folded)
+    with pytest.raises(GateConfigError, match="Set the keep ratio before folding"):
+        folded.set_keep_ratio(1.0)
+
+
+def test_calibration_callback_after_fit(subnet):
+    config = {**ALL, "keep_ratio": 0.5, "schedule_epochs": 0}
+    network = apply_gates(subnet, config).train()
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28, generator=generator),
+                                          torch.randint(0, 10, (8,), generator=generator))
+    trainer = pl.Trainer(max_epochs=1, callbacks=[KeepRatioSchedule.from_config(config),
+                                                  BatchNormCalibration(images=8, ratios=[0.4, 1.0])],
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(_TinyModule(network), torch.utils.data.DataLoader(data, batch_size=4))
+    assert network.batchnorm_bank is not None
+    assert network.batchnorm_bank.grid == [0.4, 1.0]
+    assert network.keep_ratio == 0.5
+    assert network.describe()["batchnorm_stats"]["paths"] == network.batchnorm_bank.paths

@@ -9,20 +9,31 @@ Typical use in fine-tuning (``docs/gates.md`` explains placement, paths and figu
 
 ``apply_gates`` leaves ``subnet`` unchanged. After training, ``gated.eval()`` runs the skip path,
 ``gated.set_keep_ratio(r)`` trades accuracy for latency within ``keep_ratio_range``, and
-``executed_macs(gated, x)`` counts what runs. Save ``gated.describe()`` with the state dict and
-rebuild with ``apply_gates(subnet, config, plan=record)`` before ``load_state_dict``.
+``executed_macs(gated, x)`` counts what runs. After fine-tuning, ``calibrate_keep_ratios(gated,
+loader, max_batches)`` (or the ``BatchNormCalibration`` callback) stores BatchNorm statistics per
+keep ratio, which ``set_keep_ratio`` then switches. Save ``gated.describe()`` with the state dict
+and rebuild with ``apply_gates(subnet, config, plan=record)`` before ``load_state_dict``.
 """
 
+from nas.gates.batchnorm import BatchNormBank
 from nas.gates.blocks import BlockLayout, GatedResidualBlock, GateRuntime, register_block_layout
 from nas.gates.config import GateConfig, GateConfigError, TargetedDropoutConfig, parse_gate_config
 from nas.gates.macs import executed_macs
 from nas.gates.modules import ChannelGate, ColumnGate, keep_count, top_k_indices, top_k_mask
 from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates
 from nas.gates.planning import BlockPlan, BlockSite, describe_layers, find_block_sites
-from nas.gates.training import KeepRatioSchedule, find_gated_network
+from nas.gates.training import (
+    BatchNormCalibration,
+    KeepRatioSchedule,
+    calibrate_keep_ratios,
+    calibration_ratios,
+    find_gated_network,
+)
 
 __all__ = [
     "FORMAT_VERSION",
+    "BatchNormBank",
+    "BatchNormCalibration",
     "BlockLayout",
     "BlockPlan",
     "BlockSite",
@@ -36,6 +47,8 @@ __all__ = [
     "KeepRatioSchedule",
     "TargetedDropoutConfig",
     "apply_gates",
+    "calibrate_keep_ratios",
+    "calibration_ratios",
     "describe_layers",
     "executed_macs",
     "find_block_sites",

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nas.gates.batchnorm import BatchNormBank
 from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout
 from nas.gates.budget import choose_keep_ratio
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
@@ -29,14 +30,17 @@ __all__ = ["FORMAT_VERSION", "GatedNetwork", "apply_gates"]
 log = logging.getLogger(__name__)
 
 # Version of the dictionary that GatedNetwork.describe() returns and apply_gates(plan=...) reads.
-FORMAT_VERSION = 1
+# Version 2 added "batchnorm_stats"; version 1 records still load, without per-ratio statistics.
+FORMAT_VERSION = 2
+SUPPORTED_FORMAT_VERSIONS = (1, 2)
 
 
 class GatedNetwork(nn.Module):
     """A subnet whose residual blocks carry channel and column gates.
 
     ``forward`` is the subnet's forward. The wrapped model keeps its module names, so its state
-    dict is the ungated subnet's (under ``model.``) plus the gates' weights.
+    dict is the ungated subnet's (under ``model.``) plus the gates' weights and, once calibrated,
+    the per-keep-ratio BatchNorm statistics (under ``batchnorm_bank.``).
 
     Args:
         model: the subnet with gated blocks already in place.
@@ -55,6 +59,7 @@ class GatedNetwork(nn.Module):
         self.runtime = runtime
         self._plan_by_name = {plan.name: plan for plan in self.plans}
         self._keep_ratio = 1.0
+        self.batchnorm_bank: BatchNormBank | None = None
         self.set_keep_ratio(keep_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,7 +89,9 @@ class GatedNetwork(nn.Module):
         """Keep ``ratio`` of each gate's features: any value in ``keep_ratio_range``, no retraining needed.
 
         Kept channels are ``ceil(ratio * channels)`` rounded up to the block's next latency step;
-        kept columns are ``ceil(ratio * columns)``.
+        kept columns are ``ceil(ratio * columns)``. With a BatchNorm bank (after
+        :func:`nas.gates.calibrate_keep_ratios`), the BatchNorm layers that depend on the ratio get
+        the running statistics of the nearest grid ratio, so call this before folding BatchNorm.
 
         Raises:
             GateConfigError: if ``ratio`` is outside ``keep_ratio_range``.
@@ -94,7 +101,16 @@ class GatedNetwork(nn.Module):
             plan = self._plan_by_name[name]
             channels = plan.snap_channels(keep_count(ratio, block.inner_channels))
             block.set_keep(channels, keep_count(ratio, block.inner_width))
+        if self.batchnorm_bank is not None:
+            self.batchnorm_bank.load(self.batchnorm_bank.nearest(ratio), self.model)
         self._keep_ratio = float(ratio)
+
+    def set_batchnorm_bank(self, bank: BatchNormBank | None) -> None:
+        """Attach per-keep-ratio BatchNorm statistics (None detaches them) and load the current ratio's."""
+        self.batchnorm_bank = bank
+        if bank is not None:
+            bank.to(next(self.model.buffers()).device)
+            bank.load(bank.nearest(self._keep_ratio), self.model)
 
     def keep_counts(self) -> dict[str, tuple[int, int]]:
         """Return (kept channels, kept columns) per gated block at the current keep ratio."""
@@ -111,7 +127,8 @@ class GatedNetwork(nn.Module):
         return torch.zeros((), device=device)
 
     def describe(self) -> dict[str, Any]:
-        """Return a JSON-serialisable record of the settings, the per-block plans and the kept counts."""
+        """Return a JSON-serialisable record of the settings, the per-block plans, the kept counts and the
+        shape of the BatchNorm bank (``batchnorm_stats``: grid ratios, layer paths, channels; or None)."""
         counts = self.keep_counts()
         blocks = []
         for plan in self.plans:
@@ -120,8 +137,9 @@ class GatedNetwork(nn.Module):
             blocks.append(entry)
         config = dataclasses.asdict(self.config)
         config["keep_ratio_range"] = list(config["keep_ratio_range"])
+        bank = self.batchnorm_bank.to_record() if self.batchnorm_bank is not None else None
         return {"format_version": FORMAT_VERSION, "config": config, "keep_ratio": self.keep_ratio, "mode": self.mode,
-                "blocks": blocks}
+                "blocks": blocks, "batchnorm_stats": bank}
 
 
 def _infer_input_shape(model: nn.Module) -> tuple[int, int, int]:
@@ -137,10 +155,10 @@ def _infer_input_shape(model: nn.Module) -> tuple[int, int, int]:
 
 
 def _plans_from_record(record: Mapping[str, Any], sites: Sequence[BlockSite]) -> tuple[list[BlockPlan], float]:
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise GateConfigError(
-            f"Gate plan format_version {record.get('format_version')!r} is not supported; expected {FORMAT_VERSION}. "
-            "Rebuild the plan with this version of TailNAS."
+            f"Gate plan format_version {record.get('format_version')!r} is not supported; expected one of "
+            f"{SUPPORTED_FORMAT_VERSIONS}. Rebuild the plan with this version of TailNAS."
         )
     plans = []
     for entry in record["blocks"]:
@@ -191,7 +209,9 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
             channel steps and the channel-gate placement, and is required by ``latency_budget_ms``.
         input_shape: (C, H, W) of one input image; inferred from ``model.arch.resolution`` when omitted.
         plan: a :meth:`GatedNetwork.describe` record to rebuild the same gates (for loading a
-            fine-tuned checkpoint); nothing is measured and the table is not consulted.
+            fine-tuned checkpoint); nothing is measured and the table is not consulted. A record
+            with ``batchnorm_stats`` also gets an empty BatchNorm bank of the recorded shape, which
+            ``load_state_dict`` then fills.
         protocol: the ``predictors.protocol.MeasurementProtocol`` for ``placement: measure`` (device,
             threads, warm-up, repeats; the batch sizes come from ``measure_batch_sizes``). Defaults to
             the model's device with 5 warm-up passes and 15 timed ones.
@@ -224,6 +244,9 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
                           dropout_rate=config.targeted_dropout.rate, seed=config.seed)
     _install_gates(gated_model, sites, plans, runtime)
     network = GatedNetwork(gated_model, config, plans, runtime, ratio)
+    if plan is not None and plan.get("batchnorm_stats") is not None:
+        # The bank is attached without loading its rows: load_state_dict fills both it and the layers.
+        network.batchnorm_bank = BatchNormBank.from_record(plan["batchnorm_stats"])
     network.train(model.training)
     log.info("gates: %d of %d blocks gated, keep ratio %.2f, counts %s", len(network.gated_blocks()), len(sites),
              ratio, network.keep_counts())

@@ -1,4 +1,4 @@
-"""Fine-tuning support for gated networks: the keep-ratio schedule callback.
+"""Fine-tuning support for gated networks: the keep-ratio schedule and per-ratio BatchNorm calibration.
 
 Targeted dropout runs inside the gated blocks in training mode (see :class:`nas.gates.config.TargetedDropoutConfig`).
 Distillation from the ungated subnet is the fine-tuning module's ``teacher`` and ``kd_weight``:
@@ -7,18 +7,34 @@ pass the model that went into :func:`nas.gates.apply_gates`, which that function
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
+from torch import nn
 from typing_extensions import override
 
-from nas.gates.config import GateConfig, parse_gate_config
+from nas.gates.batchnorm import BatchNormBank, batchnorm_layers
+from nas.gates.blocks import GatedResidualBlock
+from nas.gates.config import GateConfig, GateConfigError, parse_gate_config
 from nas.gates.network import GatedNetwork
 
-__all__ = ["KeepRatioSchedule", "find_gated_network"]
+__all__ = [
+    "BatchNormCalibration",
+    "KeepRatioSchedule",
+    "calibrate_keep_ratios",
+    "calibration_ratios",
+    "find_gated_network",
+]
+
+# Spacing of the default calibration grid. Kept counts change every 1/channels of a ratio, but
+# BatchNorm statistics drift slowly with the ratio, so 0.1 apart serves the range.
+CALIBRATION_STEP = 0.1
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +145,124 @@ class KeepRatioSchedule(pl.Callback):
         self.sample_range = tuple(float(v) for v in sample_range) if sample_range is not None else None
         self.rng.bit_generator.state = state_dict["rng"]
         self.current = float(state_dict["current"])
+
+
+def calibration_ratios(config: GateConfig, step: float = CALIBRATION_STEP) -> list[float]:
+    """Return the default calibration grid: ``keep_ratio_range`` every ``step``, both ends and ``keep_ratio``."""
+    low, high = config.keep_ratio_range
+    grid = np.arange(low, high + 1e-9, step).tolist() + [high, config.keep_ratio]
+    return sorted({round(float(r), 6) for r in grid})
+
+
+def _inputs(batches: Iterable[Any], max_batches: int, device: torch.device) -> list[torch.Tensor]:
+    inputs = []
+    for batch in itertools.islice(batches, max_batches):
+        x = batch[0] if isinstance(batch, (list, tuple)) else batch
+        inputs.append(x.to(device))
+    if not inputs:
+        raise ValueError("calibrate_keep_ratios got no batch; pass the training loader (inputs or (inputs, targets)).")
+    return inputs
+
+
+@torch.no_grad()
+def _recalibrate_at(network: GatedNetwork, ratio: float, inputs: Sequence[torch.Tensor]) -> None:
+    """Re-estimate every BatchNorm's statistics at ``ratio`` as a plain average over ``inputs``.
+
+    Gated blocks run their training path, which calls the BatchNorm modules on the masked maps
+    (the eval paths fold BatchNorm and never call them), with the inference selection: top-k
+    without targeted dropout. Everything else runs in eval mode.
+    """
+    network.set_keep_ratio(ratio)
+    network.eval()
+    for module in network.modules():
+        if isinstance(module, GatedResidualBlock):
+            module.training = True
+    for norm in batchnorm_layers(network.model).values():
+        norm.reset_running_stats()
+        norm.momentum = None
+        norm.training = True
+    for x in inputs:
+        network(x)
+
+
+def calibrate_keep_ratios(network: GatedNetwork, batches: Iterable[Any], max_batches: int,
+                          ratios: Sequence[float] | None = None) -> BatchNormBank:
+    """Re-estimate BatchNorm statistics at each ratio of a grid and attach them to ``network``.
+
+    Every BatchNorm layer is recalibrated from scratch on the same ``max_batches`` batches at each
+    ratio. The layers whose statistics differ between ratios go into the bank, because the
+    gates change their inputs. The others (before the first gate, or shortcut branches that read
+    an ungated input) get the same statistics at every ratio and keep one set. Afterwards
+    ``network.set_keep_ratio(r)`` loads the statistics of the grid ratio nearest to ``r``. Call it
+    after fine-tuning, because training updates only the statistics of the ratio in use.
+
+    Args:
+        network: the fine-tuned gated network; its keep ratio and training mode are restored.
+        batches: training batches, inputs or (inputs, targets) pairs; they are moved to the
+            network's device.
+        max_batches: number of batches averaged at each ratio.
+        ratios: the grid, inside ``keep_ratio_range``; defaults to :func:`calibration_ratios`.
+
+    Returns:
+        The bank, also attached as ``network.batchnorm_bank``.
+    """
+    grid = sorted({float(r) for r in (ratios if ratios is not None else calibration_ratios(network.config))})
+    for ratio in grid:
+        network.config.check_keep_ratio(ratio)
+    norms = batchnorm_layers(network.model)
+    if not norms:
+        raise GateConfigError(f"{type(network.model).__name__} has no BatchNorm layer to calibrate per keep ratio.")
+    device = next(network.parameters()).device
+    inputs = _inputs(batches, max_batches, device)
+
+    runtime, original, was_training = network.runtime, network.keep_ratio, network.training
+    momenta = {name: norm.momentum for name, norm in norms.items()}
+    dropout = runtime.dropout_rate
+    runtime.dropout_rate = 0.0
+    network.set_batchnorm_bank(None)
+    per_ratio = []
+    try:
+        for ratio in grid:
+            _recalibrate_at(network, ratio, inputs)
+            per_ratio.append({name: (n.running_mean.clone(), n.running_var.clone()) for name, n in norms.items()})
+    finally:
+        runtime.dropout_rate = dropout
+        for name, norm in norms.items():
+            norm.momentum = momenta[name]
+        network.train(was_training)
+
+    varying = [name for name in norms if any(
+        not torch.equal(stats[name][0], per_ratio[0][name][0]) or not torch.equal(stats[name][1], per_ratio[0][name][1])
+        for stats in per_ratio[1:])]
+    bank = BatchNormBank(varying, [norms[name].num_features for name in varying], grid).to(device)
+    for index, stats in enumerate(per_ratio):
+        for path, row in zip(bank.paths, bank.stats):
+            row.running_mean[index].copy_(stats[path][0])
+            row.running_var[index].copy_(stats[path][1])
+    network.set_batchnorm_bank(bank)
+    network.set_keep_ratio(original)
+    log.info("gates: BatchNorm statistics of %d of %d layers stored at keep ratios %s (%d batches each)",
+             len(varying), len(norms), grid, len(inputs))
+    return bank
+
+
+class BatchNormCalibration(pl.Callback):
+    """Runs :func:`calibrate_keep_ratios` on the training loader when training ends, before testing.
+
+    Args:
+        images: training images averaged at each ratio (rounded up to whole batches).
+        ratios: the calibration grid; defaults to :func:`calibration_ratios` of the network's config.
+    """
+
+    def __init__(self, images: int, ratios: Sequence[float] | None = None) -> None:
+        if images < 1:
+            raise ValueError(f"BatchNormCalibration images must be >= 1, but got {images}.")
+        self.images = int(images)
+        self.ratios = list(ratios) if ratios is not None else None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        loader = trainer.train_dataloader
+        batch_size = getattr(loader, "batch_size", None) or 1
+        max_batches = max(1, math.ceil(self.images / batch_size))
+        calibrate_keep_ratios(find_gated_network(pl_module), iter(loader), max_batches, self.ratios)
