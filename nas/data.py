@@ -12,7 +12,7 @@ import logging
 import os
 import pickle
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -372,7 +372,9 @@ def write_cifar10_format(
     batches.append((test_images, test_labels))
     names = [*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE]
     batch_labels = [f"training batch {i} of 5" for i in range(1, 6)] + ["testing batch 1 of 1"]
-    staging = Path(tempfile.mkdtemp(prefix=f".{CIFAR10_FOLDER}.", dir=root))
+    # mkdir, unlike tempfile.mkdtemp, gives the folder the umask's permissions rather than owner-only.
+    staging = root / f".{CIFAR10_FOLDER}.{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         for name, batch_label, (images, labels) in zip(names, batch_labels, batches):
             _write_pickle(staging / name, {

@@ -266,3 +266,11 @@ def test_cifar10_writer_checks_input(tmp_path):
     with pytest.raises(DataError, match=r"already exists. Remove it or write into another root"):
         write_cifar10_format(tmp_path, train=(images, [0] * 5), test=(images, [0] * 5))
     assert sorted(path.name for path in tmp_path.iterdir()) == [CIFAR10_FOLDER]
+
+
+def test_cifar10_writer_folder_permissions(tmp_path):
+    images = np.zeros((5, 32, 32, 3), dtype=np.uint8)
+    folder = write_cifar10_format(tmp_path / "out", train=(images, [0] * 5), test=(images, [0] * 5))
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert folder.stat().st_mode == reference.stat().st_mode
