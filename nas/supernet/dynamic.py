@@ -12,6 +12,8 @@ __all__ = [
     "DynamicLinear",
     "DynamicDepthwiseConv2d",
     "DynamicSqueezeExcite",
+    "permute_input_channels",
+    "permute_output_channels",
     "recalibrate_batchnorm",
 ]
 
@@ -65,6 +67,47 @@ class DynamicLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight[:, : x.shape[1]], self.bias)
+
+
+@torch.no_grad()
+def permute_output_channels(layer: nn.Module, order: torch.Tensor) -> None:
+    """Reorder the output channels of a convolution, linear layer or BatchNorm in place.
+
+    New channel ``i`` is old channel ``order[i]``. Every per-channel tensor moves: the weight, the
+    bias, and a BatchNorm's running mean and variance.
+
+    Raises:
+        ValueError: if ``order`` does not have one entry per output channel.
+    """
+    _check_order(layer, order, layer.weight.shape[0], "output")
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        tensor = getattr(layer, name, None)
+        if tensor is not None:
+            tensor.copy_(tensor[order])
+
+
+@torch.no_grad()
+def permute_input_channels(layer: nn.Conv2d | nn.Linear, order: torch.Tensor) -> None:
+    """Reorder the input channels of a dense convolution or linear layer in place to follow a permuted input.
+
+    Raises:
+        ValueError: for a grouped convolution, or if ``order`` does not have one entry per input channel.
+    """
+    if isinstance(layer, nn.Conv2d) and layer.groups != 1:
+        raise ValueError(
+            f"permute_input_channels needs a dense convolution, but got groups={layer.groups}; "
+            "permute a depthwise convolution's filters with permute_output_channels."
+        )
+    _check_order(layer, order, layer.weight.shape[1], "input")
+    layer.weight.copy_(layer.weight[:, order])
+
+
+def _check_order(layer: nn.Module, order: torch.Tensor, channels: int, side: str) -> None:
+    if order.shape != (channels,):
+        raise ValueError(
+            f"The channel order for {type(layer).__name__} with {channels} {side} channels must have shape "
+            f"({channels},), but got {tuple(order.shape)}."
+        )
 
 
 @torch.no_grad()

@@ -6,14 +6,25 @@ so an exported subnet's state dict reads like timm's and extraction is a name-by
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TypeVar
+
 import torch
 from torch import nn
 
 from nas.spaces.resnet import ResNetArch, ResNetSpace, bottleneck_mid_channels
 from nas.supernet.base import Supernet
-from nas.supernet.dynamic import DynamicBatchNorm2d, DynamicConv2d, DynamicLinear
+from nas.supernet.dynamic import (
+    DynamicBatchNorm2d,
+    DynamicConv2d,
+    DynamicLinear,
+    permute_input_channels,
+    permute_output_channels,
+)
 
 __all__ = ["ElasticResNet", "ResNetSubnet", "BasicBlock", "Bottleneck"]
+
+_Value = TypeVar("_Value", int, float)
 
 
 def _conv_bn(conv_cls, bn_cls, cin: int, cout: int, k: int, stride: int) -> tuple[nn.Module, nn.Module]:
@@ -59,6 +70,14 @@ class BasicBlock(nn.Module):
     def _out_channels(self) -> int:
         return getattr(self, "active_out", self.conv2.out_channels)
 
+    def output_layers(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        """Return the convolution and BatchNorm whose output the block adds to its shortcut."""
+        return self.conv2, self.bn2
+
+    def inner_layers(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]]:
+        """Return (producer, its BatchNorm, consumer) for each group of inner channels, in forward order."""
+        return [(self.conv1, self.bn1, self.conv2)]
+
 
 class Bottleneck(BasicBlock):
     """1x1 reduce, 3x3 (with the stride), 1x1 expand, with a residual connection."""
@@ -95,6 +114,12 @@ class Bottleneck(BasicBlock):
 
     def _out_channels(self) -> int:
         return getattr(self, "active_out", self.conv3.out_channels)
+
+    def output_layers(self) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+        return self.conv3, self.bn3
+
+    def inner_layers(self) -> list[tuple[nn.Conv2d, nn.BatchNorm2d, nn.Conv2d]]:
+        return [(self.conv1, self.bn1, self.conv2), (self.conv2, self.bn2, self.conv3)]
 
 
 def _block_class(space: ResNetSpace) -> type[BasicBlock]:
@@ -192,6 +217,81 @@ class ElasticResNet(_ResNetBody, Supernet):
     def build_static(self, arch: ResNetArch) -> ResNetSubnet:
         return ResNetSubnet(self.space, arch)
 
+    @torch.no_grad()
+    def sort_expanded_channels(self, expand_stage: int = 0) -> None:
+        """Put the most important channels first in every elastic width, before a sub-stage of the width phase.
+
+        ``expand_stage`` counts the smaller values of each width decision (``width_i``, ``expand_i``)
+        already trained, so the ``expand_stage + 1`` largest values of every decision count as
+        trained. No channel moves across a width that a trained value selects. Trained subnets,
+        the largest included, therefore keep their channels and compute the same function after the
+        sort, because running statistics move with their channels.
+
+        Importance of a block's inner channels (conv1's output, and in a bottleneck conv2's output
+        too) is the L1 norm of the consuming convolution's weights per input channel. Importance of
+        a stage's residual stream is ``|gamma|`` summed over the BatchNorms that write to it: every
+        block's last BatchNorm and the projection's. One order per stage moves those layers and
+        every reader of the stream: the stage's later blocks, the next stage's first block (conv1
+        and projection), or the classifier. The stem's output is sorted the same way. A stride-1
+        stage whose first block adds the previous stream through its identity shortcut, at a width
+        trained on both sides, shares one order with that stream, so the shortcut and the residual
+        stay aligned channel by channel. For stage 0 the previous stream is the stem's output.
+
+        Raises:
+            ValueError: if ``expand_stage`` is not in ``[0, n - 1]``, where ``n`` is the number of values
+                of the width decision with the most values.
+        """
+        options = [len(stage.widths) for stage in self.space.cfg.stages] + [len(self.space.expand_options)]
+        limit = max(options)
+        if isinstance(expand_stage, bool) or not isinstance(expand_stage, int) or not 0 <= expand_stage < limit:
+            raise ValueError(
+                f"expand_stage must be an integer in [0, {limit - 1}] for space {self.space.name!r}, whose "
+                f"width decision with the most values has {limit}, but got {expand_stage!r}."
+            )
+        trained = expand_stage + 1
+
+        for group in _tied_groups(self._streams(trained)):
+            _sort_streams(group)
+
+        for i, name in enumerate(self.stage_names):
+            tiers = self._trained_inner_widths(i, trained)
+            for block in getattr(self, name):
+                for producer, norm, consumer in block.inner_layers():
+                    _sort_inner_channels(producer, norm, consumer, tiers)
+
+    def _streams(self, trained: int) -> list[_Stream]:
+        """Return the stem's output stream and each stage's residual stream, with their writers and readers."""
+        streams = [_Stream(self.conv1.out_channels, [self.conv1.out_channels], producers=[self.conv1, self.bn1],
+                           norms=[self.bn1])]
+        for i, name in enumerate(self.stage_names):
+            config = self.space.cfg.stages[i]
+            blocks = list(getattr(self, name))
+            stream = _Stream(max(config.widths), _largest(config.widths, trained),
+                             shortcut_from_previous=config.stride == 1)
+            for block in blocks:
+                conv, norm = block.output_layers()
+                stream.producers += [conv, norm]
+                stream.norms.append(norm)
+            stream.consumers += [block.conv1 for block in blocks[1:]]
+
+            head = blocks[0]
+            streams[-1].consumers.append(head.conv1)
+            if head.downsample is not None:
+                stream.producers += list(head.downsample)
+                stream.norms.append(head.downsample[1])
+                streams[-1].consumers.append(head.downsample[0])
+            streams.append(stream)
+        streams[-1].consumers.append(self.fc)
+        return streams
+
+    def _trained_inner_widths(self, stage: int, trained: int) -> list[int]:
+        """Return the inner widths of a stage's blocks that the ``trained`` largest width and expand values select."""
+        widths = _largest(self.space.cfg.stages[stage].widths, trained)
+        if self.space.cfg.block != "bottleneck":
+            return widths
+        ratios = _largest(self.space.expand_options, trained)
+        return sorted({bottleneck_mid_channels(width, ratio) for width in widths for ratio in ratios})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.forward_stem(x)
         for i, name in enumerate(self.stage_names):
@@ -199,3 +299,79 @@ class ElasticResNet(_ResNetBody, Supernet):
             for j in range(self.active_arch.depths[i]):
                 x = stage[j](x)
         return self.fc(torch.flatten(self.global_pool(x), 1))
+
+
+@dataclass
+class _Stream:
+    """Channels that several layers share in one order: the stem's output or one stage's residual stream.
+
+    ``channels`` is the supernet's width. ``trained`` contains the trained widths, the largest included.
+    """
+
+    channels: int
+    trained: list[int]
+    shortcut_from_previous: bool = False
+    producers: list[nn.Module] = field(default_factory=list)
+    norms: list[nn.BatchNorm2d] = field(default_factory=list)
+    consumers: list[nn.Module] = field(default_factory=list)
+
+
+def _largest(values: list[_Value], count: int) -> list[_Value]:
+    return sorted(values)[-count:]
+
+
+def _tied_groups(streams: list[_Stream]) -> list[list[_Stream]]:
+    """Split consecutive streams into groups that must share one channel order.
+
+    A stream joins the previous one when its first block can add the previous stream through the
+    identity shortcut (stride 1, equal widths) at a width trained on both sides.
+
+    NOTE: a group sorts every member with the union of their tiers, which constrains a member more
+    than its own trained widths need. An identity shortcut at a width not yet trained on both
+    sides may pair different channels after the sort, so that subnet changes like any untrained one.
+    """
+    groups = [[streams[0]]]
+    for stream in streams[1:]:
+        previous = groups[-1][-1]
+        if stream.shortcut_from_previous and set(stream.trained) & set(previous.trained):
+            groups[-1].append(stream)
+        else:
+            groups.append([stream])
+    return groups
+
+
+def _sort_streams(group: list[_Stream]) -> None:
+    """Reorder a group of tied streams with one order, each stream taking its leading ``channels`` entries."""
+    width = max(stream.channels for stream in group)
+    importance = torch.zeros(width, device=group[0].norms[0].weight.device)
+    for stream in group:
+        for norm in stream.norms:
+            importance[: stream.channels] += norm.weight.abs()
+    # Every stream's own width is a tier boundary, so each prefix of ``order`` is a permutation of its stream.
+    order = _tiered_order(importance, [trained for stream in group for trained in stream.trained])
+
+    for stream in group:
+        own = order[: stream.channels]
+        for layer in stream.producers:
+            permute_output_channels(layer, own)
+        for layer in stream.consumers:
+            permute_input_channels(layer, own)
+
+
+def _sort_inner_channels(producer: nn.Conv2d, norm: nn.BatchNorm2d, consumer: nn.Conv2d, tiers: list[int]) -> None:
+    order = _tiered_order(consumer.weight.abs().sum(dim=(0, 2, 3)), tiers)
+    permute_output_channels(producer, order)
+    permute_output_channels(norm, order)
+    permute_input_channels(consumer, order)
+
+
+def _tiered_order(importance: torch.Tensor, boundaries: list[int]) -> torch.Tensor:
+    """Return the channel order that sorts by descending importance but moves no channel across a boundary.
+
+    Ties keep their current order.
+    """
+    tier = torch.zeros(len(importance), dtype=torch.long, device=importance.device)
+    for boundary in boundaries:
+        tier[boundary:] += 1
+    by_importance = torch.argsort(importance, descending=True, stable=True)
+    return by_importance[torch.argsort(tier[by_importance], stable=True)]
