@@ -319,8 +319,8 @@ class ProgressiveShrinkingModule(pl.LightningModule):
     def _sort_channels(self, expand_stage: int) -> None:
         sort = getattr(self.supernet, "sort_expanded_channels", None)
         if not callable(sort):
-            # NOTE: ResNet output widths are shared by every block of a stage and by the residual path.
-            # Sorting them would permute whole stages, so the width phase trains them unsorted.
+            # Both built-in supernets sort their channels. A supernet of another family may lack the
+            # method, and then the width phase trains the leading channels in their initial order.
             log.info("%s cannot sort its channels by importance; the width phase keeps their order.",
                      type(self.supernet).__name__)
             return

@@ -219,11 +219,17 @@ def test_progressive_wrong_max_epochs_rejected(mobilenet):
         fit(module, 2, loader(16, batches=1))
 
 
-def test_progressive_runs_resnet_without_sorting(resnet, caplog):
+def test_progressive_sorts_resnet_channels(resnet, caplog, monkeypatch):
     torch.manual_seed(0)
     config = {"schedule": "progressive", "phases": PHASES, "subnets_per_step": SUBNETS, **COMMON}
     module, epochs = create_supernet_module(resnet.build_supernet(), config, seed=0)
+    sorts = []
+    original = module.supernet.sort_expanded_channels
+    monkeypatch.setattr(module.supernet, "sort_expanded_channels", lambda stage: (sorts.append(stage), original(stage)))
     with caplog.at_level("INFO", logger="nas.progressive"):
         trainer = fit(module, epochs, loader(28, batches=1))
     assert trainer.global_step == 3
-    assert "cannot sort its channels" in caplog.text
+    # Widths [8, 16, 24] give two width sub-stages, and one width step leaves a step only for the second.
+    assert sorts == [1]
+    assert "cannot sort its channels" not in caplog.text
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
