@@ -170,7 +170,6 @@ def run(cfg: DictConfig) -> None:
     work_dir = Path(cfg.paths.work_dir)
     timer = StageTimer()
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
-    tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir))
 
     with timer.stage("data"):
         datamodule = build_datamodule(to_container(cfg.data))
@@ -178,6 +177,10 @@ def run(cfg: DictConfig) -> None:
         space = build_space(cfg, datamodule)
     log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)
+    # The study name is set before the tracker starts because it is the run's default W&B group.
+    study_name = cfg.search.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir),
+                             default_group=study_name)
 
     with timer.stage("supernet"):
         supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
@@ -209,7 +212,6 @@ def run(cfg: DictConfig) -> None:
 
     search_cfg = cfg.search
     storage = default_storage(cfg)
-    study_name = search_cfg.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     device = training_device(cfg.supernet.trainer)
     with timer.stage("search"):
         evaluator = SubnetEvaluator(

@@ -173,7 +173,8 @@ def run(cfg: DictConfig) -> None:
     log.info("Picked trial %d: accuracy %.4f, predicted %.3f ms, arch %s", trial.number, trial.values[0],
              trial.user_attrs["predicted_latency_ms"], arch.to_json())
     tracker = create_tracker(to_container(cfg.logger), {**to_container(cfg), "study": study.study_name,
-                                                       "trial": trial.number}, "train", str(run_dir))
+                                                       "trial": trial.number}, "train", str(run_dir),
+                             default_group=study.study_name)
 
     with timer.stage("data"):
         datamodule = build_datamodule(record["data"])

@@ -50,7 +50,8 @@ class Tracker:
 class WandbTracker(Tracker):
     name = "wandb"
 
-    def __init__(self, cfg: Mapping[str, Any], run_config: Mapping[str, Any], job_type: str, run_dir: str) -> None:
+    def __init__(self, cfg: Mapping[str, Any], run_config: Mapping[str, Any], job_type: str, run_dir: str,
+                 default_group: str | None = None) -> None:
         import wandb
 
         allowed = {"name", "project", "entity", "mode", "group", "tags"}
@@ -60,7 +61,7 @@ class WandbTracker(Tracker):
         mode = wandb_mode(cfg.get("mode"))
         self._wandb = wandb
         self.run = wandb.init(
-            project=cfg.get("project", "tailnas"), entity=cfg.get("entity"), group=cfg.get("group"),
+            project=cfg.get("project", "tailnas"), entity=cfg.get("entity"), group=cfg.get("group") or default_group,
             tags=list(cfg.get("tags") or []), job_type=job_type, config=dict(run_config), mode=mode, dir=run_dir,
         )
         log.info("Weights & Biases run %s in %s mode (dir %s)", self.run.id, mode, run_dir)
@@ -91,11 +92,16 @@ class WandbTracker(Tracker):
         self.run.finish()
 
 
-def create_tracker(cfg: Mapping[str, Any], run_config: Mapping[str, Any], job_type: str, run_dir: str) -> Tracker:
-    """Build the tracker that ``logger=<name>`` selects."""
+def create_tracker(cfg: Mapping[str, Any], run_config: Mapping[str, Any], job_type: str, run_dir: str,
+                   default_group: str | None = None) -> Tracker:
+    """Build the tracker that ``logger=<name>`` selects.
+
+    ``default_group`` is the W&B group when ``logger.group`` is null. search.py and train.py pass the
+    study name, so that a study's search run and its fine-tuning runs appear together in the W&B UI.
+    """
     name = cfg.get("name", "none")
     if name == "none":
         return Tracker()
     if name == "wandb":
-        return WandbTracker(cfg, run_config, job_type, run_dir)
+        return WandbTracker(cfg, run_config, job_type, run_dir, default_group)
     raise ValueError(f"Unknown logger={name!r}; available loggers are ['none', 'wandb'].")
