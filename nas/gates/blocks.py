@@ -230,6 +230,8 @@ class GatedResidualBlock(nn.Module):
         # Keeping everything makes the 0/1 masks all ones: the gates are not even run.
         if not self.gated or self.keeps_all:
             return None, None
+        if not self.training:
+            return self._gate_logits_eval(x)
         if self.column_gate is None:
             return self.channel_gate.logits(x.mean(dim=(2, 3))), None
 
@@ -238,6 +240,42 @@ class GatedResidualBlock(nn.Module):
         if self.channel_gate is None:
             return None, column_logits
         return self.channel_gate.logits(rows.mean(dim=2)), column_logits
+
+    def _gate_logits_eval(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Score both gates from one sum over rows, with the 1/H and 1/(H*W) of the means in cached weights.
+
+        At batch 1 on a CPU this halves the scoring time of the channel gate (one sum and one addmm
+        instead of mean's sum, division and copy, then the linear layer's transpose and addmm). The
+        gate modules are not called, so their MACs are counted here.
+        """
+        batch, _, height, width = x.shape
+        weights = self._folded_weights()
+        channel_logits, column_logits, macs = None, None, 0
+        if self.column_gate is None:
+            sums = x.sum(dim=(2, 3))
+        else:
+            rows = x.sum(dim=2)
+            gate = self.column_gate
+            conv_w = self._cached(weights, ("column_conv", height), lambda: gate.conv.weight.detach() / height)
+            pooled = F.avg_pool1d(rows, gate.stride, gate.stride, ceil_mode=True) if gate.stride > 1 else rows
+            column_logits = F.conv1d(pooled, conv_w, gate.conv.bias.detach(), padding=gate.conv.padding).squeeze(1)
+            macs += gate.macs(column_logits.shape[1])
+            sums = rows.sum(dim=2) if self.channel_gate is not None else None
+        if self.channel_gate is not None:
+            fc = self.channel_gate.fc
+            fc_t = self._cached(weights, ("channel_fc_t", height * width),
+                                lambda: (fc.weight.detach() / (height * width)).t().contiguous())
+            channel_logits = torch.addmm(fc.bias.detach(), sums, fc_t)
+            macs += self.channel_gate.macs
+        if self.runtime.mac_counter is not None:
+            self.runtime.mac_counter[0] += macs * batch
+        return channel_logits, column_logits
+
+    @staticmethod
+    def _cached(weights: dict[Any, torch.Tensor], key: Any, build: Any) -> torch.Tensor:
+        if key not in weights:
+            weights[key] = build()
+        return weights[key]
 
     def _train_mask(self, logits: torch.Tensor, kept: int) -> torch.Tensor:
         mask = top_k_mask(logits.detach(), kept)
@@ -281,8 +319,9 @@ class GatedResidualBlock(nn.Module):
             return self._fold_weights()
         producer_conv, producer_bn, _ = self._stage_modules(self.layout.producer)
         consumer_conv, consumer_bn, _ = self._stage_modules(len(self.layout.stages) - 1)
+        gate_tensors = [p for gate in (self.channel_gate, self.column_gate) if gate is not None for p in gate.parameters()]
         sources = (producer_conv.weight, producer_conv.bias, consumer_conv.weight, consumer_conv.bias,
-                   *_batchnorm_tensors(producer_bn), *_batchnorm_tensors(consumer_bn))
+                   *_batchnorm_tensors(producer_bn), *_batchnorm_tensors(consumer_bn), *gate_tensors)
         # A reassigned tensor changes its id, an in-place update (optimizer step, load_state_dict) its version.
         key = tuple((id(t), t._version) for t in sources if t is not None)
         if key != self._folded_key:
