@@ -114,8 +114,10 @@ class SearchObjective:
         latency_budget_ms: if set, trials whose latency exceeds it are infeasible (constraint > 0),
             their accuracy is not computed (reported as 0.0) and they never enter the Pareto front.
         measure_fn: measures an architecture on the device; used when ``uncertainty_threshold`` is set.
-        uncertainty_threshold: a candidate whose interval is wider than this share of its latency is
-            measured, and the measurement replaces the prediction for that trial.
+        uncertainty_threshold: a candidate whose interval is wider than this share of its latency
+            (:attr:`LatencyEstimate.relative_width`) is measured, and the measurement replaces the
+            prediction for that trial. The predictor's interval widths differ per architecture, so
+            a threshold inside their range measures only the least certain candidates.
     """
 
     def __init__(
@@ -131,6 +133,11 @@ class SearchObjective:
             raise SearchError(f"search.latency_budget_ms must be positive or null, but got {latency_budget_ms}.")
         if uncertainty_threshold is not None and measure_fn is None:
             raise SearchError("search.measure_uncertain=true needs a measurement function.")
+        if uncertainty_threshold is not None and not uncertainty_threshold > 0:
+            raise SearchError(
+                f"search.uncertainty_threshold must be a positive share of the latency, for example 0.2, "
+                f"but got {uncertainty_threshold}."
+            )
         self.space = space
         self.choices = space.choices()
         self.accuracy_fn = accuracy_fn
