@@ -183,7 +183,11 @@ def holdout_report(
     Returns:
         The predictor's metrics at the top level, plus ``n_train``, ``n_test``, ``baselines``
         (:func:`baseline_metrics`, empty with fewer than ``MIN_BASELINE_TRAIN`` training subnets),
-        ``noise_floor`` and ``macs_within_10pct``/``macs_kendall_tau`` (``None`` without baselines).
+        ``noise_floor``, ``macs_within_10pct``/``macs_kendall_tau`` (``None`` without baselines),
+        ``interval`` (nominal coverage), ``interval_method``, and ``interval_width_p10``,
+        ``interval_width_median`` and ``interval_width_p90``: percentiles over the held-out subnets
+        of the interval width as a share of the predicted latency, the quantity that
+        ``search.uncertainty_threshold`` is compared with.
     """
     if not test:
         raise ValueError("holdout_report needs at least one held-out subnet; raise predictor.holdout_fraction.")
@@ -196,6 +200,11 @@ def holdout_report(
         passes, np.repeat(prediction.mean_ms, repeats), np.repeat(prediction.low_ms, repeats), np.repeat(prediction.high_ms, repeats)
     )["interval_coverage_90"]
     report.pop("n")
+    width = prediction.relative_width
+    report["interval"], report["interval_method"] = predictor.interval, predictor.interval_method
+    report["interval_width_p10"], report["interval_width_median"], report["interval_width_p90"] = (
+        float(value) for value in np.percentile(width, [10, 50, 90])
+    )
     report["n_train"], report["n_test"] = len(train), len(test)
     report["baselines"] = baseline_metrics(train, test, lut) if len(train) >= MIN_BASELINE_TRAIN else {}
     macs = report["baselines"].get("macs_linear", {})
@@ -252,6 +261,12 @@ def print_report(report: Mapping[str, Any], title: str) -> None:
         "-", _format(noise.get("kendall_tau"), False), "-", str(noise.get("n", "-")),
     )
     Console().print(table)
+    if report.get("interval_width_median") is not None:
+        widths = [_format(report[f"interval_width_{name}"], True) for name in ("p10", "median", "p90")]
+        print(
+            f"Intervals: nominal {_format(report.get('interval'), True)}, {report.get('interval_method')}. Width as a "
+            f"share of the predicted latency on held-out subnets: p10 {widths[0]}, median {widths[1]}, p90 {widths[2]}."
+        )
 
 
 def write_plots(run_dir: Path, predictor: Any, train: Sequence[Mapping[str, Any]], test: Sequence[Mapping[str, Any]], table: Mapping[str, float]) -> list[Path]:

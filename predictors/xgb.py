@@ -12,9 +12,10 @@ Model structure:
 4. The network model, an XGBoost regressor on the network features, predicts log(measured / base),
    the share of latency that neither the layers alone nor the linear base explain (operator fusion,
    cache reuse between layers, framework overhead).
-5. Split-conformal intervals: out-of-fold residuals of log latency on the training subnets give
-   the lower and upper quantiles for the nominal level, so ``low_ms`` and ``high_ms`` scale with
-   each candidate's predicted latency.
+5. Normalized split-conformal intervals (:mod:`predictors.conformal`): a scale model, an
+   XGBoost regressor of the out-of-fold |log residual| on the network features and the size of the
+   network model's correction, sets each architecture's interval width in log space. Out-of-fold
+   residuals divided by that scale give the lower and upper quantiles for the nominal level.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import xgboost as xgb
 from scipy.optimize import nnls
 
 from nas.spaces.layers import LayerSpec
+from predictors.conformal import INTERVAL_METHOD, ScaleModel, fit_normalized_conformal
 from predictors.features import (
     OP_GROUPS,
     HardwareFacts,
@@ -57,6 +59,8 @@ METADATA_KEYS = ("fingerprint", "protocol", "space", "space_hash", "training")
 
 # Fewer subnets than this leave too few out-of-fold residuals for a 90% interval.
 MIN_TRAIN_SUBNETS = 10
+# The change that the current format_version made, named in the error on older files.
+FORMAT_CHANGE = "version 2 stores the scale model that sets each architecture's interval width"
 
 class PredictorError(ValueError):
     """A predictor that cannot be trained, used, read or trusted on this device."""
@@ -105,12 +109,18 @@ class XGBParams:
         return xgb.train(params, matrix, num_boost_round=self.n_estimators)
 
 
+# The scale model learns from one mean |residual| per training subnet (90 with the default
+# predictor config), so it is additive (depth-1 trees), and each leaf needs at least 5 subnets.
+DEFAULT_SCALE_PARAMS = XGBParams(n_estimators=100, max_depth=1, min_child_weight=5.0)
+
+
 @dataclass
 class Prediction:
     """Predicted latencies in ms, one entry per architecture.
 
     ``low_ms <= mean_ms <= high_ms`` is true elementwise, and ``[low_ms, high_ms]`` is the nominal
-    interval (90% by default) of a new measurement under the predictor's protocol.
+    interval (90% by default) of a new measurement under the predictor's protocol. Its width in
+    log space differs between architectures (see :mod:`predictors.conformal`).
     """
 
     mean_ms: np.ndarray
@@ -119,6 +129,11 @@ class Prediction:
 
     def __len__(self) -> int:
         return len(self.mean_ms)
+
+    @property
+    def relative_width(self) -> np.ndarray:
+        """Interval width as a share of the predicted latency, ``(high_ms - low_ms) / mean_ms``."""
+        return (self.high_ms - self.low_ms) / self.mean_ms
 
 
 def _term_column(frame: pd.DataFrame, term: str) -> np.ndarray:
@@ -189,19 +204,6 @@ def _check_positive(latencies: np.ndarray, what: str) -> None:
         raise PredictorError(f"{what} latencies must be positive and finite, but the minimum is {np.min(latencies)!r}.")
 
 
-def _conformal_bounds(residuals: np.ndarray, level: float) -> tuple[float, float]:
-    """Return the lower and upper split-conformal quantiles of ``residuals`` for a ``level`` interval.
-
-    Each tail gets (1 - level) / 2; the finite-sample rank ceil((n + 1) * q) is clipped to n.
-    """
-    n = len(residuals)
-    ordered = np.sort(residuals)
-    tail = (1.0 - level) / 2.0
-    upper_rank = min(n, math.ceil((n + 1) * (1.0 - tail)))
-    lower_rank = max(1, math.floor((n + 1) * tail))
-    return float(ordered[lower_rank - 1]), float(ordered[upper_rank - 1])
-
-
 class LatencyPredictor:
     """Predicts whole-network latency in ms with intervals, from each architecture's layer list.
 
@@ -217,9 +219,12 @@ class LatencyPredictor:
         seed: seed of the XGBoost models and of the fold assignment.
         metadata: stored with the model: ``fingerprint`` (device fingerprint dict),
             ``protocol`` (measurement protocol dict), ``space`` and ``space_hash``, and training facts.
+        scale_params: hyperparameters of the scale model that sets each interval's width
+            (see :mod:`predictors.conformal`).
     """
 
-    format_version = 1
+    format_version = 2
+    interval_method = INTERVAL_METHOD
 
     def __init__(
         self,
@@ -229,6 +234,7 @@ class LatencyPredictor:
         conformal_folds: int = 5,
         seed: int = 0,
         metadata: Mapping[str, Any] | None = None,
+        scale_params: XGBParams | None = None,
     ) -> None:
         if not 0.0 < interval < 1.0:
             raise PredictorError(f"interval must be in (0, 1), for example 0.9, but got {interval}.")
@@ -236,6 +242,7 @@ class LatencyPredictor:
             raise PredictorError(f"conformal_folds must be >= 2, but got {conformal_folds}.")
         self.layer_params = layer_params or XGBParams()
         self.network_params = network_params or XGBParams(n_estimators=300, max_depth=3)
+        self.scale_params = scale_params or DEFAULT_SCALE_PARAMS
         self.interval = interval
         self.conformal_folds = conformal_folds
         self.seed = seed
@@ -250,7 +257,9 @@ class LatencyPredictor:
         self.layer_base: _LinearBase | None = None
         self.network_model: xgb.Booster | None = None
         self.base: _LinearBase | None = None
-        self.residual_bounds = (0.0, 0.0)
+        self.scale_model: ScaleModel | None = None
+        # Lower and upper quantiles of the normalized scores (log residual / scale).
+        self.score_bounds = (0.0, 0.0)
         self.layer_feature_names: list[str] = []
         self.network_feature_names: list[str] = []
         self._featurizer: NetworkFeaturizer | None = None
@@ -295,14 +304,18 @@ class LatencyPredictor:
             )
         self._featurizer = None
         frame = self.network_features([[LayerSpec.from_dict(d) for d in layers] for layers in subnet_layers])
-        self.residual_bounds = self._conformal_residuals(frame, subnet_ms, subnet_groups)
+        self._calibrate_intervals(frame, subnet_ms, subnet_groups)
         self.base, self.network_model = self._fit_network(frame, subnet_ms, self.seed)
         self.metadata.setdefault("training", {}).update(
-            {"n_layers": len(self.lut), "n_subnets": int(len(subnet_ms)), "residual_bounds": list(self.residual_bounds)}
+            {"n_layers": len(self.lut), "n_subnets": int(len(subnet_ms)), "interval_method": INTERVAL_METHOD,
+             "score_bounds": list(self.score_bounds)}
         )
+        width = self.predict_features(frame).relative_width
         logger.info(
-            "Trained latency predictor on %d layers and %d subnets; log-residual bounds %.4f..%.4f.",
-            len(self.lut), len(subnet_ms), *self.residual_bounds,
+            "Trained latency predictor on %d layers and %d subnets; %.0f%% intervals (%s) span %.1f%% to %.1f%% "
+            "of the latency on the training subnets (median %.1f%%).",
+            len(self.lut), len(subnet_ms), 100 * self.interval, INTERVAL_METHOD,
+            100 * width.min(), 100 * width.max(), 100 * np.median(width),
         )
         return self
 
@@ -334,8 +347,8 @@ class LatencyPredictor:
         x = frame_to_matrix(frame, self.network_feature_names)
         return base, self.network_params.train(x, target, self.network_feature_names, seed)
 
-    def _conformal_residuals(self, frame: pd.DataFrame, y_ms: np.ndarray, passes: list[np.ndarray]) -> tuple[float, float]:
-        """Return log-residual bounds from out-of-fold predictions, one residual per measured pass.
+    def _calibrate_intervals(self, frame: pd.DataFrame, y_ms: np.ndarray, passes: list[np.ndarray]) -> None:
+        """Set :attr:`scale_model` and :attr:`score_bounds` from out-of-fold predictions, one residual per pass.
 
         Models train on each subnet's median over passes, but residuals use every pass, so the
         interval covers one new measurement rather than a median of several.
@@ -343,16 +356,20 @@ class LatencyPredictor:
         rng = np.random.default_rng(self.seed)
         folds = rng.permutation(len(y_ms)) % self.conformal_folds
         predicted = np.empty(len(y_ms))
+        correction = np.empty(len(y_ms))
         for fold in range(self.conformal_folds):
             test = folds == fold
             base, model = self._fit_network(frame[~test].reset_index(drop=True), y_ms[~test], self.seed + fold + 1)
-            predicted[test] = self._combine(base, model, frame[test].reset_index(drop=True))
-        residuals = np.concatenate([np.log(group) - math.log(p) for group, p in zip(passes, predicted)])
-        return _conformal_bounds(residuals, self.interval)
+            predicted[test], correction[test], _ = self._combine(base, model, frame[test].reset_index(drop=True))
+        residuals = [np.log(group) - math.log(p) for group, p in zip(passes, predicted)]
+        x = frame_to_matrix(frame, self.network_feature_names)
+        self.scale_model, self.score_bounds = fit_normalized_conformal(
+            x, correction, residuals, folds, self.interval, self.network_feature_names, self.scale_params.train, self.seed
+        )
 
     # -- prediction ----------------------------------------------------------------------------
     def _require_fitted(self) -> None:
-        if self.network_model is None or self.base is None or self.hw is None or self.batch_size is None:
+        if self.network_model is None or self.base is None or self.scale_model is None or self.hw is None or self.batch_size is None:
             raise PredictorError("LatencyPredictor is not trained: call fit(...) or LatencyPredictor.load(path) first.")
 
     def _layer_frame(self, layers: Sequence[LayerSpec]) -> pd.DataFrame:
@@ -393,17 +410,21 @@ class LatencyPredictor:
             self._featurizer = NetworkFeaturizer(self.batch_size, self.hw, columns)
         return self._featurizer.features(layer_lists)
 
-    def _combine(self, base: _LinearBase, model: xgb.Booster, frame: pd.DataFrame) -> np.ndarray:
+    def _combine(self, base: _LinearBase, model: xgb.Booster, frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return the latency in ms, the model's log correction of the linear base and the feature matrix."""
         x = frame_to_matrix(frame, self.network_feature_names)
-        return base.predict(frame) * np.exp(model.inplace_predict(x))
+        correction = np.asarray(model.inplace_predict(x), dtype=np.float64)
+        return base.predict(frame) * np.exp(correction), correction, x
 
     def predict_features(self, frame: pd.DataFrame) -> Prediction:
         """Predict from a network feature frame; its column order does not matter."""
         self._require_fitted()
         assert self.base is not None and self.network_model is not None
-        mean = self._combine(self.base, self.network_model, frame)
-        low, high = self.residual_bounds
-        return Prediction(mean_ms=mean, low_ms=mean * math.exp(min(low, 0.0)), high_ms=mean * math.exp(max(high, 0.0)))
+        assert self.scale_model is not None
+        mean, correction, x = self._combine(self.base, self.network_model, frame)
+        scale = self.scale_model.predict(x, correction)
+        low, high = self.score_bounds
+        return Prediction(mean_ms=mean, low_ms=mean * np.exp(min(low, 0.0) * scale), high_ms=mean * np.exp(max(high, 0.0) * scale))
 
     def predict(self, layer_lists: Sequence[Sequence[LayerSpec]]) -> Prediction:
         """Predict the latency of each architecture, given its layers in execution order."""
@@ -418,15 +439,19 @@ class LatencyPredictor:
         """Return the JSON-ready fields that :meth:`save` writes after ``kind`` and ``format_version``."""
         self._require_fitted()
         assert self.hw is not None and self.base is not None and self.network_model is not None
+        assert self.scale_model is not None
         return {
             "hardware": self.hw.to_dict(),
             "batch_size": self.batch_size,
             "interval": self.interval,
             "conformal_folds": self.conformal_folds,
             "seed": self.seed,
-            "residual_bounds": list(self.residual_bounds),
+            "interval_method": INTERVAL_METHOD,
+            "score_bounds": list(self.score_bounds),
+            "scale_model": self.scale_model.to_dict(),
             "layer_params": dataclasses.asdict(self.layer_params),
             "network_params": dataclasses.asdict(self.network_params),
+            "scale_params": dataclasses.asdict(self.scale_params),
             "layer_feature_names": self.layer_feature_names,
             "network_feature_names": self.network_feature_names,
             "base": self.base.to_dict(),
@@ -478,12 +503,16 @@ class LatencyPredictor:
             int(doc["conformal_folds"]),
             int(doc["seed"]),
             metadata,
+            XGBParams(**doc["scale_params"]),
         )
         predictor.hw = HardwareFacts.from_dict(doc["hardware"])
         predictor.batch_size = int(doc["batch_size"])
-        predictor.residual_bounds = (float(doc["residual_bounds"][0]), float(doc["residual_bounds"][1]))
+        predictor.score_bounds = (float(doc["score_bounds"][0]), float(doc["score_bounds"][1]))
+        predictor.scale_model = ScaleModel.from_dict(doc["scale_model"])
         predictor.layer_feature_names = list(doc["layer_feature_names"])
         predictor.network_feature_names = list(doc["network_feature_names"])
+        if predictor.scale_model.feature_names[:-1] != predictor.network_feature_names:
+            raise ValueError("the scale model's features differ from the network features")
         predictor.base = _LinearBase.from_dict(doc["base"])
         predictor.lut = {LayerSpec.from_dict(row["layer"]): float(row["latency_ms"]) for row in doc["lut"]}
         predictor.layer_model = _booster_from_json(doc["layer_model"]) if doc["layer_model"] is not None else None
@@ -527,7 +556,7 @@ def _read_document(path: Path, format_version: int) -> dict[str, Any]:
     if doc.get("format_version") != format_version:
         raise PredictorError(
             f"Predictor file {path} has format_version {doc.get('format_version')!r}, but this TailNAS reads "
-            f"version {format_version}; {REBUILD_HINT}."
+            f"version {format_version} ({FORMAT_CHANGE}); {REBUILD_HINT}."
         )
     return doc
 
