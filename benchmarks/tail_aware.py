@@ -20,20 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nas.compare import hypervolume  # noqa: E402
 from nas.report import read_pareto_csv  # noqa: E402
-
-
-def hypervolume(points: list[tuple[float, float]], reference_latency: float) -> float:
-    """Area dominated by (accuracy, latency) points: accuracy up from 0, latency down from the reference."""
-    area = 0.0
-    best_accuracy = 0.0
-    for latency, accuracy in sorted((lat, acc) for acc, lat in points if lat < reference_latency):
-        # Sweep from fast to slow; each point adds the strip between it and the reference latency
-        # that the faster points do not already cover.
-        if accuracy > best_accuracy:
-            area += (accuracy - best_accuracy) * (reference_latency - latency)
-            best_accuracy = accuracy
-    return area
 
 
 def run_search(work_dir: Path, run_dir: Path, tail_aware: bool, overrides: list[str]) -> list[dict]:

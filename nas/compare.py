@@ -1,0 +1,551 @@
+"""Side-by-side comparison of studies: ``python -m nas.compare STUDY [STUDY ...]`` or ``--all``.
+
+Each study that search.py wrote gets one row: sampler, space, finished trials, Pareto size, best
+accuracy, fastest Pareto latency, hypervolume and, for each ``--budgets-ms`` value, the best
+accuracy within that latency. The Pareto front is the one search.py and train.py use
+(:func:`nas.search.pareto_trials`). Each Pareto subnet's latency is the measured one where the
+study stores a measurement (search.py's re-measurement, or a measurement during the search when
+the prediction was uncertain), else the predicted one, and the outputs name the source.
+
+Hypervolume, in accuracy x ms: the area that a front dominates in the (latency, accuracy) plane,
+above accuracy 0 and left of one reference latency, that is the union of the rectangles
+[latency, reference) x [0, accuracy] over the Pareto subnets. All compared studies share one
+reference: ``--reference-ms``, else 1.1 times the slowest Pareto latency among them, so the
+slowest subnet still adds a strip. Subnets at or beyond the reference add nothing. The values of
+two runs of this command are comparable only with the same reference.
+
+A study without a recorded space was not written by search.py. It is skipped with a warning, so
+``--all`` works on a storage that other programs share, and the command fails only when no study
+is left. A study without a feasible finished trial has an empty front: its row shows no accuracy
+or latency and a hypervolume of 0.
+
+Outputs in ``--out`` (default ``outputs/compare/<date>_<time>``): ``compare.csv`` (the table),
+``fronts.csv`` (every Pareto subnet of every study) and ``fronts.png`` (the fronts overlaid).
+``--wandb`` logs them as one Weights & Biases run with job type "compare".
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+
+from nas.report import atomic_write_text
+from nas.search import pareto_trials
+
+__all__ = [
+    "COMPARE_COLUMNS",
+    "FRONT_COLUMNS",
+    "CompareError",
+    "FrontPoint",
+    "StudySummary",
+    "hypervolume",
+    "default_storage_url",
+    "select_study_names",
+    "summarize_study",
+    "shared_reference_latency",
+    "comparison_rows",
+    "main",
+]
+
+log = logging.getLogger("tailnas.compare")
+
+COMPARE_COLUMNS = (
+    "study", "sampler", "space", "trials_finished", "pareto_size", "best_accuracy", "fastest_latency_ms",
+    "fastest_latency_source", "front_latency_source", "hypervolume", "reference_latency_ms",
+)
+FRONT_COLUMNS = ("study", "trial", "arch", "accuracy", "predicted_latency_ms", "measured_latency_ms", "macs", "params")
+REFERENCE_FACTOR = 1.1
+# Optuna's GA samplers store each trial's generation under "<sampler class>:generation" (Optuna 5.1).
+NSGA2_GENERATION_KEY = "NSGAIISampler:generation"
+
+
+class CompareError(ValueError):
+    """A comparison that cannot run as requested. The message names the value and the fix."""
+
+
+@dataclass(frozen=True)
+class FrontPoint:
+    """One Pareto subnet of a study, with latencies in ms and accuracy in [0, 1]."""
+
+    study: str
+    trial: int
+    arch: Any
+    accuracy: float
+    predicted_latency_ms: float | None
+    measured_latency_ms: float | None
+    macs: int | None
+    params: int | None
+
+    @property
+    def latency_ms(self) -> float:
+        """Latency the comparison uses: the measured one where it exists."""
+        if self.measured_latency_ms is not None:
+            return self.measured_latency_ms
+        return self.predicted_latency_ms  # type: ignore[return-value]
+
+    @property
+    def latency_source(self) -> str:
+        return "measured" if self.measured_latency_ms is not None else "predicted"
+
+
+@dataclass(frozen=True)
+class StudySummary:
+    """A study's sampler, space, finished-trial count and Pareto front (fastest first)."""
+
+    name: str
+    sampler: str
+    space: str
+    trials_finished: int
+    front: tuple[FrontPoint, ...]
+
+    @property
+    def best_accuracy(self) -> float | None:
+        return max((p.accuracy for p in self.front), default=None)
+
+    @property
+    def fastest(self) -> FrontPoint | None:
+        return min(self.front, key=lambda p: (p.latency_ms, -p.accuracy), default=None)
+
+    @property
+    def latency_source(self) -> str | None:
+        """Latency source of the front: "measured" or "predicted" when every subnet has it, else "mixed".
+
+        None for an empty front.
+        """
+        sources = {p.latency_source for p in self.front}
+        if not sources:
+            return None
+        return sources.pop() if len(sources) == 1 else "mixed"
+
+    def best_accuracy_within(self, budget_ms: float) -> float | None:
+        return max((p.accuracy for p in self.front if p.latency_ms <= budget_ms), default=None)
+
+
+def hypervolume(points: Iterable[tuple[float, float]], reference_latency: float) -> float:
+    """Return the area that (accuracy, latency) points dominate above accuracy 0 and left of ``reference_latency``."""
+    area = 0.0
+    best_accuracy = 0.0
+    for latency, accuracy in sorted((lat, acc) for acc, lat in points if lat < reference_latency):
+        # Sweep from fast to slow; each point adds the strip between it and the reference latency
+        # that the faster points do not already cover.
+        if accuracy > best_accuracy:
+            area += (accuracy - best_accuracy) * (reference_latency - latency)
+            best_accuracy = accuracy
+    return area
+
+
+# -- storage and studies -----------------------------------------------------------------------
+
+
+def default_storage_url() -> str:
+    """Return search.py's default storage: ``studies.db`` in ``$TAILNAS_WORK_DIR``, else in ``./work``."""
+    work_dir = Path(os.environ.get("TAILNAS_WORK_DIR") or Path.cwd() / "work")
+    return f"sqlite:///{work_dir / 'studies.db'}"
+
+
+def display_url(storage: str) -> str:
+    """Return ``storage`` with any password replaced by ``***``, for messages and run configs."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except ArgumentError:
+        return storage
+
+
+def _check_sqlite_file(storage: str) -> None:
+    # SQLAlchemy creates a missing SQLite file, which would turn a wrong path into an empty storage.
+    if not storage.startswith("sqlite:///"):
+        return
+    path = storage[len("sqlite:///"):].split("?", 1)[0]
+    if path and path != ":memory:" and not Path(path).is_file():
+        raise CompareError(
+            f"No Optuna storage at {path}: the file does not exist. Run `python search.py +space=resnet` "
+            "first, or pass --storage URL (the search.storage of your searches)."
+        )
+
+
+def select_study_names(storage: str, names: Sequence[str], all_studies: bool) -> list[str]:
+    """Return the studies to compare, in the order given, or with ``all_studies`` every study in storage order.
+
+    Raises:
+        CompareError: a name is not in the storage (the message lists the studies there), or the
+            storage cannot be opened or has no study.
+    """
+    _check_sqlite_file(storage)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        existing = optuna.get_all_study_names(storage=storage)
+    except SQLAlchemyError as err:
+        raise CompareError(
+            f"Failed to open the Optuna storage {display_url(storage)}: {err}. Check the --storage URL."
+        ) from err
+    if not existing:
+        raise CompareError(
+            f"The storage {display_url(storage)} has no study. Run `python search.py +space=resnet` first."
+        )
+    if all_studies:
+        return list(existing)
+
+    unknown = [name for name in names if name not in existing]
+    if unknown:
+        raise CompareError(
+            f"Study {unknown[0]!r} not found in {display_url(storage)}. Studies there: {sorted(existing)}."
+        )
+    return list(dict.fromkeys(names))
+
+
+def study_sampler(study: optuna.Study) -> str:
+    """Return the name of the sampler that search.py used for ``study``, or "unknown".
+
+    search.py does not store the sampler in the study. The name comes from the Hydra config in the
+    study's run directory (``<run_dir>/.hydra/config.yaml``, key ``search.sampler``), and for a
+    resumed study that is the latest run. Without that file, the generation numbers that NSGA-II
+    stores on trials identify it, but TPE and random sampling leave no such mark.
+    """
+    run_dir = study.user_attrs.get("run_dir")
+    config_path = Path(run_dir) / ".hydra" / "config.yaml" if run_dir else None
+    if config_path is not None and config_path.is_file():
+        try:
+            config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+            sampler = (config.get("search") or {}).get("sampler")
+        except (OSError, yaml.YAMLError, AttributeError) as err:
+            log.warning("Failed to read the sampler of study %r from %s: %s", study.study_name, config_path, err)
+            sampler = None
+        if sampler:
+            return str(sampler)
+
+    if any(NSGA2_GENERATION_KEY in t.system_attrs for t in study.get_trials(deepcopy=False)):
+        return "nsga2"
+    return "unknown"
+
+
+def _space_name(record: Mapping[str, Any]) -> str:
+    space = record.get("space") or {}
+    return str(record.get("space_name") or space.get("name") or space.get("family") or "unknown")
+
+
+def _front_point(study: optuna.Study, trial: optuna.trial.FrozenTrial, remeasured: Mapping[str, Any]) -> FrontPoint:
+    attrs = trial.user_attrs
+    searched_ms = float(trial.values[1])
+    # With search.measure_uncertain, the search measured this subnet in place of a prediction.
+    if attrs.get("latency_source") == "measured":
+        predicted, measured = None, searched_ms
+    else:
+        predicted, measured = searched_ms, None
+    if str(trial.number) in remeasured:
+        measured = float(remeasured[str(trial.number)])
+    return FrontPoint(
+        study=study.study_name, trial=trial.number, arch=attrs.get("arch"), accuracy=float(trial.values[0]),
+        predicted_latency_ms=predicted, measured_latency_ms=measured, macs=attrs.get("macs"),
+        params=attrs.get("params"),
+    )
+
+
+def summarize_study(study: optuna.Study) -> StudySummary | None:
+    """Summarize a study that search.py wrote. Returns None, with a warning, for a study without a recorded space."""
+    record = study.user_attrs
+    if "space" not in record:
+        log.warning("Skipping study %r: it has no recorded space, so search.py did not write it.", study.study_name)
+        return None
+
+    remeasured = record.get("measured_latency_ms") or {}
+    front = [_front_point(study, t, remeasured) for t in pareto_trials(study)]
+    if not front:
+        log.warning("Study %r has no feasible finished trial, so its Pareto front is empty.", study.study_name)
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return StudySummary(
+        name=study.study_name, sampler=study_sampler(study), space=_space_name(record),
+        trials_finished=len(finished), front=tuple(sorted(front, key=lambda p: (p.latency_ms, -p.accuracy))),
+    )
+
+
+def load_summaries(storage: str, names: Sequence[str]) -> list[StudySummary]:
+    """Load and summarize each named study, leaving out those that search.py did not write."""
+    summaries = []
+    for name in names:
+        summary = summarize_study(optuna.load_study(study_name=name, storage=storage))
+        if summary is not None:
+            summaries.append(summary)
+    if not summaries:
+        raise CompareError(
+            f"None of the studies {list(names)} was written by search.py (none has a recorded space), "
+            "so there is nothing to compare."
+        )
+    return summaries
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def shared_reference_latency(summaries: Sequence[StudySummary], requested_ms: float | None = None) -> float | None:
+    """Return ``requested_ms``, else 1.1 times the slowest Pareto latency of all studies.
+
+    None when no reference was requested and every front is empty.
+    """
+    if requested_ms is not None:
+        return requested_ms
+    latencies = [p.latency_ms for s in summaries for p in s.front]
+    return REFERENCE_FACTOR * max(latencies) if latencies else None
+
+
+def budget_column(budget_ms: float) -> str:
+    return f"best_accuracy_within_{budget_ms:g}ms"
+
+
+def comparison_rows(summaries: Sequence[StudySummary], reference_ms: float | None,
+                    budgets_ms: Sequence[float] = ()) -> list[dict[str, Any]]:
+    """Return one row per study with :data:`COMPARE_COLUMNS` and one ``best_accuracy_within_<B>ms`` per budget."""
+    rows = []
+    for s in summaries:
+        fastest = s.fastest
+        area = None
+        if reference_ms is not None:
+            area = hypervolume([(p.accuracy, p.latency_ms) for p in s.front], reference_ms)
+        row = {
+            "study": s.name, "sampler": s.sampler, "space": s.space, "trials_finished": s.trials_finished,
+            "pareto_size": len(s.front), "best_accuracy": s.best_accuracy,
+            "fastest_latency_ms": fastest.latency_ms if fastest else None,
+            "fastest_latency_source": fastest.latency_source if fastest else None,
+            "front_latency_source": s.latency_source, "hypervolume": area, "reference_latency_ms": reference_ms,
+        }
+        for budget in budgets_ms:
+            row[budget_column(budget)] = s.best_accuracy_within(budget)
+        rows.append(row)
+    return rows
+
+
+def front_rows(summaries: Sequence[StudySummary]) -> list[dict[str, Any]]:
+    """Return every Pareto subnet of every study as a row with :data:`FRONT_COLUMNS`."""
+    return [{column: getattr(p, column) for column in FRONT_COLUMNS} for s in summaries for p in s.front]
+
+
+def warn_mixed_sources(summaries: Sequence[StudySummary]) -> None:
+    """Warn when the compared fronts do not all use the same latency source."""
+    sources = {s.name: s.latency_source for s in summaries if s.latency_source is not None}
+    if len(set(sources.values())) > 1:
+        log.warning(
+            "The fronts use different latency sources (%s), so their hypervolumes compare measured with predicted "
+            "latency. Studies searched with search.remeasure=true have measured fronts.",
+            ", ".join(f"{name}: {source}" for name, source in sources.items()),
+        )
+
+
+# -- outputs -----------------------------------------------------------------------------------
+
+
+def _csv_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return round(value, 6)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return value
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Write ``rows`` with ``columns`` through a temporary file. None becomes an empty cell, dicts and lists JSON."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({column: _csv_value(row.get(column)) for column in columns})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def plot_fronts(path: Path, summaries: Sequence[StudySummary], reference_ms: float | None,
+                budgets_ms: Sequence[float] = ()) -> None:
+    """Plot the fronts overlaid, one colour per study: filled markers measured, hollow markers predicted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours = plt.get_cmap("tab10")
+    for i, summary in enumerate(summaries):
+        colour = colours(i % 10)
+        points = summary.front
+        if not points:
+            ax.plot([], [], color=colour, label=f"{summary.name} ({summary.sampler}, empty front)")
+            continue
+        ax.plot([p.latency_ms for p in points], [100 * p.accuracy for p in points], "-", color=colour, lw=1.2,
+                label=f"{summary.name} ({summary.sampler})")
+        measured = [p for p in points if p.latency_source == "measured"]
+        predicted = [p for p in points if p.latency_source == "predicted"]
+        ax.scatter([p.latency_ms for p in measured], [100 * p.accuracy for p in measured], s=30, color=colour, zorder=3)
+        ax.scatter([p.latency_ms for p in predicted], [100 * p.accuracy for p in predicted], s=30, facecolors="white",
+                   edgecolors=colour, linewidths=1.2, zorder=3)
+
+    ax.scatter([], [], s=30, color="0.35", label="measured latency")
+    ax.scatter([], [], s=30, facecolors="white", edgecolors="0.35", label="predicted latency")
+    if reference_ms is not None:
+        ax.axvline(reference_ms, color="0.5", ls=":", lw=1, label=f"hypervolume reference ({reference_ms:.3g} ms)")
+    for i, budget in enumerate(budgets_ms):
+        ax.axvline(budget, color="0.7", ls="--", lw=0.8, label="latency budgets" if i == 0 else None)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.set_title("Pareto fronts")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7)
+    fig.tight_layout()
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def log_to_wandb(out_dir: Path, rows: list[dict[str, Any]], fronts: list[dict[str, Any]], run_config: dict[str, Any],
+                 project: str) -> None:
+    """Log one W&B run (job type "compare"): both tables, the plot and a per-study summary."""
+    from nas.tracking import create_tracker
+
+    try:
+        tracker = create_tracker({"name": "wandb", "project": project}, run_config, "compare", str(out_dir))
+    except ImportError as err:
+        raise CompareError(
+            f"--wandb requires the wandb package, which failed to import ({err}). Install it with `pip install wandb`."
+        ) from err
+    tracker.log_table("compare", rows)
+    tracker.log_table("fronts", fronts)
+    tracker.log_image("fronts_plot", str(out_dir / "fronts.png"))
+    summary = {}
+    for row in rows:
+        for key, value in row.items():
+            if key != "study" and value is not None:
+                summary[f"{row['study']}/{key}"] = value
+    tracker.summary(summary)
+    tracker.finish()
+
+
+def print_table(rows: Sequence[Mapping[str, Any]], budgets_ms: Sequence[float], reference_ms: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.2f}"
+
+    table = Table(title="Studies side by side")
+    headers = ("study", "sampler", "space", "trials", "Pareto", "best acc %", "fastest ms", "source", "hypervolume")
+    for column in headers:
+        table.add_column(column, justify="left" if column in ("study", "sampler", "space", "source") else "right")
+    for budget in budgets_ms:
+        table.add_column(f"acc % <= {budget:g} ms", justify="right")
+    for r in rows:
+        fastest = "-" if r["fastest_latency_ms"] is None else f"{r['fastest_latency_ms']:.3f}"
+        area = "-" if r["hypervolume"] is None else f"{r['hypervolume']:.4f}"
+        table.add_row(r["study"], r["sampler"], r["space"], str(r["trials_finished"]), str(r["pareto_size"]),
+                      percent(r["best_accuracy"]), fastest, r["fastest_latency_source"] or "-", area,
+                      *(percent(r[budget_column(b)]) for b in budgets_ms))
+    Console().print(table)
+    if reference_ms is not None:
+        print(f"Hypervolume: area in accuracy x ms above accuracy 0 and left of {reference_ms:.4g} ms, "
+              "the same reference for every study.")
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def _positive_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a latency in ms, but got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive latency in ms, but got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m nas.compare",
+        description="Compare TailNAS studies side by side: a table, compare.csv, fronts.csv and fronts.png.",
+    )
+    parser.add_argument("studies", nargs="*", metavar="STUDY", help="study names to compare")
+    parser.add_argument("--all", action="store_true", help="compare every study in the storage")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="Optuna storage URL (default: sqlite:///<work dir>/studies.db, where the work dir is "
+                             "$TAILNAS_WORK_DIR or ./work, as in search.py)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="output folder (default: outputs/compare/<date>_<time>)")
+    parser.add_argument("--budgets-ms", type=_positive_ms, nargs="+", default=[], metavar="MS",
+                        help="latency budgets in ms; the table gets a column with the best accuracy within each")
+    parser.add_argument("--reference-ms", type=_positive_ms, default=None, metavar="MS",
+                        help="hypervolume reference latency in ms (default: 1.1 x the slowest Pareto latency)")
+    parser.add_argument("--wandb", action="store_true",
+                        help="log the comparison as one Weights & Biases run (offline unless you are logged in)")
+    parser.add_argument("--wandb-project", default="tailnas", metavar="NAME", help="W&B project (default: tailnas)")
+    return parser
+
+
+def run(args: argparse.Namespace) -> Path:
+    """Compare the studies that ``args`` names, print the table and write the outputs. Returns the output folder."""
+    if args.all and args.studies:
+        raise CompareError("Pass study names or --all, not both.")
+    if not args.all and not args.studies:
+        raise CompareError("No study given. Pass study names (python -m nas.compare STUDY [STUDY ...]) or --all.")
+    storage = args.storage or default_storage_url()
+    budgets_ms = list(dict.fromkeys(args.budgets_ms))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    names = select_study_names(storage, args.studies, args.all)
+    summaries = load_summaries(storage, names)
+    reference_ms = shared_reference_latency(summaries, args.reference_ms)
+    warn_mixed_sources(summaries)
+    rows = comparison_rows(summaries, reference_ms, budgets_ms)
+    fronts = front_rows(summaries)
+
+    out_dir = args.out or Path("outputs") / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "compare.csv", rows, [*COMPARE_COLUMNS, *(budget_column(b) for b in budgets_ms)])
+    write_csv(out_dir / "fronts.csv", fronts, FRONT_COLUMNS)
+    plot_fronts(out_dir / "fronts.png", summaries, reference_ms, budgets_ms)
+    if args.wandb:
+        reference = None if reference_ms is None else round(reference_ms, 6)
+        run_config = {"studies": [s.name for s in summaries], "storage": display_url(storage),
+                      "reference_latency_ms": reference, "budgets_ms": budgets_ms, "out_dir": str(out_dir)}
+        log_to_wandb(out_dir, rows, fronts, run_config, args.wandb_project)
+
+    print_table(rows, budgets_ms, reference_ms)
+    empty = [s.name for s in summaries if not s.front]
+    if empty:
+        print(f"Empty Pareto fronts (no feasible finished trial): {', '.join(empty)}.")
+    print(f"Wrote {out_dir / 'compare.csv'}, {out_dir / 'fronts.csv'} and {out_dir / 'fronts.png'}.")
+    return out_dir
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line and return the exit code: 0, or 1 with a message on stderr for bad input."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
+    try:
+        run(args)
+    except CompareError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
