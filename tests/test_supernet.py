@@ -49,3 +49,15 @@ def test_recalibration_replaces_statistics(resnet_space):
     assert supernet.bn1.momentum == 0.1  # restored after recalibration
     recalibrate_batchnorm(supernet, batches, max_batches=2)
     torch.testing.assert_close(supernet.bn1.running_mean, mean)
+
+
+def test_supernet_cache_key_follows_schedule_version(resnet_space, monkeypatch):
+    from nas.supernet import cache
+
+    data = {"name": "synthetic"}
+    sandwich = cache.supernet_key(resnet_space, data, {"schedule": "sandwich", "epochs": 1}, seed=0)
+    progressive = cache.supernet_key(resnet_space, data, {"schedule": "progressive", "epochs": 1}, seed=0)
+    assert sandwich != progressive
+    monkeypatch.setitem(cache.SCHEDULE_VERSIONS, "progressive", cache.SCHEDULE_VERSIONS["progressive"] + 1)
+    assert cache.supernet_key(resnet_space, data, {"schedule": "progressive", "epochs": 1}, seed=0) != progressive
+    assert cache.supernet_key(resnet_space, data, {"schedule": "sandwich", "epochs": 1}, seed=0) == sandwich

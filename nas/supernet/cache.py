@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT_VERSION = 1
 
+# Version of each training schedule's code, part of the cache key: raising one retrains the supernets
+# that the schedule's earlier code produced, since their weights no longer match what it would train now.
+# progressive 2: the ResNet width phase sorts channels by importance.
+SCHEDULE_VERSIONS = {"sandwich": 1, "progressive": 2}
+
 
 class CheckpointError(RuntimeError):
     """A supernet checkpoint that is missing, corrupt or of another format version."""
@@ -37,6 +42,10 @@ def supernet_key(space: SearchSpace, data: Mapping[str, Any], training: Mapping[
         "training": dict(training),
         "seed": seed,
     }
+    schedule_version = SCHEDULE_VERSIONS.get(str(training.get("schedule", "sandwich")), 1)
+    if schedule_version > 1:
+        # Version 1 keys carry no entry, so the checkpoints cached before versions existed stay valid.
+        payload["schedule_version"] = schedule_version
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
