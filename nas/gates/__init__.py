@@ -16,8 +16,9 @@ and rebuild with ``apply_gates(subnet, config, plan=record)`` before ``load_stat
 """
 
 from nas.gates.batchnorm import BatchNormBank
-from nas.gates.blocks import BlockLayout, GatedResidualBlock, GateRuntime, register_block_layout
+from nas.gates.blocks import BlockLayout, GatedResidualBlock, GateRuntime, gated_block_class, register_block_layout
 from nas.gates.config import GateConfig, GateConfigError, TargetedDropoutConfig, parse_gate_config
+from nas.gates.inverted import GatedInvertedResidual
 from nas.gates.macs import executed_macs
 from nas.gates.modules import ChannelGate, ColumnGate, keep_count, top_k_indices, top_k_mask
 from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates
@@ -42,6 +43,7 @@ __all__ = [
     "GateConfig",
     "GateConfigError",
     "GateRuntime",
+    "GatedInvertedResidual",
     "GatedNetwork",
     "GatedResidualBlock",
     "KeepRatioSchedule",
@@ -53,6 +55,7 @@ __all__ = [
     "executed_macs",
     "find_block_sites",
     "find_gated_network",
+    "gated_block_class",
     "keep_count",
     "parse_gate_config",
     "register_block_layout",

@@ -37,7 +37,14 @@ from nas.gates.modules import (
 )
 from nas.supernet.resnet import BasicBlock, Bottleneck
 
-__all__ = ["BlockLayout", "GatedResidualBlock", "GateRuntime", "block_layout", "register_block_layout"]
+__all__ = [
+    "BlockLayout",
+    "GatedResidualBlock",
+    "GateRuntime",
+    "block_layout",
+    "gated_block_class",
+    "register_block_layout",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +56,25 @@ class BlockLayout:
     Attributes:
         stages: (conv, batch norm, activation or None) child names, in order; the last stage is the
             consumer and ends the residual branch.
-        producer: index in ``stages`` of the convolution that makes the gated map.
-        final_act: child name of the activation after the residual addition.
+        producer: index in ``stages`` of the convolution that makes the gated map. Stages between
+            the producer and the consumer must act per channel (depthwise convolutions), which
+            only gated classes such as ``GatedInvertedResidual`` accept.
+        final_act: child name of the activation after the residual addition, or None when the sum
+            has no activation.
+        squeeze_excite: child name of a squeeze-and-excitation module between the gated map and
+            the consumer, or None.
     """
 
     stages: tuple[tuple[str, str, str | None], ...]
     producer: int
-    final_act: str
+    final_act: str | None
+    squeeze_excite: str | None = None
 
     def __post_init__(self) -> None:
-        if self.producer != len(self.stages) - 2:
+        if not 0 <= self.producer < len(self.stages) - 1:
             raise ValueError(
-                f"BlockLayout.producer must be the stage before the last (consumer), so {len(self.stages) - 2}, "
-                f"but got {self.producer}."
+                f"BlockLayout.producer must index a stage before the last (consumer), so lie in "
+                f"[0, {len(self.stages) - 2}], but got {self.producer}."
             )
         if self.stages[self.producer][2] is None:
             raise ValueError(f"The producer stage {self.stages[self.producer]} needs an activation child name.")
@@ -75,9 +88,26 @@ _LAYOUTS: dict[type[nn.Module], BlockLayout] = {
 }
 
 
-def register_block_layout(block_type: type[nn.Module], layout: BlockLayout) -> None:
-    """Make residual blocks of exactly ``block_type`` gateable with ``layout``."""
+_GATED_CLASSES: dict[type[nn.Module], type[GatedResidualBlock]] = {}
+
+
+def register_block_layout(block_type: type[nn.Module], layout: BlockLayout,
+                          gated_class: type[GatedResidualBlock] | None = None) -> None:
+    """Make residual blocks of exactly ``block_type`` gateable with ``layout``, wrapped by ``gated_class``.
+
+    ``gated_class`` defaults to :class:`GatedResidualBlock`, which needs the producer just before
+    the consumer; blocks with depthwise stages between them need ``GatedInvertedResidual``.
+    """
     _LAYOUTS[block_type] = layout
+    if gated_class is not None:
+        _GATED_CLASSES[block_type] = gated_class
+    else:
+        _GATED_CLASSES.pop(block_type, None)
+
+
+def gated_block_class(module: nn.Module) -> type[GatedResidualBlock]:
+    """Return the gated class that wraps blocks of ``module``'s exact type (``GatedResidualBlock`` by default)."""
+    return _GATED_CLASSES.get(type(module), GatedResidualBlock)
 
 
 def block_layout(module: nn.Module) -> BlockLayout | None:
@@ -144,6 +174,9 @@ class GatedResidualBlock(nn.Module):
         runtime: settings shared with the other blocks of the network.
     """
 
+    # Whether predictors.modules.fold_batchnorm folds the wrapped block's own modules (conv<suffix> and bn<suffix>).
+    folds_by_name = True
+
     def __init__(self, block: nn.Module, layout: BlockLayout, in_channels: int, in_width: int, channel: bool,
                  spatial: bool, runtime: GateRuntime) -> None:
         super().__init__()
@@ -153,12 +186,14 @@ class GatedResidualBlock(nn.Module):
         producer = self._stage_modules(layout.producer)[0]
         consumer = self._stage_modules(len(layout.stages) - 1)[0]
         self._check_convs(producer, consumer)
+        # The last stage before the consumer sets the gated map's width: the producer, or a depthwise stage.
+        widener = self._stage_modules(len(layout.stages) - 2)[0]
 
         self.inner_channels = producer.out_channels
-        self.inner_width = (in_width + 2 * producer.padding[1] - producer.kernel_size[1]) // producer.stride[1] + 1
+        self.inner_width = (in_width + 2 * widener.padding[1] - widener.kernel_size[1]) // widener.stride[1] + 1
         self.out_channels = consumer.out_channels
         self.channel_gate = ChannelGate(in_channels, self.inner_channels) if channel else None
-        self.column_gate = ColumnGate(in_channels, producer.stride[1]) if spatial else None
+        self.column_gate = ColumnGate(in_channels, widener.stride[1]) if spatial else None
         self.kept_channels = self.inner_channels
         self.kept_columns = self.inner_width
         self._folded_key: tuple[Any, ...] | None = None
@@ -167,18 +202,38 @@ class GatedResidualBlock(nn.Module):
     # -- construction ---------------------------------------------------------------------------
     def _adopt_children(self, block: nn.Module) -> None:
         names = [name for stage in self.layout.stages for name in stage if name is not None]
-        for name in [*names, self.layout.final_act, "downsample"]:
+        extra = [name for name in (self.layout.final_act, self.layout.squeeze_excite) if name is not None]
+        for name in [*names, *extra, *self._shortcut_children()]:
             if not hasattr(block, name):
                 raise ValueError(f"{type(block).__name__} has no child {name!r} that its BlockLayout names.")
             setattr(self, name, getattr(block, name))
         self.stride = getattr(block, "stride", 1)
 
+    def _shortcut_children(self) -> list[str]:
+        """Child names of the shortcut path, adopted with the stages."""
+        return ["downsample"]
+
+    def _shortcut(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Return what the residual branch is added to, or None when the block has no residual."""
+        if self.downsample is not None and (self.stride != 1 or x.shape[1] != self.out_channels):
+            return self.downsample(x)
+        return x
+
     def _stage_modules(self, index: int) -> tuple[nn.Module, nn.Module, nn.Module | None]:
         conv, bn, act = self.layout.stages[index]
         return getattr(self, conv), getattr(self, bn), getattr(self, act) if act is not None else None
 
+    def _check_convs(self, producer: nn.Module, consumer: nn.Module) -> None:
+        if self.layout.producer != len(self.layout.stages) - 2:
+            raise ValueError(
+                f"{type(self).__name__} needs the producer just before the consumer, but the layout has stages "
+                f"{self.layout.stages[self.layout.producer + 1:-1]} between them; register the block with "
+                "gated_class=GatedInvertedResidual when those stages are depthwise."
+            )
+        self._check_dense(producer, consumer)
+
     @staticmethod
-    def _check_convs(producer: nn.Module, consumer: nn.Module) -> None:
+    def _check_dense(producer: nn.Module, consumer: nn.Module) -> None:
         for role, conv in (("producer", producer), ("consumer", consumer)):
             if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or conv.dilation != (1, 1):
                 raise ValueError(f"The {role} must be a dense nn.Conv2d without dilation, but got {conv}.")
@@ -209,9 +264,7 @@ class GatedResidualBlock(nn.Module):
         return self.kept_channels == self.inner_channels and self.kept_columns == self.inner_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        if self.downsample is not None and (self.stride != 1 or x.shape[1] != self.out_channels):
-            shortcut = self.downsample(x)
+        shortcut = self._shortcut(x)
 
         channel_logits, column_logits = self._gate_logits(x)
 
@@ -224,7 +277,8 @@ class GatedResidualBlock(nn.Module):
             branch = self._run_train(inner, channel_logits, column_logits)
         else:
             branch = self._run_eval(inner, channel_logits, column_logits)
-        return getattr(self, self.layout.final_act)(branch + shortcut)
+        out = branch + shortcut if shortcut is not None else branch
+        return getattr(self, self.layout.final_act)(out) if self.layout.final_act is not None else out
 
     def _gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Keeping everything makes the 0/1 masks all ones: the gates are not even run.
@@ -287,13 +341,17 @@ class GatedResidualBlock(nn.Module):
 
     def _run_train(self, inner: torch.Tensor, channel_logits: torch.Tensor | None,
                    column_logits: torch.Tensor | None) -> torch.Tensor:
-        conv, bn, act = self._stage_modules(self.layout.producer)
-        hidden = act(bn(conv(inner)))
+        hidden = inner
+        for index in range(self.layout.producer, len(self.layout.stages) - 1):
+            conv, bn, act = self._stage_modules(index)
+            hidden = act(bn(conv(hidden)))
 
         if channel_logits is not None:
             hidden = hidden * self._train_mask(channel_logits, self.kept_channels)[:, :, None, None]
         if column_logits is not None:
             hidden = hidden * self._train_mask(column_logits, self.kept_columns)[:, None, None, :]
+        if self.layout.squeeze_excite is not None:
+            hidden = getattr(self, self.layout.squeeze_excite)(hidden)
 
         conv, bn, _ = self._stage_modules(len(self.layout.stages) - 1)
         return bn(conv(hidden))
@@ -317,11 +375,7 @@ class GatedResidualBlock(nn.Module):
         # torch.export and torch.compile trace fake tensors, which have no data pointer, so fold inline.
         if torch.compiler.is_compiling():
             return self._fold_weights()
-        producer_conv, producer_bn, _ = self._stage_modules(self.layout.producer)
-        consumer_conv, consumer_bn, _ = self._stage_modules(len(self.layout.stages) - 1)
-        gate_tensors = [p for gate in (self.channel_gate, self.column_gate) if gate is not None for p in gate.parameters()]
-        sources = (producer_conv.weight, producer_conv.bias, consumer_conv.weight, consumer_conv.bias,
-                   *_batchnorm_tensors(producer_bn), *_batchnorm_tensors(consumer_bn), *gate_tensors)
+        sources = self._fold_sources()
         # A reassigned tensor changes its id, an in-place update (optimizer step, load_state_dict) its version.
         key = tuple((id(t), t._version) for t in sources if t is not None)
         if key != self._folded_key:
@@ -329,9 +383,17 @@ class GatedResidualBlock(nn.Module):
             self._folded_key = key
         return self._folded
 
+    def _fold_sources(self) -> list[torch.Tensor | None]:
+        """Return the tensors that the cached folded weights are computed from."""
+        producer_conv, producer_bn, _ = self._stage_modules(self.layout.producer)
+        consumer_conv, consumer_bn, _ = self._stage_modules(len(self.layout.stages) - 1)
+        gate_tensors = [p for gate in (self.channel_gate, self.column_gate) if gate is not None for p in gate.parameters()]
+        return [producer_conv.weight, producer_conv.bias, consumer_conv.weight, consumer_conv.bias,
+                *_batchnorm_tensors(producer_bn), *_batchnorm_tensors(consumer_bn), *gate_tensors]
+
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
-              padding: Any) -> torch.Tensor:
-        out = F.conv2d(x, weight, bias, stride, padding)
+              padding: Any, groups: int = 1) -> torch.Tensor:
+        out = F.conv2d(x, weight, bias, stride, padding, 1, groups)
         if self.runtime.mac_counter is not None:
             self.runtime.mac_counter[0] += out.numel() * weight[0].numel()
         return out
@@ -390,24 +452,25 @@ class GatedResidualBlock(nn.Module):
             share *= channel_index.numel() / self.inner_channels
         if column_index is not None:
             share *= column_index.numel() / self.inner_width
-        if skip and share <= self.runtime.skip_max_share:
-            hidden = self._produce_gathered(inner, weights, channel_index, column_index)
-            mask = self._outer_mask(channel_mask, column_mask)
-            if mask is not None:
-                hidden.mul_(mask)
-            return self._consume_gathered(hidden, weights, channel_index, column_index)
+        if not (skip and share <= self.runtime.skip_max_share):
+            # Dense: compute every channel and column, then mask with each image's own selection.
+            if channel_index is not None:
+                channel_mask = top_k_mask(channel_logits, self.kept_channels)
+            if column_index is not None:
+                column_mask = top_k_mask(column_logits, self.kept_columns)
+            channel_index, column_index = None, None
 
-        conv, _, act = self._stage_modules(self.layout.producer)
-        hidden = act(self._conv(inner, weights["producer_w"], weights["producer_b"], conv.stride, conv.padding))
-        if channel_index is not None:
-            channel_mask = top_k_mask(channel_logits, self.kept_channels)
-        if column_index is not None:
-            column_mask = top_k_mask(column_logits, self.kept_columns)
+        hidden = self._produce_gathered(inner, weights, channel_index, column_index)
         mask = self._outer_mask(channel_mask, column_mask)
         if mask is not None:
             hidden.mul_(mask)
-        conv = self._stage_modules(len(self.layout.stages) - 1)[0]
-        return self._conv(hidden, weights["consumer_w"], weights["consumer_b"], 1, conv.padding)
+        hidden = self._after_gated_map(hidden, weights, channel_index)
+        return self._consume_gathered(hidden, weights, channel_index, column_index)
+
+    def _after_gated_map(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor],
+                         channel_index: torch.Tensor | None) -> torch.Tensor:
+        """Run what lies between the gated map and the consumer (nothing in a residual block)."""
+        return hidden
 
     @staticmethod
     def _outer_mask(channel_mask: torch.Tensor | None, column_mask: torch.Tensor | None) -> torch.Tensor | None:
@@ -420,7 +483,10 @@ class GatedResidualBlock(nn.Module):
 
     def _produce_gathered(self, inner: torch.Tensor, weights: dict[str, torch.Tensor],
                           channel_index: torch.Tensor | None, column_index: torch.Tensor | None) -> torch.Tensor:
-        """Compute the producer's kept channels at its kept columns: (N, u_channels, H_out, u_columns)."""
+        """Compute the producer's kept channels at its kept columns: (N, u_channels, H_out, u_columns).
+
+        Without indices it computes the whole map, the dense path.
+        """
         conv, _, act = self._stage_modules(self.layout.producer)
         weight, bias = weights["producer_w"], weights["producer_b"]
         if channel_index is not None:
@@ -439,7 +505,10 @@ class GatedResidualBlock(nn.Module):
 
     def _consume_gathered(self, hidden: torch.Tensor, weights: dict[str, torch.Tensor],
                           channel_index: torch.Tensor | None, column_index: torch.Tensor | None) -> torch.Tensor:
-        """Run the consumer on a gathered map and return its full (N, C_out, H, W_inner) output."""
+        """Run the consumer on a gathered map and return its full (N, C_out, H, W_inner) output.
+
+        Without indices it runs the dense consumer.
+        """
         conv = self._stage_modules(len(self.layout.stages) - 1)[0]
         if column_index is None:
             weight = weights["consumer_w"]

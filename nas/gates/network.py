@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nas.gates.batchnorm import BatchNormBank
-from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout
+from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout, gated_block_class
 from nas.gates.budget import choose_keep_ratio
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
 from nas.gates.modules import keep_count
@@ -144,11 +144,12 @@ class GatedNetwork(nn.Module):
 
 def _infer_input_shape(model: nn.Module) -> tuple[int, int, int]:
     arch = getattr(model, "arch", None)
-    resolution = getattr(arch, "resolution", None)
+    # ResNet archs name the input size "resolution", MobileNetV3 archs (Once-for-All's encoding) "r".
+    resolution = getattr(arch, "resolution", getattr(arch, "r", None))
     first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
     if resolution is None or first_conv is None:
         raise GateConfigError(
-            f"Cannot infer the input shape of {type(model).__name__}: it has no arch.resolution; "
+            f"Cannot infer the input shape of {type(model).__name__}: it has no arch.resolution or arch.r; "
             "pass input_shape=(channels, height, width)."
         )
     return first_conv.in_channels, int(resolution), int(resolution)
@@ -180,8 +181,8 @@ def _install_gates(model: nn.Module, sites: Sequence[BlockSite], plans: Sequence
         block = model.get_submodule(site.name)
         parent_name, _, leaf = site.name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        gated = GatedResidualBlock(block, block_layout(block), site.in_channels, site.in_size, plan.channel,
-                                   plan.spatial, runtime)
+        gated = gated_block_class(block)(block, block_layout(block), site.in_channels, site.in_size, plan.channel,
+                                         plan.spatial, runtime)
         parameter = next(block.parameters())
         setattr(parent, leaf, gated.to(device=parameter.device, dtype=parameter.dtype))
 

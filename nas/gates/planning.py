@@ -77,8 +77,8 @@ class BlockSite:
 
     @property
     def inner_size(self) -> int:
-        """Height and width of the gated map in pixels."""
-        return self.producer.out_size
+        """Height and width of the gated map in pixels: the consumer's input."""
+        return self.consumer.in_size
 
     def gated_layers(self, channels: int) -> tuple[LayerSpec, LayerSpec]:
         """Return the producer and consumer with ``channels`` inner channels kept."""
@@ -181,7 +181,7 @@ def _site(name: str, block: nn.Module, layout: BlockLayout, shapes: Mapping[str,
     if height != width:
         raise GateConfigError(f"Block {name} gets a {height}x{width} input; gate planning needs square maps.")
     specs, paths = [], []
-    for index in (layout.producer, layout.producer + 1):
+    for index in (layout.producer, len(layout.stages) - 1):
         conv_name, _, act_name = layout.stages[index]
         act = activation_name(getattr(block, act_name)) if act_name is not None else "none"
         paths.append(f"{name}.{conv_name}")
@@ -219,8 +219,9 @@ def describe_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[
             acts[f"{name}.{conv_name}"] = activation_name(getattr(module, act_name)) if act_name else "none"
         consumer = getattr(module, layout.stages[-1][0])
         out_size = shapes[f"{name}.{layout.stages[-1][0]}"][2]
-        adds[name] = LayerSpec("add", consumer.out_channels, consumer.out_channels, out_size,
-                               act=activation_name(getattr(module, layout.final_act)))
+        final_act = activation_name(getattr(module, layout.final_act)) if layout.final_act else "none"
+        if layout.final_act is not None or getattr(module, "residual", False):
+            adds[name] = LayerSpec("add", consumer.out_channels, consumer.out_channels, out_size, act=final_act)
 
     layers = []
     for name, shape in shapes.items():

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout
+from nas.gates.blocks import GateRuntime, block_layout, gated_block_class
 from nas.gates.config import GateConfig
 from nas.gates.modules import keep_count
 from nas.gates.planning import BlockSite
@@ -43,10 +43,13 @@ def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateC
                    skip_max_share: float) -> nn.Module:
     module = copy.deepcopy(block).eval()
     channel, spatial = GATE_OPTIONS[option]
-    if channel or spatial:
+    gated_class = gated_block_class(block)
+    # fold_batchnorm folds only conv<suffix>/bn<suffix> pairs, so blocks named otherwise (MobileNetV3's
+    # conv_pw, bn1) are timed as gated blocks without gates, which fold BatchNorm themselves.
+    if channel or spatial or not gated_class.folds_by_name:
         runtime = GateRuntime(mode="skip", skip_max_share=skip_max_share)
-        module = GatedResidualBlock(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
-                                    runtime).eval()
+        module = gated_class(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
+                             runtime).eval()
         low = config.keep_ratio_range[0]
         requested = keep_count(low, site.inner_channels)
         channels = min((s for s in steps if s >= requested), default=site.inner_channels)
