@@ -37,7 +37,7 @@ class _RatioStats(nn.Module):
 class BatchNormBank(nn.Module):
     """Running statistics of some BatchNorm layers at a grid of keep ratios.
 
-    The state dict holds ``ratios`` (G,) and ``stats.<i>.running_mean`` and ``stats.<i>.running_var``
+    The state dict contains ``ratios`` (G,) and ``stats.<i>.running_mean`` and ``stats.<i>.running_var``
     of shape (G, C_i) for the i-th path of ``paths``. :meth:`to_record` gives what a rebuild needs
     to create the same buffers before ``load_state_dict``.
 

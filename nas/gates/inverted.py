@@ -3,9 +3,9 @@
 The block is expand 1x1 (producer), depthwise kxk with the stride, squeeze-and-excitation (SE),
 project 1x1 (consumer). The gated map is the depthwise output after its activation, before SE:
 
-* a dropped channel is zero where SE pools, so SE's squeeze reads only kept channels, and skip
-  mode slices the depthwise filters, the SE reduce inputs and the SE expand outputs with the
-  same channel index as the producer and consumer;
+* a dropped channel is zero where SE pools, so SE's squeeze reads only kept channels. Skip mode
+  slices the depthwise filters, the SE reduce inputs and the SE expand outputs with the same
+  channel index as the producer and consumer.
 * a kept output column of the depthwise convolution reads a window of ``k`` expanded columns
   starting at ``column * stride - padding``. Skip mode computes the expand convolution on the
   input columns those windows read, each once. Window positions outside the map are zeroed after
