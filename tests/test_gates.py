@@ -503,6 +503,18 @@ def test_measured_placement_records_times(subnet, caplog):
     assert "ms at batch 1:" in caplog.text
 
 
+def test_measured_placement_skips_gates_that_keep_all(subnet):
+    from nas.gates.timing import make_block_timer
+
+    config = parse_gate_config({**ALL, "placement": "measure", "measure_batch_sizes": [1]})
+    protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
+    site = find_block_sites(subnet, (1, 28, 28))[0]  # layer1.0: 16 channels, 28 columns
+    timer = make_block_timer(config, protocol)
+    # One step of all 16 channels: a channel gate would keep everything, a column gate still drops.
+    latency = timer(subnet.get_submodule(site.name), site, [site.inner_channels])
+    assert set(latency) == {"none", "column"}
+
+
 # -- training --------------------------------------------------------------------------------------
 
 

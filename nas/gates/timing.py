@@ -72,16 +72,23 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
 
     def time_block(block: nn.Module, site: BlockSite, steps: list[int]) -> dict[str, dict[int, float]]:
         shape = (site.in_channels, site.in_size, site.in_size)
-        latency: dict[str, dict[int, float]] = {name: {} for name in options}
+        # A gate that keeps every feature at the low keep ratio never runs, so timing it would only
+        # let noise decide; such options are left out.
+        low = config.keep_ratio_range[0]
+        channels = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
+        drops = {"channel": channels < site.inner_channels, "column": keep_count(low, site.inner_size) < site.inner_size}
+        available = [name for name in options
+                     if name == "none" or all(drops[part] for part in name.split("+"))]
+        latency: dict[str, dict[int, float]] = {name: {} for name in available}
         smallest = min(config.measure_batch_sizes)
         for batch_size in config.measure_batch_sizes:
             # Untrained gates pick similar features for every image, so the union of a batch's
             # selections is smaller than after training. Larger batches are therefore timed on the
             # dense masked path, the slowest one the runtime can take.
             share = config.skip_max_share if batch_size == smallest else 0.0
-            modules = {name: _option_module(block, site, name, config, steps, share) for name in options}
+            modules = {name: _option_module(block, site, name, config, steps, share) for name in available}
             batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
-            for order in (options, options[::-1]):
+            for order in (available, available[::-1]):
                 for name in order:
                     median = measure_module(modules[name], shape, batch_protocol, record_operators=False).median_ms
                     latency[name][batch_size] = min(median, latency[name].get(batch_size, float("inf")))
