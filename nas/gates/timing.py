@@ -72,8 +72,8 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
 
     def time_block(block: nn.Module, site: BlockSite, steps: list[int]) -> dict[str, dict[int, float]]:
         shape = (site.in_channels, site.in_size, site.in_size)
-        # A gate that keeps every feature at the low keep ratio never runs, so timing it would only
-        # let noise decide; such options are left out.
+        # A gate that keeps every feature at the low keep ratio never runs. Timing it would let noise
+        # decide, so such options are left out.
         low = config.keep_ratio_range[0]
         channels = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
         drops = {"channel": channels < site.inner_channels, "column": keep_count(low, site.inner_size) < site.inner_size}
