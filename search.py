@@ -230,6 +230,7 @@ def run(cfg: DictConfig) -> None:
             "predictor_path": str(predictor_path), "hardware": protocol.to_dict(),
             "device_fingerprint_id": fingerprint_id(fingerprint), "seed": cfg.seed,
             "latency_budget_ms": search_cfg.latency_budget_ms, "run_dir": str(run_dir),
+            "sampler": search_cfg.sampler,
         }
         sampler = create_sampler(search_cfg.sampler, cfg.seed, search_cfg.population_size)
         study, _ = create_or_load_study(storage, study_name, sampler, record)

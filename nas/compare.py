@@ -214,11 +214,14 @@ def select_study_names(storage: str, names: Sequence[str], all_studies: bool) ->
 def study_sampler(study: optuna.Study) -> str:
     """Return the name of the sampler that search.py used for ``study``, or "unknown".
 
-    search.py does not store the sampler in the study. The name comes from the Hydra config in the
-    study's run directory (``<run_dir>/.hydra/config.yaml``, key ``search.sampler``), and for a
-    resumed study that is the latest run. Without that file, the generation numbers that NSGA-II
-    stores on trials identify it, but TPE and random sampling leave no such mark.
+    search.py records the sampler in the study (user attribute ``sampler``). For studies written
+    before it did, the name comes from the Hydra config in the study's run directory
+    (``<run_dir>/.hydra/config.yaml``, key ``search.sampler``), and for a resumed study that is the
+    latest run. Without that file, the generation numbers that NSGA-II stores on trials identify it,
+    but TPE and random sampling leave no such mark.
     """
+    if study.user_attrs.get("sampler"):
+        return str(study.user_attrs["sampler"])
     run_dir = study.user_attrs.get("run_dir")
     config_path = Path(run_dir) / ".hydra" / "config.yaml" if run_dir else None
     if config_path is not None and config_path.is_file():

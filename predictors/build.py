@@ -24,7 +24,7 @@ import numpy as np
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import group_subnet_records, holdout_report
 from predictors.features import HardwareFacts
-from predictors.xgb import LatencyPredictor, PredictorError, XGBParams, write_json_atomic
+from predictors.xgb import LatencyPredictor, PredictorError, PredictorVersionError, XGBParams, write_json_atomic
 
 __all__ = [
     "PredictorConfig",
@@ -115,7 +115,16 @@ def _load_cached(
     """Return the cached predictor and report when both exist and were built with this configuration."""
     if not path.is_file() or config.rebuild:
         return None
-    predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)
+    try:
+        predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)
+    except PredictorVersionError as err:
+        if not isinstance(err.found, int) or err.found >= LatencyPredictor.format_version:
+            raise
+        # An older format in the work directory is derived data: the profile store it came from is kept,
+        # so rebuilding costs a training run, not a profiling run.
+        logger.warning("Rebuilding %s: it has predictor format_version %d, this TailNAS writes %d.",
+                       path, err.found, LatencyPredictor.format_version)
+        return None
     training = predictor.metadata.get("training", {})
     stale = {
         "space_hash": (predictor.metadata.get("space_hash"), space.config_hash()),

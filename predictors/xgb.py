@@ -48,7 +48,7 @@ from predictors.features import (
     network_feature_names,
 )
 
-__all__ = ["LatencyPredictor", "Prediction", "PredictorError", "PredictorNotFoundError", "XGBParams", "MIN_TRAIN_SUBNETS", "REBUILD_HINT", "write_json_atomic"]
+__all__ = ["LatencyPredictor", "Prediction", "PredictorError", "PredictorNotFoundError", "PredictorVersionError", "XGBParams", "MIN_TRAIN_SUBNETS", "REBUILD_HINT", "write_json_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,14 @@ class PredictorError(ValueError):
 
 class PredictorNotFoundError(PredictorError, FileNotFoundError):
     """A predictor file that does not exist."""
+
+
+class PredictorVersionError(PredictorError):
+    """A predictor file written in another format version; ``found`` is the version the file states."""
+
+    def __init__(self, message: str, found: Any) -> None:
+        super().__init__(message)
+        self.found = found
 
 
 @dataclass(frozen=True)
@@ -554,9 +562,10 @@ def _read_document(path: Path, format_version: int) -> dict[str, Any]:
     if not isinstance(doc, dict) or doc.get("kind") != DOCUMENT_KIND:
         raise PredictorError(f"{path} is not a TailNAS latency predictor (kind != {DOCUMENT_KIND!r}); {REBUILD_HINT}.")
     if doc.get("format_version") != format_version:
-        raise PredictorError(
+        raise PredictorVersionError(
             f"Predictor file {path} has format_version {doc.get('format_version')!r}, but this TailNAS reads "
-            f"version {format_version} ({FORMAT_CHANGE}); {REBUILD_HINT}."
+            f"version {format_version} ({FORMAT_CHANGE}); {REBUILD_HINT}.",
+            doc.get("format_version"),
         )
     return doc
 

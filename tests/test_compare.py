@@ -68,6 +68,7 @@ def storage(tmp_path: Path) -> str:
     add_trial(tail, 0.75, 0.9, 24, source="measured", system_attrs=nsga2)
 
     empty = create_search_study(url, "empty")
+    empty.set_user_attr("sampler", "random")  # recorded by search.py; wins over the run directory
     add_trial(empty, 0.0, 5.0, 8, feasible=False)
 
     foreign = optuna.create_study(storage=url, study_name="foreign", directions=["maximize", "minimize"])
@@ -159,6 +160,7 @@ def test_all_skips_foreign_and_reports_empty(storage, tmp_path, caplog, capsys):
     rows = {row["study"]: row for row in read_csv(out / "compare.csv")}
     assert list(rows) == ["plain", "tail", "empty"]
     assert rows["empty"]["pareto_size"] == "0"
+    assert rows["empty"]["sampler"] == "random"
     assert rows["empty"]["best_accuracy"] == ""
     assert float(rows["empty"]["hypervolume"]) == 0.0
     assert "Skipping study 'foreign'" in caplog.text

@@ -371,3 +371,15 @@ def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
 
     with pytest.raises(PredictorError, match=r"Unknown keys \['n_subnet'\]"):
         load_or_build_predictor(space, protocol, {"n_subnet": 3}, tmp_path, seed=0)
+
+    # A cached file of an older format is rebuilt from the kept profile store; one given by path is refused.
+    document = json.loads(path.read_text())
+    document["format_version"] = LatencyPredictor.format_version - 1
+    path.write_text(json.dumps(document))
+    rebuilt, _, rebuilt_path = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+    assert rebuilt_path == path
+    assert json.loads(path.read_text())["format_version"] == LatencyPredictor.format_version
+    document["format_version"] = LatencyPredictor.format_version + 1
+    path.write_text(json.dumps(document))
+    with pytest.raises(PredictorError, match="format_version"):
+        load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
