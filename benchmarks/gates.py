@@ -59,7 +59,7 @@ from nas.gates import (  # noqa: E402
     find_block_sites,
     parse_gate_config,
 )
-from nas.spaces import create_space  # noqa: E402
+from nas.spaces import create_space, load_space_config  # noqa: E402
 from nas.spaces.base import SearchSpace  # noqa: E402
 from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape  # noqa: E402
 from predictors.profiling import measure_module  # noqa: E402
@@ -340,8 +340,7 @@ def main() -> None:
     torch.manual_seed(args.seed)
     started = time.perf_counter()
 
-    space_cfg = yaml.safe_load((ROOT / "conf/space/resnet.yaml").read_text())
-    space_cfg.update(in_channels=1, num_classes=10)
+    space_cfg = load_space_config(ROOT / "conf/space/resnet.yaml")
     space = create_space(space_cfg)
     arch = space.arch_from_dict(args.arch)
     input_shape = space.input_shape(arch)

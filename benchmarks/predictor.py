@@ -31,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nas.spaces import create_space  # noqa: E402
+from nas.spaces import create_space, load_space_config  # noqa: E402
 from predictors.build import load_or_build_predictor  # noqa: E402
 from predictors.protocol import MeasurementProtocol  # noqa: E402
 
@@ -50,8 +50,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def load_configs(args: argparse.Namespace) -> tuple[dict, dict, dict]:
-    space_cfg = yaml.safe_load((ROOT / "conf/space/resnet.yaml").read_text())
-    space_cfg.update(in_channels=1, num_classes=10)
+    space_cfg = load_space_config(ROOT / "conf/space/resnet.yaml")
     hardware_cfg = yaml.safe_load((ROOT / "conf/hardware/cpu.yaml").read_text())
     predictor_cfg = yaml.safe_load((ROOT / "conf/predictor/xgb.yaml").read_text())
     for key, value in (("warmup", args.warmup), ("repeats", args.repeats), ("threads", args.threads)):

@@ -31,13 +31,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nas.spaces import create_space  # noqa: E402
+from nas.spaces import create_space, load_space_config  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -66,12 +65,7 @@ def load_space(name: str, in_channels: int, num_classes: int) -> Any:
     if not path.is_file():
         available = sorted(p.stem for p in path.parent.glob("*.yaml"))
         raise SystemExit(f"Space variant {name!r} not found at {path}; available variants are {available}.")
-    config = yaml.safe_load(path.read_text())
-    if isinstance(config.get("in_channels"), str):
-        config["in_channels"] = in_channels
-    if isinstance(config.get("num_classes"), str):
-        config["num_classes"] = num_classes
-    return create_space(config)
+    return create_space(load_space_config(path, {"in_channels": in_channels, "num_classes": num_classes}))
 
 
 class StepTimer:

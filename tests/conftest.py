@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -20,12 +19,9 @@ os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 def load_space_config(name: str, in_channels: int = 1, num_classes: int = 10) -> dict:
     """Load ``conf/space/<name>.yaml`` with the data interpolations filled in."""
-    config = yaml.safe_load((ROOT / "conf" / "space" / f"{name}.yaml").read_text())
-    if isinstance(config.get("in_channels"), str):
-        config["in_channels"] = in_channels
-    if isinstance(config.get("num_classes"), str):
-        config["num_classes"] = num_classes
-    return config
+    from nas.spaces import load_space_config as load
+
+    return load(ROOT / "conf" / "space" / f"{name}.yaml", {"in_channels": in_channels, "num_classes": num_classes})
 
 
 @pytest.fixture

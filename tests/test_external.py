@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from nas.spaces import SearchSpace, create_space, list_families
+from nas.spaces import SearchSpace, create_space, list_families, load_space_config
 from predictors.external import (
     ExternalDataError,
     evaluate_external,
@@ -28,9 +28,7 @@ SMALL_PARAMS = XGBParams(n_estimators=200, max_depth=4, learning_rate=0.08)
 
 
 def resnet_space() -> SearchSpace:
-    config = yaml.safe_load((ROOT / "conf/space/resnet.yaml").read_text())
-    config.update(in_channels=1, num_classes=10)
-    return create_space(config)
+    return create_space(load_space_config(ROOT / "conf/space/resnet.yaml"))
 
 
 def mobilenet_space() -> SearchSpace:

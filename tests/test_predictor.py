@@ -10,9 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-import yaml
 
-from nas.spaces import LayerSpec, create_space
+from nas.spaces import LayerSpec, create_space, load_space_config
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import evaluate_predictions, fit_macs_linear
 from predictors.features import HardwareFacts
@@ -26,9 +25,7 @@ FINGERPRINT = {"device_type": "cpu", "cpu_model": "Test CPU 1", "simd_flags": ["
 
 
 def small_space() -> SearchSpace:
-    config = yaml.safe_load((ROOT / "conf/space/resnet.yaml").read_text())
-    config.update(in_channels=1, num_classes=10)
-    return create_space(config)
+    return create_space(load_space_config(ROOT / "conf/space/resnet.yaml"))
 
 
 def staircase_ms(layer: LayerSpec) -> float:

@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 import optuna
 import pytest
-import yaml
 
 from nas.search import LatencyEstimate, SearchError, SearchObjective, create_sampler
-from nas.spaces import LayerSpec, create_space
+from nas.spaces import LayerSpec, create_space, load_space_config
 from nas.spaces.base import Arch, SearchSpace
 from predictors.conformal import conformal_bounds
 from predictors.features import HardwareFacts
@@ -70,9 +69,7 @@ def heteroscedastic_records(
 
 @pytest.fixture(scope="module")
 def space() -> SearchSpace:
-    config = yaml.safe_load((ROOT / "conf/space/resnet.yaml").read_text())
-    config.update(in_channels=1, num_classes=10)
-    return create_space(config)
+    return create_space(load_space_config(ROOT / "conf/space/resnet.yaml"))
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import yaml
 from example_space import EXAMPLE_CONFIG
 
 from nas.export import export_program
-from nas.spaces import LayerSpec, SearchSpace, SpaceError, create_space
+from nas.spaces import LayerSpec, SearchSpace, SpaceError, create_space, load_space_config
 from nas.supernet import Supernet, recalibrate_batchnorm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,12 +27,7 @@ def load_config(name: str) -> dict:
     """Load a space configuration; Hydra's ``${data.*}`` interpolations get MNIST's values."""
     if name == EXAMPLE_CONFIG["name"]:
         return dict(EXAMPLE_CONFIG)
-    config = yaml.safe_load((ROOT / "conf" / "space" / f"{name}.yaml").read_text())
-    if config.get("in_channels") == "${data.in_channels}":
-        config["in_channels"] = 1
-    if config.get("num_classes") == "${data.num_classes}":
-        config["num_classes"] = 10
-    return config
+    return load_space_config(ROOT / "conf" / "space" / f"{name}.yaml")
 
 
 NAMES = [path.stem for path in YAMLS] + [EXAMPLE_CONFIG["name"]]
@@ -223,3 +218,12 @@ def test_docs_show_example_file():
     blocks = re.findall(r"```python\n(.*?)```", docs, flags=re.S)
     example = (ROOT / "tests" / "example_space.py").read_text()
     assert example in blocks
+
+
+def test_resnet_resolution_follows_data():
+    config = load_space_config(ROOT / "conf" / "space" / "resnet.yaml", {"in_channels": 3, "resolution": 32})
+    assert config["resolutions"] == [32]
+    assert config["in_channels"] == 3
+    assert load_space_config(ROOT / "conf" / "space" / "resnet.yaml")["resolutions"] == [28]
+    with pytest.raises(SpaceError, match="not found"):
+        load_space_config(ROOT / "conf" / "space" / "no_such_space.yaml")

@@ -7,6 +7,7 @@ from nas.spaces.base import (
     create_space,
     dataclass_from_mapping,
     list_families,
+    load_space_config,
     register_space,
 )
 from nas.spaces.layers import LayerSpec
@@ -25,5 +26,6 @@ __all__ = [
     "create_space",
     "dataclass_from_mapping",
     "list_families",
+    "load_space_config",
     "register_space",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "SpaceError",
     "register_space",
     "create_space",
+    "load_space_config",
     "list_families",
     "dataclass_from_mapping",
 ]
@@ -203,3 +204,26 @@ def create_space(config: Mapping[str, Any]) -> SearchSpace:
     if family not in _REGISTRY:
         raise SpaceError(f"Unknown space family {family!r}; registered families are {list_families()}.")
     return _REGISTRY[family](config)
+
+
+def load_space_config(path: Any, data: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Read a space variant YAML outside Hydra, filling its ``${data.*}`` keys from ``data``.
+
+    The default ``data`` is the bundled MNIST subset's: 1 channel, 10 classes, 28x28 images.
+    """
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        raise SpaceError(f"Space file {str(path)!r} not found; variants in that folder are {available}.")
+    values = {"in_channels": 1, "num_classes": 10, "resolution": 28, **dict(data or {})}
+    root = OmegaConf.create({"data": values, "space": OmegaConf.load(path)})
+    try:
+        config = OmegaConf.to_container(root.space, resolve=True)
+    except OmegaConfBaseException as err:
+        raise SpaceError(f"Space file {str(path)} refers to a value that is not given: {err}") from err
+    return config  # type: ignore[return-value]
