@@ -686,3 +686,14 @@ def test_calibration_callback_after_fit(subnet):
     assert network.batchnorm_bank.grid == [0.4, 1.0]
     assert network.keep_ratio == 0.5
     assert network.describe()["batchnorm_stats"]["paths"] == network.batchnorm_bank.paths
+
+
+def test_folded_weight_cache_follows_module_conversion(subnet):
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.6}).eval()
+    x = torch.randn(1, 1, 28, 28, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = network(x)  # fills the folded-weight cache in float32
+        network.double()  # new storage under the same Parameter objects
+        converted = network(x.double())
+    assert converted.dtype == torch.float64
+    torch.testing.assert_close(converted.float(), expected, rtol=1e-4, atol=1e-4)
