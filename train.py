@@ -32,6 +32,7 @@ from nas.training import FinetuneModule
 log = logging.getLogger("tailnas.train")
 
 PICKS = ("knee", "fastest_under_budget", "most_accurate")
+TEACHERS = ("none", "largest")
 FINETUNE_FORMAT_VERSION = 1
 
 
@@ -81,14 +82,16 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
 
 
 def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: Any, tag: str,
-             teacher: torch.nn.Module | None = None, kd_weight: float = 0.0, callbacks: list | None = None) -> float:
+             teacher: torch.nn.Module | None = None, kd_weight: float = 0.0, callbacks: list | None = None,
+             lr: float | None = None) -> float:
     """Fine-tune ``model`` with Lightning and return its test accuracy in [0, 1]."""
     import lightning.pytorch as pl
 
     ft = cfg.finetune
     pl.seed_everything(cfg.seed, workers=True)
-    module = FinetuneModule(model, lr=ft.lr, weight_decay=ft.weight_decay, label_smoothing=ft.label_smoothing,
-                            teacher=teacher, kd_weight=kd_weight)
+    module = FinetuneModule(model, lr=ft.lr if lr is None else lr, weight_decay=ft.weight_decay,
+                            label_smoothing=ft.label_smoothing, teacher=teacher, kd_weight=kd_weight,
+                            temperature=ft.temperature)
     trainer = pl.Trainer(
         max_epochs=ft.epochs, accelerator=ft.trainer.accelerator, devices=ft.trainer.devices,
         strategy=ft.trainer.strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
@@ -111,6 +114,16 @@ def extract_subnet(space: SearchSpace, arch: Arch, checkpoint: str, datamodule: 
     batches = max(1, images // loader.batch_size)
     recalibrate_batchnorm(model, iter(loader), max_batches=batches)
     return model
+
+
+def distillation_teacher(space: SearchSpace, checkpoint: str, datamodule: Any, images: int,
+                         teacher: str) -> torch.nn.Module | None:
+    """Return the frozen teacher that ``finetune.teacher`` names, or None for ``none``."""
+    if teacher == "none":
+        return None
+    if teacher != "largest":
+        raise UsageError(f"Unknown finetune.teacher={teacher!r}; choose 'largest' (the supernet's largest subnet) or 'none'.")
+    return extract_subnet(space, space.largest(), checkpoint, datamodule, images).eval()
 
 
 def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: dict[str, Any]) -> float:
@@ -164,6 +177,8 @@ def run(cfg: DictConfig) -> None:
     timer = StageTimer()
     if cfg.trial is None and cfg.pick not in PICKS:
         raise UsageError(f"Unknown pick={cfg.pick!r}; choose one of {list(PICKS)} or set trial=N.")
+    if cfg.finetune.teacher not in TEACHERS:
+        raise UsageError(f"Unknown finetune.teacher={cfg.finetune.teacher!r}; choose one of {list(TEACHERS)}.")
     study = load_study(cfg)
     trial = pick_trial(study, cfg)
     record = study.user_attrs
@@ -200,8 +215,15 @@ def run(cfg: DictConfig) -> None:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
                                                kd_weight=gate_config.kd_weight, callbacks=callbacks)
             result["gates"] = model.describe()
-        else:
+        elif cfg.from_scratch:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
+        else:
+            ft = cfg.finetune
+            teacher = distillation_teacher(space, record["supernet_checkpoint"], datamodule, ft.calibration_images,
+                                           ft.teacher)
+            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
+                                               kd_weight=ft.kd_weight if teacher is not None else 0.0,
+                                               lr=ft.inherited_lr)
     result["from_scratch"] = bool(cfg.from_scratch)
 
     if cfg.from_scratch:

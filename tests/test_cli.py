@@ -60,3 +60,9 @@ def test_train_with_unknown_pick(tmp_path):
     result = run_entry("train.py", "pick=best", tmp_path=tmp_path)
     assert result.returncode == 1
     assert "Unknown pick='best'; choose one of ['knee', 'fastest_under_budget', 'most_accurate']" in result.stderr
+
+
+def test_train_with_unknown_teacher(tmp_path):
+    result = run_entry("train.py", "finetune.teacher=biggest", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "Unknown finetune.teacher='biggest'; choose one of ['none', 'largest']" in result.stderr

@@ -99,8 +99,9 @@ def test_second_search_reuses_supernet_and_predictor(searched):
 def test_train_finetunes_knee_of_latest_study(searched):
     tmp, _, _ = searched
     run_dir = tmp / "train-run"
+    # The distillation teacher is the supernet's largest subnet.
     result = run("train.py", ["search.study_name=tiny", "finetune.epochs=1", "compare_scratch=false",
-                              f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
+                              "finetune.teacher=largest", f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((run_dir / "finetune.json").read_text())
     for key in ("study", "trial", "arch", "test_accuracy", "measured_latency_ms", "scratch_test_accuracy"):
