@@ -1,14 +1,18 @@
 """Run the default main job from nothing and print the wall time of each stage as one JSON line.
 
-Usage: python benchmarks/e2e.py [extra Hydra overrides...]
+Usage: python benchmarks/e2e.py [--keep DIR] [extra Hydra overrides...]
 
-A fresh temporary work directory is used, so the supernet, profiles and predictor are all built.
+A fresh work directory is used, so the supernet, profiles and predictor are all built: a temporary
+one, or with ``--keep DIR`` the new folder DIR (work directory and run directory inside it), which
+stays so that ``python train.py paths.work_dir=DIR/work`` can fine-tune the knee afterwards.
 Keys: data_s, supernet_s, profile_s, predictor_s, search_s, remeasure_s, total_s (seconds), plus the
 process wall time (process_s, including Python start-up and imports) and the number of Pareto subnets.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import csv
 import json
 import subprocess
@@ -21,8 +25,18 @@ ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("data_s", "supernet_s", "profile_s", "predictor_s", "search_s", "remeasure_s", "total_s")
 
 
-def main(overrides: list[str]) -> None:
-    with tempfile.TemporaryDirectory(prefix="tailnas-e2e-") as tmp:
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", type=Path, default=None, help="new folder to keep the work and run directories in")
+    args, overrides = parser.parse_known_args(argv)
+    if args.keep is not None:
+        if args.keep.exists():
+            raise SystemExit(f"--keep {args.keep} already exists; name a new folder, the benchmark starts from nothing.")
+        args.keep.mkdir(parents=True)
+        folder = contextlib.nullcontext(str(args.keep.resolve()))
+    else:
+        folder = tempfile.TemporaryDirectory(prefix="tailnas-e2e-")
+    with folder as tmp:
         run_dir = Path(tmp) / "run"
         command = [sys.executable, str(ROOT / "search.py"), "+space=resnet", f"paths.work_dir={tmp}/work",
                    f"hydra.run.dir={run_dir}", *overrides]
