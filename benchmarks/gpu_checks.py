@@ -11,7 +11,8 @@ Parts, each run on its own so that one that fails is reported as an error and th
   beside the MACs-linear baseline and the noise floor (two passes over every subnet). Writes
   ``<out>/b<B>/predicted_vs_measured.png`` and ``<out>/b<B>/staircase.png``.
 - ``tail_aware_b<B>`` at ``--tail-batch-size`` (default 64): tail-aware widths from that batch
-  size's width sweeps, as ``search.py`` computes them for ``space.tail_aware=true``. For
+  size's width sweeps, as ``search.py`` computes them for ``space.tail_aware=true``. Sweep
+  layers that this judgement needs and the store lacks are measured first. For
   ``--tail-archs`` random architectures of the plain space, the tail-aware counterpart takes the
   same choices with each width moved to its snapped value, and both are measured on the device,
   one after the other. Reports the mean MACs and latency ratios (tail-aware over plain) and the
@@ -20,7 +21,7 @@ Parts, each run on its own so that one that fails is reported as an error and th
 
 The space's resolutions are replaced by ``--resolution`` alone. Targets: within 10% >= 0.99 at
 every batch size; mean MACs ratio >= 1.10 at a mean latency ratio <= 1.02; all parts within 300 s.
-The JSON (``<out>/gpu_checks.json``, rewritten after each part, and the printed line) holds every
+The JSON (``<out>/gpu_checks.json``, rewritten after each part, and the printed line) contains every
 figure, the device (GPU name, SM count, torch, CUDA and cuDNN versions), each part's seconds and
 whether each target was met (``null`` where its part failed).
 
@@ -31,21 +32,33 @@ reached, always enough of them to train the predictor. The tail-aware part stops
 architectures when its share is spent, after at least ``MIN_TAIL_ARCHS``. A part that overruns
 its share shortens the ones after it.
 
-GPU session (one NVIDIA GPU, about 15 minutes of device time in all). The device image lacks
-xgboost and omegaconf, so their wheels travel in ``.whl`` (ignored through .git/info/exclude):
+NOTE: this script has run on CPU only. The default ``--n-subnets 96`` comes from an estimate, not
+a measurement, of an H200 at 224x224: about 0.5 s per batch-64 subnet measurement, extraction and
+the profiled pass included. The budget stops earlier when measurements take longer.
+
+GPU session: the device tool allows 600 s per command and about 15 minutes of device time in
+all, start-up included. Its image has torch but lacks xgboost and omegaconf, so their wheels
+travel in ``.whl``, a folder that ``.git/info/exclude`` ignores. antlr4-python3-runtime 4.9.3,
+which omegaconf 2.3 needs, is published only as a source archive, so pip builds its wheel here:
 
     python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl \
-        xgboost-cpu==3.2.0 omegaconf==2.3.0 antlr4-python3-runtime==4.9.3
+        --platform manylinux_2_28_x86_64 -d .whl xgboost-cpu==3.2.0 omegaconf==2.3.1
+    python -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
+    mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
 
-then run this with the device tool's ``run`` (carry ``[".whl"]``, timeout_s 420):
+Then one ``run`` with carry ``[".whl"]`` and timeout_s 420. ``timeout 340`` stops the script
+before the tool does, so the log and the JSON of the finished parts still come back:
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl \
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
     && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit 1; set -o pipefail;
     timeout 340 python3 benchmarks/gpu_checks.py --warmup 10 --repeats 50 --out /tmp/gc 2>&1 | tee $OUT/log.txt;
     cp /tmp/gc/gpu_checks.json $OUT/; tar czf $OUT/gpu_checks.tar.gz -C /tmp gc
 
-CPU smoke run (about two minutes on a 2-core machine):
+``total_s`` counts from the start of ``main``, after the imports. To rerun only the batch-1
+predictor and the tail-aware part, pass ``--batch-sizes 1``: the tail-aware part then measures
+the batch-64 sweep layers it needs itself.
+
+CPU smoke run (41 s and 44 s in two runs on a shared 2-core Xeon, one thread):
 
     python benchmarks/gpu_checks.py --device cpu --resolution 64 --n-subnets 16 --tail-archs 4 \
         --batch-sizes 1 --tail-batch-size 1 --budget-s 120
@@ -212,6 +225,18 @@ class Budget:
 # -- profiling within a deadline ------------------------------------------------------------
 
 
+def warm_up_device(device: str, seconds: float = 2.0) -> None:
+    """Run matrix products on a CUDA device for ``seconds`` before calibration, because an idle GPU runs at low clocks."""
+    if not device.startswith("cuda"):
+        return
+    x = torch.randn(4096, 4096, device=device)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            x @ x
+        torch.cuda.synchronize(device)
+
+
 def measure_layer_runs(store: ProfileStore, protocol: MeasurementProtocol, layers: Sequence[Any]) -> list[float]:
     """Measure each layer once as pass 0 into ``store``; return the seconds that each run took."""
     seconds = []
@@ -342,6 +367,27 @@ def extreme_latencies(space: SearchSpace, store: ProfileStore, batch_size: int) 
     return out
 
 
+def measure_missing_sweeps(space: SearchSpace, store: ProfileStore, protocol: MeasurementProtocol) -> int:
+    """Measure the width-sweep layers that tail-aware widths are judged from and ``store`` lacks; return their count.
+
+    These are the layers of :func:`predictors.tail_aware.width_latency_curve` at every width of its
+    grid, so the tail-aware widths do not depend on the width step that layer profiling took.
+    """
+    table = store.layer_table(protocol.batch_size)
+    missing: dict[str, Any] = {}
+
+    def collect(layers: list[Any]) -> np.ndarray:
+        for layer in layers:
+            if layer.key() not in table:
+                missing[layer.key()] = layer
+        return np.zeros(len(layers))
+
+    for key in space.width_choices():
+        width_latency_curve(space, key, collect)
+    measure_layer_runs(store, protocol, [missing[key] for key in sorted(missing)])
+    return len(missing)
+
+
 def snapped_width_maps(space: SearchSpace, store: ProfileStore, batch_size: int) -> dict[str, dict[int, int]]:
     """Map each width choice of ``space`` to its tail-aware value, decision by decision.
 
@@ -367,9 +413,7 @@ def tail_aware_part(args: argparse.Namespace, space: SearchSpace, out: Path, dea
     protocol = make_protocol(args, batch_size)
     store = ProfileStore(out / f"b{batch_size}" / "work" / "profiles", device_fingerprint(protocol))
     figures: dict[str, Any] = {"batch_size": batch_size, "n_archs_requested": args.tail_archs}
-    if not store.layer_records(batch_size):
-        share = LAYER_SHARE * max(0.0, deadline - time.perf_counter())
-        figures.update(profile_layers(space, store, protocol, args.width_step, 1, args.seed, share))
+    figures["sweep_layers_measured"] = measure_missing_sweeps(space, store, protocol)
 
     widths = tail_aware_widths(space, store, protocol)
     if not widths:
@@ -526,6 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result["parts"][name] = {**figures, "interim": True}
         save()
 
+    warm_up_device(protocol.device)
     parts = part_order(args)
     for index, (name, kind, batch_size) in enumerate(parts):
         weight_left = sum(PART_WEIGHTS[k] for _, k, _ in parts[index:])
