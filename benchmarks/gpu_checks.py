@@ -170,8 +170,9 @@ def check_args(args: argparse.Namespace) -> None:
         )
 
 
-def minimum_subnets(holdout_fraction: float = 0.25) -> int:
+def minimum_subnets() -> int:
     """Return the fewest profiled subnets that leave ``MIN_TRAIN_SUBNETS`` for training after the held-out split."""
+    holdout_fraction = float(yaml.safe_load(PREDICTOR_CONFIG.read_text())["holdout_fraction"])
     n = MIN_TRAIN_SUBNETS + 1
     while len(split_holdout([str(i) for i in range(n)], holdout_fraction, 0)[0]) < MIN_TRAIN_SUBNETS:
         n += 1
@@ -290,6 +291,7 @@ def profile_subnets(space: SearchSpace, store: ProfileStore, protocol: Measureme
     measured whatever the deadline. Each chunk's second pass runs in a shuffled order.
     """
     archs = sample_subnets(space, n_target, seed)
+    n_min = minimum_subnets()
     with torch.random.fork_rng(devices=[]):
         supernet = space.build_supernet()
     rng = np.random.default_rng([seed, 8])
@@ -298,8 +300,10 @@ def profile_subnets(space: SearchSpace, store: ProfileStore, protocol: Measureme
     with tqdm(total=len(archs) * passes, desc=f"subnets b{protocol.batch_size}", unit="run") as bar:
         while done < len(archs):
             chunk = archs[done : done + SUBNET_CHUNK]
-            estimate = len(chunk) * passes * float(np.mean(run_seconds[-2 * SUBNET_CHUNK :])) if run_seconds else 0.0
-            if done >= minimum_subnets() and time.perf_counter() + estimate > deadline:
+            estimate = 0.0
+            if run_seconds:
+                estimate = len(chunk) * passes * float(np.mean(run_seconds[-2 * SUBNET_CHUNK :]))
+            if done >= n_min and time.perf_counter() + estimate > deadline:
                 logger.info("Stopping at %d of %d subnets: the next chunk would end after the part's share of the budget.",
                             done, len(archs))
                 break
