@@ -204,12 +204,15 @@ def measure_arch(space: Any, arch: Any, protocol: MeasurementProtocol, supernet:
     The subnet comes from ``supernet.extract(arch)``, or from a freshly built supernet (random
     weights, which is fine for latency) when ``supernet`` is ``None``.
     """
-    with torch.random.fork_rng(devices=[]):
-        if supernet is None:
-            supernet = space.build_supernet()
-        model = supernet.extract(arch).eval()
-    input_shape = tuple(space.input_shape(arch))
-    model = fold_batchnorm_checked(model, input_shape)
+    # The preparation runs with the protocol's thread count too: on a shared CPU, torch's default
+    # thread pool makes these few untimed passes cost more than the timed ones.
+    with _thread_count(protocol.threads):
+        with torch.random.fork_rng(devices=[]):
+            if supernet is None:
+                supernet = space.build_supernet()
+            model = supernet.extract(arch).eval()
+        input_shape = tuple(space.input_shape(arch))
+        model = fold_batchnorm_checked(model, input_shape)
     return measure_module(model, input_shape, protocol)
 
 
