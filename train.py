@@ -118,11 +118,9 @@ def extract_subnet(space: SearchSpace, arch: Arch, checkpoint: str, datamodule: 
 
 def distillation_teacher(space: SearchSpace, checkpoint: str, datamodule: Any, images: int,
                          teacher: str) -> torch.nn.Module | None:
-    """Return the frozen teacher that ``finetune.teacher`` names, or None for ``none``."""
+    """Return the frozen teacher that ``finetune.teacher`` names (``largest``), or None for ``none``."""
     if teacher == "none":
         return None
-    if teacher != "largest":
-        raise UsageError(f"Unknown finetune.teacher={teacher!r}; choose 'largest' (the supernet's largest subnet) or 'none'.")
     return extract_subnet(space, space.largest(), checkpoint, datamodule, images).eval()
 
 

@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     if args.keep is not None:
         if args.keep.exists():
-            raise SystemExit(f"--keep {args.keep} already exists; name a new folder, the benchmark starts from nothing.")
+            raise SystemExit(f"--keep {args.keep} already exists. Name a new folder: the benchmark builds everything from nothing.")
         args.keep.mkdir(parents=True)
         folder = contextlib.nullcontext(str(args.keep.resolve()))
     else:

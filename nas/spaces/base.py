@@ -225,5 +225,5 @@ def load_space_config(path: Any, data: Mapping[str, Any] | None = None) -> dict[
     try:
         config = OmegaConf.to_container(root.space, resolve=True)
     except OmegaConfBaseException as err:
-        raise SpaceError(f"Space file {str(path)} refers to a value that is not given: {err}") from err
+        raise SpaceError(f"Space file {str(path)} has a key that cannot be resolved ({err}); pass its value in data.") from err
     return config  # type: ignore[return-value]

@@ -23,9 +23,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT_VERSION = 1
 
-# Version of each training schedule's code, part of the cache key: raising one retrains the supernets
-# that the schedule's earlier code produced, since their weights no longer match what it would train now.
-# progressive 2: the ResNet width phase sorts channels by importance.
+# Version of each training schedule's code, part of the cache key. Raising one retrains the supernets
+# that the schedule's earlier code produced. Progressive version 2 sorts ResNet channels by importance.
 SCHEDULE_VERSIONS = {"sandwich": 1, "progressive": 2}
 
 
