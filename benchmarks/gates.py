@@ -60,6 +60,7 @@ from nas.gates import (  # noqa: E402
     parse_gate_config,
 )
 from nas.spaces import create_space, load_space_config  # noqa: E402
+from nas.report import save_figure  # noqa: E402
 from nas.spaces.base import SearchSpace  # noqa: E402
 from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape  # noqa: E402
 from predictors.profiling import measure_module  # noqa: E402
@@ -321,10 +322,7 @@ def plot(points: list[dict[str, Any]], baseline: dict[str, Any], static: list[di
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp")
-    figure.savefig(temporary, format="png", dpi=120)
-    plt.close(figure)
-    os.replace(temporary, path)
+    save_figure(figure, path, dpi=120)
 
 
 def write_json(data: dict[str, Any], path: Path) -> None:

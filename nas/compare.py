@@ -43,7 +43,7 @@ from typing import Any
 import optuna
 import yaml
 
-from nas.report import atomic_write_text
+from nas.report import atomic_write_text, save_figure
 from nas.search import pareto_trials
 
 __all__ = [
@@ -410,12 +410,7 @@ def plot_fronts(path: Path, summaries: Sequence[StudySummary], reference_ms: flo
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def log_to_wandb(out_dir: Path, rows: list[dict[str, Any]], fronts: list[dict[str, Any]], run_config: dict[str, Any],

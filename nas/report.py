@@ -20,6 +20,7 @@ __all__ = [
     "PARETO_COLUMNS",
     "MANIFEST_FORMAT_VERSION",
     "atomic_write_text",
+    "save_figure",
     "write_pareto_csv",
     "read_pareto_csv",
     "plot_pareto",
@@ -47,6 +48,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def save_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> None:
+    """Save a matplotlib figure as PNG through a temporary file, then close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, format="png", **savefig_kwargs)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
 
 
 def write_pareto_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -112,11 +128,7 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def package_versions() -> dict[str, str | None]:
