@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,3 +46,45 @@ def gpu() -> None:
 
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+def staircase_ms(layer: Any) -> float:
+    """Synthetic device: convolutions cost a fixed time per block of 16 output channels."""
+    if layer.op == "conv":
+        per_block = 2e-6 * layer.in_channels * layer.kernel_size**2 * layer.out_size**2
+        return 0.01 + per_block * math.ceil(layer.out_channels / 16)
+    return 0.005 + 1e-6 * layer.input_elements
+
+
+def synthetic_records(
+    space: Any, n_subnets: int, seed: int, noise: float | Callable[[Any], float] = 0.03, passes: int = 2
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Layer and subnet records in the profile store's format, on a device whose convolutions step every 16 channels.
+
+    Each measurement has lognormal noise of ``noise``, or of ``noise(arch)`` when it is a function.
+    """
+    rng = np.random.default_rng(seed)
+    layers: dict[str, Any] = {}
+    subnets = []
+    for _ in range(n_subnets):
+        arch = space.sample(rng)
+        arch_layers = space.layers(arch)
+        layers.update({layer.key(): layer for layer in arch_layers})
+        true_ms = 0.9 * sum(staircase_ms(layer) for layer in arch_layers) + 0.02
+        sigma = noise(arch) if callable(noise) else noise
+        for index in range(passes):
+            subnets.append(
+                {
+                    "kind": "subnet",
+                    "key": arch.to_json(),
+                    "arch": arch.to_dict(),
+                    "layers": [layer.to_dict() for layer in arch_layers],
+                    "pass": index,
+                    "latency_ms": true_ms * math.exp(rng.normal(0.0, sigma)),
+                }
+            )
+    layer_records = [
+        {"kind": "layer", "key": key, "layer": layer.to_dict(), "pass": 0, "latency_ms": staircase_ms(layer)}
+        for key, layer in layers.items()
+    ]
+    return layer_records, subnets

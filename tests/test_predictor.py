@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from predictors.features import HardwareFacts
 from predictors.plots import plot_predicted_vs_measured, plot_staircase, staircase_from_table
 from predictors.tail_aware import snap_to_step_edges, tail_aware_widths, width_latency_curve
 from predictors.xgb import LatencyPredictor, PredictorError, PredictorNotFoundError, XGBParams
+from tests.conftest import staircase_ms, synthetic_records
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = HardwareFacts(device="cpu", simd_width=16, threads=2)
@@ -26,44 +26,6 @@ FINGERPRINT = {"device_type": "cpu", "cpu_model": "Test CPU 1", "simd_flags": ["
 
 def small_space() -> SearchSpace:
     return create_space(load_space_config(ROOT / "conf/space/resnet.yaml"))
-
-
-def staircase_ms(layer: LayerSpec) -> float:
-    """Synthetic device: convolutions cost a fixed time per block of 16 output channels."""
-    if layer.op == "conv":
-        per_block = 2e-6 * layer.in_channels * layer.kernel_size**2 * layer.out_size**2
-        return 0.01 + per_block * math.ceil(layer.out_channels / 16)
-    return 0.005 + 1e-6 * layer.input_elements
-
-
-def synthetic_records(
-    space: SearchSpace, n_subnets: int, seed: int, noise: float = 0.03, passes: int = 2
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Layer and subnet records in the profile store's format, with lognormal noise of ``noise``."""
-    rng = np.random.default_rng(seed)
-    layers: dict[str, LayerSpec] = {}
-    subnets = []
-    for _ in range(n_subnets):
-        arch = space.sample(rng)
-        arch_layers = space.layers(arch)
-        layers.update({layer.key(): layer for layer in arch_layers})
-        true_ms = 0.9 * sum(staircase_ms(layer) for layer in arch_layers) + 0.02
-        for index in range(passes):
-            subnets.append(
-                {
-                    "kind": "subnet",
-                    "key": arch.to_json(),
-                    "arch": arch.to_dict(),
-                    "layers": [layer.to_dict() for layer in arch_layers],
-                    "pass": index,
-                    "latency_ms": true_ms * math.exp(rng.normal(0.0, noise)),
-                }
-            )
-    layer_records = [
-        {"kind": "layer", "key": key, "layer": layer.to_dict(), "pass": 0, "latency_ms": staircase_ms(layer)}
-        for key, layer in layers.items()
-    ]
-    return layer_records, subnets
 
 
 def fast_predictor(**metadata: Any) -> LatencyPredictor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ from nas.spaces.base import Arch, SearchSpace
 from predictors.conformal import conformal_bounds
 from predictors.features import HardwareFacts
 from predictors.xgb import LatencyPredictor, PredictorError, XGBParams
+from tests.conftest import synthetic_records
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -28,14 +28,6 @@ QUIET_NOISE, NOISY_NOISE = 0.01, 0.08
 UNCERTAINTY_THRESHOLD = 0.12
 
 
-def layer_ms(layer: LayerSpec) -> float:
-    """Synthetic device: convolutions cost a fixed time per block of 16 output channels."""
-    if layer.op == "conv":
-        per_block = 2e-6 * layer.in_channels * layer.kernel_size**2 * layer.out_size**2
-        return 0.01 + per_block * math.ceil(layer.out_channels / 16)
-    return 0.005 + 1e-6 * layer.input_elements
-
-
 def is_noisy(arch: Arch) -> bool:
     return sum(arch.depths) >= 6  # type: ignore[attr-defined]
 
@@ -44,26 +36,10 @@ def heteroscedastic_records(
     space: SearchSpace, n_subnets: int, seed: int, passes: int
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], np.ndarray]:
     """Layer records, subnet records and each subnet's noisy flag, with noise that depends on depth."""
-    rng = np.random.default_rng(seed)
-    layers: dict[str, LayerSpec] = {}
-    subnets = []
-    noisy = []
-    for _ in range(n_subnets):
-        arch = space.sample(rng)
-        arch_layers = space.layers(arch)
-        layers.update({layer.key(): layer for layer in arch_layers})
-        true_ms = 0.9 * sum(layer_ms(layer) for layer in arch_layers) + 0.02
-        noise = NOISY_NOISE if is_noisy(arch) else QUIET_NOISE
-        noisy.append(is_noisy(arch))
-        for _ in range(passes):
-            subnets.append(
-                {
-                    "key": arch.to_json(),
-                    "layers": [layer.to_dict() for layer in arch_layers],
-                    "latency_ms": true_ms * math.exp(rng.normal(0.0, noise)),
-                }
-            )
-    layer_records = [{"key": key, "layer": layer.to_dict(), "latency_ms": layer_ms(layer)} for key, layer in layers.items()]
+    layer_records, subnets = synthetic_records(
+        space, n_subnets, seed, noise=lambda arch: NOISY_NOISE if is_noisy(arch) else QUIET_NOISE, passes=passes
+    )
+    noisy = [is_noisy(space.arch_from_dict(record["arch"])) for record in subnets[::passes]]
     return layer_records, subnets, np.array(noisy)
 
 
