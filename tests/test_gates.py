@@ -572,17 +572,21 @@ class _TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
+def _fit_on_random_images(module: pl.LightningModule, images: int, epochs: int, callbacks: list) -> None:
+    """Train ``module`` on ``images`` seeded random 1x28x28 images with labels, in batches of 4."""
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(images, 1, 28, 28, generator=generator),
+                                          torch.randint(0, 10, (images,), generator=generator))
+    trainer = pl.Trainer(max_epochs=epochs, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+
+
 def test_keep_ratio_schedule_in_trainer(subnet):
     config = {**ALL, "keep_ratio": 0.5, "schedule_epochs": 1}
     network = apply_gates(subnet, config).train()
-    generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(16, 1, 28, 28, generator=generator),
-                                          torch.randint(0, 10, (16,), generator=generator))
     module = _TinyModule(network)
-    trainer = pl.Trainer(max_epochs=2, callbacks=[KeepRatioSchedule.from_config(config)],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=4))
+    _fit_on_random_images(module, images=16, epochs=2, callbacks=[KeepRatioSchedule.from_config(config)])
     assert module.seen[:4] == pytest.approx([1.0, 0.875, 0.75, 0.625])
     assert all(0.4 <= ratio <= 1.0 for ratio in module.seen[4:])
     assert len(set(module.seen[4:])) == 4
@@ -674,14 +678,9 @@ def test_folded_network_rejects_ratio_switch(subnet):
 def test_calibration_callback_after_fit(subnet):
     config = {**ALL, "keep_ratio": 0.5, "schedule_epochs": 0}
     network = apply_gates(subnet, config).train()
-    generator = torch.Generator().manual_seed(0)
-    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28, generator=generator),
-                                          torch.randint(0, 10, (8,), generator=generator))
-    trainer = pl.Trainer(max_epochs=1, callbacks=[KeepRatioSchedule.from_config(config),
-                                                  BatchNormCalibration(images=8, ratios=[0.4, 1.0])],
-                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(_TinyModule(network), torch.utils.data.DataLoader(data, batch_size=4))
+    _fit_on_random_images(_TinyModule(network), images=8, epochs=1,
+                          callbacks=[KeepRatioSchedule.from_config(config),
+                                     BatchNormCalibration(images=8, ratios=[0.4, 1.0])])
     assert network.batchnorm_bank is not None
     assert network.batchnorm_bank.grid == [0.4, 1.0]
     assert network.keep_ratio == 0.5
