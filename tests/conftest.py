@@ -21,6 +21,19 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HYDRA_FULL_ERROR", "1")
 
 
+# Overrides that make the predictor and search stages of a tiny end-to-end run take seconds.
+FAST_SEARCH = [
+    "predictor.n_subnets=16",
+    "predictor.width_step=32",
+    "hardware.warmup=1",
+    "hardware.repeats=3",
+    "search.n_trials=6",
+    "search.population_size=4",
+    "search.timeout_s=120",
+    "search.calibration_images=16",
+]
+
+
 def load_space_config(name: str, in_channels: int = 1, num_classes: int = 10) -> dict:
     """Load ``conf/space/<name>.yaml`` with the data interpolations filled in."""
     from nas.spaces import load_space_config as load

@@ -14,7 +14,7 @@ import torch
 from nas.export import load_program
 from nas.report import read_pareto_csv
 from nas.spaces import MobileNetV3Arch, create_space
-from tests.conftest import load_space_config
+from tests.conftest import FAST_SEARCH, load_space_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,14 +29,7 @@ TINY = [
     "supernet.phases.kernel=1",
     "supernet.phases.depth=1",
     "supernet.phases.width=1",
-    "predictor.n_subnets=16",
-    "predictor.width_step=32",
-    "hardware.warmup=1",
-    "hardware.repeats=3",
-    "search.n_trials=6",
-    "search.population_size=4",
-    "search.timeout_s=120",
-    "search.calibration_images=16",
+    *FAST_SEARCH,
 ]
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from nas.report import PARETO_COLUMNS, read_pareto_csv
+from tests.conftest import FAST_SEARCH
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -21,14 +22,7 @@ TINY = [
     "data=synthetic",
     "data.num_samples=96",
     "supernet.epochs=1",
-    "predictor.n_subnets=16",
-    "predictor.width_step=32",
-    "hardware.warmup=1",
-    "hardware.repeats=3",
-    "search.n_trials=6",
-    "search.population_size=4",
-    "search.timeout_s=120",
-    "search.calibration_images=16",
+    *FAST_SEARCH,
     "search.study_name=tiny",
 ]
 
