@@ -8,7 +8,7 @@ study stores a measurement (search.py's re-measurement, or a measurement during 
 the prediction was uncertain), else the predicted one, and the outputs name the source.
 
 Hypervolume, in accuracy x ms: the area that a front dominates in the (latency, accuracy) plane,
-above accuracy 0 and left of one reference latency, that is the union of the rectangles
+above accuracy 0 and left of one reference latency. It is the union of the rectangles
 [latency, reference) x [0, accuracy] over the Pareto subnets. All compared studies share one
 reference: ``--reference-ms``, else 1.1 times the slowest Pareto latency among them, so the
 slowest subnet still adds a strip. Subnets at or beyond the reference add nothing. The values of

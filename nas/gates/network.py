@@ -127,8 +127,10 @@ class GatedNetwork(nn.Module):
         return torch.zeros((), device=device)
 
     def describe(self) -> dict[str, Any]:
-        """Return a JSON-serialisable record of the settings, the per-block plans, the kept counts and the
-        shape of the BatchNorm bank (``batchnorm_stats``: grid ratios, layer paths, channels; or None)."""
+        """Return a JSON-serialisable record of the settings, the per-block plans and the kept counts.
+
+        ``batchnorm_stats`` describes the BatchNorm bank (grid ratios, layer paths, channels), or is None.
+        """
         counts = self.keep_counts()
         blocks = []
         for plan in self.plans:
