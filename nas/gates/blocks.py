@@ -377,8 +377,8 @@ class GatedResidualBlock(nn.Module):
             return self._fold_weights()
         sources = self._fold_sources()
         # A reassigned tensor changes its id, an in-place update (optimizer step, load_state_dict) its version,
-        # and Module.to() swaps the storage under the same Parameter, which changes the data pointer and device.
-        key = tuple((id(t), t._version, t.data_ptr(), t.device) for t in sources if t is not None)
+        # and Module.to() swaps the storage under the same Parameter, which changes its data pointer.
+        key = tuple((id(t), t._version, t.data_ptr()) for t in sources if t is not None)
         if key != self._folded_key:
             self._folded = self._fold_weights()
             self._folded_key = key
