@@ -106,9 +106,8 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     return accuracy
 
 
-def extract_subnet(space: SearchSpace, arch: Arch, checkpoint: str, datamodule: Any, images: int) -> torch.nn.Module:
+def extract_subnet(supernet: Any, arch: Arch, datamodule: Any, images: int) -> torch.nn.Module:
     """Extract ``arch`` with its inherited weights and recalibrate its BatchNorm statistics."""
-    supernet, _ = load_supernet(Path(checkpoint), space)
     model = supernet.extract(arch)
     loader = datamodule.train_dataloader()
     batches = max(1, images // loader.batch_size)
@@ -116,12 +115,11 @@ def extract_subnet(space: SearchSpace, arch: Arch, checkpoint: str, datamodule: 
     return model
 
 
-def distillation_teacher(space: SearchSpace, checkpoint: str, datamodule: Any, images: int,
-                         teacher: str) -> torch.nn.Module | None:
+def distillation_teacher(supernet: Any, datamodule: Any, images: int, teacher: str) -> torch.nn.Module | None:
     """Return the frozen teacher that ``finetune.teacher`` names (``largest``), or None for ``none``."""
     if teacher == "none":
         return None
-    return extract_subnet(space, space.largest(), checkpoint, datamodule, images).eval()
+    return extract_subnet(supernet, supernet.space.largest(), datamodule, images).eval()
 
 
 def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: dict[str, Any]) -> float:
@@ -200,7 +198,8 @@ def run(cfg: DictConfig) -> None:
         if cfg.from_scratch:
             model = space.build_supernet().build_static(arch)
         else:
-            model = extract_subnet(space, arch, record["supernet_checkpoint"], datamodule, cfg.finetune.calibration_images)
+            supernet, _ = load_supernet(Path(record["supernet_checkpoint"]), space)
+            model = extract_subnet(supernet, arch, datamodule, cfg.finetune.calibration_images)
         tag = "scratch" if cfg.from_scratch else "inherited"
         if gates_on:
             from nas.gates import BatchNormCalibration, KeepRatioSchedule
@@ -217,8 +216,7 @@ def run(cfg: DictConfig) -> None:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
         else:
             ft = cfg.finetune
-            teacher = distillation_teacher(space, record["supernet_checkpoint"], datamodule, ft.calibration_images,
-                                           ft.teacher)
+            teacher = distillation_teacher(supernet, datamodule, ft.calibration_images, ft.teacher)
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
                                                kd_weight=ft.kd_weight if teacher is not None else 0.0,
                                                lr=ft.inherited_lr)
