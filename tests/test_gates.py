@@ -18,10 +18,12 @@ from torch import nn
 
 from nas.gates import (
     BatchNormCalibration,
+    BlockPlan,
     ChannelGate,
     ColumnGate,
     GateConfigError,
     GatedNetwork,
+    FORMAT_VERSION,
     GatedResidualBlock,
     GateRuntime,
     KeepRatioSchedule,
@@ -39,7 +41,7 @@ from nas.gates.blocks import block_layout
 from nas.gates.budget import choose_keep_ratio, predict_latency_ms
 from nas.gates.modules import straight_through, targeted_dropout_mask
 from nas.gates.planning import channel_staircase, plan_blocks
-from nas.gates.timing import choose_gate_option
+from nas.gates.timing import choose_gate_options, measured_steps
 from nas.spaces.layers import LayerSpec
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
@@ -224,6 +226,53 @@ def test_skip_matches_mask(block_cls, cin, mid, cout, stride, width, channel, sp
     torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_cls, cin, mid, cout, stride, width", BLOCK_CASES)
+def test_grouped_batch_path_matches_mask_and_counts_each_image(block_cls, cin, mid, cout, stride, width):
+    runtime = GateRuntime()
+    gated = _gated_block(block_cls(cin, mid, cout, stride), cin, width, channel=True, spatial=False, runtime=runtime)
+    gated.batch_path = "grouped"
+    gated.set_keep(max(1, gated.inner_channels // 2), gated.inner_width)
+    x = torch.randn(4, cin, width, width, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        runtime.mode = "mask"
+        masked = gated(x)
+        runtime.mode = "skip"
+        grouped = gated(x)
+    torch.testing.assert_close(grouped, masked, atol=1e-5, rtol=1e-5)
+    # Each image runs only its own kept channels, so the batch costs four single images.
+    assert executed_macs(gated, x) == 4 * executed_macs(gated, x[:1])
+    gated.batch_path = "mask"
+    runtime.skip_max_share = 0.0
+    assert executed_macs(gated, x) > 4 * executed_macs(gated, x[:1])
+
+
+def test_batch_path_rejects_unknown_value():
+    gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 12, spatial=False)
+    with pytest.raises(ValueError, match="batch_path must be one of"):
+        gated.batch_path = "loop"
+
+
+@pytest.mark.parametrize("change", ["assign_state", "replace_module"])
+def test_eval_cache_follows_replaced_weights(change):
+    gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 12, spatial=False)
+    gated.set_keep(8, 12)
+    x = torch.randn(1, 8, 12, 12, generator=torch.Generator().manual_seed(6))
+    reference = copy.deepcopy(gated)
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        before = gated(x)  # fills the folded-weight cache
+        if change == "assign_state":
+            state = {k: v + 0.1 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
+                     for k, v in gated.state_dict().items()}
+            gated.load_state_dict(state, assign=True)  # new tensors: no version of the cached ones changes
+        else:
+            gated.conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+        reference.load_state_dict(gated.state_dict())
+        after = gated(x)
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, reference(x), atol=1e-5, rtol=1e-5)
+
+
 def test_mask_zeroes_dropped_channels_and_columns():
     gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 10, runtime=GateRuntime(mode="mask")).train()
     gated.set_keep(6, 4)
@@ -368,7 +417,7 @@ def test_describe_rebuilds_same_gates(subnet):
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     record = json.loads(json.dumps(network.describe()))
-    assert record["format_version"] == 2
+    assert record["format_version"] == FORMAT_VERSION == 3
     assert record["batchnorm_stats"] is None
     rebuilt = apply_gates(subnet, ALL, plan=record).eval()
     rebuilt.load_state_dict(network.state_dict())
@@ -394,6 +443,15 @@ def test_export_matches_eager(subnet, dynamic_batch):
 
 
 # -- planning from profiles ------------------------------------------------------------------------
+
+
+def test_block_plan_from_older_record_masks_batches():
+    plan = BlockPlan("layer1.0", True, False, [8, 16], "test")
+    data = plan.to_dict()
+    del data["batch_path"]
+    assert BlockPlan.from_dict(data).batch_path == "mask"
+    with pytest.raises(GateConfigError, match="batch_path must be one of"):
+        BlockPlan.from_dict({**data, "batch_path": "loop"})
 
 
 def test_describe_layers_matches_space(resnet_space):
@@ -476,7 +534,7 @@ def test_latency_budget_picks_largest_fitting_ratio(subnet):
         apply_gates(subnet, {**ALL, "latency_budget_ms": budget})
 
 
-def test_choose_gate_option_hand_made():
+def test_choose_gate_options_hand_made():
     config = parse_gate_config({"name": "feature", "min_saving": 0.1, "max_slowdown": 0.05})
     latency = {
         "none": {1: 1.00, 32: 10.0},
@@ -484,11 +542,30 @@ def test_choose_gate_option_hand_made():
         "column": {1: 0.70, 32: 11.0},  # fastest at batch 1 but 10% slower at batch 32
         "channel+column": {1: 0.95, 32: 9.0},  # only 5% faster at batch 1
     }
-    option, reason = choose_gate_option(latency, config)
+    # Alone, the block's budget at batch 32 is 0.5 ms: column (+1.0) is over it, channel (+0.4) is not.
+    option, reason = choose_gate_options({"a": latency}, config)["a"]
     assert option == "channel"
     assert "channel 0.800/10.400" in reason
-    latency["channel"][32] = 10.6
-    assert choose_gate_option(latency, config)[0] == "none"
+    assert choose_gate_options({"a": {**latency, "channel": {1: 0.80, 32: 10.6}}}, config)["a"][0] == "none"
+
+    # A second block that gets faster at batch 32 leaves room in the shared budget for column on the first.
+    grouped = {"none": {1: 2.0, 32: 20.0}, "channel/grouped": {1: 1.5, 32: 15.0}}
+    decisions = choose_gate_options({"a": latency, "b": grouped}, config)
+    assert decisions["a"][0] == "column" and decisions["b"][0] == "channel/grouped"
+
+    # The shared budget is 1.5 ms at batch 32: b's gate alone (+1.6 ms) is over it, a's column (+1.0) is not.
+    slow = {"none": {1: 2.0, 32: 20.0}, "channel": {1: 1.0, 32: 21.6}}
+    decisions = choose_gate_options({"a": latency, "b": slow}, config)
+    assert decisions["a"][0] == "column" and decisions["b"][0] == "none"
+    assert "past max_slowdown 5%" in decisions["b"][1]
+    assert decisions == choose_gate_options({"b": slow, "a": latency}, config)
+
+
+def test_measured_steps_hand_made():
+    # 16 costs what 8 costs, so 8 rounds up to 16; 24 is slower than keeping all 32, so it rounds up too.
+    latency = {8: 1.0, 16: 1.02, 24: 1.5, 32: 1.4}
+    assert measured_steps(latency, 0.05) == [16, 32]
+    assert measured_steps({8: 1.0, 16: 2.0, 24: 3.0}, 0.05) == [8, 16, 24]
 
 
 def test_measured_placement_records_times(subnet, caplog):
@@ -500,6 +577,8 @@ def test_measured_placement_records_times(subnet, caplog):
         assert set(plan.measured_ms) == {"none", "channel"}
         assert all(ms > 0 for times in plan.measured_ms.values() for ms in times.values())
         assert plan.spatial is False
+        if plan.channel:  # counts were timed, and the steps are the measured ones
+            assert plan.channel_steps == measured_steps(plan.latency_ms, 0.05)
     assert "ms at batch 1:" in caplog.text
 
 

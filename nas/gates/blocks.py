@@ -19,6 +19,7 @@ Paths through a block:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.gates.config import BATCH_PATHS
 from nas.gates.modules import (
     ChannelGate,
     ColumnGate,
@@ -121,7 +123,8 @@ class GateRuntime:
 
     Attributes:
         mode: eval-time path, "mask" or "skip".
-        skip_max_share: gather only when at most this share of the inner-convolution MACs remains.
+        skip_max_share: at batches above 1, gather the union of the images' selections only when at
+            most this share of the inner-convolution MACs remains; otherwise run dense and mask.
         dropout_fraction: share of lowest-scoring features that targeted dropout may drop.
         dropout_rate: drop probability of each candidate.
         generator: generator of the dropout noise, created on first use on the input's device.
@@ -143,12 +146,6 @@ class GateRuntime:
         return self.generator
 
 
-def _batchnorm_tensors(bn: nn.Module) -> tuple[torch.Tensor | None, ...]:
-    if isinstance(bn, nn.Identity):
-        return ()
-    return bn.weight, bn.bias, bn.running_mean, bn.running_var
-
-
 def _fold_batchnorm(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     weight = conv.weight.detach()
     bias = conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels, device=weight.device)
@@ -156,6 +153,17 @@ def _fold_batchnorm(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, torch
         return weight, bias
     scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
     return weight * scale[:, None, None, None], (bias - bn.running_mean) * scale + bn.bias.detach()
+
+
+def _in_place(act: nn.Module | None) -> Any:
+    """Return a function that applies ``act`` to a freshly computed tensor, in place where it can."""
+    if act is None or isinstance(act, nn.Identity):
+        return None
+    if type(act) is nn.ReLU:
+        return torch.relu_
+    if type(act) is nn.Hardswish:
+        return functools.partial(F.hardswish, inplace=True)
+    return act
 
 
 class GatedResidualBlock(nn.Module):
@@ -196,8 +204,13 @@ class GatedResidualBlock(nn.Module):
         self.column_gate = ColumnGate(in_channels, widener.stride[1]) if spatial else None
         self.kept_channels = self.inner_channels
         self.kept_columns = self.inner_width
-        self._folded_key: tuple[Any, ...] | None = None
-        self._folded: dict[str, torch.Tensor] = {}
+        # The channel-only eval path needs the producer right before the consumer, with nothing between.
+        self._channel_path = layout.producer == len(layout.stages) - 2 and layout.squeeze_excite is None
+        self._batch_path = "mask"
+        # Cache of BatchNorm-folded weights: the source tensors and their versions when folded.
+        self._fold_refs: list[torch.Tensor] | None = None
+        self._folded_key: tuple[int, ...] = ()
+        self._folded: dict[Any, Any] = {}
 
     # -- construction ---------------------------------------------------------------------------
     def _adopt_children(self, block: nn.Module) -> None:
@@ -243,6 +256,17 @@ class GatedResidualBlock(nn.Module):
             raise ValueError(f"The consumer convolution must have stride 1, but got {consumer}.")
 
     @property
+    def batch_path(self) -> str:
+        """How a channel gate serves batches above 1 in skip mode: "mask" or "grouped" (see :meth:`_forward_channels`)."""
+        return self._batch_path
+
+    @batch_path.setter
+    def batch_path(self, value: str) -> None:
+        if value not in BATCH_PATHS:
+            raise ValueError(f"batch_path must be one of {BATCH_PATHS}, but got {value!r}.")
+        self._batch_path = value
+
+    @property
     def gated(self) -> bool:
         """Whether the block carries any gate."""
         return self.channel_gate is not None or self.column_gate is not None
@@ -264,28 +288,135 @@ class GatedResidualBlock(nn.Module):
         return self.kept_channels == self.inner_channels and self.kept_columns == self.inner_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and self._channel_path_applies():
+            return self._forward_channels(x)
         shortcut = self._shortcut(x)
+        weights = None if self.training else self._folded_weights()
 
-        channel_logits, column_logits = self._gate_logits(x)
-
-        inner = x
-        for index in range(self.layout.producer):
-            conv, bn, act = self._stage_modules(index)
-            inner = act(bn(conv(inner))) if act is not None else bn(conv(inner))
+        channel_logits, column_logits = self._gate_logits(x, weights)
+        inner = self._run_before_producer(x)
 
         if self.training:
             branch = self._run_train(inner, channel_logits, column_logits)
         else:
-            branch = self._run_eval(inner, channel_logits, column_logits)
+            branch = self._run_eval(inner, channel_logits, column_logits, weights)
         out = branch + shortcut if shortcut is not None else branch
         return getattr(self, self.layout.final_act)(out) if self.layout.final_act is not None else out
 
-    def _gate_logits(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _run_before_producer(self, x: torch.Tensor) -> torch.Tensor:
+        """Run the stages before the producer (the 1x1 reduction of a bottleneck; none in a basic block)."""
+        inner = x
+        for index in range(self.layout.producer):
+            conv, bn, act = self._stage_modules(index)
+            inner = act(bn(conv(inner))) if act is not None else bn(conv(inner))
+        return inner
+
+    # -- channel-only eval path ----------------------------------------------------------------
+    def _channel_path_applies(self) -> bool:
+        """Whether the eval forward takes :meth:`_forward_channels`: skip mode, no column selection, eager."""
+        return (
+            self._channel_path
+            and self.runtime.mode == "skip"
+            and not torch.compiler.is_compiling()
+            and (self.column_gate is None or self.kept_columns == self.inner_width)
+        )
+
+    def _forward_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """Eval forward with channel selection only, in as few tensor operations as possible.
+
+        This is the path a deployment takes, so its fixed cost decides whether a gate pays: on the
+        2-core x86 CPU used in development, the general path's Python bookkeeping cost about 80 us
+        per block call at batch 1, more than half of a 14x14 block. Everything that does not depend
+        on the input (folded weights, the gate's scaled weights, strides, activations) comes from
+        one cached plan, and the gate is one sum, one addmm and one top-k. Then, by batch size:
+
+        * 1: the producer computes only the kept channels (gathered rows of its weights), and the
+          consumer reads only those (gathered columns of its weights);
+        * more, ``batch_path == "grouped"``: the same per image, as one grouped convolution with
+          the batch as groups and each image's gathered weights as its group's filters;
+        * more, ``batch_path == "mask"``: the union of the batch's selections is gathered when at
+          most ``skip_max_share`` of the channels remain, otherwise all are computed; each image's
+          dropped channels are then zeroed.
+
+        The outputs are those of "mask" mode for the same input.
+        """
+        batch, channels, height, width = x.shape
+        (pre_stages, gate, producer_w, producer_b, producer_conv, producer_act, consumer_w, consumer_b,
+         consumer_conv, final_act) = self._channel_plan(height * width)
+        counter = self.runtime.mac_counter
+        shortcut = self._shortcut(x)
+        inner = pre_stages(x) if pre_stages is not None else x
+        groups, mask = 1, None
+        if gate is not None:
+            fc_t, fc_b, kept = gate
+            logits = torch.addmm(fc_b, x.sum(dim=(2, 3)), fc_t)
+            if counter is not None:
+                counter[0] += self.channel_gate.macs * batch
+            if batch == 1:
+                index = logits.view(-1).topk(kept, sorted=False).indices
+            elif self.batch_path == "grouped":
+                index = logits.topk(kept, dim=1, sorted=False).indices.reshape(-1)
+                groups = batch
+                inner = inner.reshape(1, batch * inner.shape[1], inner.shape[2], inner.shape[3])
+            else:
+                selected = torch.zeros_like(logits).scatter_(1, logits.topk(kept, dim=1, sorted=False).indices, 1.0)
+                index = selected.amax(dim=0).nonzero().squeeze(1)
+                if index.numel() > self.runtime.skip_max_share * self.inner_channels:
+                    index, mask = None, selected
+                else:
+                    mask = selected.index_select(1, index)
+            if index is not None:
+                producer_w, producer_b = producer_w.index_select(0, index), producer_b.index_select(0, index)
+                consumer_w = consumer_w.index_select(1, index)
+            if groups > 1:
+                # (C_out, N * kept, kh, kw) -> (N * C_out, kept, kh, kw): image n's filters form group n.
+                out_channels, _, kernel_h, kernel_w = consumer_w.shape
+                consumer_w = (consumer_w.view(out_channels, batch, kept, kernel_h, kernel_w).transpose(0, 1)
+                              .reshape(batch * out_channels, kept, kernel_h, kernel_w))
+        hidden = F.conv2d(inner, producer_w, producer_b, producer_conv.stride, producer_conv.padding, 1, groups)
+        if producer_act is not None:
+            hidden = producer_act(hidden)
+        if mask is not None:
+            hidden = hidden.mul_(mask[:, :, None, None])
+        out = F.conv2d(hidden, consumer_w, consumer_b if groups == 1 else None, consumer_conv.stride,
+                       consumer_conv.padding, 1, groups)
+        if counter is not None:
+            counter[0] += hidden.numel() * producer_w[0].numel() + out.numel() * consumer_w[0].numel()
+        if groups > 1:
+            out = out.view(batch, -1, out.shape[2], out.shape[3]).add_(consumer_b[:, None, None])
+        if shortcut is not None:
+            out = out.add_(shortcut)
+        return final_act(out) if final_act is not None else out
+
+    def _channel_plan(self, area: int) -> tuple[Any, ...]:
+        """Return what :meth:`_forward_channels` needs for inputs of ``area`` pixels, cached with the folded weights."""
+        weights = self._folded_weights()
+        key = ("channels", area, self.kept_channels)
+        plan = weights.get(key)
+        if plan is None:
+            producer, _, producer_act = self._stage_modules(self.layout.producer)
+            consumer = self._stage_modules(len(self.layout.stages) - 1)[0]
+            gate = None
+            if self.channel_gate is not None and self.kept_channels < self.inner_channels:
+                fc = self.channel_gate.fc
+                # The mean over the map is a sum times 1/area; the 1/area goes into the weights.
+                fc_t = (fc.weight.detach() / area).t().contiguous()
+                gate = (fc_t, fc.bias.detach(), self.kept_channels)
+            pre_stages = self._run_before_producer if self.layout.producer > 0 else None
+            final_act = getattr(self, self.layout.final_act) if self.layout.final_act is not None else None
+            plan = (pre_stages, gate, weights["producer_w"], weights["producer_b"], producer,
+                    _in_place(producer_act), weights["consumer_w"], weights["consumer_b"], consumer,
+                    _in_place(final_act))
+            weights[key] = plan
+        return plan
+
+    def _gate_logits(self, x: torch.Tensor,
+                     weights: dict[str, torch.Tensor] | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Keeping everything makes the 0/1 masks all ones: the gates are not even run.
         if not self.gated or self.keeps_all:
             return None, None
         if not self.training:
-            return self._gate_logits_eval(x)
+            return self._gate_logits_eval(x, weights)
         if self.column_gate is None:
             return self.channel_gate.logits(x.mean(dim=(2, 3))), None
 
@@ -295,7 +426,8 @@ class GatedResidualBlock(nn.Module):
             return None, column_logits
         return self.channel_gate.logits(rows.mean(dim=2)), column_logits
 
-    def _gate_logits_eval(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _gate_logits_eval(self, x: torch.Tensor,
+                          weights: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Score both gates from one sum over rows, with the 1/H and 1/(H*W) of the means in cached weights.
 
         At batch 1 on a CPU this halves the scoring time of the channel gate (one sum and one addmm
@@ -303,7 +435,6 @@ class GatedResidualBlock(nn.Module):
         gate modules are not called, so their MACs are counted here.
         """
         batch, _, height, width = x.shape
-        weights = self._folded_weights()
         channel_logits, column_logits, macs = None, None, 0
         if self.column_gate is None:
             sums = x.sum(dim=(2, 3))
@@ -370,27 +501,52 @@ class GatedResidualBlock(nn.Module):
         return {"producer_w": producer_w, "producer_b": producer_b, "consumer_w": consumer_w,
                 "consumer_b": consumer_b, "consumer_columns_w": stacked.contiguous()}
 
-    def _folded_weights(self) -> dict[str, torch.Tensor]:
-        """Return BatchNorm-folded producer and consumer weights, rebuilt when any source tensor changed."""
-        # torch.export and torch.compile trace fake tensors, which have no data pointer, so fold inline.
+    def _folded_weights(self) -> dict[Any, Any]:
+        """Return BatchNorm-folded producer and consumer weights, rebuilt when any source tensor changed.
+
+        An in-place update (optimizer step, load_state_dict, a BatchNorm bank switching statistics)
+        changes a source tensor's version. Replacing a child module (fold_batchnorm), moving or
+        converting the block (Module.to, double) and loading a state dict drop the cache through
+        :meth:`__setattr__`, :meth:`_apply` and :meth:`_load_from_state_dict`. Entries computed from
+        the folded weights (the single-image plans) live in the same dictionary and go with it.
+        """
+        # torch.export and torch.compile trace fake tensors, which have no versions, so fold inline.
         if torch.compiler.is_compiling():
             return self._fold_weights()
-        sources = self._fold_sources()
-        # A reassigned tensor changes its id, an in-place update (optimizer step, load_state_dict) its version,
-        # and Module.to() swaps the storage under the same Parameter, which changes its data pointer.
-        key = tuple((id(t), t._version, t.data_ptr()) for t in sources if t is not None)
-        if key != self._folded_key:
+        refs = self._fold_refs
+        if refs is None or tuple(t._version for t in refs) != self._folded_key:
+            refs = [t for m in self._fold_source_modules() for t in (*m._parameters.values(), *m._buffers.values())
+                    if t is not None]
             self._folded = self._fold_weights()
-            self._folded_key = key
+            self._fold_refs = refs
+            self._folded_key = tuple(t._version for t in refs)
         return self._folded
 
-    def _fold_sources(self) -> list[torch.Tensor | None]:
-        """Return the tensors that the cached folded weights are computed from."""
-        producer_conv, producer_bn, _ = self._stage_modules(self.layout.producer)
-        consumer_conv, consumer_bn, _ = self._stage_modules(len(self.layout.stages) - 1)
-        gate_tensors = [p for gate in (self.channel_gate, self.column_gate) if gate is not None for p in gate.parameters()]
-        return [producer_conv.weight, producer_conv.bias, consumer_conv.weight, consumer_conv.bias,
-                *_batchnorm_tensors(producer_bn), *_batchnorm_tensors(consumer_bn), *gate_tensors]
+    def _drop_folded(self) -> None:
+        self._fold_refs = None
+        self._folded = {}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, nn.Module) and "_fold_refs" in self.__dict__:
+            self._drop_folded()
+        super().__setattr__(name, value)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GatedResidualBlock:
+        self._drop_folded()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._drop_folded()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _fold_source_modules(self) -> list[nn.Module]:
+        """Return the modules whose own parameters and buffers the folded weights are computed from."""
+        stages = self.layout.stages
+        modules = [getattr(self, name) for name in (*stages[self.layout.producer][:2], *stages[-1][:2])]
+        for gate in (self.channel_gate, self.column_gate):
+            if gate is not None:
+                modules.extend(gate.modules())
+        return modules
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: Any,
               padding: Any, groups: int = 1) -> torch.Tensor:
@@ -400,51 +556,49 @@ class GatedResidualBlock(nn.Module):
         return out
 
     @staticmethod
-    def _select(logits: torch.Tensor | None, kept: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Return the batch's union of kept indices (u,) and each image's 0/1 mask on the union (N, u).
+    def _select(logits: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Return the batch's union of kept indices (u,), each image's 0/1 mask on the union (N, u) and on all (N, C).
 
-        At batch 1 the mask is None because the image keeps its whole union. Without a gate both are None.
+        At batch 1 both masks are None, because the image keeps its whole union.
         """
-        if logits is None:
-            return None, None
         indices = top_k_indices(logits, kept)
         if logits.shape[0] == 1:
-            return indices[0], None
+            return indices[0], None, None
         selected = torch.zeros_like(logits).scatter_(1, indices, 1.0)
         union = selected.amax(dim=0).nonzero().squeeze(1)
-        return union, selected.index_select(1, union)
+        return union, selected.index_select(1, union), selected
 
     def _run_eval(self, inner: torch.Tensor, channel_logits: torch.Tensor | None,
-                  column_logits: torch.Tensor | None) -> torch.Tensor:
+                  column_logits: torch.Tensor | None, weights: dict[str, torch.Tensor]) -> torch.Tensor:
         """Run the gated branch in eval mode, skipping dropped work where that pays.
 
-        Each image keeps its own channels and columns. The block gathers the union of the batch's
-        selected channels and zeroes, per image, what that image dropped, so "skip" gives the
-        outputs of "mask" for any batch size. At batch 1 the union is the image's own selection and
-        nothing dropped is computed. At batch 32, 32 selections of 60% of the channels cover nearly
-        all of them. When the union leaves more than ``skip_max_share`` of the inner-convolution
-        MACs, gathering saves little and costs index copies, so the block runs dense and masks. The
-        gates then add only their pooled layers and one multiply. A per-image loop would keep every
+        Each image keeps its own channels and columns, so "skip" gives the outputs of "mask" for
+        any batch size. At batch 1 the block computes only what the image keeps. At larger batches
+        it gathers the union of the batch's selected channels and zeroes, per image, what that
+        image dropped. At batch 32, 32 selections of 60% of the channels cover nearly all of them:
+        when the union leaves more than ``skip_max_share`` of the inner-convolution MACs, gathering
+        saves little and costs index copies, so the block runs dense and masks. The gates then add
+        only their pooled layers, one top-k and one multiply. A per-image loop would keep every
         image's savings, but it replaces one batched convolution by N small ones, and the per-call
         overhead and lost batching cost more than the skipped MACs at these sizes.
 
-        Columns are gathered at batch 1 only and masked otherwise, because a batch's union of columns
-        is nearly full. On the 2-core x86 CPU used in development, the windowed convolutions of the
-        column path ran slower than the dense ones even at batch 1 (``benchmarks/gates.py``).
+        Columns are gathered at batch 1 only and masked otherwise, because a batch's union of
+        columns is nearly full. Residual blocks with channel gates only take
+        :meth:`_forward_channels`, the same computation with less overhead.
         """
-        weights = self._folded_weights()
         skip = self.runtime.mode == "skip"
         single = isinstance(inner.shape[0], int) and inner.shape[0] == 1
         # A traced program (torch.export with a dynamic batch) cannot size tensors by a batch's
         # union, so traced batches other than 1 take the dense masked path.
         gather_channels = skip and (single or not torch.compiler.is_compiling())
         channel_index, channel_mask, column_index, column_mask = None, None, None, None
+        channel_full, column_full = None, None
         if channel_logits is not None and gather_channels:
-            channel_index, channel_mask = self._select(channel_logits, self.kept_channels)
+            channel_index, channel_mask, channel_full = self._select(channel_logits, self.kept_channels)
         elif channel_logits is not None:
             channel_mask = top_k_mask(channel_logits, self.kept_channels)
         if column_logits is not None and skip and single:
-            column_index, column_mask = self._select(column_logits, self.kept_columns)
+            column_index, column_mask, column_full = self._select(column_logits, self.kept_columns)
         elif column_logits is not None:
             column_mask = top_k_mask(column_logits, self.kept_columns)
 
@@ -453,12 +607,12 @@ class GatedResidualBlock(nn.Module):
             share *= channel_index.numel() / self.inner_channels
         if column_index is not None:
             share *= column_index.numel() / self.inner_width
-        if not (skip and share <= self.runtime.skip_max_share):
+        if not single and share > self.runtime.skip_max_share:
             # Dense: compute every channel and column, then mask with each image's own selection.
             if channel_index is not None:
-                channel_mask = top_k_mask(channel_logits, self.kept_channels)
+                channel_mask = channel_full
             if column_index is not None:
-                column_mask = top_k_mask(column_logits, self.kept_columns)
+                column_mask = column_full
             channel_index, column_index = None, None
 
         hidden = self._produce_gathered(inner, weights, channel_index, column_index)

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
+    "BATCH_PATHS",
     "GATE_MODES",
     "GATE_NAMES",
     "GATE_PLACEMENTS",
@@ -19,6 +20,8 @@ __all__ = [
 
 GATE_NAMES = ("none", "feature")
 GATE_MODES = ("mask", "skip")
+# How a channel-gated block serves batches above 1 in skip mode (GatedResidualBlock.batch_path).
+BATCH_PATHS = ("mask", "grouped")
 GATE_PLACEMENTS = ("measure", "table", "all")
 
 
@@ -61,22 +64,25 @@ class GateConfig:
             ``keep_ratio_range``, so that every ratio in the range is trained.
         kd_weight: weight of distillation from the ungated subnet during fine-tuning.
         placement: how gates are placed. "measure" times each block on this machine with and
-            without gates and keeps the fastest option that pays. "table" places channel gates
+            without gates and keeps the fastest options that pay (see
+            :func:`nas.gates.timing.choose_gate_options`). "table" places channel gates
             where the profile table predicts a saving and column gates on maps at least
             ``spatial_min_size`` wide. "all" places every enabled gate that drops a feature.
         measure_batch_sizes: batch sizes at which "measure" times blocks; the smallest must show
             the saving.
-        max_slowdown: with "measure", a gate may make the block at most this much slower (share of
-            the ungated latency) at any batch size of ``measure_batch_sizes``.
+        max_slowdown: with "measure", the gated blocks together may be at most this much slower
+            than ungated (share of their ungated latency) at every larger batch size of
+            ``measure_batch_sizes``.
         min_saving: the saving a gate must bring at the low end of ``keep_ratio_range``, as a share
             of the block's latency. With "measure" it is the block's measured latency at the smallest
             batch size. With "table" it is the predicted latency of the producer and consumer.
         step_tolerance: two latencies within this relative difference count as one staircase step.
         spatial_min_size: with "table", column gates are placed only on inner maps at least this many
             pixels wide.
-        skip_max_share: in skip mode a block gathers channels and columns only when the share of its
-            inner-convolution MACs still to run is at most this. Above it, the block masks densely
-            because that is cheaper.
+        skip_max_share: in skip mode at batches above 1 (batch path "mask"), a block gathers the
+            union of the images' selected channels only when the share of its inner-convolution
+            MACs still to run is at most this. Above it, the block masks densely because that is
+            cheaper. A single image always computes only what it keeps.
         seed: seed of the targeted-dropout generator.
     """
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.gates.blocks import BlockLayout, GatedResidualBlock, _batchnorm_tensors, _fold_batchnorm, register_block_layout
+from nas.gates.blocks import BlockLayout, GatedResidualBlock, _fold_batchnorm, register_block_layout
 from nas.supernet.mobilenet import InvertedResidual, SqueezeExcite
 
 __all__ = ["INVERTED_RESIDUAL_LAYOUT", "GatedInvertedResidual"]
@@ -75,11 +75,10 @@ class GatedInvertedResidual(GatedResidualBlock):
                              f"{type(se).__name__}.")
 
     # -- eval paths -----------------------------------------------------------------------------
-    def _fold_sources(self) -> list[torch.Tensor | None]:
+    def _fold_source_modules(self) -> list[nn.Module]:
         depthwise, bn, _ = self._stage_modules(1)
         se = getattr(self, self.layout.squeeze_excite)
-        return [*super()._fold_sources(), depthwise.weight, depthwise.bias, *_batchnorm_tensors(bn),
-                *se.parameters()]
+        return [*super()._fold_source_modules(), depthwise, bn, *se.modules()]
 
     def _fold_weights(self) -> dict[str, torch.Tensor]:
         weights = super()._fold_weights()

@@ -19,13 +19,15 @@ import torch
 from torch import nn
 
 from nas.gates.blocks import BlockLayout, block_layout
-from nas.gates.config import GateConfig, GateConfigError
+from nas.gates.config import BATCH_PATHS, GateConfig, GateConfigError
 from nas.gates.modules import keep_count
 from nas.spaces.layers import LayerSpec
 
 __all__ = [
     "BlockPlan",
     "BlockSite",
+    "MeasuredDecision",
+    "MeasuredPlacement",
     "activation_name",
     "channel_staircase",
     "describe_layers",
@@ -86,9 +88,11 @@ class BlockSite:
                 dataclasses.replace(self.consumer, in_channels=channels))
 
 
-# A measured placement maps a block and its channel steps to (channel gate, column gate, reason,
-# measured latency in ms per gate option and batch size).
-MeasuredPlacement = Callable[[BlockSite, list[int]], tuple[bool, bool, str, dict[str, dict[int, float]]]]
+# A measured placement maps all blocks and their channel steps to one decision per block: (channel
+# gate, column gate, batch path, channel steps, measured latency in ms per kept-channel count,
+# reason, measured latency in ms per gate option and batch size).
+MeasuredDecision = tuple[bool, bool, str, list[int], dict[int, float], str, dict[str, dict[int, float]]]
+MeasuredPlacement = Callable[[Sequence[BlockSite], Sequence[list[int]]], list[MeasuredDecision]]
 
 
 @dataclasses.dataclass
@@ -101,10 +105,14 @@ class BlockPlan:
         spatial: whether a column gate is placed.
         channel_steps: ascending kept-channel counts a request is rounded up to; the last is all channels.
         reason: the decision in words, for logs and reports.
-        latency_ms: predicted latency (ms) of the producer plus consumer per count in ``channel_steps``,
-            from the profile table; empty without one.
+        latency_ms: latency (ms) per kept-channel count: with ``placement: measure``, of the
+            channel-gated block, measured at each count of the default steps (the ungated block at
+            all channels); otherwise of the producer plus consumer per count in ``channel_steps``,
+            predicted from the profile table; empty without either.
         measured_ms: measured block latency (ms) per gate option and batch size with
             ``placement: measure``; empty otherwise.
+        batch_path: how a channel gate serves batches above 1 (``GatedResidualBlock.batch_path``):
+            "mask" or "grouped"; ``placement: measure`` times both.
     """
 
     name: str
@@ -114,6 +122,7 @@ class BlockPlan:
     reason: str
     latency_ms: dict[int, float] = dataclasses.field(default_factory=dict)
     measured_ms: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
+    batch_path: str = "mask"
 
     def snap_channels(self, requested: int) -> int:
         """Round a requested kept-channel count up to the next step top."""
@@ -134,7 +143,8 @@ class BlockPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> BlockPlan:
         names = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
-        missing = sorted(set(names) - set(data))
+        # Records written before batch paths existed lack "batch_path"; those blocks masked.
+        missing = sorted(set(names) - set(data) - {"batch_path"})
         if unknown or missing:
             raise GateConfigError(f"Invalid block plan {dict(data)!r}: unknown keys {unknown}, missing keys {missing}.")
         values = dict(data)
@@ -142,6 +152,8 @@ class BlockPlan:
         values["latency_ms"] = {int(k): float(v) for k, v in values["latency_ms"].items()}
         values["measured_ms"] = {option: {int(b): float(v) for b, v in times.items()}
                                  for option, times in values["measured_ms"].items()}
+        if values.setdefault("batch_path", "mask") not in BATCH_PATHS:
+            raise GateConfigError(f"Invalid block plan {dict(data)!r}: batch_path must be one of {BATCH_PATHS}.")
         return cls(**values)
 
 
@@ -339,7 +351,8 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
 
     Channel counts snap to the table's staircase steps, or to multiples of 8 without profiles.
     Decisions use the low end of ``keep_ratio_range``, the largest saving the gates will be asked
-    for. With ``placement: measure``, ``measure`` times the block and decides. With
+    for. With ``placement: measure``, ``measure`` times every block and decides for all of them
+    together (:func:`nas.gates.timing.choose_gate_options`). With
     ``placement: table``, a channel gate needs a predicted saving of at least ``min_saving`` where
     the table profiles the block, and is placed wherever the low keep ratio drops a channel where it
     does not, with a warning. Column gates are placed on maps at least ``spatial_min_size`` wide,
@@ -354,21 +367,29 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
     if profile_table is None and config.enabled and config.channel and config.placement == "table":
         log.warning("gates: no profile table given, so kept channel counts round up to multiples of %d and "
                     "channel gates are placed without checking that they pay on this device.", DEFAULT_CHANNEL_STEP)
-    plans = []
+    staircases = []
     for site in sites:
         steps, latency = channel_staircase(site, profile_table, config.step_tolerance) if profile_table else ([], {})
-        if not steps:
-            steps = _default_steps(site.inner_channels)
+        staircases.append((steps or _default_steps(site.inner_channels), latency))
+    decisions = None
+    if config.enabled and config.placement == "measure":
+        decisions = measure(sites, [steps for steps, _ in staircases])
+
+    plans = []
+    for index, (site, (steps, latency)) in enumerate(zip(sites, staircases)):
         measured: dict[str, dict[int, float]] = {}
+        batch_path = "mask"
         if not config.enabled:
             channel, spatial, reason = False, False, "gates.name=none"
-        elif config.placement == "measure":
-            channel, spatial, reason, measured = measure(site, steps)
+        elif decisions is not None:
+            channel, spatial, batch_path, measured_steps, measured_latency, reason, measured = decisions[index]
+            if channel:
+                steps, latency = measured_steps, measured_latency
         elif config.placement == "table":
             channel, spatial, reason = _decide_table(site, config, steps, latency, profile_table is not None)
         else:
             channel, spatial, reason = _decide_all(site, config, steps)
-        plan = BlockPlan(site.name, channel, spatial, steps, reason, latency, measured)
+        plan = BlockPlan(site.name, channel, spatial, steps, reason, latency, measured, batch_path)
         log.info("gates: %s: %s", site.name, plan.reason)
         plans.append(plan)
     return plans

@@ -4,7 +4,9 @@ A profile table times convolutions, not the gates' own pooling, top-k and index 
 dominate small blocks at batch 1. Timing the gated block itself includes them. Each option is
 timed with :func:`predictors.profiling.measure_module` (BatchNorm folded, eval mode, median of
 repeats) at every batch size of ``gates.measure_batch_sizes``, in two rounds of alternating order,
-and the smaller of each option's two medians counts.
+and the smaller of each option's two medians counts. :func:`choose_gate_options` then decides for
+all blocks together, so that the network, not each block, keeps within ``max_slowdown`` at the
+larger batch sizes.
 """
 
 from __future__ import annotations
@@ -12,27 +14,38 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
+from tqdm.auto import tqdm
 
 from nas.gates.blocks import GateRuntime, block_layout, gated_block_class
 from nas.gates.config import GateConfig
 from nas.gates.modules import keep_count
-from nas.gates.planning import BlockSite
+from nas.gates.planning import BlockSite, MeasuredDecision, MeasuredPlacement
 from predictors.modules import fold_batchnorm
 from predictors.profiling import MeasurementProtocol, measure_module
 
-__all__ = ["BlockTimer", "GATE_OPTIONS", "choose_gate_option", "make_block_timer", "make_measured_placement"]
+__all__ = [
+    "BlockTimer",
+    "GATE_OPTIONS",
+    "choose_gate_options",
+    "make_block_timer",
+    "make_measured_placement",
+    "measured_steps",
+    "time_channel_counts",
+]
 
 log = logging.getLogger(__name__)
 
-# Gate options a block can take: name -> (channel gate, column gate).
-GATE_OPTIONS: dict[str, tuple[bool, bool]] = {
-    "none": (False, False),
-    "channel": (True, False),
-    "column": (False, True),
-    "channel+column": (True, True),
+# Gate options a block can take: name -> (channel gate, column gate, path of batches above 1).
+# "channel" and "channel/grouped" differ only at batches above 1 (GatedResidualBlock._forward_channels).
+GATE_OPTIONS: dict[str, tuple[bool, bool, str]] = {
+    "none": (False, False, "mask"),
+    "channel": (True, False, "mask"),
+    "channel/grouped": (True, False, "grouped"),
+    "column": (False, True, "mask"),
+    "channel+column": (True, True, "mask"),
 }
 
 # A block timer maps a block and its channel steps to {option: {batch size: latency ms}}.
@@ -40,9 +53,11 @@ BlockTimer = Callable[[nn.Module, BlockSite, list[int]], dict[str, dict[int, flo
 
 
 def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateConfig, steps: list[int],
-                   skip_max_share: float) -> nn.Module:
+                   skip_max_share: float, channels: int | None = None) -> nn.Module:
+    """Return a folded eval copy of ``block`` with ``option``'s gates, keeping ``channels`` (default:
+    the low end of ``keep_ratio_range``, snapped up to ``steps``)."""
     module = copy.deepcopy(block).eval()
-    channel, spatial = GATE_OPTIONS[option]
+    channel, spatial, batch_path = GATE_OPTIONS[option]
     gated_class = gated_block_class(block)
     # fold_batchnorm folds only conv<suffix>/bn<suffix> pairs, so blocks named otherwise (MobileNetV3's
     # conv_pw, bn1) are timed as gated blocks without gates, which fold BatchNorm themselves.
@@ -52,8 +67,10 @@ def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateC
                              runtime).eval()
         low = config.keep_ratio_range[0]
         requested = keep_count(low, site.inner_channels)
-        channels = min((s for s in steps if s >= requested), default=site.inner_channels)
+        if channels is None:
+            channels = min((s for s in steps if s >= requested), default=site.inner_channels)
         module.set_keep(channels, keep_count(low, site.inner_size))
+        module.batch_path = batch_path
     fold_batchnorm(module)
     return module
 
@@ -67,8 +84,10 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
     ``protocol`` sets device, threads, dtype, warm-up and repeats; its batch size is replaced by
     each of ``config.measure_batch_sizes``.
     """
-    options = [name for name, (channel, spatial) in GATE_OPTIONS.items()
-               if (not channel or config.channel) and (not spatial or config.spatial)]
+    # Batch paths differ only above batch 1, so without a larger batch size only the mask path is timed.
+    options = [name for name, (channel, spatial, batch_path) in GATE_OPTIONS.items()
+               if (not channel or config.channel) and (not spatial or config.spatial)
+               and (batch_path == "mask" or max(config.measure_batch_sizes) > 1)]
 
     def time_block(block: nn.Module, site: BlockSite, steps: list[int]) -> dict[str, dict[int, float]]:
         shape = (site.in_channels, site.in_size, site.in_size)
@@ -78,7 +97,7 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
         channels = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
         drops = {"channel": channels < site.inner_channels, "column": keep_count(low, site.inner_size) < site.inner_size}
         available = [name for name in options
-                     if name == "none" or all(drops[part] for part in name.split("+"))]
+                     if name == "none" or all(drops[part] for part in name.split("/")[0].split("+"))]
         latency: dict[str, dict[int, float]] = {name: {} for name in available}
         smallest = min(config.measure_batch_sizes)
         for batch_size in config.measure_batch_sizes:
@@ -88,56 +107,160 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
             share = config.skip_max_share if batch_size == smallest else 0.0
             modules = {name: _option_module(block, site, name, config, steps, share) for name in available}
             batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
-            for order in (available, available[::-1]):
+            # At batch 1 the batch path is unused, so options that differ only in it share one timing.
+            timed = [name for name in available if batch_size > 1 or not name.endswith("/grouped")]
+            for order in (timed, timed[::-1]):
                 for name in order:
                     median = measure_module(modules[name], shape, batch_protocol, record_operators=False).median_ms
                     latency[name][batch_size] = min(median, latency[name].get(batch_size, float("inf")))
+            for name in set(available) - set(timed):
+                latency[name][batch_size] = latency[name.split("/")[0]][batch_size]
         return latency
 
     return time_block
 
 
-def choose_gate_option(latency: dict[str, dict[int, float]], config: GateConfig) -> tuple[str, str]:
-    """Return the fastest gate option that pays, and the decision in words.
+def _summary(latency: Mapping[str, Mapping[int, float]]) -> str:
+    batches = "/".join(str(b) for b in sorted(latency["none"]))
+    times = ", ".join(f"{name} " + "/".join(f"{t[b]:.3f}" for b in sorted(t)) for name, t in latency.items())
+    return f"ms at batch {batches}: {times}"
 
-    An option pays when, at the smallest batch size, it is at least ``min_saving`` faster than the
-    ungated block, and at every batch size at most ``max_slowdown`` slower.
+
+def time_channel_counts(block: nn.Module, site: BlockSite, counts: list[int], config: GateConfig,
+                        protocol: MeasurementProtocol) -> dict[int, float]:
+    """Return the block's latency (ms) at the smallest measure batch size per kept-channel count.
+
+    Counts below the block's channels run its channel gate; the full count runs the ungated block,
+    because a gate that keeps everything is not run. Two rounds in alternating order, the smaller
+    median counts.
     """
-    base = latency["none"]
-    smallest = min(base)
-    paying = []
-    for name, times in latency.items():
-        if name == "none":
-            continue
-        saves = times[smallest] <= base[smallest] * (1.0 - config.min_saving)
-        bounded = all(times[b] <= base[b] * (1.0 + config.max_slowdown) for b in base)
-        if saves and bounded:
-            paying.append(name)
-
-    summary = ", ".join(
-        f"{name} " + "/".join(f"{times[b]:.3f}" for b in sorted(times)) for name, times in latency.items()
-    )
-    batches = "/".join(str(b) for b in sorted(base))
-    if not paying:
-        return "none", f"no gate pays: measured ms at batch {batches}: {summary}"
-    best = min(paying, key=lambda name: latency[name][smallest])
-    return best, f"measured {best} pays: ms at batch {batches}: {summary}"
+    batch_size = min(config.measure_batch_sizes)
+    batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
+    shape = (site.in_channels, site.in_size, site.in_size)
+    modules = {count: _option_module(block, site, "channel" if count < site.inner_channels else "none", config,
+                                     counts, config.skip_max_share, channels=count) for count in counts}
+    latency: dict[int, float] = {}
+    for order in (counts, counts[::-1]):
+        for count in order:
+            median = measure_module(modules[count], shape, batch_protocol, record_operators=False).median_ms
+            latency[count] = min(median, latency.get(count, float("inf")))
+    return latency
 
 
-def make_measured_placement(model: nn.Module, config: GateConfig,
-                            protocol: MeasurementProtocol) -> Callable[[BlockSite, list[int]], tuple[bool, bool, str,
-                                                                                                        dict]]:
+def measured_steps(latency: Mapping[int, float], tolerance: float) -> list[int]:
+    """Return the kept-channel counts worth keeping from measured latency per count (the largest is all channels).
+
+    A count is a step top when every larger count is more than ``tolerance`` (relative) slower:
+    channels that cost nothing extra are kept, and a gated count that is no faster than keeping
+    more, or than the ungated block, is rounded up past it.
+    """
+    counts = sorted(latency)
+    steps = [c for i, c in enumerate(counts)
+             if all(latency[larger] > latency[c] * (1.0 + tolerance) for larger in counts[i + 1 :])]
+    return steps
+
+
+def choose_gate_options(latencies: Mapping[str, Mapping[str, Mapping[int, float]]],
+                        config: GateConfig) -> dict[str, tuple[str, str]]:
+    """Choose a gate option per block from measured latencies; return ``{block: (option, reason)}``.
+
+    ``latencies`` maps each block to ``{option: {batch size: ms}}`` with a "none" entry. An option
+    pays on its block when it is at least ``min_saving`` faster than "none" at the smallest batch
+    size. At every larger batch size the gated blocks together may be at most ``max_slowdown``
+    slower than ungated, a budget shared by all blocks: a gate that saves at large batches (such
+    as "channel/grouped" on a wide map) makes room for gates that cost a little there.
+
+    The choice starts from "none" everywhere and makes one change at a time while the budget
+    holds: first changes that save time at the smallest batch size without costing any at the
+    larger ones (the largest saving first), then those that only save at the larger ones, then
+    the change with the most saving per share of budget it uses. It stops when no change helps.
+    """
+    if not latencies:
+        return {}
+    batches = sorted(next(iter(latencies.values()))["none"])
+    smallest, larger = batches[0], batches[1:]
+    ungated = {b: sum(latency["none"][b] for latency in latencies.values()) for b in larger}
+    paying = {
+        block: [name for name, times in latency.items()
+                if name != "none" and times[smallest] <= latency["none"][smallest] * (1.0 - config.min_saving)]
+        for block, latency in latencies.items()
+    }
+    choice = {block: "none" for block in latencies}
+    extra = {b: 0.0 for b in larger}  # chosen minus ungated latency of all blocks, ms
+    while True:
+        best: tuple[tuple[float, ...], str, str] | None = None
+        for block, options in paying.items():
+            current = latencies[block][choice[block]]
+            for option in options:
+                times = latencies[block][option]
+                gain = current[smallest] - times[smallest]
+                delta = {b: times[b] - current[b] for b in larger}
+                cost = sum(delta[b] / ungated[b] for b in larger)
+                if gain < 0 or (gain == 0 and cost >= 0):
+                    continue
+                if any(extra[b] + delta[b] > config.max_slowdown * ungated[b] for b in larger):
+                    continue
+                rank = (0.0, -gain, cost) if cost <= 0 else (1.0, -gain / cost, 0.0)
+                if best is None or rank < best[0]:
+                    best = (rank, block, option)
+        if best is None:
+            break
+        _, block, option = best
+        for b in larger:
+            extra[b] += latencies[block][option][b] - latencies[block][choice[block]][b]
+        choice[block] = option
+
+    decisions = {}
+    for block, option in choice.items():
+        summary = _summary(latencies[block])
+        if option != "none":
+            reason = f"measured {option} pays: {summary}"
+        elif paying[block]:
+            reason = (f"no gate: {', '.join(paying[block])} saves at batch {smallest}, but would take the gated "
+                      f"blocks past max_slowdown {config.max_slowdown:.0%} at a larger batch: {summary}")
+        else:
+            reason = f"no gate pays: measured {summary}"
+        decisions[block] = (option, reason)
+    for b in larger:
+        log.info("gates: gateable blocks at batch %d: %.3f ms gated against %.3f ms ungated (%+.1f%%, budget %+.1f%%)",
+                 b, ungated[b] + extra[b], ungated[b], 100 * extra[b] / ungated[b], 100 * config.max_slowdown)
+    return decisions
+
+
+def make_measured_placement(model: nn.Module, config: GateConfig, protocol: MeasurementProtocol) -> MeasuredPlacement:
     """Return a placement function for :func:`nas.gates.planning.plan_blocks` that times blocks of ``model``.
 
-    The function maps a block site and its channel steps to (channel gate, column gate, reason,
-    measured ms per option and batch size).
+    The function times every block's options, decides with :func:`choose_gate_options`, times
+    each channel-gated block at every kept-channel count of its steps (:func:`time_channel_counts`)
+    and returns per block (channel gate, column gate, batch path, channel steps from
+    :func:`measured_steps`, measured ms per count, reason, measured ms per option and batch size).
     """
     timer = make_block_timer(config, protocol)
 
-    def place(site: BlockSite, steps: list[int]) -> tuple[bool, bool, str, dict]:
-        latency = timer(model.get_submodule(site.name), site, steps)
-        option, reason = choose_gate_option(latency, config)
-        channel, spatial = GATE_OPTIONS[option]
-        return channel, spatial, reason, latency
+    def place(sites: Sequence[BlockSite], steps: Sequence[list[int]]) -> list[MeasuredDecision]:
+        latencies = {}
+        for site, site_steps in zip(tqdm(sites, desc="timing gate options", unit="block", leave=False), steps):
+            latencies[site.name] = timer(model.get_submodule(site.name), site, site_steps)
+        decisions = choose_gate_options(latencies, config)
+        result = []
+        for site, site_steps in zip(sites, steps):
+            option, reason = decisions[site.name]
+            channel, spatial, batch_path = GATE_OPTIONS[option]
+            count_ms: dict[int, float] = {}
+            if channel:
+                # Gathering most of a block's weights can cost more than the channels it skips, so
+                # kept counts snap to the measured steps, not to the default multiples.
+                count_ms = time_channel_counts(model.get_submodule(site.name), site, site_steps, config, protocol)
+                site_steps = measured_steps(count_ms, config.step_tolerance)
+                counts = ", ".join(f"{count}: {ms:.3f}" for count, ms in sorted(count_ms.items()))
+                if site_steps == [site.inner_channels]:
+                    channel, batch_path = False, "mask"
+                    reason = (f"no channel gate: no kept count was measured faster than keeping more "
+                              f"(ms per count at batch {min(config.measure_batch_sizes)}: {counts}); {reason}")
+                else:
+                    reason += (f"; kept channels snap to measured steps {'/'.join(map(str, site_steps))} "
+                               f"(ms per count at batch {min(config.measure_batch_sizes)}: {counts})")
+            result.append((channel, spatial, batch_path, list(site_steps), count_ms, reason, latencies[site.name]))
+        return result
 
     return place
