@@ -19,6 +19,9 @@ ratio (``calibrate_keep_ratios``, on the grid of ``calibration_ratios`` plus the
 
 ``baseline`` is the ungated subnet, and ``static`` lists subnets of the space, trained from scratch
 for as many epochs as the gated one had in total, whose batch-1 latency falls in the sweep's range.
+``targets`` checks the goals (:func:`evaluate_targets`): per keep ratio the MACs and batch-1
+latency cuts and a paired test of accuracy against the ungated subnet, and the share of the gated
+curve that is at least as accurate as the static subnets.
 Writes ``gates_accuracy_latency.png`` (accuracy against batch-1 latency) and ``gates.json`` to
 ``--out``. Latencies are only as quiet as the machine: run it alone.
 """
@@ -79,8 +82,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=json.loads, default=DEFAULT_ARCH, help="subnet to gate, as arch JSON")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of the ungated subnet")
-    parser.add_argument("--finetune-epochs", type=int, default=4, help="fine-tuning epochs of the gated subnet")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4],
+    parser.add_argument("--finetune-epochs", type=int, default=8, help="fine-tuning epochs of the gated subnet")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25],
                         help="keep ratios to sweep, inside gates.keep_ratio_range")
     parser.add_argument("--keep-ratio", type=float, default=None, help="gates.keep_ratio (default: feature.yaml)")
     parser.add_argument("--placement", default="measure", help="gates.placement: measure, table or all")
@@ -91,7 +94,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--static", type=int, default=3, help="static subnets to train for comparison")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency at batch 1 (a third at 32)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the fastest median counts")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the fastest median counts")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, weights and sampling")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/gates"), help="output folder")
@@ -112,14 +115,22 @@ def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, f
 
 
 @torch.no_grad()
-def count_correct(model: nn.Module, loader: DataLoader) -> tuple[int, int]:
-    """Return (correct, total) predictions of ``model`` in eval mode over ``loader``."""
+def correct_predictions(model: nn.Module, loader: DataLoader) -> np.ndarray:
+    """Return whether ``model`` in eval mode classifies each image of ``loader`` correctly, in loader order."""
     model.eval()
-    correct = total = 0
-    for x, y in loader:
-        correct += int((model(x).argmax(dim=1) == y).sum())
-        total += len(y)
-    return correct, total
+    return np.concatenate([(model(x).argmax(dim=1) == y).numpy() for x, y in loader])
+
+
+def mcnemar_p_worse(reference: np.ndarray, other: np.ndarray) -> float:
+    """Return the one-sided exact McNemar p-value that ``other`` is less accurate than ``reference``.
+
+    Both are per-image correctness on the same test images. Of the images that exactly one model
+    gets right, under equal accuracy each is ``reference``'s with probability 1/2; the p-value is
+    the chance of at least as many of them being ``reference``'s as observed.
+    """
+    only_reference = int(np.sum(reference & ~other))
+    discordant = only_reference + int(np.sum(~reference & other))
+    return sum(math.comb(discordant, k) for k in range(only_reference, discordant + 1)) / 2**discordant
 
 
 def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, threads: int,
@@ -148,28 +159,62 @@ def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int], 
     return latency
 
 
-def describe_quality(model: nn.Module, loader: DataLoader, images: torch.Tensor) -> dict[str, Any]:
-    """Return test accuracy with its 95% Wilson interval and the MACs per image run at batch 1."""
-    correct, total = count_correct(model, loader)
+def describe_quality(model: nn.Module, loader: DataLoader, images: torch.Tensor) -> tuple[dict[str, Any], np.ndarray]:
+    """Return test accuracy with its 95% Wilson interval and the MACs per image run at batch 1,
+    and the per-image correctness."""
+    hits = correct_predictions(model, loader)
+    correct, total = int(hits.sum()), len(hits)
     low, high = wilson_interval(correct, total)
     macs = [executed_macs(model, images[i : i + 1]) for i in range(len(images))]
     return {"accuracy": correct / total, "accuracy_low": low, "accuracy_high": high, "test_images": total,
-            "macs": int(round(float(np.mean(macs))))}
+            "macs": int(round(float(np.mean(macs))))}, hits
 
 
-def sweep_keep_ratios(network: GatedNetwork, loader: DataLoader, ratios: Sequence[float],
-                      images: torch.Tensor) -> tuple[list[dict[str, Any]], dict[str, nn.Module]]:
-    """Return accuracy and MACs of ``network`` in skip mode per keep ratio, and a copy set to each ratio."""
+def sweep_keep_ratios(network: GatedNetwork, loader: DataLoader, ratios: Sequence[float], images: torch.Tensor
+                      ) -> tuple[list[dict[str, Any]], dict[str, nn.Module], list[np.ndarray]]:
+    """Return accuracy and MACs of ``network`` in skip mode per keep ratio, a copy set to each ratio,
+    and the per-image correctness at each ratio."""
     original = network.keep_ratio
     network.set_mode("skip")
-    points, copies = [], {}
+    points, copies, hits = [], {}, []
     for ratio in ratios:
         network.set_keep_ratio(ratio)
-        points.append({"keep_ratio": ratio, **describe_quality(network, loader, images)})
+        quality, ratio_hits = describe_quality(network, loader, images)
+        points.append({"keep_ratio": ratio, **quality})
+        hits.append(ratio_hits)
         copies[f"gated@{ratio}"] = copy.deepcopy(network)
         log.info("keep ratio %.2f: %s", ratio, points[-1])
     network.set_keep_ratio(original)
-    return points, copies
+    return points, copies, hits
+
+
+def evaluate_targets(points: list[dict[str, Any]], hits: list[np.ndarray], baseline: dict[str, Any],
+                     baseline_hits: np.ndarray, static: list[dict[str, Any]]) -> dict[str, Any]:
+    """Check the gates' targets on the sweep; return per-point cuts and tests, and the curve comparison.
+
+    Per keep ratio: ``macs_cut`` and ``latency_b1_cut`` against the ungated subnet, and the
+    one-sided McNemar p-value that the gated network is less accurate (``p_worse``; below 0.05 is
+    significantly worse). A point meets the targets with a MACs cut of at least 40%, a batch-1
+    latency cut of at least 20% and ``p_worse`` of at least 0.05. ``static_share`` is the share of
+    the gated curve's batch-1 latency range (accuracy interpolated linearly between points) where
+    the gated network is at least as accurate as the best static subnet of equal or lower latency.
+    """
+    checks = []
+    for point, point_hits in zip(points, hits):
+        check = {"keep_ratio": point["keep_ratio"],
+                 "macs_cut": 1.0 - point["macs"] / baseline["macs"],
+                 "latency_b1_cut": 1.0 - point["latency_b1_ms"] / baseline["latency_b1_ms"],
+                 "p_worse": mcnemar_p_worse(baseline_hits, point_hits)}
+        check["meets"] = check["macs_cut"] >= 0.4 and check["latency_b1_cut"] >= 0.2 and check["p_worse"] >= 0.05
+        checks.append(check)
+
+    curve = sorted((p["latency_b1_ms"], p["accuracy"]) for p in points)
+    grid = np.linspace(curve[0][0], curve[-1][0], 201)
+    gated = np.interp(grid, [c[0] for c in curve], [c[1] for c in curve])
+    best_static = np.array([max((s["accuracy"] for s in static if s["latency_b1_ms"] <= t), default=-1.0)
+                            for t in grid])
+    return {"points": checks, "meeting": [c["keep_ratio"] for c in checks if c["meets"]],
+            "static_share": float(np.mean(gated >= best_static))}
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -288,7 +333,7 @@ def train_static(space: SearchSpace, loader: DataLoader, test_loader: DataLoader
         torch.manual_seed(args.seed)
         model = space.build_supernet().build_static(arch)
         train_epochs(model, loader, args.epochs + args.finetune_epochs, args.lr)
-        points.append({"arch": arch.to_dict(), **describe_quality(model, test_loader, images)})
+        points.append({"arch": arch.to_dict(), **describe_quality(model, test_loader, images)[0]})
         models[f"static{index}"] = model
         log.info("static %s: %s", arch.to_json(), points[-1])
     return points, models
@@ -349,11 +394,12 @@ def main() -> None:
     subnet = space.build_supernet().build_static(arch)
     train_epochs(subnet, loader, args.epochs, args.lr)
     images = next(iter(test_loader))[0][:MACS_IMAGES]
-    baseline = {"arch": arch.to_dict(), **describe_quality(subnet, test_loader, images)}
+    quality, baseline_hits = describe_quality(subnet, test_loader, images)
+    baseline = {"arch": arch.to_dict(), **quality}
     log.info("ungated: %s", baseline)
 
     network = build_gated(subnet, input_shape, loader, args)
-    points, models = sweep_keep_ratios(network, test_loader, args.ratios, images)
+    points, models, hits = sweep_keep_ratios(network, test_loader, args.ratios, images)
     models["baseline"] = subnet
     first = measure_latencies(models, input_shape, 1, args)
     static, static_models = train_static(space, loader, test_loader, 0.8 * min(first.values()),
@@ -372,6 +418,7 @@ def main() -> None:
         "points": points,
         "baseline": baseline,
         "static": static,
+        "targets": evaluate_targets(points, hits, baseline, baseline_hits, static),
         "gates": network.describe(),
         "threads": args.threads,
         "rounds": args.rounds,
@@ -380,7 +427,7 @@ def main() -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(result, args.out / "gates.json")
-    summary = {key: result[key] for key in ("points", "baseline", "static", "threads", "seconds")}
+    summary = {key: result[key] for key in ("points", "baseline", "static", "targets", "threads", "seconds")}
     summary["gated_blocks"] = {p["name"]: [p["channel"], p["spatial"]] for p in result["gates"]["blocks"]}
     print(json.dumps(summary, separators=(",", ":")))
 

@@ -41,7 +41,7 @@ from nas.gates.blocks import block_layout
 from nas.gates.budget import choose_keep_ratio, predict_latency_ms
 from nas.gates.modules import straight_through, targeted_dropout_mask
 from nas.gates.planning import channel_staircase, plan_blocks
-from nas.gates.timing import choose_gate_options, measured_steps
+from nas.gates.timing import choose_gate_options, grouped_limit, measured_steps, time_channel_counts
 from nas.spaces.layers import LayerSpec
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
@@ -96,8 +96,8 @@ def test_feature_yaml_parses_with_defaults():
     node = OmegaConf.merge(OmegaConf.create({"seed": 3}), {"gates": OmegaConf.load(ROOT / "conf/gates/feature.yaml")})
     config = parse_gate_config(OmegaConf.to_container(node.gates, resolve=True))
     assert config.name == "feature"
-    assert config.keep_ratio == 0.6
-    assert config.keep_ratio_range == (0.4, 1.0)
+    assert config.keep_ratio == 0.4
+    assert config.keep_ratio_range == (0.25, 1.0)
     assert config.latency_budget_ms is None
     assert config.seed == 3
     assert config.targeted_dropout.rate == 0.5
@@ -230,7 +230,7 @@ def test_skip_matches_mask(block_cls, cin, mid, cout, stride, width, channel, sp
 def test_grouped_batch_path_matches_mask_and_counts_each_image(block_cls, cin, mid, cout, stride, width):
     runtime = GateRuntime()
     gated = _gated_block(block_cls(cin, mid, cout, stride), cin, width, channel=True, spatial=False, runtime=runtime)
-    gated.batch_path = "grouped"
+    gated.grouped_max_channels = gated.inner_channels
     gated.set_keep(max(1, gated.inner_channels // 2), gated.inner_width)
     x = torch.randn(4, cin, width, width, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
@@ -241,15 +241,15 @@ def test_grouped_batch_path_matches_mask_and_counts_each_image(block_cls, cin, m
     torch.testing.assert_close(grouped, masked, atol=1e-5, rtol=1e-5)
     # Each image runs only its own kept channels, so the batch costs four single images.
     assert executed_macs(gated, x) == 4 * executed_macs(gated, x[:1])
-    gated.batch_path = "mask"
+    gated.grouped_max_channels = gated.kept_channels - 1  # keeps more than the limit: masks
     runtime.skip_max_share = 0.0
     assert executed_macs(gated, x) > 4 * executed_macs(gated, x[:1])
 
 
-def test_batch_path_rejects_unknown_value():
+def test_grouped_limit_rejects_invalid_value():
     gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 12, spatial=False)
-    with pytest.raises(ValueError, match="batch_path must be one of"):
-        gated.batch_path = "loop"
+    with pytest.raises(ValueError, match="grouped_max_channels must be an integer in"):
+        gated.grouped_max_channels = 17
 
 
 @pytest.mark.parametrize("change", ["assign_state", "replace_module"])
@@ -399,7 +399,7 @@ def test_set_keep_ratio_across_range(subnet):
                 assert columns >= previous[name][1]
         previous = counts
     assert all(b.keeps_all for b in network.gated_blocks().values())
-    for ratio in (0.3, 1.01, float("nan")):
+    for ratio in (0.2, 1.01, float("nan")):
         with pytest.raises(GateConfigError, match="outside gates.keep_ratio_range"):
             network.set_keep_ratio(ratio)
 
@@ -445,13 +445,13 @@ def test_export_matches_eager(subnet, dynamic_batch):
 # -- planning from profiles ------------------------------------------------------------------------
 
 
-def test_block_plan_from_older_record_masks_batches():
+def test_block_plan_from_older_record_never_groups():
     plan = BlockPlan("layer1.0", True, False, [8, 16], "test")
     data = plan.to_dict()
-    del data["batch_path"]
-    assert BlockPlan.from_dict(data).batch_path == "mask"
-    with pytest.raises(GateConfigError, match="batch_path must be one of"):
-        BlockPlan.from_dict({**data, "batch_path": "loop"})
+    del data["grouped_max_channels"]
+    assert BlockPlan.from_dict(data).grouped_max_channels == 0
+    with pytest.raises(GateConfigError, match="grouped_max_channels must be"):
+        BlockPlan.from_dict({**data, "grouped_max_channels": -1})
 
 
 def test_describe_layers_matches_space(resnet_space):
@@ -498,7 +498,7 @@ def test_plan_skips_flat_staircase(subnet, caplog):
 
 def test_plan_skips_small_saving(subnet):
     sites = find_block_sites(subnet, (1, 28, 28))
-    config = parse_gate_config({**TABLE, "min_saving": 0.4})
+    config = parse_gate_config({**TABLE, "min_saving": 0.4, "keep_ratio": 0.6, "keep_ratio_range": [0.4, 1.0]})
     plans = {plan.name: plan for plan in plan_blocks(sites, config, _staircase_table(subnet, step=8))}
     assert plans["layer1.0"].channel  # 8 of 16 channels: 50% predicted saving
     assert not plans["layer2.0"].channel  # 16 of 24 channels: 33% predicted saving
@@ -519,7 +519,7 @@ def test_latency_budget_picks_largest_fitting_ratio(subnet):
     config = parse_gate_config(TABLE)
     plans = plan_blocks(sites, config, table)
     full = predict_latency_ms(layers, sites, plans, 1.0, table)
-    low = predict_latency_ms(layers, sites, plans, 0.4, table)
+    low = predict_latency_ms(layers, sites, plans, config.keep_ratio_range[0], table)
     assert low < full
     budget = (low + full) / 2
     ratio = choose_keep_ratio(layers, sites, plans, parse_gate_config({"name": "feature", "latency_budget_ms": budget}),
@@ -549,9 +549,9 @@ def test_choose_gate_options_hand_made():
     assert choose_gate_options({"a": {**latency, "channel": {1: 0.80, 32: 10.6}}}, config)["a"][0] == "none"
 
     # A second block that gets faster at batch 32 leaves room in the shared budget for column on the first.
-    grouped = {"none": {1: 2.0, 32: 20.0}, "channel/grouped": {1: 1.5, 32: 15.0}}
-    decisions = choose_gate_options({"a": latency, "b": grouped}, config)
-    assert decisions["a"][0] == "column" and decisions["b"][0] == "channel/grouped"
+    faster = {"none": {1: 2.0, 32: 20.0}, "channel": {1: 1.5, 32: 15.0}}
+    decisions = choose_gate_options({"a": latency, "b": faster}, config)
+    assert decisions["a"][0] == "column" and decisions["b"][0] == "channel"
 
     # The shared budget is 1.5 ms at batch 32: b's gate alone (+1.6 ms) is over it, a's column (+1.0) is not.
     slow = {"none": {1: 2.0, 32: 20.0}, "channel": {1: 1.0, 32: 21.6}}
@@ -559,6 +559,11 @@ def test_choose_gate_options_hand_made():
     assert decisions["a"][0] == "column" and decisions["b"][0] == "none"
     assert "past max_slowdown 5%" in decisions["b"][1]
     assert decisions == choose_gate_options({"b": slow, "a": latency}, config)
+
+
+def test_grouped_limit_hand_made():
+    assert grouped_limit({8: 1.0, 16: 2.0, 24: 3.5, 32: 2.5}, 3.0) == 16  # stops at the first slower count
+    assert grouped_limit({8: 4.0}, 3.0) == 0
 
 
 def test_measured_steps_hand_made():
@@ -580,6 +585,19 @@ def test_measured_placement_records_times(subnet, caplog):
         if plan.channel:  # counts were timed, and the steps are the measured ones
             assert plan.channel_steps == measured_steps(plan.latency_ms, 0.05)
     assert "ms at batch 1:" in caplog.text
+
+
+def test_grouped_limit_timed_and_rebuilt(subnet):
+    config = parse_gate_config({**ALL, "spatial": False})
+    site = find_block_sites(subnet, (1, 28, 28))[0]  # layer1.0: 16 channels
+    protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
+    times = time_channel_counts(subnet.get_submodule(site.name), site, [8, 16], config, protocol, 4, grouped=True)
+    assert set(times) == {8, 16} and all(ms > 0 for ms in times.values())
+    record = apply_gates(subnet, {**ALL, "spatial": False}).describe()
+    record["blocks"][0]["grouped_max_channels"] = 8
+    rebuilt = apply_gates(subnet, {**ALL, "spatial": False}, plan=record)
+    assert rebuilt.gated_blocks()[site.name].grouped_max_channels == 8
+    assert rebuilt.describe()["blocks"][0]["grouped_max_channels"] == 8
 
 
 def test_measured_placement_skips_gates_that_keep_all(subnet):
@@ -667,7 +685,7 @@ def test_keep_ratio_schedule_in_trainer(subnet):
     module = _TinyModule(network)
     _fit_on_random_images(module, images=16, epochs=2, callbacks=[KeepRatioSchedule.from_config(config)])
     assert module.seen[:4] == pytest.approx([1.0, 0.875, 0.75, 0.625])
-    assert all(0.4 <= ratio <= 1.0 for ratio in module.seen[4:])
+    assert all(0.25 <= ratio <= 1.0 for ratio in module.seen[4:])
     assert len(set(module.seen[4:])) == 4
     assert network.keep_ratio == 0.5
 

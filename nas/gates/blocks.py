@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.gates.config import BATCH_PATHS
 from nas.gates.modules import (
     ChannelGate,
     ColumnGate,
@@ -206,11 +205,14 @@ class GatedResidualBlock(nn.Module):
         self.kept_columns = self.inner_width
         # The channel-only eval path needs the producer right before the consumer, with nothing between.
         self._channel_path = layout.producer == len(layout.stages) - 2 and layout.squeeze_excite is None
-        self._batch_path = "mask"
+        # Batches above 1 keeping at most this many channels per image take the grouped path.
+        self._grouped_max_channels = 0
         # Cache of BatchNorm-folded weights: the source tensors and their versions when folded.
         self._fold_refs: list[torch.Tensor] | None = None
-        self._folded_key: tuple[int, ...] = ()
+        self._folded_key: list[int] = []
         self._folded: dict[Any, Any] = {}
+        # The last plan of _forward_channels: (input area, kept channels, plan).
+        self._plan: tuple[int, int, tuple[Any, ...]] | None = None
 
     # -- construction ---------------------------------------------------------------------------
     def _adopt_children(self, block: nn.Module) -> None:
@@ -256,15 +258,19 @@ class GatedResidualBlock(nn.Module):
             raise ValueError(f"The consumer convolution must have stride 1, but got {consumer}.")
 
     @property
-    def batch_path(self) -> str:
-        """How a channel gate serves batches above 1 in skip mode: "mask" or "grouped" (see :meth:`_forward_channels`)."""
-        return self._batch_path
+    def grouped_max_channels(self) -> int:
+        """Largest kept-channel count at which batches above 1 take the grouped path (0: never).
 
-    @batch_path.setter
-    def batch_path(self, value: str) -> None:
-        if value not in BATCH_PATHS:
-            raise ValueError(f"batch_path must be one of {BATCH_PATHS}, but got {value!r}.")
-        self._batch_path = value
+        See :meth:`_forward_channels`. ``placement: measure`` sets it where the grouped path was
+        measured faster than the masked one.
+        """
+        return self._grouped_max_channels
+
+    @grouped_max_channels.setter
+    def grouped_max_channels(self, value: int) -> None:
+        if not isinstance(value, int) or not 0 <= value <= self.inner_channels:
+            raise ValueError(f"grouped_max_channels must be an integer in [0, {self.inner_channels}], but got {value!r}.")
+        self._grouped_max_channels = value
 
     @property
     def gated(self) -> bool:
@@ -288,7 +294,11 @@ class GatedResidualBlock(nn.Module):
         return self.kept_channels == self.inner_channels and self.kept_columns == self.inner_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training and self._channel_path_applies():
+        # The lean path applies in eval skip mode without column selection, outside tracing. The test
+        # is inline because a method call costs measurable time on this path.
+        if (not self.training and self._channel_path and self.runtime.mode == "skip"
+                and (self.column_gate is None or self.kept_columns == self.inner_width)
+                and not torch.compiler.is_compiling()):
             return self._forward_channels(x)
         shortcut = self._shortcut(x)
         weights = None if self.training else self._folded_weights()
@@ -312,15 +322,6 @@ class GatedResidualBlock(nn.Module):
         return inner
 
     # -- channel-only eval path ----------------------------------------------------------------
-    def _channel_path_applies(self) -> bool:
-        """Whether the eval forward takes :meth:`_forward_channels`: skip mode, no column selection, eager."""
-        return (
-            self._channel_path
-            and self.runtime.mode == "skip"
-            and not torch.compiler.is_compiling()
-            and (self.column_gate is None or self.kept_columns == self.inner_width)
-        )
-
     def _forward_channels(self, x: torch.Tensor) -> torch.Tensor:
         """Eval forward with channel selection only, in as few tensor operations as possible.
 
@@ -332,9 +333,9 @@ class GatedResidualBlock(nn.Module):
 
         * 1: the producer computes only the kept channels (gathered rows of its weights), and the
           consumer reads only those (gathered columns of its weights);
-        * more, ``batch_path == "grouped"``: the same per image, as one grouped convolution with
-          the batch as groups and each image's gathered weights as its group's filters;
-        * more, ``batch_path == "mask"``: the union of the batch's selections is gathered when at
+        * more, keeping at most :attr:`grouped_max_channels`: the same per image, as one grouped
+          convolution with the batch as groups and each image's gathered weights as its group's filters;
+        * more, otherwise: the union of the batch's selections is gathered when at
           most ``skip_max_share`` of the channels remain, otherwise all are computed; each image's
           dropped channels are then zeroed.
 
@@ -354,7 +355,7 @@ class GatedResidualBlock(nn.Module):
                 counter[0] += self.channel_gate.macs * batch
             if batch == 1:
                 index = logits.view(-1).topk(kept, sorted=False).indices
-            elif self.batch_path == "grouped":
+            elif kept <= self._grouped_max_channels:
                 index = logits.topk(kept, dim=1, sorted=False).indices.reshape(-1)
                 groups = batch
                 inner = inner.reshape(1, batch * inner.shape[1], inner.shape[2], inner.shape[3])
@@ -390,6 +391,11 @@ class GatedResidualBlock(nn.Module):
 
     def _channel_plan(self, area: int) -> tuple[Any, ...]:
         """Return what :meth:`_forward_channels` needs for inputs of ``area`` pixels, cached with the folded weights."""
+        # The same check as _folded_weights, inline: this runs on every call.
+        last, refs = self._plan, self._fold_refs
+        if (last is not None and last[0] == area and last[1] == self.kept_channels
+                and [t._version for t in refs] == self._folded_key):
+            return last[2]
         weights = self._folded_weights()
         key = ("channels", area, self.kept_channels)
         plan = weights.get(key)
@@ -408,6 +414,7 @@ class GatedResidualBlock(nn.Module):
                     _in_place(producer_act), weights["consumer_w"], weights["consumer_b"], consumer,
                     _in_place(final_act))
             weights[key] = plan
+        self._plan = (area, self.kept_channels, plan)
         return plan
 
     def _gate_logits(self, x: torch.Tensor,
@@ -514,17 +521,19 @@ class GatedResidualBlock(nn.Module):
         if torch.compiler.is_compiling():
             return self._fold_weights()
         refs = self._fold_refs
-        if refs is None or tuple(t._version for t in refs) != self._folded_key:
+        if refs is None or [t._version for t in refs] != self._folded_key:
             refs = [t for m in self._fold_source_modules() for t in (*m._parameters.values(), *m._buffers.values())
                     if t is not None]
             self._folded = self._fold_weights()
             self._fold_refs = refs
-            self._folded_key = tuple(t._version for t in refs)
+            self._folded_key = [t._version for t in refs]
+            self._plan = None
         return self._folded
 
     def _drop_folded(self) -> None:
         self._fold_refs = None
         self._folded = {}
+        self._plan = None
 
     def __setattr__(self, name: str, value: Any) -> None:
         if isinstance(value, nn.Module) and "_fold_refs" in self.__dict__:

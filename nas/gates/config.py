@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 __all__ = [
-    "BATCH_PATHS",
     "GATE_MODES",
     "GATE_NAMES",
     "GATE_PLACEMENTS",
@@ -20,8 +19,6 @@ __all__ = [
 
 GATE_NAMES = ("none", "feature")
 GATE_MODES = ("mask", "skip")
-# How a channel-gated block serves batches above 1 in skip mode (GatedResidualBlock.batch_path).
-BATCH_PATHS = ("mask", "grouped")
 GATE_PLACEMENTS = ("measure", "table", "all")
 
 
@@ -40,7 +37,7 @@ class TargetedDropoutConfig:
         rate: probability that a candidate feature is dropped for one image in one step.
     """
 
-    fraction: float = 0.6
+    fraction: float = 0.75
     rate: float = 0.5
 
 
@@ -87,14 +84,14 @@ class GateConfig:
     """
 
     name: str = "feature"
-    keep_ratio: float = 0.6
-    keep_ratio_range: tuple[float, float] = (0.4, 1.0)
+    keep_ratio: float = 0.4
+    keep_ratio_range: tuple[float, float] = (0.25, 1.0)
     latency_budget_ms: float | None = None
     channel: bool = True
     spatial: bool = True
     mode: str = "skip"
     targeted_dropout: TargetedDropoutConfig = dataclasses.field(default_factory=TargetedDropoutConfig)
-    schedule_epochs: int = 3
+    schedule_epochs: int = 2
     sample_range_after_ramp: bool = True
     kd_weight: float = 1.0
     placement: str = "measure"

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # Version of the dictionary that GatedNetwork.describe() returns and apply_gates(plan=...) reads.
 # Version 2 added "batchnorm_stats"; version 1 records still load, without per-ratio statistics.
-# Version 3 added each block's "batch_path"; older records load with "mask", the only path they had.
+# Version 3 added each block's "grouped_max_channels"; older records load with 0 (never grouped).
 FORMAT_VERSION = 3
 SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
 
@@ -186,7 +186,7 @@ def _install_gates(model: nn.Module, sites: Sequence[BlockSite], plans: Sequence
         parent = model.get_submodule(parent_name) if parent_name else model
         gated = gated_block_class(block)(block, block_layout(block), site.in_channels, site.in_size, plan.channel,
                                          plan.spatial, runtime)
-        gated.batch_path = plan.batch_path
+        gated.grouped_max_channels = plan.grouped_max_channels
         parameter = next(block.parameters())
         setattr(parent, leaf, gated.to(device=parameter.device, dtype=parameter.dtype))
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nas.gates.blocks import BlockLayout, block_layout
-from nas.gates.config import BATCH_PATHS, GateConfig, GateConfigError
+from nas.gates.config import GateConfig, GateConfigError
 from nas.gates.modules import keep_count
 from nas.spaces.layers import LayerSpec
 
@@ -89,9 +89,9 @@ class BlockSite:
 
 
 # A measured placement maps all blocks and their channel steps to one decision per block: (channel
-# gate, column gate, batch path, channel steps, measured latency in ms per kept-channel count,
-# reason, measured latency in ms per gate option and batch size).
-MeasuredDecision = tuple[bool, bool, str, list[int], dict[int, float], str, dict[str, dict[int, float]]]
+# gate, column gate, grouped_max_channels, channel steps, measured latency in ms per kept-channel
+# count, reason, measured latency in ms per gate option and batch size).
+MeasuredDecision = tuple[bool, bool, int, list[int], dict[int, float], str, dict[str, dict[int, float]]]
 MeasuredPlacement = Callable[[Sequence[BlockSite], Sequence[list[int]]], list[MeasuredDecision]]
 
 
@@ -111,8 +111,9 @@ class BlockPlan:
             predicted from the profile table; empty without either.
         measured_ms: measured block latency (ms) per gate option and batch size with
             ``placement: measure``; empty otherwise.
-        batch_path: how a channel gate serves batches above 1 (``GatedResidualBlock.batch_path``):
-            "mask" or "grouped"; ``placement: measure`` times both.
+        grouped_max_channels: largest kept count at which batches above 1 run each image's channels
+            as one grouped convolution (``GatedResidualBlock.grouped_max_channels``); 0 for never.
+            ``placement: measure`` sets it where that was measured faster than masking.
     """
 
     name: str
@@ -122,7 +123,7 @@ class BlockPlan:
     reason: str
     latency_ms: dict[int, float] = dataclasses.field(default_factory=dict)
     measured_ms: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
-    batch_path: str = "mask"
+    grouped_max_channels: int = 0
 
     def snap_channels(self, requested: int) -> int:
         """Round a requested kept-channel count up to the next step top."""
@@ -143,8 +144,8 @@ class BlockPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> BlockPlan:
         names = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
-        # Records written before batch paths existed lack "batch_path"; those blocks masked.
-        missing = sorted(set(names) - set(data) - {"batch_path"})
+        # Records written before the grouped path existed lack "grouped_max_channels"; those blocks masked.
+        missing = sorted(set(names) - set(data) - {"grouped_max_channels"})
         if unknown or missing:
             raise GateConfigError(f"Invalid block plan {dict(data)!r}: unknown keys {unknown}, missing keys {missing}.")
         values = dict(data)
@@ -152,8 +153,9 @@ class BlockPlan:
         values["latency_ms"] = {int(k): float(v) for k, v in values["latency_ms"].items()}
         values["measured_ms"] = {option: {int(b): float(v) for b, v in times.items()}
                                  for option, times in values["measured_ms"].items()}
-        if values.setdefault("batch_path", "mask") not in BATCH_PATHS:
-            raise GateConfigError(f"Invalid block plan {dict(data)!r}: batch_path must be one of {BATCH_PATHS}.")
+        grouped = values.setdefault("grouped_max_channels", 0)
+        if not isinstance(grouped, int) or grouped < 0:
+            raise GateConfigError(f"Invalid block plan {dict(data)!r}: grouped_max_channels must be an integer >= 0.")
         return cls(**values)
 
 
@@ -378,18 +380,18 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
     plans = []
     for index, (site, (steps, latency)) in enumerate(zip(sites, staircases)):
         measured: dict[str, dict[int, float]] = {}
-        batch_path = "mask"
+        grouped_max = 0
         if not config.enabled:
             channel, spatial, reason = False, False, "gates.name=none"
         elif decisions is not None:
-            channel, spatial, batch_path, measured_steps, measured_latency, reason, measured = decisions[index]
+            channel, spatial, grouped_max, measured_steps, measured_latency, reason, measured = decisions[index]
             if channel:
                 steps, latency = measured_steps, measured_latency
         elif config.placement == "table":
             channel, spatial, reason = _decide_table(site, config, steps, latency, profile_table is not None)
         else:
             channel, spatial, reason = _decide_all(site, config, steps)
-        plan = BlockPlan(site.name, channel, spatial, steps, reason, latency, measured, batch_path)
+        plan = BlockPlan(site.name, channel, spatial, steps, reason, latency, measured, grouped_max)
         log.info("gates: %s: %s", site.name, plan.reason)
         plans.append(plan)
     return plans

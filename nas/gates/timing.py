@@ -30,6 +30,7 @@ __all__ = [
     "BlockTimer",
     "GATE_OPTIONS",
     "choose_gate_options",
+    "grouped_limit",
     "make_block_timer",
     "make_measured_placement",
     "measured_steps",
@@ -38,14 +39,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Gate options a block can take: name -> (channel gate, column gate, path of batches above 1).
-# "channel" and "channel/grouped" differ only at batches above 1 (GatedResidualBlock._forward_channels).
-GATE_OPTIONS: dict[str, tuple[bool, bool, str]] = {
-    "none": (False, False, "mask"),
-    "channel": (True, False, "mask"),
-    "channel/grouped": (True, False, "grouped"),
-    "column": (False, True, "mask"),
-    "channel+column": (True, True, "mask"),
+# Gate options a block can take: name -> (channel gate, column gate).
+GATE_OPTIONS: dict[str, tuple[bool, bool]] = {
+    "none": (False, False),
+    "channel": (True, False),
+    "column": (False, True),
+    "channel+column": (True, True),
 }
 
 # A block timer maps a block and its channel steps to {option: {batch size: latency ms}}.
@@ -53,11 +52,11 @@ BlockTimer = Callable[[nn.Module, BlockSite, list[int]], dict[str, dict[int, flo
 
 
 def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateConfig, steps: list[int],
-                   skip_max_share: float, channels: int | None = None) -> nn.Module:
+                   skip_max_share: float, channels: int | None = None, grouped: bool = False) -> nn.Module:
     """Return a folded eval copy of ``block`` with ``option``'s gates, keeping ``channels`` (default:
-    the low end of ``keep_ratio_range``, snapped up to ``steps``)."""
+    the low end of ``keep_ratio_range``, snapped up to ``steps``), on the grouped path if ``grouped``."""
     module = copy.deepcopy(block).eval()
-    channel, spatial, batch_path = GATE_OPTIONS[option]
+    channel, spatial = GATE_OPTIONS[option]
     gated_class = gated_block_class(block)
     # fold_batchnorm folds only conv<suffix>/bn<suffix> pairs, so blocks named otherwise (MobileNetV3's
     # conv_pw, bn1) are timed as gated blocks without gates, which fold BatchNorm themselves.
@@ -70,7 +69,8 @@ def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateC
         if channels is None:
             channels = min((s for s in steps if s >= requested), default=site.inner_channels)
         module.set_keep(channels, keep_count(low, site.inner_size))
-        module.batch_path = batch_path
+        if grouped:
+            module.grouped_max_channels = module.inner_channels
     fold_batchnorm(module)
     return module
 
@@ -84,10 +84,8 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
     ``protocol`` sets device, threads, dtype, warm-up and repeats; its batch size is replaced by
     each of ``config.measure_batch_sizes``.
     """
-    # Batch paths differ only above batch 1, so without a larger batch size only the mask path is timed.
-    options = [name for name, (channel, spatial, batch_path) in GATE_OPTIONS.items()
-               if (not channel or config.channel) and (not spatial or config.spatial)
-               and (batch_path == "mask" or max(config.measure_batch_sizes) > 1)]
+    options = [name for name, (channel, spatial) in GATE_OPTIONS.items()
+               if (not channel or config.channel) and (not spatial or config.spatial)]
 
     def time_block(block: nn.Module, site: BlockSite, steps: list[int]) -> dict[str, dict[int, float]]:
         shape = (site.in_channels, site.in_size, site.in_size)
@@ -97,7 +95,7 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
         channels = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
         drops = {"channel": channels < site.inner_channels, "column": keep_count(low, site.inner_size) < site.inner_size}
         available = [name for name in options
-                     if name == "none" or all(drops[part] for part in name.split("/")[0].split("+"))]
+                     if name == "none" or all(drops[part] for part in name.split("+"))]
         latency: dict[str, dict[int, float]] = {name: {} for name in available}
         smallest = min(config.measure_batch_sizes)
         for batch_size in config.measure_batch_sizes:
@@ -107,14 +105,10 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
             share = config.skip_max_share if batch_size == smallest else 0.0
             modules = {name: _option_module(block, site, name, config, steps, share) for name in available}
             batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
-            # At batch 1 the batch path is unused, so options that differ only in it share one timing.
-            timed = [name for name in available if batch_size > 1 or not name.endswith("/grouped")]
-            for order in (timed, timed[::-1]):
+            for order in (available, available[::-1]):
                 for name in order:
                     median = measure_module(modules[name], shape, batch_protocol, record_operators=False).median_ms
                     latency[name][batch_size] = min(median, latency[name].get(batch_size, float("inf")))
-            for name in set(available) - set(timed):
-                latency[name][batch_size] = latency[name.split("/")[0]][batch_size]
         return latency
 
     return time_block
@@ -127,24 +121,34 @@ def _summary(latency: Mapping[str, Mapping[int, float]]) -> str:
 
 
 def time_channel_counts(block: nn.Module, site: BlockSite, counts: list[int], config: GateConfig,
-                        protocol: MeasurementProtocol) -> dict[int, float]:
-    """Return the block's latency (ms) at the smallest measure batch size per kept-channel count.
+                        protocol: MeasurementProtocol, batch_size: int, grouped: bool = False) -> dict[int, float]:
+    """Return the block's latency (ms) at ``batch_size`` per kept-channel count.
 
-    Counts below the block's channels run its channel gate; the full count runs the ungated block,
-    because a gate that keeps everything is not run. Two rounds in alternating order, the smaller
-    median counts.
+    Counts below the block's channels run its channel gate (on the grouped path if ``grouped``);
+    the full count runs the ungated block, because a gate that keeps everything is not run. Two
+    rounds in alternating order, the smaller median counts.
     """
-    batch_size = min(config.measure_batch_sizes)
     batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
     shape = (site.in_channels, site.in_size, site.in_size)
     modules = {count: _option_module(block, site, "channel" if count < site.inner_channels else "none", config,
-                                     counts, config.skip_max_share, channels=count) for count in counts}
+                                     counts, config.skip_max_share, channels=count, grouped=grouped)
+               for count in counts}
     latency: dict[int, float] = {}
     for order in (counts, counts[::-1]):
         for count in order:
             median = measure_module(modules[count], shape, batch_protocol, record_operators=False).median_ms
             latency[count] = min(median, latency.get(count, float("inf")))
     return latency
+
+
+def grouped_limit(grouped_ms: Mapping[int, float], masked_ms: float) -> int:
+    """Return the largest kept count up to which the grouped path was measured no slower than masking (0: none)."""
+    limit = 0
+    for count in sorted(grouped_ms):
+        if grouped_ms[count] > masked_ms:
+            break
+        limit = count
+    return limit
 
 
 def measured_steps(latency: Mapping[int, float], tolerance: float) -> list[int]:
@@ -167,8 +171,10 @@ def choose_gate_options(latencies: Mapping[str, Mapping[str, Mapping[int, float]
     ``latencies`` maps each block to ``{option: {batch size: ms}}`` with a "none" entry. An option
     pays on its block when it is at least ``min_saving`` faster than "none" at the smallest batch
     size. At every larger batch size the gated blocks together may be at most ``max_slowdown``
-    slower than ungated, a budget shared by all blocks: a gate that saves at large batches (such
-    as "channel/grouped" on a wide map) makes room for gates that cost a little there.
+    slower than ungated, a budget shared by all blocks: a gate that saves at large batches makes
+    room for gates that cost a little there. Channel gates are timed there on the dense masked
+    path, which is what they cost at every keep ratio; the grouped path, chosen afterwards only
+    where it is faster, can only lower that.
 
     The choice starts from "none" everywhere and makes one change at a time while the budget
     holds: first changes that save time at the smallest batch size without costing any at the
@@ -230,10 +236,12 @@ def choose_gate_options(latencies: Mapping[str, Mapping[str, Mapping[int, float]
 def make_measured_placement(model: nn.Module, config: GateConfig, protocol: MeasurementProtocol) -> MeasuredPlacement:
     """Return a placement function for :func:`nas.gates.planning.plan_blocks` that times blocks of ``model``.
 
-    The function times every block's options, decides with :func:`choose_gate_options`, times
-    each channel-gated block at every kept-channel count of its steps (:func:`time_channel_counts`)
-    and returns per block (channel gate, column gate, batch path, channel steps from
-    :func:`measured_steps`, measured ms per count, reason, measured ms per option and batch size).
+    The function times every block's options and decides with :func:`choose_gate_options`. Each
+    channel-gated block is then timed at every kept-channel count of its steps at the smallest
+    batch size, which gives its measured steps (:func:`measured_steps`), and without a column gate
+    also on the grouped path at the largest batch size, which gives its ``grouped_max_channels``
+    (:func:`grouped_limit`). Returns per block (channel gate, column gate, grouped_max_channels,
+    channel steps, measured ms per count, reason, measured ms per option and batch size).
     """
     timer = make_block_timer(config, protocol)
 
@@ -242,25 +250,34 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
         for site, site_steps in zip(tqdm(sites, desc="timing gate options", unit="block", leave=False), steps):
             latencies[site.name] = timer(model.get_submodule(site.name), site, site_steps)
         decisions = choose_gate_options(latencies, config)
+        smallest, largest = min(config.measure_batch_sizes), max(config.measure_batch_sizes)
         result = []
         for site, site_steps in zip(sites, steps):
             option, reason = decisions[site.name]
-            channel, spatial, batch_path = GATE_OPTIONS[option]
+            channel, spatial = GATE_OPTIONS[option]
+            block = model.get_submodule(site.name)
             count_ms: dict[int, float] = {}
+            grouped_max = 0
             if channel:
                 # Gathering most of a block's weights can cost more than the channels it skips, so
                 # kept counts snap to the measured steps, not to the default multiples.
-                count_ms = time_channel_counts(model.get_submodule(site.name), site, site_steps, config, protocol)
+                count_ms = time_channel_counts(block, site, site_steps, config, protocol, smallest)
                 site_steps = measured_steps(count_ms, config.step_tolerance)
                 counts = ", ".join(f"{count}: {ms:.3f}" for count, ms in sorted(count_ms.items()))
                 if site_steps == [site.inner_channels]:
-                    channel, batch_path = False, "mask"
+                    channel = False
                     reason = (f"no channel gate: no kept count was measured faster than keeping more "
-                              f"(ms per count at batch {min(config.measure_batch_sizes)}: {counts}); {reason}")
+                              f"(ms per count at batch {smallest}: {counts}); {reason}")
                 else:
                     reason += (f"; kept channels snap to measured steps {'/'.join(map(str, site_steps))} "
-                               f"(ms per count at batch {min(config.measure_batch_sizes)}: {counts})")
-            result.append((channel, spatial, batch_path, list(site_steps), count_ms, reason, latencies[site.name]))
+                               f"(ms per count at batch {smallest}: {counts})")
+            if channel and not spatial and largest > 1:
+                gated_counts = [count for count in site_steps if count < site.inner_channels]
+                grouped_ms = time_channel_counts(block, site, gated_counts, config, protocol, largest, grouped=True)
+                grouped_max = grouped_limit(grouped_ms, latencies[site.name]["channel"][largest])
+                reason += (f"; batch {largest} runs grouped up to {grouped_max} channels (ms per count: "
+                           + ", ".join(f"{c}: {ms:.3f}" for c, ms in sorted(grouped_ms.items())) + ")")
+            result.append((channel, spatial, grouped_max, list(site_steps), count_ms, reason, latencies[site.name]))
         return result
 
     return place
