@@ -192,9 +192,9 @@ def evaluate_targets(points: list[dict[str, Any]], hits: list[np.ndarray], basel
                      baseline_hits: np.ndarray, static: list[dict[str, Any]]) -> dict[str, Any]:
     """Check the gates' targets on the sweep; return per-point cuts and tests, and the curve comparison.
 
-    Per keep ratio: ``macs_cut`` and ``latency_b1_cut`` against the ungated subnet, and the
-    one-sided McNemar p-value that the gated network is less accurate (``p_worse``; below 0.05 is
-    significantly worse). A point meets the targets with a MACs cut of at least 40%, a batch-1
+    Per keep ratio: ``macs_cut`` and ``latency_b1_cut`` against the ungated subnet, and
+    ``p_worse``, the one-sided McNemar p-value that the gated network is less accurate. Below 0.05
+    it is significantly worse. A point meets the targets with a MACs cut of at least 40%, a batch-1
     latency cut of at least 20% and ``p_worse`` of at least 0.05. ``static_share`` is the share of
     the gated curve's batch-1 latency range (accuracy interpolated linearly between points) where
     the gated network is at least as accurate as the best static subnet of equal or lower latency.
@@ -360,7 +360,7 @@ def plot(points: list[dict[str, Any]], baseline: dict[str, Any], static: list[di
                   [100 * (p["accuracy_high"] - p["accuracy"]) for p in series]]
         axes.errorbar(x, y, yerr=errors, fmt=style, capsize=3, label=label, markersize=8 if style == "*" else 5)
     for p in points:
-        axes.annotate(f"{p['keep_ratio']:.1f}", (p["latency_b1_ms"], 100 * p["accuracy"]), fontsize=7,
+        axes.annotate(f"{p['keep_ratio']:g}", (p["latency_b1_ms"], 100 * p["accuracy"]), fontsize=7,
                       textcoords="offset points", xytext=(4, 4))
     axes.set_xlabel("latency at batch 1 (ms, BatchNorm folded)")
     axes.set_ylabel("test accuracy (%, 95% Wilson interval)")

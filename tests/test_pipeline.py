@@ -125,5 +125,5 @@ def test_train_with_gates_records_them(searched):
                               f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((run_dir / "finetune.json").read_text())
-    assert report["gates"]["config"]["keep_ratio"] == 0.6
+    assert report["gates"]["config"]["keep_ratio"] == 0.4
     assert (run_dir / "subnet.pt2").is_file()

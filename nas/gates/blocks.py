@@ -122,8 +122,8 @@ class GateRuntime:
 
     Attributes:
         mode: eval-time path, "mask" or "skip".
-        skip_max_share: at batches above 1, gather the union of the images' selections only when at
-            most this share of the inner-convolution MACs remains; otherwise run dense and mask.
+        skip_max_share: at batches above 1, the union of the images' selections is gathered only when
+            at most this share of the inner-convolution MACs remains. Otherwise the block runs dense and masks.
         dropout_fraction: share of lowest-scoring features that targeted dropout may drop.
         dropout_rate: drop probability of each candidate.
         generator: generator of the dropout noise, created on first use on the input's device.
@@ -325,9 +325,10 @@ class GatedResidualBlock(nn.Module):
     def _forward_channels(self, x: torch.Tensor) -> torch.Tensor:
         """Eval forward with channel selection only, in as few tensor operations as possible.
 
-        This is the path a deployment takes, so its fixed cost decides whether a gate pays: on the
-        2-core x86 CPU used in development, the general path's Python bookkeeping cost about 80 us
-        per block call at batch 1, more than half of a 14x14 block. Everything that does not depend
+        This is the path a deployment takes, so its fixed cost decides whether a gate pays. On the
+        2-core x86 CPU used in development, the general path's Python bookkeeping (cache checks,
+        module lookups, mask handling) cost more per block call at batch 1 than a gate saved on a
+        14x14 map. Everything that does not depend
         on the input (folded weights, the gate's scaled weights, strides, activations) comes from
         one cached plan, and the gate is one sum, one addmm and one top-k. Then, by batch size:
 
@@ -341,7 +342,7 @@ class GatedResidualBlock(nn.Module):
 
         The outputs are those of "mask" mode for the same input.
         """
-        batch, channels, height, width = x.shape
+        batch, _, height, width = x.shape
         (pre_stages, gate, producer_w, producer_b, producer_conv, producer_act, consumer_w, consumer_b,
          consumer_conv, final_act) = self._channel_plan(height * width)
         counter = self.runtime.mac_counter

@@ -76,7 +76,7 @@ class GateConfig:
         step_tolerance: two latencies within this relative difference count as one staircase step.
         spatial_min_size: with "table", column gates are placed only on inner maps at least this many
             pixels wide.
-        skip_max_share: in skip mode at batches above 1 (batch path "mask"), a block gathers the
+        skip_max_share: in skip mode at batches above 1 off the grouped path, a block gathers the
             union of the images' selected channels only when the share of its inner-convolution
             MACs still to run is at most this. Above it, the block masks densely because that is
             cheaper. A single image always computes only what it keeps.

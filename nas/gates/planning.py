@@ -144,7 +144,7 @@ class BlockPlan:
     def from_dict(cls, data: Mapping[str, Any]) -> BlockPlan:
         names = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
-        # Records written before the grouped path existed lack "grouped_max_channels"; those blocks masked.
+        # Records written before the grouped path existed lack "grouped_max_channels": 0, never grouped.
         missing = sorted(set(names) - set(data) - {"grouped_max_channels"})
         if unknown or missing:
             raise GateConfigError(f"Invalid block plan {dict(data)!r}: unknown keys {unknown}, missing keys {missing}.")

@@ -124,8 +124,8 @@ def time_channel_counts(block: nn.Module, site: BlockSite, counts: list[int], co
                         protocol: MeasurementProtocol, batch_size: int, grouped: bool = False) -> dict[int, float]:
     """Return the block's latency (ms) at ``batch_size`` per kept-channel count.
 
-    Counts below the block's channels run its channel gate (on the grouped path if ``grouped``);
-    the full count runs the ungated block, because a gate that keeps everything is not run. Two
+    Counts below the block's channels run its channel gate, on the grouped path if ``grouped``.
+    The full count runs the ungated block, because a gate that keeps everything is not run. Two
     rounds in alternating order, the smaller median counts.
     """
     batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
@@ -154,8 +154,8 @@ def grouped_limit(grouped_ms: Mapping[int, float], masked_ms: float) -> int:
 def measured_steps(latency: Mapping[int, float], tolerance: float) -> list[int]:
     """Return the kept-channel counts worth keeping from measured latency per count (the largest is all channels).
 
-    A count is a step top when every larger count is more than ``tolerance`` (relative) slower:
-    channels that cost nothing extra are kept, and a gated count that is no faster than keeping
+    A count is a step top when every larger count is more than ``tolerance`` (relative) slower.
+    So channels that cost nothing extra are kept, and a gated count that is no faster than keeping
     more, or than the ungated block, is rounded up past it.
     """
     counts = sorted(latency)
@@ -173,8 +173,8 @@ def choose_gate_options(latencies: Mapping[str, Mapping[str, Mapping[int, float]
     size. At every larger batch size the gated blocks together may be at most ``max_slowdown``
     slower than ungated, a budget shared by all blocks: a gate that saves at large batches makes
     room for gates that cost a little there. Channel gates are timed there on the dense masked
-    path, which is what they cost at every keep ratio; the grouped path, chosen afterwards only
-    where it is faster, can only lower that.
+    path, which is what they cost at every keep ratio. The grouped path is chosen afterwards only
+    where it is faster, so it can only lower that.
 
     The choice starts from "none" everywhere and makes one change at a time while the budget
     holds: first changes that save time at the smallest batch size without costing any at the
