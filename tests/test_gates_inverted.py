@@ -243,3 +243,20 @@ def test_mobilenet_calibration_and_reload(mobilenet_subnet):
     rebuilt.load_state_dict(network.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt.eval()(x), network(x))
+
+
+def test_measured_placement_never_groups_inverted(mobilenet_subnet, monkeypatch):
+    from nas.gates import timing
+    from predictors.protocol import MeasurementProtocol
+
+    # Force a channel gate on every block, whatever this machine measures, so the grouped timing is reached.
+    monkeypatch.setattr(timing, "choose_gate_options", lambda latencies, config: {
+        block: ("channel", "forced") for block in latencies})
+    monkeypatch.setattr(timing, "measured_steps", lambda latency, tolerance: sorted(latency))
+    config = {**ALL, "placement": "measure", "measure_batch_sizes": [1, 2], "spatial": False}
+    protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
+    network = apply_gates(mobilenet_subnet, config, protocol=protocol)
+    assert all(plan.channel for plan in network.plans)
+    # Inverted blocks have no grouped path, so none is timed or recorded.
+    assert all(plan.grouped_max_channels == 0 for plan in network.plans)
+    assert all("grouped" not in plan.reason for plan in network.plans)

@@ -203,8 +203,7 @@ class GatedResidualBlock(nn.Module):
         self.column_gate = ColumnGate(in_channels, widener.stride[1]) if spatial else None
         self.kept_channels = self.inner_channels
         self.kept_columns = self.inner_width
-        # The channel-only eval path needs the producer right before the consumer, with nothing between.
-        self._channel_path = layout.producer == len(layout.stages) - 2 and layout.squeeze_excite is None
+        self._channel_path = self.supports_channel_path(layout)
         # Batches above 1 keeping at most this many channels per image take the grouped path.
         self._grouped_max_channels = 0
         # Cache of BatchNorm-folded weights: the source tensors and their versions when folded.
@@ -256,6 +255,14 @@ class GatedResidualBlock(nn.Module):
                 raise ValueError(f"The {role} must have an odd kernel with 'same' padding, but got {conv}.")
         if consumer.stride != (1, 1):
             raise ValueError(f"The consumer convolution must have stride 1, but got {consumer}.")
+
+    @classmethod
+    def supports_channel_path(cls, layout: BlockLayout) -> bool:
+        """Return whether blocks of ``layout`` can take :meth:`_forward_channels` (and so the grouped path).
+
+        It needs the producer right before the consumer, with nothing between them.
+        """
+        return layout.producer == len(layout.stages) - 2 and layout.squeeze_excite is None
 
     @property
     def grouped_max_channels(self) -> int:

@@ -47,6 +47,11 @@ class GatedInvertedResidual(GatedResidualBlock):
     def _shortcut_children(self) -> list[str]:
         return []
 
+    @classmethod
+    def supports_channel_path(cls, layout: BlockLayout) -> bool:
+        # The depthwise stage between producer and consumer needs the general eval path.
+        return False
+
     def _adopt_children(self, block: nn.Module) -> None:
         super()._adopt_children(block)
         self.residual = bool(getattr(block, "residual", False))

@@ -261,6 +261,8 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
             if channel:
                 # Gathering most of a block's weights can cost more than the channels it skips, so
                 # kept counts snap to the measured steps, not to the default multiples.
+                # NOTE: each block is timed alone, with its weights in cache. Inside the network, counts
+                # near the full width saved less than these times show (docs/benchmarks.md).
                 count_ms = time_channel_counts(block, site, site_steps, config, protocol, smallest)
                 site_steps = measured_steps(count_ms, config.step_tolerance)
                 counts = ", ".join(f"{count}: {ms:.3f}" for count, ms in sorted(count_ms.items()))
@@ -271,7 +273,8 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
                 else:
                     reason += (f"; kept channels snap to measured steps {'/'.join(map(str, site_steps))} "
                                f"(ms per count at batch {smallest}: {counts})")
-            if channel and not spatial and largest > 1:
+            grouped_possible = gated_block_class(block).supports_channel_path(block_layout(block))
+            if channel and not spatial and largest > 1 and grouped_possible:
                 gated_counts = [count for count in site_steps if count < site.inner_channels]
                 grouped_ms = time_channel_counts(block, site, gated_counts, config, protocol, largest, grouped=True)
                 grouped_max = grouped_limit(grouped_ms, latencies[site.name]["channel"][largest])
