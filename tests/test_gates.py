@@ -474,6 +474,19 @@ def _staircase_table(subnet, step: int, flat_at: int | None = None) -> dict[str,
     return table
 
 
+def test_measured_placement_ignores_table_steps(subnet):
+    sites = find_block_sites(subnet, (1, 28, 28))
+    seen = []
+
+    def measure(measured_sites, steps):
+        seen.extend(steps)
+        return [(False, False, 0, list(s), {}, "not gated", {}) for s in steps]
+
+    # A table that is flat over all counts would leave one step per block: all channels.
+    plan_blocks(sites, parse_gate_config({**ALL, "placement": "measure"}), _staircase_table(subnet, step=999), measure)
+    assert seen == [[*range(8, site.inner_channels, 8), site.inner_channels] for site in sites]
+
+
 def test_staircase_snaps_to_step_tops(subnet):
     site = find_block_sites(subnet, (1, 28, 28))[1]  # layer2.0: 16 -> 24 channels at 14x14
     steps, latency = channel_staircase(site, _staircase_table(subnet, step=16), tolerance=0.05)

@@ -353,8 +353,9 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
 
     Channel counts snap to the table's staircase steps, or to multiples of 8 without profiles.
     Decisions use the low end of ``keep_ratio_range``, the largest saving the gates will be asked
-    for. With ``placement: measure``, ``measure`` times every block and decides for all of them
-    together (:func:`nas.gates.timing.choose_gate_options`). With
+    for. With ``placement: measure``, ``measure`` times every block at the multiples of 8, decides
+    for all blocks together (:func:`nas.gates.timing.choose_gate_options`) and sets the steps from
+    its own timings; the table is not consulted. With
     ``placement: table``, a channel gate needs a predicted saving of at least ``min_saving`` where
     the table profiles the block, and is placed wherever the low keep ratio drops a channel where it
     does not, with a warning. Column gates are placed on maps at least ``spatial_min_size`` wide,
@@ -371,7 +372,9 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
                     "channel gates are placed without checking that they pay on this device.", DEFAULT_CHANNEL_STEP)
     staircases = []
     for site in sites:
-        steps, latency = channel_staircase(site, profile_table, config.step_tolerance) if profile_table else ([], {})
+        # Measured placement times the default steps itself; a table's coarser staircase would hide counts.
+        use_table = profile_table is not None and config.placement != "measure"
+        steps, latency = channel_staircase(site, profile_table, config.step_tolerance) if use_table else ([], {})
         staircases.append((steps or _default_steps(site.inner_channels), latency))
     decisions = None
     if config.enabled and config.placement == "measure":
