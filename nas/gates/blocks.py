@@ -343,9 +343,9 @@ class GatedResidualBlock(nn.Module):
           consumer reads only those (gathered columns of its weights);
         * more, keeping at most :attr:`grouped_max_channels`: the same per image, as one grouped
           convolution with the batch as groups and each image's gathered weights as its group's filters;
-        * more, otherwise: the union of the batch's selections is gathered when at
-          most ``skip_max_share`` of the channels remain, otherwise all are computed; each image's
-          dropped channels are then zeroed.
+        * more, otherwise: the union of the batch's selections is gathered when at most
+          ``skip_max_share`` of the channels remain, and all channels are computed when more do.
+          Each image's dropped channels are then zeroed.
 
         The outputs are those of "mask" mode for the same input.
         """
@@ -368,12 +368,9 @@ class GatedResidualBlock(nn.Module):
                 groups = batch
                 inner = inner.reshape(1, batch * inner.shape[1], inner.shape[2], inner.shape[3])
             else:
-                selected = torch.zeros_like(logits).scatter_(1, logits.topk(kept, dim=1, sorted=False).indices, 1.0)
-                index = selected.amax(dim=0).nonzero().squeeze(1)
+                index, mask, selected = self._select(logits, kept)
                 if index.numel() > self.runtime.skip_max_share * self.inner_channels:
                     index, mask = None, selected
-                else:
-                    mask = selected.index_select(1, index)
             if index is not None:
                 producer_w, producer_b = producer_w.index_select(0, index), producer_b.index_select(0, index)
                 consumer_w = consumer_w.index_select(1, index)
@@ -399,29 +396,23 @@ class GatedResidualBlock(nn.Module):
 
     def _channel_plan(self, area: int) -> tuple[Any, ...]:
         """Return what :meth:`_forward_channels` needs for inputs of ``area`` pixels, cached with the folded weights."""
-        # The same check as _folded_weights, inline: this runs on every call.
-        last, refs = self._plan, self._fold_refs
-        if (last is not None and last[0] == area and last[1] == self.kept_channels
-                and [t._version for t in refs] == self._folded_key):
+        last = self._plan
+        if last is not None and last[0] == area and last[1] == self.kept_channels and self._folded_is_current():
             return last[2]
         weights = self._folded_weights()
-        key = ("channels", area, self.kept_channels)
-        plan = weights.get(key)
-        if plan is None:
-            producer, _, producer_act = self._stage_modules(self.layout.producer)
-            consumer = self._stage_modules(len(self.layout.stages) - 1)[0]
-            gate = None
-            if self.channel_gate is not None and self.kept_channels < self.inner_channels:
-                fc = self.channel_gate.fc
-                # The mean over the map is a sum times 1/area; the 1/area goes into the weights.
-                fc_t = (fc.weight.detach() / area).t().contiguous()
-                gate = (fc_t, fc.bias.detach(), self.kept_channels)
-            pre_stages = self._run_before_producer if self.layout.producer > 0 else None
-            final_act = getattr(self, self.layout.final_act) if self.layout.final_act is not None else None
-            plan = (pre_stages, gate, weights["producer_w"], weights["producer_b"], producer,
-                    _in_place(producer_act), weights["consumer_w"], weights["consumer_b"], consumer,
-                    _in_place(final_act))
-            weights[key] = plan
+        producer, _, producer_act = self._stage_modules(self.layout.producer)
+        consumer = self._stage_modules(len(self.layout.stages) - 1)[0]
+        gate = None
+        if self.channel_gate is not None and self.kept_channels < self.inner_channels:
+            fc = self.channel_gate.fc
+            # The mean over the map is a sum times 1/area, so the 1/area goes into the weights.
+            fc_t = (fc.weight.detach() / area).t().contiguous()
+            gate = (fc_t, fc.bias.detach(), self.kept_channels)
+        pre_stages = self._run_before_producer if self.layout.producer > 0 else None
+        final_act = getattr(self, self.layout.final_act) if self.layout.final_act is not None else None
+        plan = (pre_stages, gate, weights["producer_w"], weights["producer_b"], producer,
+                _in_place(producer_act), weights["consumer_w"], weights["consumer_b"], consumer,
+                _in_place(final_act))
         self._plan = (area, self.kept_channels, plan)
         return plan
 
@@ -522,14 +513,13 @@ class GatedResidualBlock(nn.Module):
         An in-place update (optimizer step, load_state_dict, a BatchNorm bank switching statistics)
         changes a source tensor's version. Replacing a child module (fold_batchnorm), moving or
         converting the block (Module.to, double) and loading a state dict drop the cache through
-        :meth:`__setattr__`, :meth:`_apply` and :meth:`_load_from_state_dict`. Entries computed from
-        the folded weights (the single-image plans) live in the same dictionary and go with it.
+        :meth:`__setattr__`, :meth:`_apply` and :meth:`_load_from_state_dict`. The plan of
+        :meth:`_forward_channels`, built from the folded weights, is dropped with them.
         """
         # torch.export and torch.compile trace fake tensors, which have no versions, so fold inline.
         if torch.compiler.is_compiling():
             return self._fold_weights()
-        refs = self._fold_refs
-        if refs is None or [t._version for t in refs] != self._folded_key:
+        if not self._folded_is_current():
             refs = [t for m in self._fold_source_modules() for t in (*m._parameters.values(), *m._buffers.values())
                     if t is not None]
             self._folded = self._fold_weights()
@@ -537,6 +527,11 @@ class GatedResidualBlock(nn.Module):
             self._folded_key = [t._version for t in refs]
             self._plan = None
         return self._folded
+
+    def _folded_is_current(self) -> bool:
+        """Return whether folded weights are cached and no source tensor changed since they were folded."""
+        refs = self._fold_refs
+        return refs is not None and [t._version for t in refs] == self._folded_key
 
     def _drop_folded(self) -> None:
         self._fold_refs = None

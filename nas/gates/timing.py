@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
 from torch import nn
@@ -75,6 +76,18 @@ def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateC
     return module
 
 
+def _fastest_medians(modules: Mapping[Any, nn.Module], shape: tuple[int, ...],
+                     protocol: MeasurementProtocol) -> dict[Any, float]:
+    """Return each module's latency (ms): the smaller median of two rounds that time all modules in alternating order."""
+    names = list(modules)
+    latency: dict[Any, float] = {}
+    for order in (names, names[::-1]):
+        for name in order:
+            median = measure_module(modules[name], shape, protocol, record_operators=False).median_ms
+            latency[name] = min(median, latency.get(name, float("inf")))
+    return latency
+
+
 def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> BlockTimer:
     """Return a timer of the enabled gate options at the low end of ``keep_ratio_range``.
 
@@ -105,10 +118,8 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
             share = config.skip_max_share if batch_size == smallest else 0.0
             modules = {name: _option_module(block, site, name, config, steps, share) for name in available}
             batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
-            for order in (available, available[::-1]):
-                for name in order:
-                    median = measure_module(modules[name], shape, batch_protocol, record_operators=False).median_ms
-                    latency[name][batch_size] = min(median, latency[name].get(batch_size, float("inf")))
+            for name, ms in _fastest_medians(modules, shape, batch_protocol).items():
+                latency[name][batch_size] = ms
         return latency
 
     return time_block
@@ -133,12 +144,7 @@ def time_channel_counts(block: nn.Module, site: BlockSite, counts: list[int], co
     modules = {count: _option_module(block, site, "channel" if count < site.inner_channels else "none", config,
                                      counts, config.skip_max_share, channels=count, grouped=grouped)
                for count in counts}
-    latency: dict[int, float] = {}
-    for order in (counts, counts[::-1]):
-        for count in order:
-            median = measure_module(modules[count], shape, batch_protocol, record_operators=False).median_ms
-            latency[count] = min(median, latency.get(count, float("inf")))
-    return latency
+    return _fastest_medians(modules, shape, batch_protocol)
 
 
 def grouped_limit(grouped_ms: Mapping[int, float], masked_ms: float) -> int:
@@ -177,9 +183,10 @@ def choose_gate_options(latencies: Mapping[str, Mapping[str, Mapping[int, float]
     where it is faster, so it can only lower that.
 
     The choice starts from "none" everywhere and makes one change at a time while the budget
-    holds: first changes that save time at the smallest batch size without costing any at the
-    larger ones (the largest saving first), then those that only save at the larger ones, then
-    the change with the most saving per share of budget it uses. It stops when no change helps.
+    holds. First come changes that save time at the smallest batch size without costing any at
+    the larger ones, the largest saving first. Then come those that only save at the larger ones.
+    Then each step takes the change with the most saving per share of budget it uses. The choice
+    stops when no change helps.
     """
     if not latencies:
         return {}
