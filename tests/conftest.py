@@ -101,3 +101,15 @@ def synthetic_records(
         for key, layer in layers.items()
     ]
     return layer_records, subnets
+
+
+def skip_and_mask_outputs(gated: Any, x: Any) -> tuple[Any, Any]:
+    """Return a gated block's eval outputs for ``x`` in "skip" mode and in "mask" mode, the reference."""
+    import torch
+
+    with torch.no_grad():
+        gated.runtime.mode = "mask"
+        masked = gated(x)
+        gated.runtime.mode = "skip"
+        skipped = gated(x)
+    return skipped, masked

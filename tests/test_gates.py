@@ -46,6 +46,7 @@ from nas.spaces.layers import LayerSpec
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
 from predictors.protocol import MeasurementProtocol
+from tests.conftest import skip_and_mask_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -218,26 +219,18 @@ def test_skip_matches_mask(block_cls, cin, mid, cout, stride, width, channel, sp
     gated = _gated_block(block_cls(cin, mid, cout, stride), cin, width, channel, spatial, runtime)
     gated.set_keep(max(1, gated.inner_channels // 2), max(1, gated.inner_width // 2))
     x = torch.randn(batch, cin, width, width, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        runtime.mode = "mask"
-        masked = gated(x)
-        runtime.mode = "skip"
-        skipped = gated(x)
+    skipped, masked = skip_and_mask_outputs(gated, x)
     torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("block_cls, cin, mid, cout, stride, width", BLOCK_CASES)
-def test_grouped_batch_path_matches_mask_and_counts_each_image(block_cls, cin, mid, cout, stride, width):
+def test_grouped_path_matches_mask(block_cls, cin, mid, cout, stride, width):
     runtime = GateRuntime()
     gated = _gated_block(block_cls(cin, mid, cout, stride), cin, width, channel=True, spatial=False, runtime=runtime)
     gated.grouped_max_channels = gated.inner_channels
     gated.set_keep(max(1, gated.inner_channels // 2), gated.inner_width)
     x = torch.randn(4, cin, width, width, generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        runtime.mode = "mask"
-        masked = gated(x)
-        runtime.mode = "skip"
-        grouped = gated(x)
+    grouped, masked = skip_and_mask_outputs(gated, x)
     torch.testing.assert_close(grouped, masked, atol=1e-5, rtol=1e-5)
     # Each image runs only its own kept channels, so the batch costs four single images.
     assert executed_macs(gated, x) == 4 * executed_macs(gated, x[:1])
@@ -564,12 +557,14 @@ def test_choose_gate_options_hand_made():
     # A second block that gets faster at batch 32 leaves room in the shared budget for column on the first.
     faster = {"none": {1: 2.0, 32: 20.0}, "channel": {1: 1.5, 32: 15.0}}
     decisions = choose_gate_options({"a": latency, "b": faster}, config)
-    assert decisions["a"][0] == "column" and decisions["b"][0] == "channel"
+    assert decisions["a"][0] == "column"
+    assert decisions["b"][0] == "channel"
 
     # The shared budget is 1.5 ms at batch 32: b's gate alone (+1.6 ms) is over it, a's column (+1.0) is not.
     slow = {"none": {1: 2.0, 32: 20.0}, "channel": {1: 1.0, 32: 21.6}}
     decisions = choose_gate_options({"a": latency, "b": slow}, config)
-    assert decisions["a"][0] == "column" and decisions["b"][0] == "none"
+    assert decisions["a"][0] == "column"
+    assert decisions["b"][0] == "none"
     assert "past max_slowdown 5%" in decisions["b"][1]
     assert decisions == choose_gate_options({"b": slow, "a": latency}, config)
 

@@ -24,7 +24,7 @@ from nas.gates.blocks import block_layout, gated_block_class
 from nas.spaces import create_space
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.mobilenet import InvertedResidual, MobileNetV3Subnet
-from tests.conftest import load_space_config
+from tests.conftest import load_space_config, skip_and_mask_outputs
 
 ALL = {"name": "feature", "placement": "all"}
 
@@ -96,11 +96,7 @@ def test_skip_matches_mask(cin, mid, cout, kernel, stride, act, se, width, chann
     gated = _gated(_block(cin, mid, cout, kernel, stride, act, se), cin, width, channel, spatial, runtime)
     gated.set_keep(max(1, gated.inner_channels // 2), max(1, gated.inner_width // 2))
     x = torch.randn(batch, cin, width, width, generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        runtime.mode = "mask"
-        masked = gated(x)
-        runtime.mode = "skip"
-        skipped = gated(x)
+    skipped, masked = skip_and_mask_outputs(gated, x)
     torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
 
 
