@@ -150,8 +150,10 @@ def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch
 def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: DictConfig) -> tuple[Any, Any]:
     """Wrap ``model`` with the gates that ``gates=...`` selects; returns (gated network, gate config).
 
-    The device's layer profiles (if this device was profiled) set the channel steps and placement,
-    and are what ``gates.latency_budget_ms`` is judged against.
+    The device's layer profiles (if this device was profiled) set the channel steps with
+    ``gates.placement=table``. With ``gates.latency_budget_ms``, the subnet's blocks are timed
+    with gates at each kept count (runs the profile store lacks, stored for later runs too), and
+    the gated-block latency model fitted on the store picks the keep ratio.
     """
     from nas.gates import apply_gates, parse_gate_config
     from predictors import MeasurementProtocol, ProfileStore, device_fingerprint
@@ -162,10 +164,18 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
     table = None
     if store_root.is_dir():
         table = ProfileStore(store_root, device_fingerprint(protocol)).layer_table(protocol.batch_size) or None
-    if table is None:
+    if table is None and config.enabled and config.placement == "table":
         log.warning("No layer profiles of this device in %s; gates snap to multiples of 8 channels.", store_root)
-    gated = apply_gates(model, config, profile_table=table, input_shape=space.input_shape(arch), protocol=protocol)
-    return gated, config
+    block_latency = None
+    if config.enabled and config.latency_budget_ms is not None:
+        from predictors.gated import fit_for_model
+
+        store = ProfileStore(store_root, device_fingerprint(protocol))
+        block_latency = fit_for_model(model, space.input_shape(arch), store, protocol)
+    gated = apply_gates(model, config, profile_table=table, input_shape=space.input_shape(arch), protocol=protocol,
+                        block_latency=block_latency)
+    # With a latency budget, the network's config carries the keep ratio the budget chose.
+    return gated, gated.config
 
 
 def run(cfg: DictConfig) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -42,6 +43,10 @@ def run(cfg: DictConfig) -> None:
     store = ProfileStore(Path(cfg.paths.work_dir) / "profiles", device_fingerprint(protocol))
     settings = cfg.profile
 
+    gate_subnets = int(settings.get("gate_subnets", 0))
+    if gate_subnets < 0:
+        raise UsageError(f"profile.gate_subnets must be 0 or more, but got {gate_subnets}.")
+    started = time.perf_counter()
     try:
         summary = profile_space(
             space,
@@ -53,6 +58,13 @@ def run(cfg: DictConfig) -> None:
             width_step=int(settings.width_step),
             progress=bool(settings.progress),
         )
+        gated_runs = 0
+        if gate_subnets:
+            from predictors.gated import profile_gated_blocks, space_blocks
+
+            blocks = space_blocks(space, gate_subnets, int(cfg.seed))
+            gated_runs = profile_gated_blocks(blocks, store, protocol, passes=int(settings.passes), seed=int(cfg.seed),
+                                              progress=bool(settings.progress))
     except KeyboardInterrupt:
         log.warning("Profiling interrupted; %s contains every finished run.", store.directory)
         print(f"Interrupted. The store {store.directory} is valid; run the same command again to resume.",
@@ -65,7 +77,10 @@ def run(cfg: DictConfig) -> None:
           f"{summary.passes} passes: {summary.layers_measured} measured, {summary.layers_reused} already stored")
     print(f"Subnets: {summary.distinct_subnets} distinct x {summary.passes} passes: "
           f"{summary.subnets_measured} measured, {summary.subnets_reused} already stored")
-    print(f"Wall time: {summary.wall_s:.1f} s")
+    if gate_subnets:
+        print(f"Gated blocks: {len(blocks)} distinct blocks of {gate_subnets} subnets: {gated_runs} runs measured, "
+              f"{len(store.gated_block_records(protocol.batch_size))} records of batch size {protocol.batch_size} stored")
+    print(f"Wall time: {time.perf_counter() - started:.1f} s")
     if noise["n"]:
         tau = "n/a" if noise["kendall_tau"] is None else f"{noise['kendall_tau']:.3f}"
         print(f"Noise floor over {noise['n']} subnets: {100 * noise['within_5pct']:.1f}% of pass pairs agree "

@@ -5,10 +5,13 @@ Layout under ``root/<fingerprint_id>/``:
 - ``fingerprint.json``: ``{"version", "fingerprint_id", "fingerprint"}``, written once, atomically.
 - ``layers.jsonl``: one layer microbenchmark per line.
 - ``subnets.jsonl``: one whole-subnet measurement per line.
+- ``gated_blocks.jsonl``: one measurement of a residual block with dynamic gates at given kept
+  counts per line (:mod:`predictors.gated`).
 
 Every line is ``{"version", "kind", "key", "pass", "latency_ms", "measurement", "source", ...}``
 plus ``"layer"`` (a LayerSpec dict) for layers, or ``"space"``, ``"space_hash"``, ``"arch"`` and
-``"layers"`` for subnets. ``latency_ms`` is the measurement's median in milliseconds per forward
+``"layers"`` for subnets, or ``"block"`` (the block's signature) and ``"run"`` (gate option, kept
+channels and columns, grouped path) for gated blocks. ``latency_ms`` is the measurement's median in milliseconds per forward
 pass of one batch. Each record is appended and flushed as soon as it exists, so a killed process
 loses at most the line it was writing, and the reader skips such a truncated last line.
 
@@ -79,6 +82,7 @@ class ProfileStore:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.layers_path = self.directory / "layers.jsonl"
         self.subnets_path = self.directory / "subnets.jsonl"
+        self.gated_blocks_path = self.directory / "gated_blocks.jsonl"
         self._repaired: set[Path] = set()
         self._init_fingerprint_file()
 
@@ -145,6 +149,31 @@ class ProfileStore:
         }
         self._append(self.subnets_path, record)
 
+    def add_gated_block(self, key: str, block: dict[str, Any], run: dict[str, Any], m: Measurement,
+                        pass_index: int, source: str = "profile") -> None:
+        """Append one gated-block measurement (see :func:`predictors.gated.profile_gated_blocks`).
+
+        Args:
+            key: identifies the block and run, so a resumed profile skips what is stored.
+            block: the block's signature (type, input shape and stage convolutions).
+            run: the gate option, kept channels and columns, and whether the grouped path ran.
+            source: ``"profile"`` for ``python -m predictors.profile``, ``"train"`` for the runs
+                that ``train.py`` takes for ``gates.latency_budget_ms``.
+        """
+        self._check_measurement(m)
+        record = {
+            "version": STORE_FORMAT_VERSION,
+            "kind": "gated_block",
+            "key": key,
+            "block": block,
+            "run": run,
+            "pass": int(pass_index),
+            "latency_ms": m.median_ms,
+            "measurement": m.to_dict(),
+            "source": source,
+        }
+        self._append(self.gated_blocks_path, record)
+
     def _check_measurement(self, m: Measurement) -> None:
         if m.fingerprint_id != self._id:
             raise StoreError(
@@ -200,6 +229,10 @@ class ProfileStore:
             if self._matches(record, batch_size):
                 out.append(record)
         return out
+
+    def gated_block_records(self, batch_size: int | None = None) -> list[dict[str, Any]]:
+        """Return the gated-block records that match this store's protocol fields and ``batch_size``."""
+        return [r for r in _read_jsonl(self.gated_blocks_path, "gated_block") if self._matches(r, batch_size)]
 
     def layer_table(self, batch_size: int) -> dict[str, float]:
         """Map ``LayerSpec.key()`` to the median over passes of each pass's median latency, in ms."""

@@ -38,7 +38,6 @@ from nas.gates import (
     top_k_mask,
 )
 from nas.gates.blocks import block_layout
-from nas.gates.budget import choose_keep_ratio, predict_latency_ms
 from nas.gates.modules import straight_through, targeted_dropout_mask
 from nas.gates.planning import channel_staircase, plan_blocks
 from nas.gates.timing import choose_gate_options, grouped_limit, measured_steps, time_channel_counts
@@ -516,28 +515,6 @@ def test_apply_gates_snaps_to_table_steps(subnet):
     counts = network.keep_counts()
     assert counts["layer1.0"][0] == 16  # 16 channels: 0.6 * 16 = 10 rounds up to the 16-channel step
     assert counts["layer2.0"][0] == 16  # 0.6 * 24 = 15 rounds up to the step ending at 16
-
-
-def test_latency_budget_picks_largest_fitting_ratio(subnet):
-    table = _staircase_table(subnet, step=8)
-    sites = find_block_sites(subnet, (1, 28, 28))
-    layers = describe_layers(subnet, (1, 28, 28))
-    config = parse_gate_config(TABLE)
-    plans = plan_blocks(sites, config, table)
-    full = predict_latency_ms(layers, sites, plans, 1.0, table)
-    low = predict_latency_ms(layers, sites, plans, config.keep_ratio_range[0], table)
-    assert low < full
-    budget = (low + full) / 2
-    ratio = choose_keep_ratio(layers, sites, plans, parse_gate_config({"name": "feature", "latency_budget_ms": budget}),
-                              table)
-    assert predict_latency_ms(layers, sites, plans, ratio, table) <= budget
-    assert predict_latency_ms(layers, sites, plans, ratio + 0.01, table) > budget
-    network = apply_gates(subnet, {**TABLE, "latency_budget_ms": budget}, table)
-    assert network.keep_ratio == ratio
-    with pytest.raises(GateConfigError, match="latency_budget_ms"):
-        apply_gates(subnet, {**TABLE, "latency_budget_ms": low / 2}, table)
-    with pytest.raises(GateConfigError, match="needs a profile table"):
-        apply_gates(subnet, {**ALL, "latency_budget_ms": budget})
 
 
 def test_choose_gate_options_hand_made():

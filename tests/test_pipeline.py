@@ -127,3 +127,34 @@ def test_train_with_gates_records_them(searched):
     report = json.loads((run_dir / "finetune.json").read_text())
     assert report["gates"]["config"]["keep_ratio"] == 0.4
     assert (run_dir / "subnet.pt2").is_file()
+
+
+def test_train_with_gate_budget_profiles_blocks(searched):
+    tmp, _, _ = searched
+    run_dir = tmp / "train-budget"
+    result = run("train.py", ["search.study_name=tiny", "finetune.epochs=1", "compare_scratch=false", "gates=feature",
+                              "gates.placement=all", "gates.latency_budget_ms=1000", "hardware.repeats=3",
+                              f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((run_dir / "finetune.json").read_text())
+    assert report["gates"]["keep_ratio"] == 1.0  # 1000 ms fits every keep ratio, so the largest is chosen
+    stores = list((tmp / "work" / "profiles").glob("*/gated_blocks.jsonl"))
+    assert len(stores) == 1
+    records = [json.loads(line) for line in stores[0].read_text().splitlines()]
+    assert records and {r["source"] for r in records} == {"train"}
+
+
+def test_profile_cli_times_gated_blocks(tmp_path):
+    args = ["+space=resnet", f"space.stages={TINY_STAGES}", "data=synthetic", "profile.n_subnets=2",
+            "profile.gate_subnets=2", "profile.passes=1", "profile.progress=false", "hardware.warmup=0",
+            "hardware.repeats=1", f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run([sys.executable, "-m", "predictors.profile", *args], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Gated blocks:" in result.stdout
+    assert list((tmp_path / "work" / "profiles").glob("*/gated_blocks.jsonl"))
+    bad = subprocess.run([sys.executable, "-m", "predictors.profile", *args[:-2], "profile.gate_subnets=-1",
+                          f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run2'}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0
+    assert "profile.gate_subnets must be 0 or more" in bad.stderr

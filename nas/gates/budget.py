@@ -1,18 +1,25 @@
-"""Keep ratios for a latency budget, predicted from the device's layer profiles."""
+"""Keep ratios for a latency budget, predicted from gated-block profiles of the device.
+
+The prediction at keep ratio ``r`` is the ungated network's measured latency plus, for each gated
+block, the predicted latency of that block with its gates keeping ``r`` minus the block's
+predicted ungated latency. The block model (``predictors.gated.GatedBlockLatency``) learned from
+blocks timed with their gates, so the gates' own cost, the gathers and the channel staircase are
+in it, which a table of convolution latencies cannot hold.
+"""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from nas.gates.config import GateConfig, GateConfigError
 from nas.gates.modules import keep_count
 from nas.gates.planning import BlockPlan, BlockSite
-from nas.spaces.layers import LayerSpec
 
-__all__ = ["choose_keep_ratio", "predict_latency_ms"]
+__all__ = ["choose_keep_ratio", "gated_runs", "predict_latency_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -21,47 +28,45 @@ log = logging.getLogger(__name__)
 RATIO_STEP = 0.01
 
 
-def _lookup(table: Mapping[str, float], layer: LayerSpec, where: str) -> float:
-    key = layer.key()
-    if key not in table:
-        raise GateConfigError(
-            f"The profile table has no latency for {where} {key}; profile this subnet's layers on the device "
-            "(its ProfileStore) or set gates.latency_budget_ms: null."
-        )
-    return float(table[key])
+def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: float,
+               batch_size: int) -> list[tuple[str, dict[str, Any]]]:
+    """Return (block name, run) for each gated block at keep ratio ``ratio``, as the runtime runs it.
 
-
-def predict_latency_ms(layers: Sequence[tuple[str, LayerSpec]], sites: Sequence[BlockSite],
-                       plans: Sequence[BlockPlan], ratio: float, table: Mapping[str, float]) -> float:
-    """Predict the network latency (ms, at the table's batch size) at keep ratio ``ratio``.
-
-    Ungated layers cost their table entry. A gated block's producer and consumer cost their entries
-    at the snapped kept channel count, times the kept share of columns when a column gate is placed.
-
-    NOTE: the column share is a proportional estimate, because the table times square maps only.
-    The gates' own cost is not in the table either, so measure the gated network to confirm a budget.
+    A run (see ``predictors.gated.block_runs``) holds the gate option, the kept channels (snapped
+    to the plan's steps) and columns, and whether a batch of ``batch_size`` takes the grouped path.
     """
-    plan_by_name = {plan.name: plan for plan in plans}
-    gated_paths: set[str] = set()
-    total = 0.0
-    for site in sites:
-        plan = plan_by_name[site.name]
+    runs = []
+    for site, plan in zip(sites, plans):
         if not (plan.channel or plan.spatial):
             continue
-        gated_paths.update((site.producer_path, site.consumer_path))
         channels = plan.snap_channels(keep_count(ratio, site.inner_channels)) if plan.channel else site.inner_channels
         columns = keep_count(ratio, site.inner_size) if plan.spatial else site.inner_size
-        producer, consumer = site.gated_layers(channels)
-        block = _lookup(table, producer, site.producer_path) + _lookup(table, consumer, site.consumer_path)
-        total += block * columns / site.inner_size
-    for path, layer in layers:
-        if path not in gated_paths:
-            total += _lookup(table, layer, path)
-    return total
+        option = "+".join(name for name, on in (("channel", plan.channel), ("column", plan.spatial)) if on)
+        if channels == site.inner_channels and columns == site.inner_size:
+            option = "none"  # a gate that keeps everything is not run
+        grouped = (batch_size > 1 and option == "channel" and channels <= plan.grouped_max_channels)
+        runs.append((site.name, {"option": option, "channels": channels, "columns": columns, "grouped": grouped}))
+    return runs
 
 
-def choose_keep_ratio(layers: Sequence[tuple[str, LayerSpec]], sites: Sequence[BlockSite],
-                      plans: Sequence[BlockPlan], config: GateConfig, table: Mapping[str, float]) -> float:
+def predict_latency_ms(base_ms: float, sites: Sequence[BlockSite], plans: Sequence[BlockPlan],
+                       signatures: Mapping[str, Mapping[str, Any]], ratio: float, block_latency: Any) -> float:
+    """Predict the gated network's latency (ms per batch of the model's batch size) at keep ratio ``ratio``.
+
+    Args:
+        base_ms: the ungated network's measured latency.
+        signatures: ``predictors.gated.block_signature`` of each block, by block name.
+        block_latency: a fitted ``predictors.gated.GatedBlockLatency``.
+    """
+    runs = gated_runs(sites, plans, ratio, block_latency.batch_size)
+    if not runs:
+        return base_ms
+    delta = block_latency.delta_ms([signatures[name] for name, _ in runs], [run for _, run in runs])
+    return float(base_ms + np.sum(delta))
+
+
+def choose_keep_ratio(base_ms: float, sites: Sequence[BlockSite], plans: Sequence[BlockPlan],
+                      signatures: Mapping[str, Mapping[str, Any]], config: GateConfig, block_latency: Any) -> float:
     """Return the largest keep ratio in ``keep_ratio_range`` whose predicted latency fits the budget.
 
     Raises:
@@ -74,11 +79,13 @@ def choose_keep_ratio(layers: Sequence[tuple[str, LayerSpec]], sites: Sequence[B
         ratios = np.append(ratios, low)
     latency = float("nan")
     for ratio in ratios:
-        latency = predict_latency_ms(layers, sites, plans, float(ratio), table)
+        latency = predict_latency_ms(base_ms, sites, plans, signatures, float(ratio), block_latency)
         if latency <= budget:
-            log.info("gates: keep ratio %.2f, predicted %.4f ms within latency_budget_ms %.4f", ratio, latency, budget)
+            log.info("gates: keep ratio %.2f, predicted %.4f ms within latency_budget_ms %.4f (ungated %.4f ms)",
+                     ratio, latency, budget, base_ms)
             return float(ratio)
     raise GateConfigError(
-        f"gates.latency_budget_ms={budget} is below the predicted {latency:.4f} ms at the lowest keep ratio {low}; "
-        "raise the budget, lower keep_ratio_range[0] and fine-tune again, or pick a smaller subnet."
+        f"gates.latency_budget_ms={budget} is below the predicted {latency:.4f} ms at the lowest keep ratio {low} "
+        f"(ungated {base_ms:.4f} ms); raise the budget, lower keep_ratio_range[0] and fine-tune again, or pick a "
+        "smaller subnet."
     )

@@ -49,8 +49,9 @@ class GateConfig:
         name: "none" (no gates) or "feature" (channel and column gates on inner feature maps).
         keep_ratio: share of each gate's channels or columns kept at inference.
         keep_ratio_range: lowest and highest keep ratio that ``set_keep_ratio`` accepts.
-        latency_budget_ms: when set, the keep ratio is the largest one whose latency, predicted from
-            the device's layer profiles, fits this budget (ms per batch of the profiles).
+        latency_budget_ms: when set, the keep ratio is the largest one whose latency fits this budget
+            (ms per batch of ``hardware.batch_size``): the ungated subnet's measured latency plus
+            each gated block's change, predicted from the device's gated-block profiles.
         channel: allow channel gates.
         spatial: allow column gates.
         mode: eval-time path, "skip" (gathered channels and columns, nothing dropped is computed) or

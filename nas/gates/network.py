@@ -20,7 +20,6 @@ from nas.gates.planning import (
     BlockPlan,
     BlockSite,
     MeasuredPlacement,
-    describe_layers,
     find_block_sites,
     plan_blocks,
 )
@@ -191,35 +190,68 @@ def _install_gates(model: nn.Module, sites: Sequence[BlockSite], plans: Sequence
         setattr(parent, leaf, gated.to(device=parameter.device, dtype=parameter.dtype))
 
 
-def _measured_placement(model: nn.Module, config: GateConfig, protocol: Any) -> MeasuredPlacement:
-    from nas.gates.timing import make_measured_placement
+def _default_protocol(model: nn.Module, protocol: Any) -> Any:
     from predictors.protocol import MeasurementProtocol
 
-    if protocol is None:
-        parameter = next(model.parameters())
-        # Fewer repeats than a profile pass: a placement compares options that differ by 5% or more.
-        protocol = MeasurementProtocol(device=str(parameter.device), warmup=5, repeats=15)
-    return make_measured_placement(model, config, protocol)
+    if protocol is not None:
+        return protocol
+    parameter = next(model.parameters())
+    # Fewer repeats than a profile pass: a placement compares options that differ by 5% or more.
+    return MeasurementProtocol(device=str(parameter.device), warmup=5, repeats=15)
+
+
+def _measured_placement(model: nn.Module, config: GateConfig, protocol: Any) -> MeasuredPlacement:
+    from nas.gates.timing import make_measured_placement
+
+    return make_measured_placement(model, config, _default_protocol(model, protocol))
+
+
+def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence[BlockSite],
+                       plans: Sequence[BlockPlan], config: GateConfig, block_latency: Any, protocol: Any) -> float:
+    """Measure the ungated ``model`` and return the keep ratio that ``config.latency_budget_ms`` allows."""
+    from predictors.gated import block_signature
+    from predictors.profiling import fold_batchnorm_checked, measure_module
+
+    if block_latency is None:
+        raise GateConfigError(
+            "gates.latency_budget_ms needs gated-block latency of this device; pass block_latency "
+            "(predictors.gated.GatedBlockLatency fitted on ProfileStore.gated_block_records), which train.py "
+            "builds itself, or set latency_budget_ms: null."
+        )
+    protocol = _default_protocol(model, protocol)
+    if protocol.batch_size != block_latency.batch_size:
+        raise GateConfigError(
+            f"The gated-block latency model was fitted at batch size {block_latency.batch_size}, but the budget is "
+            f"measured at batch size {protocol.batch_size}; fit it on records of batch size {protocol.batch_size}."
+        )
+    signatures = {site.name: block_signature(model.get_submodule(site.name), site) for site in sites}
+    folded = fold_batchnorm_checked(copy.deepcopy(model).eval(), shape)
+    base_ms = measure_module(folded, shape, protocol, record_operators=False).median_ms
+    return choose_keep_ratio(base_ms, sites, plans, signatures, config, block_latency)
 
 
 def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
                 profile_table: Mapping[str, float] | None = None, input_shape: Sequence[int] | None = None,
-                plan: Mapping[str, Any] | None = None, protocol: Any = None) -> GatedNetwork:
+                plan: Mapping[str, Any] | None = None, protocol: Any = None,
+                block_latency: Any = None) -> GatedNetwork:
     """Return a gated copy of ``model``; ``model`` itself is unchanged and can serve as the distillation teacher.
 
     Args:
         model: a subnet built from gateable residual blocks, such as ``ResNetSubnet``.
         cfg: a ``conf/gates`` node. With ``name: none`` the network carries no gate and runs as ``model``.
         profile_table: ``{LayerSpec.key(): latency_ms}`` for the device at one batch size. It sets the
-            channel steps and the channel-gate placement, and is required by ``latency_budget_ms``.
+            channel steps with ``placement: table`` and the channel-gate placement.
         input_shape: (C, H, W) of one input image; inferred from ``model.arch.resolution`` when omitted.
         plan: a :meth:`GatedNetwork.describe` record to rebuild the same gates (for loading a
             fine-tuned checkpoint); nothing is measured and the table is not consulted. A record
             with ``batchnorm_stats`` also gets an empty BatchNorm bank of the recorded shape, which
             ``load_state_dict`` then fills.
         protocol: the ``predictors.protocol.MeasurementProtocol`` for ``placement: measure`` (device,
-            threads, warm-up, repeats; the batch sizes come from ``measure_batch_sizes``). Defaults to
-            the model's device with 5 warm-up passes and 15 timed ones.
+            threads, warm-up, repeats; the batch sizes come from ``measure_batch_sizes``), and for
+            measuring the ungated model against ``latency_budget_ms`` at its batch size. Defaults to
+            the model's device, batch size 1, 5 warm-up passes and 15 timed ones.
+        block_latency: a ``predictors.gated.GatedBlockLatency`` of this device at the protocol's
+            batch size, required by ``latency_budget_ms``.
 
     Raises:
         GateConfigError: on an invalid configuration, a plan that does not fit the model, or a latency
@@ -239,10 +271,9 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
         plans = plan_blocks(sites, config, profile_table, measure)
         ratio = config.keep_ratio
         if config.enabled and config.latency_budget_ms is not None:
-            if profile_table is None:
-                raise GateConfigError("gates.latency_budget_ms needs a profile table; pass profile_table "
-                                      "(ProfileStore.layer_table) or set latency_budget_ms: null.")
-            ratio = choose_keep_ratio(describe_layers(model, shape), sites, plans, config, profile_table)
+            ratio = _budget_keep_ratio(model, shape, sites, plans, config, block_latency, protocol)
+            # The budget's ratio becomes the target of fine-tuning and calibration, as keep_ratio would.
+            config = dataclasses.replace(config, keep_ratio=ratio)
 
     runtime = GateRuntime(mode=config.mode, skip_max_share=config.skip_max_share,
                           dropout_fraction=config.targeted_dropout.fraction,

@@ -35,6 +35,7 @@ __all__ = [
     "make_block_timer",
     "make_measured_placement",
     "measured_steps",
+    "option_module",
     "time_channel_counts",
 ]
 
@@ -52,10 +53,12 @@ GATE_OPTIONS: dict[str, tuple[bool, bool]] = {
 BlockTimer = Callable[[nn.Module, BlockSite, list[int]], dict[str, dict[int, float]]]
 
 
-def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateConfig, steps: list[int],
-                   skip_max_share: float, channels: int | None = None, grouped: bool = False) -> nn.Module:
+def option_module(block: nn.Module, site: BlockSite, option: str, config: GateConfig, steps: list[int],
+                  skip_max_share: float, channels: int | None = None, grouped: bool = False,
+                  columns: int | None = None) -> nn.Module:
     """Return a folded eval copy of ``block`` with ``option``'s gates, keeping ``channels`` (default:
-    the low end of ``keep_ratio_range``, snapped up to ``steps``), on the grouped path if ``grouped``."""
+    the low end of ``keep_ratio_range``, snapped up to ``steps``) and ``columns`` (default: that
+    keep ratio's share), on the grouped path if ``grouped``."""
     module = copy.deepcopy(block).eval()
     channel, spatial = GATE_OPTIONS[option]
     gated_class = gated_block_class(block)
@@ -69,7 +72,7 @@ def _option_module(block: nn.Module, site: BlockSite, option: str, config: GateC
         requested = keep_count(low, site.inner_channels)
         if channels is None:
             channels = min((s for s in steps if s >= requested), default=site.inner_channels)
-        module.set_keep(channels, keep_count(low, site.inner_size))
+        module.set_keep(channels, keep_count(low, site.inner_size) if columns is None else columns)
         if grouped:
             module.grouped_max_channels = module.inner_channels
     fold_batchnorm(module)
@@ -116,7 +119,7 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
             # selections is smaller than after training. Larger batches are therefore timed on the
             # dense masked path, the slowest one the runtime can take.
             share = config.skip_max_share if batch_size == smallest else 0.0
-            modules = {name: _option_module(block, site, name, config, steps, share) for name in available}
+            modules = {name: option_module(block, site, name, config, steps, share) for name in available}
             batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
             for name, ms in _fastest_medians(modules, shape, batch_protocol).items():
                 latency[name][batch_size] = ms
@@ -141,7 +144,7 @@ def time_channel_counts(block: nn.Module, site: BlockSite, counts: list[int], co
     """
     batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
     shape = (site.in_channels, site.in_size, site.in_size)
-    modules = {count: _option_module(block, site, "channel" if count < site.inner_channels else "none", config,
+    modules = {count: option_module(block, site, "channel" if count < site.inner_channels else "none", config,
                                      counts, config.skip_max_share, channels=count, grouped=grouped)
                for count in counts}
     return _fastest_medians(modules, shape, batch_protocol)
