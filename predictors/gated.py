@@ -44,6 +44,7 @@ __all__ = [
     "evaluate_gated_latency",
     "fit_for_model",
     "gated_block_features",
+    "holdout_predictions",
     "profile_gated_blocks",
     "run_key",
     "space_blocks",
@@ -405,38 +406,44 @@ def _metrics(predicted: np.ndarray, measured: np.ndarray) -> dict[str, float]:
             "mape": float(100 * relative.mean()), "kendall_tau": float(tau)}
 
 
-def evaluate_gated_latency(records: Iterable[Mapping[str, Any]], hw: HardwareFacts, holdout: float = 0.25,
-                           seed: int = 0) -> dict[str, Any]:
-    """Fit on most blocks and score the rest: every run of a held-out block is unseen in training.
+def holdout_predictions(records: Iterable[Mapping[str, Any]], hw: HardwareFacts, holdout: float = 0.25,
+                        seed: int = 0) -> dict[str, Any]:
+    """Fit on most blocks and predict every run of the rest, which training never saw.
 
-    Returns ``model`` and ``proportional`` metrics (``within_10pct``, ``within_5pct``, ``mape``,
-    ``kendall_tau``) over the held-out runs, with ``blocks_train``, ``blocks_test`` and ``runs_test``.
-    ``proportional`` scales each held-out block's measured ungated latency by the kept share of its
-    MACs, which is what a FLOPs count says a gate saves.
+    Returns ``measured``, ``predicted`` and ``proportional`` latencies (ms arrays, one entry per
+    held-out run) with ``blocks_train``, ``blocks_test`` and ``batch_size``. ``proportional``
+    scales each held-out block's measured ungated latency by the kept share of its MACs, which is
+    what a FLOPs count says a gate saves.
     """
     records = list(records)
     unique, y, batch_size = _records_by_key(records)
     signatures = sorted({json.dumps(r["block"], sort_keys=True) for r in unique})
-    rng = np.random.default_rng(seed)
     n_test = max(1, int(round(holdout * len(signatures))))
-    test = set(rng.permutation(signatures)[:n_test].tolist())
     if len(signatures) - n_test < MIN_BLOCKS:
         raise GatedLatencyError(f"{len(signatures)} profiled blocks are too few to hold {n_test} out; profile more subnets.")
-    train = [r for r in records if json.dumps(r["block"], sort_keys=True) not in test]
-    model = GatedBlockLatency.fit(train, hw, seed=seed)
+    test = set(np.random.default_rng(seed).permutation(signatures)[:n_test].tolist())
+    model = GatedBlockLatency.fit([r for r in records if json.dumps(r["block"], sort_keys=True) not in test], hw,
+                                  seed=seed)
     held = [(r, t) for r, t in zip(unique, y) if json.dumps(r["block"], sort_keys=True) in test]
     ungated = {run_key(r["block"], r["run"]): t for r, t in held if r["run"]["option"] == "none"}
     scored = [(r, t) for r, t in held if run_key(r["block"], _none_run(r["block"])) in ungated]
-    measured = np.array([t for _, t in scored])
-    predicted = model.predict([r["block"] for r, _ in scored], [r["run"] for r, _ in scored])
-    proportional = np.array([
-        ungated[run_key(r["block"], _none_run(r["block"]))]
-        * gated_block_features(r["block"], r["run"], batch_size, hw)["macs_share"] for r, _ in scored
-    ])
-    return {"blocks_train": len(signatures) - n_test, "blocks_test": n_test, "runs_test": len(scored),
-            "batch_size": batch_size, "model": _metrics(predicted, measured),
-            "proportional": _metrics(proportional, measured)}
+    proportional = [ungated[run_key(r["block"], _none_run(r["block"]))]
+                    * gated_block_features(r["block"], r["run"], batch_size, hw)["macs_share"] for r, _ in scored]
+    return {"measured": np.array([t for _, t in scored]),
+            "predicted": model.predict([r["block"] for r, _ in scored], [r["run"] for r, _ in scored]),
+            "proportional": np.array(proportional), "blocks_train": len(signatures) - n_test, "blocks_test": n_test,
+            "batch_size": batch_size}
 
+
+def evaluate_gated_latency(records: Iterable[Mapping[str, Any]], hw: HardwareFacts, holdout: float = 0.25,
+                           seed: int = 0) -> dict[str, Any]:
+    """Score :func:`holdout_predictions`: ``model`` and ``proportional`` metrics (``within_10pct``,
+    ``within_5pct``, ``mape``, ``kendall_tau``) over the held-out runs, with ``blocks_train``,
+    ``blocks_test``, ``runs_test`` and ``batch_size``."""
+    held = holdout_predictions(records, hw, holdout, seed)
+    measured, predicted, proportional = (held.pop(key) for key in ("measured", "predicted", "proportional"))
+    return {**held, "runs_test": len(measured), "model": _metrics(predicted, measured),
+            "proportional": _metrics(proportional, measured)}
 
 
 def fit_for_model(model: nn.Module, input_shape: Sequence[int], store: Any, protocol: MeasurementProtocol,

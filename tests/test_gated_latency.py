@@ -118,6 +118,7 @@ def test_model_learns_gated_staircase():
     records = _synthetic_records(widths)
     report = evaluate_gated_latency(records, HW, holdout=0.25, seed=0)
     assert report["blocks_test"] == 5
+    assert set(report) == {"blocks_train", "blocks_test", "runs_test", "batch_size", "model", "proportional"}
     assert report["model"]["within_10pct"] >= 0.9
     assert report["proportional"]["within_10pct"] < 0.5  # MACs miss the gate's cost and the steps
 
