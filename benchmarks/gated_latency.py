@@ -6,9 +6,9 @@ Usage: python benchmarks/gated_latency.py [--subnets N] [--passes P] [--repeats 
 1. Profiles the gateable blocks of ``--subnets`` subnets of ``conf/space/resnet.yaml`` (1x28x28
    inputs) with their gates at every kept count (``predictors.gated.profile_gated_blocks``) into a
    fresh profile store, ``--passes`` times each.
-2. ``blocks``: a quarter of the distinct blocks is held out, the model is fitted on the rest, and
-   every run of the held-out blocks is scored (``within_10pct``, ``within_5pct``, ``mape``,
-   ``kendall_tau``) against ``proportional``: the block's measured ungated latency times the
+2. ``blocks``: a quarter of the distinct blocks is held out and the model is fitted on the rest.
+   Every run of the held-out blocks is scored (``within_10pct``, ``within_5pct``, ``mape``,
+   ``kendall_tau``), and so is ``proportional``: the block's measured ungated latency times the
    kept share of its MACs. ``noise_floor``: agreement of the first two passes of every run.
 3. ``network``: the ``--arch`` subnet (the default of ``benchmarks/gates.py``) gets gates as
    ``train.py gates=feature`` places them (``placement: measure``), and its blocks are profiled
@@ -143,9 +143,9 @@ def network_check(space: Any, store: ProfileStore, protocol: MeasurementProtocol
 
     models: dict[Any, torch.nn.Module] = {"ungated": subnet}
     for ratio in args.ratios:
-        copy_ = copy.deepcopy(gated)
-        copy_.set_keep_ratio(ratio)
-        models[ratio] = copy_
+        network = copy.deepcopy(gated)
+        network.set_keep_ratio(ratio)
+        models[ratio] = network
     measured = measure_networks(models, shape, protocol, args.rounds)
     base = measured["ungated"]
     points = []

@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/gates.py [--arch JSON] [--epochs E] [--finetune-epochs F] [--ratios R ...]
        [--placement measure|table|all] [--gates KEY=VALUE ...] [--calibration-images I] [--static N]
-       [--threads T] [--repeats R] [--out DIR]
+       [--threads T] [--repeats R] [--split TRAIN VAL TEST] [--out DIR]
 
 Trains one subnet of ``conf/space/resnet.yaml`` (1x28x28, 10 classes) on the bundled MNIST subset
 with a plain loop. Then it gates the subnet (``conf/gates/feature.yaml`` with the flags overriding
@@ -97,6 +97,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the fastest median counts")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
     parser.add_argument("--seed", type=int, default=0, help="seed of data split, weights and sampling")
+    parser.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
+                        help="shares of the 5,000 MNIST images; a larger test share narrows the accuracy intervals")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/gates"), help="output folder")
     return parser.parse_args()
 
@@ -387,7 +389,8 @@ def main() -> None:
     space = create_space(space_cfg)
     arch = space.arch_from_dict(args.arch)
     input_shape = space.input_shape(arch)
-    data = build_datamodule({"name": "mnist", "seed": args.seed, "batch_size": 64, "eval_batch_size": 500})
+    data = build_datamodule({"name": "mnist", "seed": args.seed, "batch_size": 64, "eval_batch_size": 500,
+                             "split": args.split})
     data.setup()
     loader, test_loader = data.train_dataloader(), data.test_dataloader()
 

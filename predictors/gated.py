@@ -56,14 +56,14 @@ log = logging.getLogger(__name__)
 # multiple of 8 channels instead, because their counts snap to channel steps.
 PROFILE_RATIOS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 CHANNEL_STEP = 8
-# Fewest distinct blocks and runs a model is fitted on.
+# Minimum distinct blocks and runs to fit a model on.
 MIN_BLOCKS = 2
 MIN_RUNS = 10
 DEFAULT_PARAMS = XGBParams(n_estimators=300, max_depth=4, learning_rate=0.1)
 
 
 class GatedLatencyError(ValueError):
-    """Gated-block records that cannot train a model, or a model asked outside what it learned."""
+    """Gated-block records that cannot train a model, or a prediction request the model cannot serve."""
 
 
 # -- blocks and runs -----------------------------------------------------------------------------
@@ -72,7 +72,7 @@ class GatedLatencyError(ValueError):
 def block_signature(block: nn.Module, site: Any) -> dict[str, Any]:
     """Return the JSON signature of an ungated ``block`` at ``site`` (a ``nas.gates.BlockSite``).
 
-    Holds ``type`` (class name), ``in_channels``, ``in_size``, ``stages`` (a ``LayerSpec`` dict per
+    Contains ``type`` (class name), ``in_channels``, ``in_size``, ``stages`` (a ``LayerSpec`` dict per
     stage convolution in order), ``producer`` (index of the stage whose output is gated),
     ``shortcut`` (a convolution on the residual path) and ``squeeze_excite``.
     """
@@ -185,7 +185,7 @@ def _run_module(block: nn.Module, site: Any, run: Mapping[str, Any]) -> nn.Modul
     from nas.gates.timing import option_module
 
     # Batches above 1 off the grouped path are timed masked (skip_max_share 0), the slowest path the
-    # runtime takes, because an untrained gate's selections say nothing about a trained one's union.
+    # runtime takes, because an untrained gate's selections do not predict a trained one's union.
     return option_module(block, site, run["option"], parse_gate_config({"name": "feature"}), [],
                          skip_max_share=0.0, channels=int(run["channels"]), grouped=bool(run["grouped"]),
                          columns=int(run["columns"]))
@@ -259,10 +259,10 @@ def gated_block_features(block: Mapping[str, Any], run: Mapping[str, Any], batch
                          hw: HardwareFacts) -> dict[str, float]:
     """Return the features of one run of one block.
 
-    Block shape (input, inner and output channels and sizes, stride, stages), the gate option and
-    kept counts, MACs of the stages with and without the kept share (from the producer on, the kept
-    columns scale the MACs), and the device features (SIMD remainders or GEMM tiles and waves) of
-    the producer and consumer at the kept channel count.
+    The features are the block's shape (input, inner and output channels and sizes, stride,
+    stages), the gate option and kept counts, and the MACs of the stages with and without the kept
+    share. From the producer on, the kept columns scale the MACs too. The device features (SIMD
+    remainders or GEMM tiles and waves) of the producer and consumer at the kept count follow.
     """
     stages = _stage_specs(block)
     producer = block["producer"]
@@ -366,12 +366,12 @@ class GatedBlockLatency:
         blocks = len({json.dumps(r["block"], sort_keys=True) for r in unique})
         if blocks < MIN_BLOCKS or len(unique) < MIN_RUNS:
             raise GatedLatencyError(
-                f"Gated-block latency needs at least {MIN_BLOCKS} blocks and {MIN_RUNS} runs, but the records hold "
+                f"Gated-block latency needs at least {MIN_BLOCKS} blocks and {MIN_RUNS} runs, but the records contain "
                 f"{blocks} blocks and {len(unique)} runs; profile them with `python -m predictors.profile "
                 "+space=<space> profile.gate_subnets=20`."
             )
         if not np.all(y > 0):
-            raise GatedLatencyError("Gated-block records hold a latency that is not positive; delete those lines.")
+            raise GatedLatencyError("Gated-block records contain a latency that is not positive; delete those lines.")
         frame = [gated_block_features(r["block"], r["run"], batch_size, hw) for r in unique]
         names = sorted(frame[0])
         x = np.array([[row[name] for name in names] for row in frame])
@@ -413,7 +413,7 @@ def holdout_predictions(records: Iterable[Mapping[str, Any]], hw: HardwareFacts,
     Returns ``measured``, ``predicted`` and ``proportional`` latencies (ms arrays, one entry per
     held-out run) with ``blocks_train``, ``blocks_test`` and ``batch_size``. ``proportional``
     scales each held-out block's measured ungated latency by the kept share of its MACs, which is
-    what a FLOPs count says a gate saves.
+    the saving a FLOPs count predicts.
     """
     records = list(records)
     unique, y, batch_size = _records_by_key(records)

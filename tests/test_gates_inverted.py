@@ -256,3 +256,23 @@ def test_measured_placement_never_groups_inverted(mobilenet_subnet, monkeypatch)
     # Inverted blocks have no grouped path, so none is timed or recorded.
     assert all(plan.grouped_max_channels == 0 for plan in network.plans)
     assert all("grouped" not in plan.reason for plan in network.plans)
+
+
+def test_inverted_blocks_profile_and_fit(mobilenet_subnet, tmp_path):
+    from predictors.features import HardwareFacts
+    from predictors.fingerprint import device_fingerprint
+    from predictors.gated import GatedBlockLatency, block_runs, collect_blocks, profile_gated_blocks
+    from predictors.protocol import MeasurementProtocol
+    from predictors.store import ProfileStore
+
+    protocol = MeasurementProtocol(threads=1, warmup=0, repeats=1)
+    store = ProfileStore(tmp_path, device_fingerprint(protocol))
+    blocks = collect_blocks([(mobilenet_subnet, (1, 28, 28))])[:2]
+    signature = blocks[0][2]
+    assert signature["type"] == "InvertedResidual"
+    assert [stage["groups"] > 1 for stage in signature["stages"]] == [False, True, False]  # expand, depthwise, project
+    measured = profile_gated_blocks(blocks, store, protocol, passes=1, progress=False)
+    assert measured == sum(len(block_runs(b[2], 1)) for b in blocks)
+    model = GatedBlockLatency.fit(store.gated_block_records(1), HardwareFacts(device="cpu", simd_width=16))
+    runs = [r["run"] for r in store.gated_block_records(1) if r["block"] == signature]
+    assert (model.predict([signature] * len(runs), runs) > 0).all()
