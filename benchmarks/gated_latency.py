@@ -17,8 +17,9 @@ Usage: python benchmarks/gated_latency.py [--subnets N] [--passes P] [--repeats 
    and measured, both at batch 1, the smallest median of ``--rounds`` interleaved rounds.
    ``proportional_ms`` is the ungated latency minus each gated block's MACs share of its
    measured ungated latency.
-4. ``budgets``: ``gates.latency_budget_ms`` at 80%, 90% and 95% of the ungated latency; the
-   chosen keep ratio and the network's measured latency there.
+4. ``budgets``: ``gates.latency_budget_ms`` at 80%, 90% and 95% of the ungated latency: the
+   keep ratio chosen from predictions (``predicted_keep_ratio``), the ratio after measuring the
+   network (``keep_ratio``, as ``apply_gates`` confirms it) and the latency measured there.
 
 Writes ``gated_blocks_predicted.png`` (held-out runs) and ``gated_network.png`` (latency against
 keep ratio) to ``--out``. Latencies are only as quiet as the machine: run it alone.
@@ -44,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nas.gates import apply_gates, find_block_sites, parse_gate_config  # noqa: E402
+from nas.gates import apply_gates, confirm_budget, find_block_sites, parse_gate_config  # noqa: E402
 from nas.gates.budget import choose_keep_ratio, gated_runs, predict_latency_ms  # noqa: E402
 from nas.report import atomic_write_text, save_figure  # noqa: E402
 from nas.spaces import create_space, load_space_config  # noqa: E402
@@ -164,15 +165,17 @@ def network_check(space: Any, store: ProfileStore, protocol: MeasurementProtocol
         budget = share * base
         config = parse_gate_config({"name": "feature", "latency_budget_ms": budget})
         try:
-            ratio = choose_keep_ratio(base, sites, gated.plans, signatures, config, block_latency)
+            predicted_ratio = choose_keep_ratio(base, sites, gated.plans, signatures, config, block_latency)
+            chosen = copy.deepcopy(gated)
+            chosen.config = config
+            chosen.set_keep_ratio(predicted_ratio)
+            ratio = confirm_budget(chosen, shape, protocol)
         except ValueError as err:
             budgets.append({"budget_ms": budget, "error": str(err)})
             continue
-        chosen = copy.deepcopy(gated)
-        chosen.set_keep_ratio(ratio)
         timed = measure_networks({"chosen": chosen, "ungated": subnet}, shape, protocol, args.rounds)
-        budgets.append({"budget_ms": budget, "keep_ratio": ratio, "measured_ms": timed["chosen"],
-                        "measured_ungated_ms": timed["ungated"]})
+        budgets.append({"budget_ms": budget, "predicted_keep_ratio": predicted_ratio, "keep_ratio": ratio,
+                        "measured_ms": timed["chosen"], "measured_ungated_ms": timed["ungated"]})
     plot_network(args.out / "gated_network.png", points, base)
 
     def within(key: str) -> float:

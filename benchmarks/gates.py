@@ -33,7 +33,6 @@ import copy
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +62,7 @@ from nas.gates import (  # noqa: E402
     parse_gate_config,
 )
 from nas.spaces import create_space, load_space_config  # noqa: E402
-from nas.report import save_figure  # noqa: E402
+from nas.report import atomic_write_text, save_figure  # noqa: E402
 from nas.spaces.base import SearchSpace  # noqa: E402
 from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape  # noqa: E402
 from predictors.profiling import measure_module  # noqa: E402
@@ -372,12 +371,6 @@ def plot(points: list[dict[str, Any]], baseline: dict[str, Any], static: list[di
     save_figure(figure, path, dpi=120)
 
 
-def write_json(data: dict[str, Any], path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(temporary, path)
-
-
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
@@ -429,7 +422,7 @@ def main() -> None:
         "finetune_epochs": args.finetune_epochs,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_json(result, args.out / "gates.json")
+    atomic_write_text(args.out / "gates.json", json.dumps(result, indent=2) + "\n")
     summary = {key: result[key] for key in ("points", "baseline", "static", "targets", "threads", "seconds")}
     summary["gated_blocks"] = {p["name"]: [p["channel"], p["spatial"]] for p in result["gates"]["blocks"]}
     print(json.dumps(summary, separators=(",", ":")))

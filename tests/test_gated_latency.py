@@ -247,3 +247,21 @@ def test_fit_for_model_profiles_and_budgets(subnet, tmp_path):
     assert network.keep_ratio == network.config.keep_ratio == 1.0  # fine-tuning targets the budget's ratio
     with pytest.raises(GateConfigError, match="latency_budget_ms=1e-06"):
         apply_gates(subnet, {**ALL, "latency_budget_ms": 1e-6}, protocol=QUICK, block_latency=model)
+
+
+class _OptimisticLatency:
+    """A block model that predicts every gated block 1 s faster than ungated."""
+
+    batch_size = 1
+
+    def delta_ms(self, blocks, runs):
+        return np.array([0.0 if run["option"] == "none" else -1000.0 for run in runs])
+
+
+def test_budget_confirmed_by_measurement(subnet, caplog):
+    config = {**ALL, "latency_budget_ms": 1e-3}
+    with caplog.at_level("INFO", logger="nas.gates"):
+        with pytest.raises(GateConfigError, match="below the measured"):
+            apply_gates(subnet, config, protocol=QUICK, block_latency=_OptimisticLatency())
+    assert "predicted" in caplog.text  # the prediction fitted the budget
+    assert "trying" in caplog.text  # and measuring lowered the ratio before giving up

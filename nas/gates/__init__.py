@@ -21,7 +21,7 @@ from nas.gates.config import GateConfig, GateConfigError, TargetedDropoutConfig,
 from nas.gates.inverted import GatedInvertedResidual
 from nas.gates.macs import executed_macs
 from nas.gates.modules import ChannelGate, ColumnGate, keep_count, top_k_indices, top_k_mask
-from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates
+from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates, confirm_budget
 from nas.gates.planning import BlockPlan, BlockSite, describe_layers, find_block_sites
 from nas.gates.training import (
     BatchNormCalibration,
@@ -51,6 +51,7 @@ __all__ = [
     "apply_gates",
     "calibrate_keep_ratios",
     "calibration_ratios",
+    "confirm_budget",
     "describe_layers",
     "executed_macs",
     "find_block_sites",

@@ -13,7 +13,7 @@ from torch import nn
 
 from nas.gates.batchnorm import BatchNormBank
 from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout, gated_block_class
-from nas.gates.budget import choose_keep_ratio
+from nas.gates.budget import RATIO_STEP, choose_keep_ratio
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
 from nas.gates.modules import keep_count
 from nas.gates.planning import (
@@ -24,7 +24,7 @@ from nas.gates.planning import (
     plan_blocks,
 )
 
-__all__ = ["FORMAT_VERSION", "GatedNetwork", "apply_gates"]
+__all__ = ["FORMAT_VERSION", "GatedNetwork", "apply_gates", "confirm_budget"]
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +210,6 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
                        plans: Sequence[BlockPlan], config: GateConfig, block_latency: Any, protocol: Any) -> float:
     """Measure the ungated ``model`` and return the keep ratio that ``config.latency_budget_ms`` allows."""
     from predictors.gated import block_signature
-    from predictors.profiling import fold_batchnorm_checked, measure_module
 
     if block_latency is None:
         raise GateConfigError(
@@ -225,9 +224,52 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
             f"measured at batch size {protocol.batch_size}; fit it on records of batch size {protocol.batch_size}."
         )
     signatures = {site.name: block_signature(model.get_submodule(site.name), site) for site in sites}
-    folded = fold_batchnorm_checked(copy.deepcopy(model).eval(), shape)
-    base_ms = measure_module(folded, shape, protocol, record_operators=False).median_ms
-    return choose_keep_ratio(base_ms, sites, plans, signatures, config, block_latency)
+    return choose_keep_ratio(_measure_ms(model, shape, protocol), sites, plans, signatures, config, block_latency)
+
+
+def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any) -> float:
+    """Return the median latency (ms) of an eval, BatchNorm-folded copy of ``model``."""
+    from predictors.modules import fold_batchnorm
+    from predictors.profiling import measure_module
+
+    folded = copy.deepcopy(model).eval()
+    fold_batchnorm(folded)
+    return measure_module(folded, shape, protocol, record_operators=False).median_ms
+
+
+def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any = None) -> float:
+    """Measure ``network`` at its keep ratio and lower the ratio until it fits ``config.latency_budget_ms``.
+
+    ``apply_gates`` calls it after choosing the ratio from predictions. ``shape`` is one input's
+    (C, H, W) and ``protocol`` the ``MeasurementProtocol`` (default: the model's device, batch 1).
+
+    Blocks timed alone save slightly more than in the network, so a prediction just under the
+    budget can measure a few percent over it. Each step lowers the ratio until a kept count
+    changes. Returns the ratio that measured within the budget.
+
+    Raises:
+        GateConfigError: when the network measures over budget at the low end of the range too.
+    """
+    budget = network.config.latency_budget_ms
+    low = network.config.keep_ratio_range[0]
+    protocol = _default_protocol(network, protocol)
+    ratio = network.keep_ratio
+    while True:
+        measured = _measure_ms(network, shape, protocol)
+        if measured <= budget:
+            log.info("gates: keep ratio %.2f measured %.4f ms within latency_budget_ms %.4f", ratio, measured, budget)
+            return ratio
+        counts = network.keep_counts()
+        while ratio > low and network.keep_counts() == counts:
+            ratio = max(low, round(ratio - RATIO_STEP, 6))
+            network.set_keep_ratio(ratio)
+        if network.keep_counts() == counts:
+            raise GateConfigError(
+                f"gates.latency_budget_ms={budget} is below the measured {measured:.4f} ms at the lowest keep ratio "
+                f"{low}; raise the budget, lower keep_ratio_range[0] and fine-tune again, or pick a smaller subnet."
+            )
+        log.info("gates: keep ratio measured %.4f ms, over latency_budget_ms %.4f; trying %.2f", measured, budget,
+                 ratio)
 
 
 def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
@@ -280,6 +322,9 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
                           dropout_rate=config.targeted_dropout.rate, seed=config.seed)
     _install_gates(gated_model, sites, plans, runtime)
     network = GatedNetwork(gated_model, config, plans, runtime, ratio)
+    if plan is None and config.enabled and config.latency_budget_ms is not None:
+        ratio = confirm_budget(network, shape, protocol)
+        network.config = dataclasses.replace(config, keep_ratio=ratio)
     if plan is not None and plan.get("batchnorm_stats") is not None:
         # The bank is attached without loading its rows: load_state_dict fills both it and the layers.
         network.batchnorm_bank = BatchNormBank.from_record(plan["batchnorm_stats"])

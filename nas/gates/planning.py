@@ -32,7 +32,9 @@ __all__ = [
     "channel_staircase",
     "describe_layers",
     "find_block_sites",
+    "low_keep_channels",
     "plan_blocks",
+    "snap_up",
 ]
 
 log = logging.getLogger(__name__)
@@ -49,6 +51,16 @@ def activation_name(module: nn.Module | None) -> str:
     if isinstance(module, nn.Hardswish):
         return "hswish"
     return "none"
+
+
+def snap_up(steps: Sequence[int], requested: int, total: int) -> int:
+    """Return the smallest of ``steps`` that is at least ``requested``, or ``total`` if none is."""
+    return min((step for step in steps if step >= requested), default=total)
+
+
+def low_keep_channels(site: BlockSite, config: GateConfig, steps: Sequence[int]) -> int:
+    """Return the channels kept at the low end of ``keep_ratio_range``, rounded up to ``steps``."""
+    return snap_up(steps, keep_count(config.keep_ratio_range[0], site.inner_channels), site.inner_channels)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +139,7 @@ class BlockPlan:
 
     def snap_channels(self, requested: int) -> int:
         """Round a requested kept-channel count up to the next step top."""
-        for step in self.channel_steps:
-            if step >= requested:
-                return step
-        return self.channel_steps[-1]
+        return snap_up(self.channel_steps, requested, self.channel_steps[-1])
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -300,7 +309,7 @@ def _decide_channel(site: BlockSite, config: GateConfig, steps: list[int], laten
     if not config.channel:
         return False, "channel gate disabled"
     low = config.keep_ratio_range[0]
-    kept = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
+    kept = low_keep_channels(site, config, steps)
     if kept >= site.inner_channels:
         return False, f"no channel gate: keep ratio {low} rounds up to all {site.inner_channels} channels"
     if not profiled:
@@ -328,7 +337,7 @@ def _decide_spatial(site: BlockSite, config: GateConfig) -> tuple[bool, str]:
 
 def _decide_all(site: BlockSite, config: GateConfig, steps: list[int]) -> tuple[bool, bool, str]:
     low = config.keep_ratio_range[0]
-    channels = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
+    channels = low_keep_channels(site, config, steps)
     columns = keep_count(low, site.inner_size)
     channel = config.channel and channels < site.inner_channels
     spatial = config.spatial and columns < site.inner_size

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from nas.gates.blocks import GateRuntime, block_layout, gated_block_class
 from nas.gates.config import GateConfig
 from nas.gates.modules import keep_count
-from nas.gates.planning import BlockSite, MeasuredDecision, MeasuredPlacement
+from nas.gates.planning import BlockSite, MeasuredDecision, MeasuredPlacement, low_keep_channels
 from predictors.modules import fold_batchnorm
 from predictors.profiling import MeasurementProtocol, measure_module
 
@@ -69,9 +69,8 @@ def option_module(block: nn.Module, site: BlockSite, option: str, config: GateCo
         module = gated_class(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
                              runtime).eval()
         low = config.keep_ratio_range[0]
-        requested = keep_count(low, site.inner_channels)
         if channels is None:
-            channels = min((s for s in steps if s >= requested), default=site.inner_channels)
+            channels = low_keep_channels(site, config, steps)
         module.set_keep(channels, keep_count(low, site.inner_size) if columns is None else columns)
         if grouped:
             module.grouped_max_channels = module.inner_channels
@@ -108,7 +107,7 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
         # A gate that keeps every feature at the low keep ratio never runs. Timing it would let noise
         # decide, so such options are left out.
         low = config.keep_ratio_range[0]
-        channels = min((s for s in steps if s >= keep_count(low, site.inner_channels)), default=site.inner_channels)
+        channels = low_keep_channels(site, config, steps)
         drops = {"channel": channels < site.inner_channels, "column": keep_count(low, site.inner_size) < site.inner_size}
         available = [name for name in options
                      if name == "none" or all(drops[part] for part in name.split("+"))]
