@@ -8,7 +8,6 @@ measures only what is missing.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path

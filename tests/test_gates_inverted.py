@@ -276,3 +276,16 @@ def test_inverted_blocks_profile_and_fit(mobilenet_subnet, tmp_path):
     model = GatedBlockLatency.fit(store.gated_block_records(1), HardwareFacts(device="cpu", simd_width=16))
     runs = [r["run"] for r in store.gated_block_records(1) if r["block"] == signature]
     assert (model.predict([signature] * len(runs), runs) > 0).all()
+
+
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_export_column_gated_inverted(mobilenet_subnet, dynamic_batch):
+    network = apply_gates(mobilenet_subnet, {"name": "feature", "placement": "all", "keep_ratio": 0.4}).eval()
+    assert all(block.column_gate is not None for block in network.gated_blocks().values())
+    example = torch.randn(2 if dynamic_batch else 1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic_batch else None
+    with torch.no_grad():
+        program = torch.export.export(network, (example,), dynamic_shapes=shapes)
+        for batch in (1, 3) if dynamic_batch else (1,):
+            x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
+            torch.testing.assert_close(program.module()(x), network(x), atol=1e-4, rtol=1e-4)

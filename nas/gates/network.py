@@ -259,7 +259,7 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
         if measured <= budget:
             log.info("gates: keep ratio %.2f measured %.4f ms within latency_budget_ms %.4f", ratio, measured, budget)
             return ratio
-        counts = network.keep_counts()
+        counts, previous = network.keep_counts(), ratio
         while ratio > low and network.keep_counts() == counts:
             ratio = max(low, round(ratio - RATIO_STEP, 6))
             network.set_keep_ratio(ratio)
@@ -268,8 +268,8 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
                 f"gates.latency_budget_ms={budget} is below the measured {measured:.4f} ms at the lowest keep ratio "
                 f"{low}; raise the budget, lower keep_ratio_range[0] and fine-tune again, or pick a smaller subnet."
             )
-        log.info("gates: keep ratio measured %.4f ms, over latency_budget_ms %.4f; trying %.2f", measured, budget,
-                 ratio)
+        log.info("gates: keep ratio %.2f measured %.4f ms, over latency_budget_ms %.4f; trying %.2f", previous,
+                 measured, budget, ratio)
 
 
 def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
