@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -237,6 +238,10 @@ def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any) -> floa
     return measure_module(folded, shape, protocol, record_operators=False).median_ms
 
 
+# Measurements per keep ratio in confirm_budget; their median counts.
+CONFIRM_ROUNDS = 3
+
+
 def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any = None) -> float:
     """Measure ``network`` at its keep ratio and lower the ratio until it fits ``config.latency_budget_ms``.
 
@@ -247,6 +252,9 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
     budget can measure a few percent over it. Each step lowers the ratio until a kept count
     changes. Returns the ratio that measured within the budget.
 
+    NOTE: a later measurement of the same network can still differ by the machine's noise (a few
+    percent on a shared 2-core VM), so a budget at the edge may be exceeded there.
+
     Raises:
         GateConfigError: when the network measures over budget at the low end of the range too.
     """
@@ -255,7 +263,8 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
     protocol = _default_protocol(network, protocol)
     ratio = network.keep_ratio
     while True:
-        measured = _measure_ms(network, shape, protocol)
+        # The median of three measurements: one alone varies by a few percent between calls.
+        measured = float(np.median([_measure_ms(network, shape, protocol) for _ in range(CONFIRM_ROUNDS)]))
         if measured <= budget:
             log.info("gates: keep ratio %.2f measured %.4f ms within latency_budget_ms %.4f", ratio, measured, budget)
             return ratio
