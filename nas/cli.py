@@ -114,6 +114,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         ("predictors.profiler_records", "ProfilingError"),
         ("predictors.protocol", "HardwareConfigError"),
         ("predictors.store", "StoreError"),
+        ("predictors.gated", "GatedLatencyError"),
     ]
     for module, name in candidates:
         try:

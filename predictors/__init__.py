@@ -1,4 +1,4 @@
-"""Latency measurement and prediction: profiling, the profile store and the latency predictor."""
+"""Latency measurement and prediction: profiling, the profile store, the latency predictor and gated-block latency."""
 
 from predictors.fingerprint import device_fingerprint, fingerprint_id, fingerprints_match, simd_width_floats
 from predictors.modules import build_layer_module, fold_batchnorm, layer_input_shape
@@ -41,16 +41,21 @@ __all__ = [
 # predictors.evaluate are imported from their modules, because predictors.evaluate is also run as
 # `python -m predictors.evaluate` and must not be imported before that runs.
 from predictors.features import HardwareFacts, NetworkFeaturizer, layer_features, network_contributions  # noqa: E402
+from predictors.gated import GatedBlockLatency, GatedLatencyError, fit_for_model, profile_gated_blocks  # noqa: E402
 from predictors.tail_aware import tail_aware_widths  # noqa: E402
 from predictors.xgb import LatencyPredictor, Prediction, PredictorError  # noqa: E402
 
 __all__ += [
+    "GatedBlockLatency",
+    "GatedLatencyError",
     "HardwareFacts",
     "LatencyPredictor",
     "NetworkFeaturizer",
     "Prediction",
     "PredictorError",
+    "fit_for_model",
     "layer_features",
     "network_contributions",
+    "profile_gated_blocks",
     "tail_aware_widths",
 ]

@@ -205,16 +205,16 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
         The number of runs measured.
 
     Raises:
-        ValueError: for a runtime other than eager (gates choose their path in Python at run time,
-            which an exported or compiled graph would fix) or ``passes`` below 1.
+        GatedLatencyError: for a runtime other than eager (gates choose their path in Python at run
+            time, which an exported or compiled graph would fix) or ``passes`` below 1.
     """
     from nas.gates.blocks import block_layout, gated_block_class
 
     if protocol.runtime != "eager":
-        raise ValueError(f"Gated blocks are profiled with hardware.runtime=eager, but got {protocol.runtime!r}; "
-                         "set hardware.runtime=eager or profile.gate_subnets=0.")
+        raise GatedLatencyError(f"Gated blocks are profiled with hardware.runtime=eager, but got {protocol.runtime!r}; "
+                                "set hardware.runtime=eager, or profile.gate_subnets=0 and gates.latency_budget_ms=null.")
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
-        raise ValueError(f"profile.passes must be a positive integer, but got {passes!r}.")
+        raise GatedLatencyError(f"profile.passes must be a positive integer, but got {passes!r}.")
     done = {(r["key"], int(r["pass"])) for r in store.gated_block_records(protocol.batch_size)}
     pending = []
     for index, (block, site, signature) in enumerate(blocks):

@@ -45,6 +45,9 @@ def run(cfg: DictConfig) -> None:
     gate_subnets = int(settings.get("gate_subnets", 0))
     if gate_subnets < 0:
         raise UsageError(f"profile.gate_subnets must be 0 or more, but got {gate_subnets}.")
+    if gate_subnets and protocol.runtime != "eager":
+        raise UsageError(f"profile.gate_subnets times gated blocks with hardware.runtime=eager only, but got "
+                         f"hardware.runtime={protocol.runtime}; set profile.gate_subnets=0 or hardware.runtime=eager.")
     started = time.perf_counter()
     try:
         summary = profile_space(

@@ -177,7 +177,7 @@ def test_profile_gated_blocks_resumes(subnet, tmp_path, monkeypatch):
 def test_profile_rejects_other_runtimes(subnet, tmp_path):
     protocol = MeasurementProtocol(runtime="compile", threads=1)
     store = ProfileStore(tmp_path, device_fingerprint(protocol))
-    with pytest.raises(ValueError, match="runtime=eager"):
+    with pytest.raises(GatedLatencyError, match="runtime=eager"):
         profile_gated_blocks(collect_blocks([(subnet, (1, 28, 28))]), store, protocol)
 
 

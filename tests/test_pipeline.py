@@ -158,3 +158,8 @@ def test_profile_cli_times_gated_blocks(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0
     assert "profile.gate_subnets must be 0 or more" in bad.stderr
+    compiled = subprocess.run([sys.executable, "-m", "predictors.profile", *args[:-2], "hardware.runtime=compile",
+                               f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run3'}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert compiled.returncode != 0
+    assert "hardware.runtime=eager only" in compiled.stderr
