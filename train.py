@@ -151,9 +151,9 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
     """Wrap ``model`` with the gates that ``gates=...`` selects; returns (gated network, gate config).
 
     The device's layer profiles (if this device was profiled) set the channel steps with
-    ``gates.placement=table``. With ``gates.latency_budget_ms``, the subnet's blocks are timed
-    with gates at each kept count (runs the profile store lacks, stored for later runs too), and
-    the gated-block latency model fitted on the store picks the keep ratio.
+    ``gates.placement=table``. With ``gates.latency_budget_ms``, the blocks that placement gated
+    are timed with gates at each kept count (runs the profile store lacks, stored for later runs
+    too), and the gated-block latency model fitted on the store picks the keep ratio.
     """
     from nas.gates import apply_gates, parse_gate_config
     from predictors import MeasurementProtocol, ProfileStore, device_fingerprint
@@ -171,7 +171,10 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
         from predictors.gated import fit_for_model
 
         store = ProfileStore(store_root, device_fingerprint(protocol))
-        block_latency = fit_for_model(model, space.input_shape(arch), store, protocol)
+
+        def block_latency(model: torch.nn.Module, input_shape: Any, names: list[str]) -> Any:
+            return fit_for_model(model, input_shape, store, protocol, names=names)
+
     gated = apply_gates(model, config, profile_table=table, input_shape=space.input_shape(arch), protocol=protocol,
                         block_latency=block_latency)
     # With a latency budget, the network's config carries the keep ratio the budget chose.

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -56,9 +56,11 @@ log = logging.getLogger(__name__)
 # multiple of 8 channels instead, because their counts snap to channel steps.
 PROFILE_RATIOS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
 CHANNEL_STEP = 8
-# Minimum distinct blocks and runs to fit a model on.
-MIN_BLOCKS = 2
-MIN_RUNS = 10
+# Minimum distinct runs to fit a model on. One block suffices for a budget on a subnet with one
+# gated block: the model then interpolates between that block's kept counts.
+MIN_RUNS = 5
+# Fewest blocks that held-out scoring trains on.
+MIN_TRAIN_BLOCKS = 2
 DEFAULT_PARAMS = XGBParams(n_estimators=300, max_depth=4, learning_rate=0.1)
 
 
@@ -154,13 +156,19 @@ def block_runs(block: Mapping[str, Any], batch_size: int, channel: bool = True, 
     return runs
 
 
-def collect_blocks(models: Iterable[tuple[nn.Module, Sequence[int]]]) -> list[tuple[nn.Module, Any, dict[str, Any]]]:
-    """Return (block, site, signature) for each distinct gateable block of ``models`` ((model, input shape) pairs)."""
+def collect_blocks(models: Iterable[tuple[nn.Module, Sequence[int]]],
+                   names: Collection[str] | None = None) -> list[tuple[nn.Module, Any, dict[str, Any]]]:
+    """Return (block, site, signature) for each distinct gateable block of ``models`` ((model, input shape) pairs).
+
+    With ``names``, only the blocks at those module paths count.
+    """
     from nas.gates.planning import find_block_sites
 
     found: dict[str, tuple[nn.Module, Any, dict[str, Any]]] = {}
     for model, shape in models:
         for site in find_block_sites(model, shape):
+            if names is not None and site.name not in names:
+                continue
             block = model.get_submodule(site.name)
             signature = block_signature(block, site)
             found.setdefault(json.dumps(signature, sort_keys=True), (block, site, signature))
@@ -359,16 +367,16 @@ class GatedBlockLatency:
         """Fit on gated-block store records of one batch size (passes of one run are merged by median).
 
         Raises:
-            GatedLatencyError: with fewer than 2 distinct blocks or 10 distinct runs, mixed batch
+            GatedLatencyError: with fewer than 5 distinct runs, mixed batch
                 sizes, or a latency that is not positive.
         """
         unique, y, batch_size = _records_by_key(records)
         blocks = len({json.dumps(r["block"], sort_keys=True) for r in unique})
-        if blocks < MIN_BLOCKS or len(unique) < MIN_RUNS:
+        if len(unique) < MIN_RUNS:
             raise GatedLatencyError(
-                f"Gated-block latency needs at least {MIN_BLOCKS} blocks and {MIN_RUNS} runs, but the records contain "
-                f"{blocks} blocks and {len(unique)} runs; profile them with `python -m predictors.profile "
-                "+space=<space> profile.gate_subnets=20`."
+                f"Gated-block latency needs at least {MIN_RUNS} distinct runs, but the records contain {len(unique)} "
+                f"runs of {blocks} blocks; profile blocks with `python -m predictors.profile +space=<space> "
+                "profile.gate_subnets=20`."
             )
         if not np.all(y > 0):
             raise GatedLatencyError("Gated-block records contain a latency that is not positive; delete those lines.")
@@ -419,7 +427,7 @@ def holdout_predictions(records: Iterable[Mapping[str, Any]], hw: HardwareFacts,
     unique, y, batch_size = _records_by_key(records)
     signatures = sorted({json.dumps(r["block"], sort_keys=True) for r in unique})
     n_test = max(1, int(round(holdout * len(signatures))))
-    if len(signatures) - n_test < MIN_BLOCKS:
+    if len(signatures) - n_test < MIN_TRAIN_BLOCKS:
         raise GatedLatencyError(f"{len(signatures)} profiled blocks are too few to hold {n_test} out; profile more subnets.")
     test = set(np.random.default_rng(seed).permutation(signatures)[:n_test].tolist())
     model = GatedBlockLatency.fit([r for r in records if json.dumps(r["block"], sort_keys=True) not in test], hw,
@@ -447,15 +455,15 @@ def evaluate_gated_latency(records: Iterable[Mapping[str, Any]], hw: HardwareFac
 
 
 def fit_for_model(model: nn.Module, input_shape: Sequence[int], store: Any, protocol: MeasurementProtocol,
-                  passes: int = 2, progress: bool = True) -> GatedBlockLatency:
-    """Profile the gateable blocks of ``model`` that ``store`` lacks, then fit on all its records.
+                  names: Collection[str] | None = None, passes: int = 2, progress: bool = True) -> GatedBlockLatency:
+    """Profile the gateable blocks of ``model`` (those at ``names`` if given) that ``store`` lacks, then fit.
 
     The new runs are stored with source ``"train"``, so they serve later fits too. The model is fitted
     on every gated-block record of the protocol's batch size, the blocks of other subnets included.
     """
     from predictors.build import hardware_facts_from_fingerprint
 
-    blocks = collect_blocks([(model, input_shape)])
+    blocks = collect_blocks([(model, input_shape)], names)
     measured = profile_gated_blocks(blocks, store, protocol, passes, progress=progress, source="train")
     records = store.gated_block_records(protocol.batch_size)
     log.info("Gated-block latency: %d runs measured for this subnet's %d blocks; fitting on %d records.",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from nas.gates import GateConfigError, apply_gates, find_block_sites, parse_gate_config
+from nas.gates import GateConfigError, apply_gates, confirm_budget, find_block_sites, parse_gate_config
 from nas.gates.budget import choose_keep_ratio, gated_runs, predict_latency_ms
 from nas.gates.planning import plan_blocks
 from nas.supernet.resnet import BasicBlock, ResNetSubnet
@@ -137,10 +138,18 @@ def test_model_input_order_and_delta():
     assert np.allclose(model.delta_ms([r["block"] for r in none], [r["run"] for r in none]), 0.0)
 
 
+def test_model_fits_one_block():
+    records = _synthetic_records([(16, 64, 1, 14)])
+    model = GatedBlockLatency.fit(records, HW)
+    predicted = model.predict([r["block"] for r in records], [r["run"] for r in records])
+    measured = np.array([r["latency_ms"] for r in records])
+    assert np.all(np.abs(predicted - measured) / measured < 0.1)
+
+
 def test_fit_rejects_bad_records():
     records = _synthetic_records([(16, 32, 1, 14)])
-    with pytest.raises(GatedLatencyError, match="at least 2 blocks"):
-        GatedBlockLatency.fit(records, HW)
+    with pytest.raises(GatedLatencyError, match="at least 5 distinct runs"):
+        GatedBlockLatency.fit(records[:4], HW)
     mixed = _synthetic_records([(16, 32, 1, 14), (16, 64, 1, 14)])
     mixed[0] = copy.deepcopy(mixed[0])
     mixed[0]["measurement"]["protocol"]["batch_size"] = 8
@@ -265,3 +274,31 @@ def test_budget_confirmed_by_measurement(subnet, caplog):
             apply_gates(subnet, config, protocol=QUICK, block_latency=_OptimisticLatency())
     assert "predicted" in caplog.text  # the prediction fitted the budget
     assert "trying" in caplog.text  # and measuring lowered the ratio before giving up
+
+
+def test_budget_without_gates_names_cause(subnet):
+    sites = find_block_sites(subnet, (1, 28, 28))
+    config = parse_gate_config({**ALL, "channel": False, "spatial": False, "latency_budget_ms": 1.0})
+    plans = plan_blocks(sites, config, None)
+    assert not any(plan.channel or plan.spatial for plan in plans)
+    assert choose_keep_ratio(0.5, sites, plans, {}, config, _StubLatency()) == 1.0
+    with pytest.raises(GateConfigError, match="placement put no gate"):
+        choose_keep_ratio(2.0, sites, plans, {}, config, _StubLatency())
+    network = apply_gates(subnet, {**ALL, "channel": False, "spatial": False})
+    network.config = parse_gate_config({**ALL, "latency_budget_ms": 1e-6})
+    with pytest.raises(GateConfigError, match="placement put no gate"):
+        confirm_budget(network, (1, 28, 28), QUICK)
+
+
+def test_budget_fits_model_for_gated_blocks_only(subnet, tmp_path):
+    calls = []
+
+    def fit(model, input_shape, names):
+        calls.append(list(names))
+        store = ProfileStore(tmp_path, device_fingerprint(QUICK))
+        return fit_for_model(model, input_shape, store, QUICK, names=names, passes=1, progress=False)
+
+    network = apply_gates(subnet, {**ALL, "latency_budget_ms": 1e6}, protocol=QUICK, block_latency=fit)
+    assert calls == [sorted(network.gated_blocks())]
+    records = ProfileStore(tmp_path, device_fingerprint(QUICK)).gated_block_records(1)
+    assert len({json.dumps(r["block"], sort_keys=True) for r in records}) == len(calls[0])

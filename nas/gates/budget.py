@@ -19,7 +19,7 @@ from nas.gates.config import GateConfig, GateConfigError
 from nas.gates.modules import keep_count
 from nas.gates.planning import BlockPlan, BlockSite
 
-__all__ = ["choose_keep_ratio", "gated_runs", "predict_latency_ms"]
+__all__ = ["choose_keep_ratio", "gated_runs", "no_gate_message", "predict_latency_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,29 @@ def predict_latency_ms(base_ms: float, sites: Sequence[BlockSite], plans: Sequen
     return float(base_ms + np.sum(delta))
 
 
+def no_gate_message(budget: float, measured_ms: float) -> str:
+    """Return the error for a budget that a subnet without gates misses."""
+    return (f"gates.latency_budget_ms={budget} is below the measured {measured_ms:.4f} ms of this subnet, and "
+            "placement put no gate on it (none pays on this device), so no keep ratio runs faster; raise the "
+            "budget or pick a smaller subnet.")
+
+
 def choose_keep_ratio(base_ms: float, sites: Sequence[BlockSite], plans: Sequence[BlockPlan],
                       signatures: Mapping[str, Mapping[str, Any]], config: GateConfig, block_latency: Any) -> float:
     """Return the largest keep ratio in ``keep_ratio_range`` whose predicted latency fits the budget.
+
+    Without any gated block the ratio changes nothing, so the top of the range is returned when
+    ``base_ms`` fits.
 
     Raises:
         GateConfigError: when even the low end of the range is predicted over budget.
     """
     budget = config.latency_budget_ms
     low, high = config.keep_ratio_range
+    if not any(plan.channel or plan.spatial for plan in plans):
+        if base_ms > budget:
+            raise GateConfigError(no_gate_message(budget, base_ms))
+        return float(high)
     ratios = np.round(np.arange(high, low - 1e-9, -RATIO_STEP), 6)
     if ratios.size == 0 or ratios[-1] > low:
         ratios = np.append(ratios, low)

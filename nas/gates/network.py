@@ -14,7 +14,7 @@ from torch import nn
 
 from nas.gates.batchnorm import BatchNormBank
 from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout, gated_block_class
-from nas.gates.budget import RATIO_STEP, choose_keep_ratio
+from nas.gates.budget import RATIO_STEP, choose_keep_ratio, no_gate_message
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
 from nas.gates.modules import keep_count
 from nas.gates.planning import (
@@ -212,20 +212,27 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
     """Measure the ungated ``model`` and return the keep ratio that ``config.latency_budget_ms`` allows."""
     from predictors.gated import block_signature
 
+    protocol = _default_protocol(model, protocol)
+    base_ms = _measure_ms(model, shape, protocol)
+    gated = [site.name for site, plan in zip(sites, plans) if plan.channel or plan.spatial]
+    if not gated:
+        return choose_keep_ratio(base_ms, sites, plans, {}, config, None)
     if block_latency is None:
         raise GateConfigError(
             "gates.latency_budget_ms needs gated-block latency of this device; pass block_latency "
             "(predictors.gated.GatedBlockLatency fitted on ProfileStore.gated_block_records), which train.py "
             "builds itself, or set latency_budget_ms: null."
         )
-    protocol = _default_protocol(model, protocol)
+    if not hasattr(block_latency, "delta_ms"):
+        block_latency = block_latency(model, shape, gated)
     if protocol.batch_size != block_latency.batch_size:
         raise GateConfigError(
             f"The gated-block latency model was fitted at batch size {block_latency.batch_size}, but the budget is "
             f"measured at batch size {protocol.batch_size}; fit it on records of batch size {protocol.batch_size}."
         )
-    signatures = {site.name: block_signature(model.get_submodule(site.name), site) for site in sites}
-    return choose_keep_ratio(_measure_ms(model, shape, protocol), sites, plans, signatures, config, block_latency)
+    signatures = {name: block_signature(model.get_submodule(name), site) for name, site in
+                  ((site.name, site) for site in sites) if name in gated}
+    return choose_keep_ratio(base_ms, sites, plans, signatures, config, block_latency)
 
 
 def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any) -> float:
@@ -268,6 +275,8 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
         if measured <= budget:
             log.info("gates: keep ratio %.2f measured %.4f ms within latency_budget_ms %.4f", ratio, measured, budget)
             return ratio
+        if not network.gated_blocks():
+            raise GateConfigError(no_gate_message(budget, measured))
         counts, previous = network.keep_counts(), ratio
         while ratio > low and network.keep_counts() == counts:
             ratio = max(low, round(ratio - RATIO_STEP, 6))
@@ -302,7 +311,9 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
             measuring the ungated model against ``latency_budget_ms`` at its batch size. Defaults to
             the model's device, batch size 1, 5 warm-up passes and 15 timed ones.
         block_latency: a ``predictors.gated.GatedBlockLatency`` of this device at the protocol's
-            batch size, required by ``latency_budget_ms``.
+            batch size, or a function ``(model, input_shape, gated block names) -> GatedBlockLatency``
+            that is called only once placement has put gates on some blocks (``train.py`` passes
+            one that profiles just those blocks). Required by ``latency_budget_ms``.
 
     Raises:
         GateConfigError: on an invalid configuration, a plan that does not fit the model, or a latency
