@@ -285,6 +285,8 @@ def test_budget_without_gates_names_cause(subnet):
     with pytest.raises(GateConfigError, match="placement put no gate"):
         choose_keep_ratio(2.0, sites, plans, {}, config, _StubLatency())
     network = apply_gates(subnet, {**ALL, "channel": False, "spatial": False})
+    with pytest.raises(GateConfigError, match="needs gates.latency_budget_ms"):
+        confirm_budget(network, (1, 28, 28), QUICK)
     network.config = parse_gate_config({**ALL, "latency_budget_ms": 1e-6})
     with pytest.raises(GateConfigError, match="placement put no gate"):
         confirm_budget(network, (1, 28, 28), QUICK)

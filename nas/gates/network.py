@@ -266,6 +266,8 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
         GateConfigError: when the network measures over budget at the low end of the range too.
     """
     budget = network.config.latency_budget_ms
+    if budget is None:
+        raise GateConfigError("confirm_budget needs gates.latency_budget_ms in the network's config, but it is null.")
     low = network.config.keep_ratio_range[0]
     protocol = _default_protocol(network, protocol)
     ratio = network.keep_ratio
