@@ -59,7 +59,7 @@ CHANNEL_STEP = 8
 # Minimum distinct runs to fit a model on. One block suffices for a budget on a subnet with one
 # gated block: the model then interpolates between that block's kept counts.
 MIN_RUNS = 5
-# Fewest blocks that held-out scoring trains on.
+# Minimum blocks that held-out scoring trains on.
 MIN_TRAIN_BLOCKS = 2
 DEFAULT_PARAMS = XGBParams(n_estimators=300, max_depth=4, learning_rate=0.1)
 

@@ -336,7 +336,7 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
         ratio = config.keep_ratio
         if config.enabled and config.latency_budget_ms is not None:
             ratio = _budget_keep_ratio(model, shape, sites, plans, config, block_latency, protocol)
-            # The budget's ratio becomes the target of fine-tuning and calibration, as keep_ratio would.
+            # The budget's ratio replaces keep_ratio as the target of fine-tuning and calibration.
             config = dataclasses.replace(config, keep_ratio=ratio)
 
     runtime = GateRuntime(mode=config.mode, skip_max_share=config.skip_max_share,
