@@ -83,7 +83,7 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
 
 def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: Any, tag: str,
              teacher: torch.nn.Module | None = None, kd_weight: float = 0.0, callbacks: list | None = None,
-             lr: float | None = None) -> float:
+             lr: float | None = None, full_keep_weight: float = 0.0) -> float:
     """Fine-tune ``model`` with Lightning and return its test accuracy in [0, 1]."""
     import lightning.pytorch as pl
 
@@ -91,7 +91,7 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     pl.seed_everything(cfg.seed, workers=True)
     module = FinetuneModule(model, lr=ft.lr if lr is None else lr, weight_decay=ft.weight_decay,
                             label_smoothing=ft.label_smoothing, teacher=teacher, kd_weight=kd_weight,
-                            temperature=ft.temperature)
+                            temperature=ft.temperature, full_keep_weight=full_keep_weight)
     trainer = pl.Trainer(
         max_epochs=ft.epochs, accelerator=ft.trainer.accelerator, devices=ft.trainer.devices,
         strategy=ft.trainer.strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
@@ -223,7 +223,8 @@ def run(cfg: DictConfig) -> None:
             callbacks = [KeepRatioSchedule.from_config(gate_config),
                          BatchNormCalibration(images=cfg.finetune.calibration_images)]
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
-                                               kd_weight=gate_config.kd_weight, callbacks=callbacks)
+                                               kd_weight=gate_config.kd_weight, callbacks=callbacks,
+                                               full_keep_weight=gate_config.full_keep_weight)
             result["gates"] = model.describe()
         elif cfg.from_scratch:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)

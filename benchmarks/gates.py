@@ -59,6 +59,7 @@ from nas.gates import (  # noqa: E402
     describe_layers,
     executed_macs,
     find_block_sites,
+    full_keep_logits,
     parse_gate_config,
 )
 from nas.spaces import create_space, load_space_config  # noqa: E402
@@ -223,8 +224,12 @@ def evaluate_targets(points: list[dict[str, Any]], hits: list[np.ndarray], basel
 
 def train_epochs(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
                  on_epoch: Callable[[int, float], None] | None = None, teacher: nn.Module | None = None,
-                 kd_weight: float = 0.0) -> None:
-    """Train with AdamW and a cosine schedule; ``on_epoch(epoch, fraction)`` runs before every step."""
+                 kd_weight: float = 0.0, full_keep_weight: float = 0.0) -> None:
+    """Train with AdamW and a cosine schedule; ``on_epoch(epoch, fraction)`` runs before every step.
+
+    ``full_keep_weight`` adds a cross-entropy term at the top of a gated network's keep-ratio range,
+    as ``gates.full_keep_weight`` does in ``train.py``.
+    """
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     steps = max(1, epochs * len(loader))
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
@@ -239,6 +244,10 @@ def train_epochs(model: nn.Module, loader: DataLoader, epochs: int, lr: float,
                 with torch.no_grad():
                     target = F.softmax(teacher(x), dim=1)
                 loss = loss + kd_weight * F.kl_div(F.log_softmax(logits, dim=1), target, reduction="batchmean")
+            if full_keep_weight > 0:
+                full = full_keep_logits(model, x)
+                if full is not None:
+                    loss = loss + full_keep_weight * F.cross_entropy(full, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -291,7 +300,8 @@ def build_gated(subnet: nn.Module, input_shape: Sequence[int], loader: DataLoade
         network.set_keep_ratio(schedule.next_ratio(epoch + fraction))
 
     teacher = copy.deepcopy(subnet).eval()
-    train_epochs(network, loader, args.finetune_epochs, args.lr / 2, on_step, teacher, config.kd_weight)
+    train_epochs(network, loader, args.finetune_epochs, args.lr / 2, on_step, teacher, config.kd_weight,
+                 config.full_keep_weight)
     network.set_keep_ratio(config.keep_ratio)
     if args.calibration_images > 0:
         ratios = sorted(set(calibration_ratios(config)) | {float(r) for r in args.ratios})

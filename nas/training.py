@@ -161,6 +161,8 @@ class FinetuneModule(pl.LightningModule):
         kd_weight: weight of the distillation term.
         temperature: softmax temperature of the distillation term.
         label_smoothing: label smoothing of the cross-entropy term.
+        full_keep_weight: for a gated network, weight of a second cross-entropy term computed at
+            the top of its keep-ratio range (``nas.gates.full_keep_logits``); 0 turns it off.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class FinetuneModule(pl.LightningModule):
         kd_weight: float = 0.0,
         temperature: float = 1.0,
         label_smoothing: float = 0.0,
+        full_keep_weight: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model
@@ -181,6 +184,7 @@ class FinetuneModule(pl.LightningModule):
         self.kd_weight = kd_weight
         self.temperature = temperature
         self.label_smoothing = label_smoothing
+        self.full_keep_weight = full_keep_weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
@@ -196,6 +200,12 @@ class FinetuneModule(pl.LightningModule):
         auxiliary = getattr(self.model, "auxiliary_loss", None)
         if callable(auxiliary):
             loss = loss + auxiliary()
+        if self.full_keep_weight > 0:
+            from nas.gates import full_keep_logits
+
+            full = full_keep_logits(self.model, x)
+            if full is not None:
+                loss = loss + self.full_keep_weight * F.cross_entropy(full, y, label_smoothing=self.label_smoothing)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

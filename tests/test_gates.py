@@ -33,6 +33,7 @@ from nas.gates import (
     describe_layers,
     executed_macs,
     find_block_sites,
+    full_keep_logits,
     keep_count,
     parse_gate_config,
     top_k_mask,
@@ -123,6 +124,7 @@ def test_none_yaml_parses_to_disabled():
         ({"name": "feature", "latency_budget_ms": -1.0}, "latency_budget_ms"),
         ({"name": "feature", "placement": "everywhere"}, "gates.placement"),
         ({"name": "feature", "measure_batch_sizes": [0]}, "gates.measure_batch_sizes"),
+        ({"name": "feature", "full_keep_weight": -1.0}, "gates.full_keep_weight"),
     ],
 )
 def test_config_rejects_invalid(data, fragment):
@@ -615,6 +617,32 @@ def test_training_step_with_targeted_dropout(subnet):
     optimizer.step()
     assert not torch.equal(gate.fc.weight, before)
     assert torch.isfinite(loss)
+
+
+def test_full_keep_logits_restore_ratio(subnet):
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).train()
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    full = full_keep_logits(network, x)
+    assert network.keep_ratio == 0.5
+    assert network.keep_counts()["layer1.0"][0] == 8
+    network.set_keep_ratio(1.0)
+    # Training mode normalises by the batch's statistics, so the same input gives the same logits.
+    torch.testing.assert_close(full, network(x))
+    assert full_keep_logits(network, x) is None  # already at the top of the range
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_finetune_step_adds_full_keep_loss(subnet):
+    from nas.training import FinetuneModule
+
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).train()
+    batch = (torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10)
+    losses = []
+    for weight in (0.0, 1.0):
+        torch.manual_seed(0)
+        losses.append(FinetuneModule(network, full_keep_weight=weight).training_step(batch, 0).item())
+    assert losses[1] > losses[0]
+    assert network.keep_ratio == 0.5
 
 
 def test_keep_ratio_schedule_values():

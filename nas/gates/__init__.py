@@ -29,6 +29,7 @@ from nas.gates.training import (
     calibrate_keep_ratios,
     calibration_ratios,
     find_gated_network,
+    full_keep_logits,
 )
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "executed_macs",
     "find_block_sites",
     "find_gated_network",
+    "full_keep_logits",
     "gated_block_class",
     "keep_count",
     "parse_gate_config",

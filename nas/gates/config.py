@@ -61,6 +61,9 @@ class GateConfig:
         sample_range_after_ramp: after the ramp, draw each training step's keep ratio uniformly from
             ``keep_ratio_range``, so that every ratio in the range is trained.
         kd_weight: weight of distillation from the ungated subnet during fine-tuning.
+        full_keep_weight: weight of a second cross-entropy term per training step, computed at the
+            top of ``keep_ratio_range``, so the widest setting trains every step; 0 turns it off.
+            It adds one forward and backward pass per step.
         placement: how gates are placed. "measure" times each block on this machine with and
             without gates and keeps the fastest options that pay (see
             :func:`nas.gates.timing.choose_gate_options`). "table" places channel gates
@@ -95,6 +98,7 @@ class GateConfig:
     schedule_epochs: int = 2
     sample_range_after_ramp: bool = True
     kd_weight: float = 1.0
+    full_keep_weight: float = 0.0
     placement: str = "measure"
     measure_batch_sizes: tuple[int, ...] = (1, 32)
     max_slowdown: float = 0.05
@@ -177,6 +181,9 @@ def _check_numbers(cfg: GateConfig) -> None:
         raise GateConfigError(f"gates.spatial_min_size must be an integer >= 1, but got {cfg.spatial_min_size!r}.")
     if isinstance(cfg.kd_weight, bool) or not isinstance(cfg.kd_weight, (int, float)) or cfg.kd_weight < 0:
         raise GateConfigError(f"gates.kd_weight must be a number >= 0, but got {cfg.kd_weight!r}.")
+    weight = cfg.full_keep_weight
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise GateConfigError(f"gates.full_keep_weight must be a number >= 0, but got {weight!r}.")
     for key in ("min_saving", "step_tolerance", "skip_max_share", "max_slowdown"):
         _check_share(getattr(cfg, key), f"gates.{key}", allow_zero=True)
 

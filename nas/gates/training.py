@@ -30,6 +30,7 @@ __all__ = [
     "calibrate_keep_ratios",
     "calibration_ratios",
     "find_gated_network",
+    "full_keep_logits",
 ]
 
 # Spacing of the default calibration grid. Kept counts change every 1/channels of a ratio, but
@@ -266,3 +267,19 @@ class BatchNormCalibration(pl.Callback):
         batch_size = getattr(loader, "batch_size", None) or 1
         max_batches = max(1, math.ceil(self.images / batch_size))
         calibrate_keep_ratios(find_gated_network(pl_module), iter(loader), max_batches, self.ratios)
+
+
+def full_keep_logits(network: GatedNetwork, x: torch.Tensor) -> torch.Tensor | None:
+    """Return ``network``'s logits at the top of its keep-ratio range, or None when it runs there already.
+
+    The current keep ratio is restored afterwards. At keep ratio 1.0 the gates do not run, so this
+    trains the ungated path that shares every weight with the gated ones.
+    """
+    current, top = network.keep_ratio, network.config.keep_ratio_range[1]
+    if current >= top:
+        return None
+    network.set_keep_ratio(top)
+    try:
+        return network(x)
+    finally:
+        network.set_keep_ratio(current)
