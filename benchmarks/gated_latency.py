@@ -197,7 +197,7 @@ def main() -> None:
         store = ProfileStore(Path(work) / "profiles", device_fingerprint(protocol))
         hw = hardware_facts_from_fingerprint(store.fingerprint)
         blocks = space_blocks(space, args.subnets, args.seed)
-        runs = profile_gated_blocks(blocks, store, protocol, passes=args.passes, seed=args.seed)
+        measurements = profile_gated_blocks(blocks, store, protocol, passes=args.passes, seed=args.seed)
         profile_s = time.perf_counter() - started
         records = store.gated_block_records(protocol.batch_size)
         report = evaluate_gated_latency(records, hw, seed=args.seed)
@@ -206,7 +206,8 @@ def main() -> None:
                                    title="Gated blocks held out: predicted vs measured",
                                    baseline_ms=held["proportional"], baseline_label="MACs share")
         network = network_check(space, store, protocol, args, hw)
-    result = {"blocks": report, "distinct_blocks": len(blocks), "runs": runs, "noise_floor": noise_floor(records),
+    result = {"blocks": report, "distinct_blocks": len(blocks), "measurements": measurements,
+              "noise_floor": noise_floor(records),
               "network": network, "profile_s": round(profile_s, 1), "threads": args.threads,
               "seconds": round(time.perf_counter() - started, 1)}
     atomic_write_text(args.out / "gated_latency.json", json.dumps(result, indent=2) + "\n")

@@ -210,7 +210,7 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
     off): a gated block's operators depend on the kept counts and add nothing to the latency.
 
     Returns:
-        The number of runs measured.
+        The number of measurements taken: one per (run, pass) pair that the store lacked.
 
     Raises:
         GatedLatencyError: for a runtime other than eager (gates choose their path in Python at run
@@ -231,7 +231,8 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
             key = run_key(signature, run)
             pending += [(index, run, key, p) for p in range(passes) if (key, p) not in done]
     order = np.random.default_rng([seed, 2]).permutation(len(pending))
-    log.info("Profiling %d gated blocks into %s: %d runs to take.", len(blocks), store.directory, len(pending))
+    log.info("Profiling %d gated blocks into %s: %d measurements to take.", len(blocks), store.directory,
+             len(pending))
     for i in tqdm(order, desc="gated blocks", unit="run", disable=not progress):
         index, run, key, pass_index = pending[i]
         block, site, signature = blocks[index]
@@ -466,6 +467,6 @@ def fit_for_model(model: nn.Module, input_shape: Sequence[int], store: Any, prot
     blocks = collect_blocks([(model, input_shape)], names)
     measured = profile_gated_blocks(blocks, store, protocol, passes, progress=progress, source="train")
     records = store.gated_block_records(protocol.batch_size)
-    log.info("Gated-block latency: %d runs measured for this subnet's %d blocks; fitting on %d records.",
+    log.info("Gated-block latency: %d measurements taken for this subnet's %d blocks; fitting on %d records.",
              measured, len(blocks), len(records))
     return GatedBlockLatency.fit(records, hardware_facts_from_fingerprint(store.fingerprint))

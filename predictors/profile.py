@@ -80,7 +80,7 @@ def run(cfg: DictConfig) -> None:
     print(f"Subnets: {summary.distinct_subnets} distinct x {summary.passes} passes: "
           f"{summary.subnets_measured} measured, {summary.subnets_reused} already stored")
     if gate_subnets:
-        print(f"Gated blocks: {len(blocks)} distinct blocks of {gate_subnets} subnets: {gated_runs} runs measured, "
+        print(f"Gated blocks: {len(blocks)} distinct blocks of {gate_subnets} subnets: {gated_runs} measurements taken, "
               f"{len(store.gated_block_records(protocol.batch_size))} records of batch size {protocol.batch_size} stored")
     print(f"Wall time: {time.perf_counter() - started:.1f} s")
     if noise["n"]:
