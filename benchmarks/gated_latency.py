@@ -14,7 +14,8 @@ Usage: python benchmarks/gated_latency.py [--subnets N] [--passes P] [--repeats 
    ``train.py gates=feature`` places them (``placement: measure``), and its blocks are profiled
    as ``train.py`` does for a budget (``fit_for_model``). Per keep ratio the gated network's
    latency is predicted (measured ungated latency plus the predicted change of each gated block)
-   and measured, both at batch 1, the smallest median of ``--rounds`` interleaved rounds.
+   and measured, both at batch 1, the smallest median of ``--rounds`` interleaved rounds
+   (``measure_latencies`` of ``benchmarks/gates.py``).
    ``proportional_ms`` is the ungated latency minus each gated block's MACs share of its
    measured ungated latency.
 4. ``budgets``: ``gates.latency_budget_ms`` at 80%, 90% and 95% of the ungated latency: the
@@ -31,7 +32,6 @@ import argparse
 import copy
 import json
 import logging
-import math
 import sys
 import tempfile
 import time
@@ -45,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.gates import DEFAULT_ARCH, measure_latencies  # noqa: E402
 from nas.gates import apply_gates, confirm_budget, find_block_sites, parse_gate_config  # noqa: E402
 from nas.gates.budget import choose_keep_ratio, gated_runs, predict_latency_ms  # noqa: E402
 from nas.report import atomic_write_text, save_figure  # noqa: E402
@@ -53,22 +54,19 @@ from predictors.build import hardware_facts_from_fingerprint  # noqa: E402
 from predictors.fingerprint import device_fingerprint  # noqa: E402
 from predictors.gated import (  # noqa: E402
     block_signature,
-    evaluate_gated_latency,
     fit_for_model,
     gated_block_features,
     holdout_predictions,
     profile_gated_blocks,
+    score_holdout,
     space_blocks,
 )
-from predictors.modules import fold_batchnorm  # noqa: E402
 from predictors.plots import plot_predicted_vs_measured  # noqa: E402
-from predictors.profiling import measure_module  # noqa: E402
 from predictors.protocol import MeasurementProtocol  # noqa: E402
 from predictors.store import ProfileStore, noise_floor_from_pairs  # noqa: E402
 
 log = logging.getLogger("benchmarks.gated_latency")
 
-DEFAULT_ARCH = {"depths": [1, 2, 2], "widths": [32, 48, 96], "expand_ratios": [], "resolution": 28}
 BUDGET_SHARES = (0.8, 0.9, 0.95)
 
 
@@ -84,22 +82,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("benchmark-gated-latency"))
     return parser.parse_args()
-
-
-def measure_networks(models: dict[Any, torch.nn.Module], shape: tuple[int, ...], protocol: MeasurementProtocol,
-                     rounds: int) -> dict[Any, float]:
-    """Return each model's latency (ms): the smallest median over ``rounds`` rounds of alternating order."""
-    folded = {}
-    for name, model in models.items():
-        folded[name] = copy.deepcopy(model).eval()
-        fold_batchnorm(folded[name])
-    latency: dict[Any, float] = {}
-    names = list(folded)
-    for index in range(rounds):
-        for name in names if index % 2 == 0 else names[::-1]:
-            median = measure_module(folded[name], shape, protocol, record_operators=False).median_ms
-            latency[name] = min(median, latency.get(name, math.inf))
-    return latency
 
 
 def noise_floor(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -147,7 +129,7 @@ def network_check(space: Any, store: ProfileStore, protocol: MeasurementProtocol
         network = copy.deepcopy(gated)
         network.set_keep_ratio(ratio)
         models[ratio] = network
-    measured = measure_networks(models, shape, protocol, args.rounds)
+    measured = measure_latencies(models, shape, protocol.batch_size, args)
     base = measured["ungated"]
     points = []
     for ratio in args.ratios:
@@ -173,7 +155,7 @@ def network_check(space: Any, store: ProfileStore, protocol: MeasurementProtocol
         except ValueError as err:
             budgets.append({"budget_ms": budget, "error": str(err)})
             continue
-        timed = measure_networks({"chosen": chosen, "ungated": subnet}, shape, protocol, args.rounds)
+        timed = measure_latencies({"chosen": chosen, "ungated": subnet}, shape, protocol.batch_size, args)
         budgets.append({"budget_ms": budget, "predicted_keep_ratio": predicted_ratio, "keep_ratio": ratio,
                         "measured_ms": timed["chosen"], "measured_ungated_ms": timed["ungated"]})
     plot_network(args.out / "gated_network.png", points, base)
@@ -200,11 +182,11 @@ def main() -> None:
         measurements = profile_gated_blocks(blocks, store, protocol, passes=args.passes, seed=args.seed)
         profile_s = time.perf_counter() - started
         records = store.gated_block_records(protocol.batch_size)
-        report = evaluate_gated_latency(records, hw, seed=args.seed)
-        held = holdout_predictions(records, hw, seed=args.seed)
-        plot_predicted_vs_measured(args.out / "gated_blocks_predicted.png", held["measured"], held["predicted"],
-                                   title="Gated blocks held out: predicted vs measured",
-                                   baseline_ms=held["proportional"], baseline_label="MACs share")
+        held_out = holdout_predictions(records, hw, seed=args.seed)
+        report = score_holdout(held_out)
+        plot_predicted_vs_measured(args.out / "gated_blocks_predicted.png", held_out["measured"],
+                                   held_out["predicted"], title="Gated blocks held out: predicted vs measured",
+                                   baseline_ms=held_out["proportional"], baseline_label="MACs share")
         network = network_check(space, store, protocol, args, hw)
     result = {"blocks": report, "distinct_blocks": len(blocks), "measurements": measurements,
               "noise_floor": noise_floor(records),

@@ -16,6 +16,7 @@ took the grouped path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -47,6 +48,7 @@ __all__ = [
     "holdout_predictions",
     "profile_gated_blocks",
     "run_key",
+    "score_holdout",
     "space_blocks",
 ]
 
@@ -55,7 +57,6 @@ log = logging.getLogger(__name__)
 # Keep ratios at which column and channel+column gates are timed. Channel gates are timed at every
 # multiple of 8 channels instead, because their counts snap to channel steps.
 PROFILE_RATIOS = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875)
-CHANNEL_STEP = 8
 # Minimum distinct runs to fit a model on. One block suffices for a budget on a subnet with one
 # gated block: the model then interpolates between that block's kept counts.
 MIN_RUNS = 5
@@ -79,7 +80,7 @@ def block_signature(block: nn.Module, site: Any) -> dict[str, Any]:
     ``shortcut`` (a convolution on the residual path) and ``squeeze_excite``.
     """
     from nas.gates.blocks import block_layout
-    from nas.gates.planning import activation_name
+    from nas.gates.planning import activation_name, conv_spec
 
     layout = block_layout(block)
     if layout is None:
@@ -87,10 +88,8 @@ def block_signature(block: nn.Module, site: Any) -> dict[str, Any]:
     stages = []
     size = site.in_size
     for conv_name, _, act_name in layout.stages:
-        conv = getattr(block, conv_name)
         act = activation_name(getattr(block, act_name)) if act_name is not None else "none"
-        spec = LayerSpec("conv", conv.in_channels, conv.out_channels, size, conv.kernel_size[0], conv.stride[0],
-                         conv.groups, act)
+        spec = conv_spec(getattr(block, conv_name), size, act)
         stages.append(spec.to_dict())
         size = spec.out_size
     downsample = getattr(block, "downsample", None)
@@ -129,17 +128,20 @@ def block_runs(block: Mapping[str, Any], batch_size: int, channel: bool = True, 
                grouped: bool = False, ratios: Sequence[float] = PROFILE_RATIOS) -> list[dict[str, Any]]:
     """Return the runs that profile one block: the ungated block, then each gate option per kept count.
 
-    Channel gates keep every multiple of 8 below the inner channels. Column gates keep
-    ``ceil(r * columns)`` for ``r`` in ``ratios``, and channel+column gates pair that with
-    ``ceil(r * channels)`` rounded up to a multiple of 8. Counts that keep everything are left out.
-    With ``grouped`` and a batch above 1, channel gates are also timed on the grouped path.
+    Channel gates keep every count of ``default_channel_steps`` below the inner channels (the
+    multiples of 8). Column gates keep ``ceil(r * columns)`` for ``r`` in ``ratios``, and
+    channel+column gates pair that with ``ceil(r * channels)`` rounded up to those steps. Counts
+    that keep everything are left out. With ``grouped`` and a batch above 1, channel gates are also
+    timed on the grouped path.
     """
     from nas.gates.modules import keep_count
+    from nas.gates.planning import default_channel_steps, snap_up
 
     inner, columns = inner_shape(block)
+    steps = default_channel_steps(inner)
     runs = [_none_run(block)]
     if channel:
-        for count in range(CHANNEL_STEP, inner, CHANNEL_STEP):
+        for count in steps[:-1]:
             runs.append({"option": "channel", "channels": count, "columns": columns, "grouped": False})
             if grouped and batch_size > 1:
                 runs.append({"option": "channel", "channels": count, "columns": columns, "grouped": True})
@@ -149,8 +151,7 @@ def block_runs(block: Mapping[str, Any], batch_size: int, channel: bool = True, 
     if channel and column:
         pairs = set()
         for r in ratios:
-            count = min(inner, CHANNEL_STEP * math.ceil(keep_count(r, inner) / CHANNEL_STEP))
-            pairs.add((count, keep_count(r, columns)))
+            pairs.add((snap_up(steps, keep_count(r, inner), inner), keep_count(r, columns)))
         runs += [{"option": "channel+column", "channels": c, "columns": k, "grouped": False}
                  for c, k in sorted(pairs) if c < inner and k < columns]
     return runs
@@ -187,14 +188,13 @@ def space_blocks(space: Any, n_subnets: int, seed: int) -> list[tuple[nn.Module,
     return collect_blocks((supernet.extract(arch).eval(), space.input_shape(arch)) for arch in archs)
 
 
-def _run_module(block: nn.Module, site: Any, run: Mapping[str, Any]) -> nn.Module:
+def _run_module(block: nn.Module, site: Any, run: Mapping[str, Any], config: Any) -> nn.Module:
     """Return a folded eval copy of ``block`` that runs ``run``'s gate option at its kept counts."""
-    from nas.gates.config import parse_gate_config
     from nas.gates.timing import option_module
 
     # Batches above 1 off the grouped path are timed masked (skip_max_share 0), the slowest path the
     # runtime takes, because an untrained gate's selections do not predict a trained one's union.
-    return option_module(block, site, run["option"], parse_gate_config({"name": "feature"}), [],
+    return option_module(block, site, run["option"], config, [],
                          skip_max_share=0.0, channels=int(run["channels"]), grouped=bool(run["grouped"]),
                          columns=int(run["columns"]))
 
@@ -217,6 +217,7 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
             time, which an exported or compiled graph would fix) or ``passes`` below 1.
     """
     from nas.gates.blocks import block_layout, gated_block_class
+    from nas.gates.config import parse_gate_config
 
     if protocol.runtime != "eager":
         raise GatedLatencyError(f"Gated blocks are profiled with hardware.runtime=eager, but got {protocol.runtime!r}; "
@@ -230,6 +231,8 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
         for run in block_runs(signature, protocol.batch_size, channel, column, grouped):
             key = run_key(signature, run)
             pending += [(index, run, key, p) for p in range(passes) if (key, p) not in done]
+    # The kept counts come with each run, so the defaults of conf/gates/feature.yaml serve every run.
+    config = parse_gate_config({"name": "feature"})
     order = np.random.default_rng([seed, 2]).permutation(len(pending))
     log.info("Profiling %d gated blocks into %s: %d measurements to take.", len(blocks), store.directory,
              len(pending))
@@ -237,7 +240,7 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
         index, run, key, pass_index = pending[i]
         block, site, signature = blocks[index]
         shape = (site.in_channels, site.in_size, site.in_size)
-        m = measure_module(_run_module(block, site, run), shape, protocol, record_operators=False)
+        m = measure_module(_run_module(block, site, run, config), shape, protocol, record_operators=False)
         store.add_gated_block(key, signature, run, m, pass_index, source=source)
     return len(pending)
 
@@ -247,8 +250,6 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
 
 def _kept_stages(block: Mapping[str, Any], channels: int) -> list[LayerSpec]:
     """Return the stage convolutions with ``channels`` inner channels kept."""
-    import dataclasses
-
     stages = _stage_specs(block)
     producer = block["producer"]
     kept = []
@@ -433,9 +434,9 @@ def holdout_predictions(records: Iterable[Mapping[str, Any]], hw: HardwareFacts,
     test = set(np.random.default_rng(seed).permutation(signatures)[:n_test].tolist())
     model = GatedBlockLatency.fit([r for r in records if json.dumps(r["block"], sort_keys=True) not in test], hw,
                                   seed=seed)
-    held = [(r, t) for r, t in zip(unique, y) if json.dumps(r["block"], sort_keys=True) in test]
-    ungated = {run_key(r["block"], r["run"]): t for r, t in held if r["run"]["option"] == "none"}
-    scored = [(r, t) for r, t in held if run_key(r["block"], _none_run(r["block"])) in ungated]
+    held_out = [(r, t) for r, t in zip(unique, y) if json.dumps(r["block"], sort_keys=True) in test]
+    ungated = {run_key(r["block"], r["run"]): t for r, t in held_out if r["run"]["option"] == "none"}
+    scored = [(r, t) for r, t in held_out if run_key(r["block"], _none_run(r["block"])) in ungated]
     proportional = [ungated[run_key(r["block"], _none_run(r["block"]))]
                     * gated_block_features(r["block"], r["run"], batch_size, hw)["macs_share"] for r, _ in scored]
     return {"measured": np.array([t for _, t in scored]),
@@ -444,15 +445,21 @@ def holdout_predictions(records: Iterable[Mapping[str, Any]], hw: HardwareFacts,
             "batch_size": batch_size}
 
 
+def score_holdout(held_out: Mapping[str, Any]) -> dict[str, Any]:
+    """Score a :func:`holdout_predictions` result: ``model`` and ``proportional`` metrics
+    (``within_10pct``, ``within_5pct``, ``mape``, ``kendall_tau``) over the held-out runs, with
+    ``blocks_train``, ``blocks_test``, ``runs_test`` and ``batch_size``."""
+    measured = held_out["measured"]
+    return {"blocks_train": held_out["blocks_train"], "blocks_test": held_out["blocks_test"],
+            "batch_size": held_out["batch_size"], "runs_test": len(measured),
+            "model": _metrics(held_out["predicted"], measured),
+            "proportional": _metrics(held_out["proportional"], measured)}
+
+
 def evaluate_gated_latency(records: Iterable[Mapping[str, Any]], hw: HardwareFacts, holdout: float = 0.25,
                            seed: int = 0) -> dict[str, Any]:
-    """Score :func:`holdout_predictions`: ``model`` and ``proportional`` metrics (``within_10pct``,
-    ``within_5pct``, ``mape``, ``kendall_tau``) over the held-out runs, with ``blocks_train``,
-    ``blocks_test``, ``runs_test`` and ``batch_size``."""
-    held = holdout_predictions(records, hw, holdout, seed)
-    measured, predicted, proportional = (held.pop(key) for key in ("measured", "predicted", "proportional"))
-    return {**held, "runs_test": len(measured), "model": _metrics(predicted, measured),
-            "proportional": _metrics(proportional, measured)}
+    """Return :func:`score_holdout` of :func:`holdout_predictions` on ``records``."""
+    return score_holdout(holdout_predictions(records, hw, holdout, seed))
 
 
 def fit_for_model(model: nn.Module, input_shape: Sequence[int], store: Any, protocol: MeasurementProtocol,

@@ -104,18 +104,7 @@ class ProfileStore:
 
     def add_layer(self, spec: LayerSpec, m: Measurement, pass_index: int) -> None:
         """Append one layer microbenchmark taken in pass ``pass_index``."""
-        self._check_measurement(m)
-        record = {
-            "version": STORE_FORMAT_VERSION,
-            "kind": "layer",
-            "key": spec.key(),
-            "layer": spec.to_dict(),
-            "pass": int(pass_index),
-            "latency_ms": m.median_ms,
-            "measurement": m.to_dict(),
-            "source": "profile",
-        }
-        self._append(self.layers_path, record)
+        self._add(self.layers_path, "layer", spec.key(), {"layer": spec.to_dict()}, m, pass_index, "profile")
 
     def add_subnet(
         self,
@@ -133,21 +122,9 @@ class ProfileStore:
             source: ``"profile"`` for :func:`predictors.profiling.profile_space`, ``"search"`` for
                 measurements taken while a search runs.
         """
-        self._check_measurement(m)
-        record = {
-            "version": STORE_FORMAT_VERSION,
-            "kind": "subnet",
-            "key": arch_key(arch),
-            "space": space_name,
-            "space_hash": space_hash,
-            "arch": arch,
-            "layers": [layer.to_dict() for layer in layers],
-            "pass": int(pass_index),
-            "latency_ms": m.median_ms,
-            "measurement": m.to_dict(),
-            "source": source,
-        }
-        self._append(self.subnets_path, record)
+        fields = {"space": space_name, "space_hash": space_hash, "arch": arch,
+                  "layers": [layer.to_dict() for layer in layers]}
+        self._add(self.subnets_path, "subnet", arch_key(arch), fields, m, pass_index, source)
 
     def add_gated_block(self, key: str, block: dict[str, Any], run: dict[str, Any], m: Measurement,
                         pass_index: int, source: str = "profile") -> None:
@@ -160,19 +137,23 @@ class ProfileStore:
             source: ``"profile"`` for ``python -m predictors.profile``, ``"train"`` for the runs
                 that ``train.py`` takes for ``gates.latency_budget_ms``.
         """
+        self._add(self.gated_blocks_path, "gated_block", key, {"block": block, "run": run}, m, pass_index, source)
+
+    def _add(self, path: Path, kind: str, key: str, fields: dict[str, Any], m: Measurement, pass_index: int,
+             source: str) -> None:
+        """Append one record of ``kind``: the common keys around the kind's own ``fields``."""
         self._check_measurement(m)
         record = {
             "version": STORE_FORMAT_VERSION,
-            "kind": "gated_block",
+            "kind": kind,
             "key": key,
-            "block": block,
-            "run": run,
+            **fields,
             "pass": int(pass_index),
             "latency_ms": m.median_ms,
             "measurement": m.to_dict(),
             "source": source,
         }
-        self._append(self.gated_blocks_path, record)
+        self._append(path, record)
 
     def _check_measurement(self, m: Measurement) -> None:
         if m.fingerprint_id != self._id:

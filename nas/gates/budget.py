@@ -37,7 +37,7 @@ def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: fl
     """
     runs = []
     for site, plan in zip(sites, plans):
-        if not (plan.channel or plan.spatial):
+        if not plan.gated:
             continue
         channels = plan.snap_channels(keep_count(ratio, site.inner_channels)) if plan.channel else site.inner_channels
         columns = keep_count(ratio, site.inner_size) if plan.spatial else site.inner_size
@@ -84,7 +84,7 @@ def choose_keep_ratio(base_ms: float, sites: Sequence[BlockSite], plans: Sequenc
     """
     budget = config.latency_budget_ms
     low, high = config.keep_ratio_range
-    if not any(plan.channel or plan.spatial for plan in plans):
+    if not any(plan.gated for plan in plans):
         if base_ms > budget:
             raise GateConfigError(no_gate_message(budget, base_ms))
         return float(high)

@@ -179,7 +179,7 @@ def _plans_from_record(record: Mapping[str, Any], sites: Sequence[BlockSite]) ->
 def _install_gates(model: nn.Module, sites: Sequence[BlockSite], plans: Sequence[BlockPlan],
                    runtime: GateRuntime) -> None:
     for site, plan in zip(sites, plans):
-        if not (plan.channel or plan.spatial):
+        if not plan.gated:
             continue
         block = model.get_submodule(site.name)
         parent_name, _, leaf = site.name.rpartition(".")
@@ -214,7 +214,7 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
 
     protocol = _default_protocol(model, protocol)
     base_ms = _measure_ms(model, shape, protocol)
-    gated = [site.name for site, plan in zip(sites, plans) if plan.channel or plan.spatial]
+    gated = [site.name for site, plan in zip(sites, plans) if plan.gated]
     if not gated:
         return choose_keep_ratio(base_ms, sites, plans, {}, config, None)
     if block_latency is None:
@@ -230,8 +230,8 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
             f"The gated-block latency model was fitted at batch size {block_latency.batch_size}, but the budget is "
             f"measured at batch size {protocol.batch_size}; fit it on records of batch size {protocol.batch_size}."
         )
-    signatures = {name: block_signature(model.get_submodule(name), site) for name, site in
-                  ((site.name, site) for site in sites) if name in gated}
+    signatures = {site.name: block_signature(model.get_submodule(site.name), site) for site in sites
+                  if site.name in gated}
     return choose_keep_ratio(base_ms, sites, plans, signatures, config, block_latency)
 
 

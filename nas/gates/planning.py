@@ -30,6 +30,8 @@ __all__ = [
     "MeasuredPlacement",
     "activation_name",
     "channel_staircase",
+    "conv_spec",
+    "default_channel_steps",
     "describe_layers",
     "find_block_sites",
     "low_keep_channels",
@@ -137,6 +139,11 @@ class BlockPlan:
     measured_ms: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
     grouped_max_channels: int = 0
 
+    @property
+    def gated(self) -> bool:
+        """Whether the block gets any gate."""
+        return self.channel or self.spatial
+
     def snap_channels(self, requested: int) -> int:
         """Round a requested kept-channel count up to the next step top."""
         return snap_up(self.channel_steps, requested, self.channel_steps[-1])
@@ -194,7 +201,8 @@ def _probe_inputs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tup
     return shapes
 
 
-def _conv_spec(conv: nn.Conv2d, in_size: int, act: str) -> LayerSpec:
+def conv_spec(conv: nn.Conv2d, in_size: int, act: str) -> LayerSpec:
+    """Return the ``LayerSpec`` of ``conv`` on a square input ``in_size`` pixels wide, with activation ``act``."""
     return LayerSpec("conv", conv.in_channels, conv.out_channels, in_size, conv.kernel_size[0], conv.stride[0],
                      conv.groups, act)
 
@@ -208,7 +216,7 @@ def _site(name: str, block: nn.Module, layout: BlockLayout, shapes: Mapping[str,
         conv_name, _, act_name = layout.stages[index]
         act = activation_name(getattr(block, act_name)) if act_name is not None else "none"
         paths.append(f"{name}.{conv_name}")
-        specs.append(_conv_spec(getattr(block, conv_name), shapes[paths[-1]][2], act))
+        specs.append(conv_spec(getattr(block, conv_name), shapes[paths[-1]][2], act))
     return BlockSite(name, in_channels, height, specs[0], specs[1], paths[0], paths[1])
 
 
@@ -253,7 +261,7 @@ def describe_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[
             parent, _, leaf = name.rpartition(".")
             sibling = f"{parent}.act{leaf[4:]}" if parent else f"act{leaf[4:]}"
             act = acts.get(name, activation_name(modules.get(sibling)) if leaf.startswith("conv") else "none")
-            layers.append((name, _conv_spec(module, shape[2], act)))
+            layers.append((name, conv_spec(module, shape[2], act)))
         elif isinstance(module, nn.MaxPool2d):
             kernel, stride = (v if isinstance(v, int) else v[0] for v in (module.kernel_size, module.stride))
             layers.append((name, LayerSpec("maxpool", shape[1], shape[1], shape[2], kernel, stride)))
@@ -267,7 +275,8 @@ def describe_layers(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[
     return layers
 
 
-def _default_steps(channels: int) -> list[int]:
+def default_channel_steps(channels: int) -> list[int]:
+    """Return the kept-channel steps without a profile table: multiples of 8 below ``channels``, then ``channels``."""
     return [*range(DEFAULT_CHANNEL_STEP, channels, DEFAULT_CHANNEL_STEP), channels]
 
 
@@ -384,7 +393,7 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
         # Measured placement times the default steps itself; a table's coarser staircase would hide counts.
         use_table = profile_table is not None and config.placement != "measure"
         steps, latency = channel_staircase(site, profile_table, config.step_tolerance) if use_table else ([], {})
-        staircases.append((steps or _default_steps(site.inner_channels), latency))
+        staircases.append((steps or default_channel_steps(site.inner_channels), latency))
     decisions = None
     if config.enabled and config.placement == "measure":
         decisions = measure(sites, [steps for steps, _ in staircases])
