@@ -113,3 +113,29 @@ def skip_and_mask_outputs(gated: Any, x: Any) -> tuple[Any, Any]:
         gated.runtime.mode = "skip"
         skipped = gated(x)
     return skipped, masked
+
+
+def interrupt_after(function: Callable[..., Any], calls: int) -> Callable[..., Any]:
+    """Return ``function`` wrapped to raise ``KeyboardInterrupt`` on call number ``calls + 1``, as Ctrl-C would."""
+    done = [0]
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        if done[0] == calls:
+            raise KeyboardInterrupt
+        done[0] += 1
+        return function(*args, **kwargs)
+
+    return interrupted
+
+
+def assert_export_matches_eager(network: Any, dynamic_batch: bool, in_channels: int = 1, size: int = 28) -> None:
+    """Export ``network`` with ``torch.export`` (batch 1, or a dynamic batch) and compare its outputs to eager."""
+    import torch
+
+    example = torch.randn(2 if dynamic_batch else 1, in_channels, size, size, generator=torch.Generator().manual_seed(1))
+    shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic_batch else None
+    with torch.no_grad():
+        program = torch.export.export(network, (example,), dynamic_shapes=shapes)
+        for batch in (1, 3) if dynamic_batch else (1,):
+            x = torch.randn(batch, in_channels, size, size, generator=torch.Generator().manual_seed(batch))
+            torch.testing.assert_close(program.module()(x), network(x), atol=1e-4, rtol=1e-4)

@@ -30,6 +30,7 @@ from predictors.gated import (
 )
 from predictors.protocol import MeasurementProtocol
 from predictors.store import ProfileStore
+from tests.conftest import interrupt_after
 
 HW = HardwareFacts(device="cpu", simd_width=16, threads=1)
 # One timed pass per run: these tests check bookkeeping, not latency.
@@ -163,15 +164,7 @@ def test_profile_gated_blocks_resumes(subnet, tmp_path, monkeypatch):
     assert [b[1].name for b in blocks] == ["layer1.0", "layer2.0", "layer2.1", "layer3.0"]
     total = sum(len(block_runs(signature, 1)) for _, _, signature in blocks)
     add = store.add_gated_block
-    calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        add(*args, **kwargs)
-
-    monkeypatch.setattr(store, "add_gated_block", interrupted)
+    monkeypatch.setattr(store, "add_gated_block", interrupt_after(add, 7))
     with pytest.raises(KeyboardInterrupt):
         profile_gated_blocks(blocks, store, QUICK, passes=1, progress=False)
     assert len(store.gated_block_records(1)) == 7

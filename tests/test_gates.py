@@ -46,7 +46,7 @@ from nas.spaces.layers import LayerSpec
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
 from predictors.protocol import MeasurementProtocol
-from tests.conftest import skip_and_mask_outputs
+from tests.conftest import assert_export_matches_eager, skip_and_mask_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -427,13 +427,7 @@ def test_describe_rebuilds_same_gates(subnet):
 def test_export_matches_eager(subnet, dynamic_batch):
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.4}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
-    example = torch.randn(1 if not dynamic_batch else 2, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic_batch else None
-    with torch.no_grad():
-        program = torch.export.export(network, (example,), dynamic_shapes=shapes)
-        for batch in (1, 3) if dynamic_batch else (1,):
-            x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
-            torch.testing.assert_close(program.module()(x), network(x), atol=1e-4, rtol=1e-4)
+    assert_export_matches_eager(network, dynamic_batch)
 
 
 # -- planning from profiles ------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from nas.gates.blocks import block_layout, gated_block_class
 from nas.spaces import create_space
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.mobilenet import InvertedResidual, MobileNetV3Subnet
-from tests.conftest import load_space_config, skip_and_mask_outputs
+from tests.conftest import assert_export_matches_eager, load_space_config, skip_and_mask_outputs
 
 ALL = {"name": "feature", "placement": "all"}
 
@@ -282,10 +282,4 @@ def test_inverted_blocks_profile_and_fit(mobilenet_subnet, tmp_path):
 def test_export_column_gated_inverted(mobilenet_subnet, dynamic_batch):
     network = apply_gates(mobilenet_subnet, {"name": "feature", "placement": "all", "keep_ratio": 0.4}).eval()
     assert all(block.column_gate is not None for block in network.gated_blocks().values())
-    example = torch.randn(2 if dynamic_batch else 1, 1, 28, 28, generator=torch.Generator().manual_seed(1))
-    shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic_batch else None
-    with torch.no_grad():
-        program = torch.export.export(network, (example,), dynamic_shapes=shapes)
-        for batch in (1, 3) if dynamic_batch else (1,):
-            x = torch.randn(batch, 1, 28, 28, generator=torch.Generator().manual_seed(batch))
-            torch.testing.assert_close(program.module()(x), network(x), atol=1e-4, rtol=1e-4)
+    assert_export_matches_eager(network, dynamic_batch)

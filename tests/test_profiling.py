@@ -32,6 +32,7 @@ from predictors.profiling import (
     width_sweep,
 )
 from predictors.store import ProfileStore
+from tests.conftest import interrupt_after
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = MeasurementProtocol(warmup=1, repeats=3, threads=1)
@@ -342,14 +343,7 @@ def test_profile_space_resumes_after_interrupt(tmp_path, monkeypatch):
     store = ProfileStore(tmp_path, device_fingerprint(FAST))
     real_measure = profiling.measure_module
     calls = {"n": 0}
-
-    def interrupted(*args, **kwargs):
-        if calls["n"] == 7:
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return real_measure(*args, **kwargs)
-
-    monkeypatch.setattr(profiling, "measure_module", interrupted)
+    monkeypatch.setattr(profiling, "measure_module", interrupt_after(real_measure, 7))
     with pytest.raises(KeyboardInterrupt):
         profile_space(space, store, FAST, n_subnets=3, seed=0, passes=2, progress=False)
     assert len(store.layer_records()) + len(store.subnet_records()) == 7
