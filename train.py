@@ -27,7 +27,7 @@ from nas.spaces import Arch, SearchSpace, create_space
 from nas.supernet.cache import load_supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.tracking import create_tracker
-from nas.training import FinetuneModule
+from nas.training import FinetuneModule, resize_to_arch
 
 log = logging.getLogger("tailnas.train")
 
@@ -122,15 +122,37 @@ def distillation_teacher(supernet: Any, datamodule: Any, images: int, teacher: s
     return extract_subnet(supernet, supernet.space.largest(), datamodule, images).eval()
 
 
-def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: dict[str, Any]) -> float:
+def timing_images(datamodule: Any, count: int) -> torch.Tensor | None:
+    """Return ``count`` validation images (test images without a validation split), repeated when
+    there are fewer, or None when neither split has any."""
+    for loader in (datamodule.val_dataloader(), datamodule.test_dataloader()):
+        batches, total = [], 0
+        for x, _ in loader:
+            batches.append(x)
+            total += len(x)
+            if total >= count:
+                break
+        if total:
+            images = torch.cat(batches)
+            return images.repeat(-(-count // total), *([1] * (images.dim() - 1)))[:count]
+    return None
+
+
+def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: dict[str, Any],
+            datamodule: Any = None) -> float:
+    """Return the median latency (ms) of ``model`` with BatchNorm folded, on images of ``datamodule``
+    (see :func:`timing_images`) if given, else on random input."""
     from predictors import MeasurementProtocol, measure_module
     from predictors.profiling import fold_batchnorm_checked
 
     protocol = MeasurementProtocol.from_config(hardware)
+    images = timing_images(datamodule, protocol.batch_size) if datamodule is not None else None
+    if images is not None:
+        images = resize_to_arch(images, space, arch)
     input_shape = space.input_shape(arch)
     # Timed as search.py's re-measurement times subnets: BatchNorm folded into the convolutions.
     deployed = fold_batchnorm_checked(model.cpu().eval(), input_shape)
-    return measure_module(deployed, input_shape, protocol).median_ms
+    return measure_module(deployed, input_shape, protocol, inputs=images).median_ms
 
 
 def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch, result: dict[str, Any]) -> None:
@@ -246,7 +268,9 @@ def run(cfg: DictConfig) -> None:
         result["scratch_test_accuracy"] = None
 
     with timer.stage("measure"):
-        result["measured_latency_ms"] = measure(model, space, arch, to_container(cfg.hardware))
+        # A gated network's work at batches above 1 depends on the images, so it is timed on real ones.
+        result["measured_latency_ms"] = measure(model, space, arch, to_container(cfg.hardware),
+                                                datamodule if gates_on else None)
     result["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
     save_outputs(run_dir, model, space, arch, result)
     tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})

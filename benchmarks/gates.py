@@ -13,9 +13,9 @@ ratio (``calibrate_keep_ratios``, on the grid of ``calibration_ratios`` plus the
 
 - ``accuracy`` on the test split with its 95% Wilson interval (``accuracy_low``, ``accuracy_high``);
 - ``macs``: MACs per image that run at batch 1 (``executed_macs``, gates included);
-- ``latency_b1_ms`` and ``latency_b32_ms``: latency per batch of 1 and 32 images, BatchNorm folded,
-  from ``predictors.profiling.measure_module``: the smallest median over ``--rounds`` rounds that
-  time all models in alternating order.
+- ``latency_b1_ms`` and ``latency_b32_ms``: latency per batch of 1 and 32 test images, BatchNorm
+  folded, from ``predictors.profiling.measure_module``: the smallest median over ``--rounds`` rounds
+  that time all models in alternating order.
 
 ``baseline`` is the ungated subnet, and ``static`` lists subnets of the space, trained from scratch
 for as many epochs as the gated one had in total, whose batch-1 latency falls in the sweep's range.
@@ -136,27 +136,36 @@ def mcnemar_p_worse(reference: np.ndarray, other: np.ndarray) -> float:
 
 
 def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, threads: int,
-                       repeats: int) -> float:
-    """Return the median latency (ms per batch) of a BatchNorm-folded copy of ``model`` on this CPU."""
+                       repeats: int, inputs: torch.Tensor | None = None) -> float:
+    """Return the median latency (ms per batch) of a BatchNorm-folded copy of ``model`` on this CPU.
+
+    ``inputs`` (shape ``(batch_size, *input_shape)``) replaces the random input of ``measure_module``.
+    """
     folded = copy.deepcopy(model).eval()
     fold_batchnorm(folded)
     protocol = MeasurementProtocol(device="cpu", batch_size=batch_size, threads=threads, warmup=10, repeats=repeats)
-    return measure_module(folded, tuple(input_shape), protocol, record_operators=False).median_ms
+    return measure_module(folded, tuple(input_shape), protocol, record_operators=False, inputs=inputs).median_ms
 
 
 def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int], batch_size: int,
-                      args: argparse.Namespace) -> dict[str, float]:
+                      args: argparse.Namespace, images: torch.Tensor | None = None) -> dict[str, float]:
     """Return each model's latency (ms per batch): the smallest median over ``args.rounds`` rounds.
 
     Rounds alternate the order of the models, so a change of load on a shared machine hits all of
-    them alike instead of whichever model happened to run then.
+    them alike instead of whichever model happened to run then. With ``images``, every model runs
+    on the first ``batch_size`` of them instead of random input.
     """
     repeats = args.repeats if batch_size == 1 else max(5, args.repeats // 3)
+    inputs = None
+    if images is not None:
+        if len(images) < batch_size:
+            raise ValueError(f"measure_latencies needs at least {batch_size} images, but got {len(images)}.")
+        inputs = images[:batch_size]
     latency: dict[str, float] = {}
     names = list(models)
     for round_index in range(args.rounds):
         for name in names if round_index % 2 == 0 else names[::-1]:
-            median = measure_latency_ms(models[name], input_shape, batch_size, args.threads, repeats)
+            median = measure_latency_ms(models[name], input_shape, batch_size, args.threads, repeats, inputs)
             latency[name] = min(median, latency.get(name, math.inf))
     return latency
 
@@ -399,7 +408,10 @@ def main() -> None:
 
     subnet = space.build_supernet().build_static(arch)
     train_epochs(subnet, loader, args.epochs, args.lr)
-    images = next(iter(test_loader))[0][:MACS_IMAGES]
+    # Gated networks are timed on real test images: at batches above 1, what each block computes
+    # depends on the union of the images' selections, which random input makes narrower.
+    timing_images = next(iter(test_loader))[0]
+    images = timing_images[:MACS_IMAGES]
     quality, baseline_hits = describe_quality(subnet, test_loader, images)
     baseline = {"arch": arch.to_dict(), **quality}
     log.info("ungated: %s", baseline)
@@ -407,14 +419,14 @@ def main() -> None:
     network = build_gated(subnet, input_shape, loader, args)
     points, models, hits = sweep_keep_ratios(network, test_loader, args.ratios, images)
     models["baseline"] = subnet
-    first = measure_latencies(models, input_shape, 1, args)
+    first = measure_latencies(models, input_shape, 1, args, timing_images)
     static, static_models = train_static(space, loader, test_loader, 0.8 * min(first.values()),
                                          1.2 * max(first.values()), images, args)
     models.update(static_models)
 
     # Every model is timed in the same interleaved rounds, so their latencies compare.
     for batch_size in (1, 32):
-        latency = measure_latencies(models, input_shape, batch_size, args)
+        latency = measure_latencies(models, input_shape, batch_size, args, timing_images)
         for name, point in zip([*[f"gated@{p['keep_ratio']}" for p in points], "baseline",
                                 *[f"static{i}" for i in range(len(static))]], [*points, baseline, *static]):
             point[f"latency_b{batch_size}_ms"] = latency[name]

@@ -137,8 +137,13 @@ def measure_module(
     input_shape: tuple[int, ...],
     protocol: MeasurementProtocol,
     record_operators: bool = True,
+    inputs: torch.Tensor | None = None,
 ) -> Measurement:
     """Time ``module`` on random input of shape ``(protocol.batch_size, *input_shape)`` with ``protocol.runtime``.
+
+    ``inputs`` replaces the random input with a batch of that shape. Pass real images to time a
+    network whose work depends on its input, such as a gated network at batches above 1, where
+    each image's selection widens the batch's union of channels.
 
     The module is moved to the protocol's device and dtype and set to eval mode in place. Timing
     runs under ``torch.inference_mode``: ``warmup`` untimed passes, then ``repeats`` timed passes.
@@ -156,12 +161,19 @@ def measure_module(
         DeviceUnavailableError: if the protocol's CUDA device is not present.
         RuntimeFailedError: if the runtime cannot prepare the module (compilation, export or session failed).
         ProfilingError: if the profiled pass recorded no operator (CPU), kernel (CUDA) or node (ONNX Runtime) events.
+        ValueError: if ``inputs`` does not have the shape ``(protocol.batch_size, *input_shape)``.
     """
     check_device_available(protocol.device)
     device = torch.device(protocol.device)
     module = module.to(device=device, dtype=protocol.torch_dtype).eval()
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn((protocol.batch_size, *input_shape), generator=generator).to(device, protocol.torch_dtype)
+    expected = (protocol.batch_size, *input_shape)
+    if inputs is None:
+        generator = torch.Generator().manual_seed(0)
+        inputs = torch.randn(expected, generator=generator)
+    elif tuple(inputs.shape) != expected:
+        raise ValueError(f"measure_module inputs must have shape {expected} (batch size, then input_shape), "
+                         f"but got {tuple(inputs.shape)}.")
+    x = inputs.to(device, protocol.torch_dtype)
 
     with _thread_count(protocol.threads) as threads:
         runner = create_runner(protocol.runtime, module, x, device, threads)

@@ -163,3 +163,38 @@ def test_profile_cli_times_gated_blocks(tmp_path):
                               capture_output=True, text=True, timeout=600)
     assert compiled.returncode != 0
     assert "hardware.runtime=eager only" in compiled.stderr
+
+
+class SplitStub:
+    """A datamodule whose validation and test loaders yield the given image batches."""
+
+    def __init__(self, val: list, test: list) -> None:
+        self.val, self.test = val, test
+
+    def val_dataloader(self) -> list:
+        return [(x, None) for x in self.val]
+
+    def test_dataloader(self) -> list:
+        return [(x, None) for x in self.test]
+
+
+def test_timing_images_from_validation_then_test():
+    import torch
+
+    from train import timing_images
+
+    val = [torch.full((2, 1, 4, 4), 1.0), torch.full((1, 1, 4, 4), 2.0)]
+    test = [torch.full((5, 1, 4, 4), 3.0)]
+
+    two = timing_images(SplitStub(val, test), 2)
+    assert two.shape == (2, 1, 4, 4)
+    assert torch.equal(two, val[0])
+
+    repeated = timing_images(SplitStub(val, test), 7)
+    assert repeated.shape == (7, 1, 4, 4)
+    assert repeated[:, 0, 0, 0].tolist() == [1.0, 1.0, 2.0, 1.0, 1.0, 2.0, 1.0]
+
+    from_test = timing_images(SplitStub([], test), 3)
+    assert torch.equal(from_test, test[0][:3])
+
+    assert timing_images(SplitStub([], []), 3) is None

@@ -138,6 +138,35 @@ def test_measure_module_batch_and_no_operators():
     assert m.protocol["batch_size"] == 4
 
 
+class InputRecorder(nn.Module):
+    """Records every input it is called with."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return x
+
+
+def test_measure_module_times_given_inputs():
+    recorder = InputRecorder()
+    inputs = torch.arange(12.0).view(2, 6)
+    measure_module(recorder, (6,), MeasurementProtocol(batch_size=2, warmup=1, repeats=2, threads=1),
+                   record_operators=False, inputs=inputs)
+
+    assert len(recorder.seen) == 3
+    for seen in recorder.seen:
+        assert torch.equal(seen, inputs)
+
+
+def test_measure_module_rejects_misshaped_inputs():
+    with pytest.raises(ValueError, match=r"must have shape \(2, 6\).*but got \(3, 6\)"):
+        measure_module(nn.Identity(), (6,), MeasurementProtocol(batch_size=2, warmup=0, repeats=1, threads=1),
+                       record_operators=False, inputs=torch.zeros(3, 6))
+
+
 def test_empty_profiler_records_raise(monkeypatch):
     class EmptyProfile:
         def key_averages(self, group_by_input_shape: bool = False) -> list:
