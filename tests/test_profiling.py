@@ -12,6 +12,7 @@ import torch
 import yaml
 from torch import nn
 
+import predictors.measurement as measurement
 import predictors.profiler_records as profiler_records
 import predictors.profiling as profiling
 from nas.spaces import create_space
@@ -413,7 +414,7 @@ def test_profile_space_interleaves_passes(tmp_path):
 def test_profile_space_counts_busy_runs(tmp_path, monkeypatch):
     space = create_space({**TINY_SPACE, "stages": TINY_SPACE["stages"][:1]})
     store = ProfileStore(tmp_path, device_fingerprint(FAST))
-    monkeypatch.setattr(profiling, "load_average", lambda: 1000.0)
+    monkeypatch.setattr(measurement, "load_average", lambda: 1000.0)
 
     summary = profile_space(space, store, FAST, n_subnets=2, seed=0, passes=1, width_step=8, progress=False)
 
