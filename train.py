@@ -155,6 +155,45 @@ def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: di
     return measure_module(deployed, input_shape, protocol, inputs=images).median_ms
 
 
+def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace, arch: Arch, datamodule: Any,
+                       hardware: dict[str, Any]) -> list[dict[str, Any]]:
+    """Time the gated network against ``ungated`` at the larger batch sizes of ``gates.measure_batch_sizes``.
+
+    Every ratio of the calibration grid and the deployed keep ratio is timed on validation images
+    (:func:`nas.gates.measure_batch_slowdown`). A ratio that runs more than ``gates.max_slowdown``
+    slower than ungated is logged as a warning. Returns the records for ``finetune.json``.
+    """
+    import dataclasses
+
+    from nas.gates import calibration_ratios, measure_batch_slowdown
+    from predictors import MeasurementProtocol
+
+    sizes = sorted(gated.config.measure_batch_sizes)[1:]
+    if not sizes:
+        return []
+    protocol = MeasurementProtocol.from_config(hardware)
+    # A pass at batch 32 does 32 times the work of one at batch 1, so fewer passes give a stable median.
+    protocol = dataclasses.replace(protocol, repeats=max(5, protocol.repeats // 3))
+    images = timing_images(datamodule, max(sizes))
+    if images is not None:
+        images = resize_to_arch(images, space, arch)
+    ratios = sorted(set(calibration_ratios(gated.config)) | {gated.keep_ratio})
+    records = measure_batch_slowdown(gated.cpu(), ungated.cpu(), tuple(space.input_shape(arch)), images, ratios,
+                                     protocol)
+    for record in records:
+        worst, bound = record["worst_slowdown"], record["max_slowdown"]
+        if worst > bound:
+            log.warning("gates: at batch %d the gated network ran %.1f%% slower than ungated at keep ratio %.2f "
+                        "(gates.max_slowdown %.0f%%). Lower gates.max_slowdown and fine-tune again to drop the "
+                        "costliest gates, or deploy at a keep ratio that measured faster: %s", record["batch_size"],
+                        100 * worst, record["worst_ratio"], 100 * bound,
+                        {r: round(ms, 3) for r, ms in record["gated_ms"].items()})
+        else:
+            log.info("gates: at batch %d every keep ratio ran within %.0f%% of ungated (worst %+.1f%% at %.2f)",
+                     record["batch_size"], 100 * bound, 100 * worst, record["worst_ratio"])
+    return [{**r, "gated_ms": {str(ratio): ms for ratio, ms in r["gated_ms"].items()}} for r in records]
+
+
 def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch, result: dict[str, Any]) -> None:
     from nas.export import export_program
 
@@ -266,6 +305,11 @@ def run(cfg: DictConfig) -> None:
             result["scratch_test_accuracy"] = finetune(scratch, datamodule, cfg, tracker, "scratch")
     else:
         result["scratch_test_accuracy"] = None
+
+    if gates_on:
+        with timer.stage("gates_batch_check"):
+            result["gates_batch_slowdown"] = check_gate_batches(model, teacher, space, arch, datamodule,
+                                                                to_container(cfg.hardware))
 
     with timer.stage("measure"):
         # A gated network's work at batches above 1 depends on the images, so it is timed on real ones.

@@ -10,7 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from nas.gates import GateConfigError, apply_gates, confirm_budget, find_block_sites, parse_gate_config
+from nas.gates import (
+    GateConfigError,
+    apply_gates,
+    confirm_budget,
+    find_block_sites,
+    measure_batch_slowdown,
+    parse_gate_config,
+)
 from nas.gates.budget import choose_keep_ratio, gated_runs, predict_latency_ms
 from nas.gates.planning import plan_blocks
 from nas.supernet.resnet import BasicBlock, ResNetSubnet
@@ -297,3 +304,26 @@ def test_budget_fits_model_for_gated_blocks_only(subnet, tmp_path):
     assert calls == [sorted(network.gated_blocks())]
     records = ProfileStore(tmp_path, device_fingerprint(QUICK)).gated_block_records(1)
     assert len({json.dumps(r["block"], sort_keys=True) for r in records}) == len(calls[0])
+
+
+def test_batch_slowdown_per_ratio(subnet):
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.6, "measure_batch_sizes": [1, 4, 3]})
+    images = torch.randn(5, 1, 28, 28)
+
+    records = measure_batch_slowdown(network, subnet, (1, 28, 28), images, [0.4, 1.0], QUICK, rounds=1)
+
+    assert [r["batch_size"] for r in records] == [3, 4]
+    for record in records:
+        assert set(record["gated_ms"]) == {0.4, 1.0}
+        assert record["ungated_ms"] > 0
+        slowdowns = {r: ms / record["ungated_ms"] - 1.0 for r, ms in record["gated_ms"].items()}
+        assert record["worst_ratio"] == max(slowdowns, key=slowdowns.get)
+        assert record["worst_slowdown"] == pytest.approx(max(slowdowns.values()))
+        assert record["max_slowdown"] == 0.05
+    assert network.keep_ratio == 0.6
+
+
+def test_batch_slowdown_needs_enough_images(subnet):
+    network = apply_gates(subnet, {**ALL, "measure_batch_sizes": [1, 4]})
+    with pytest.raises(ValueError, match="needs 4 images for batch size 4, but got 2"):
+        measure_batch_slowdown(network, subnet, (1, 28, 28), torch.randn(2, 1, 28, 28), [1.0], QUICK)

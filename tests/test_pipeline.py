@@ -127,6 +127,10 @@ def test_train_with_gates_records_them(searched):
     report = json.loads((run_dir / "finetune.json").read_text())
     assert report["gates"]["config"]["keep_ratio"] == 0.4
     assert (run_dir / "subnet.pt2").is_file()
+    [batch_check] = report["gates_batch_slowdown"]
+    assert batch_check["batch_size"] == 32
+    assert "0.4" in batch_check["gated_ms"] and "1.0" in batch_check["gated_ms"]
+    assert batch_check["ungated_ms"] > 0
 
 
 def test_train_with_gate_budget_profiles_blocks(searched):

@@ -21,7 +21,7 @@ from nas.gates.config import GateConfig, GateConfigError, TargetedDropoutConfig,
 from nas.gates.inverted import GatedInvertedResidual
 from nas.gates.macs import executed_macs
 from nas.gates.modules import ChannelGate, ColumnGate, keep_count, top_k_indices, top_k_mask
-from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates, confirm_budget
+from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates, confirm_budget, measure_batch_slowdown
 from nas.gates.planning import BlockPlan, BlockSite, describe_layers, find_block_sites
 from nas.gates.training import (
     BatchNormCalibration,
@@ -60,6 +60,7 @@ __all__ = [
     "full_keep_logits",
     "gated_block_class",
     "keep_count",
+    "measure_batch_slowdown",
     "parse_gate_config",
     "register_block_layout",
     "top_k_indices",

@@ -25,7 +25,7 @@ from nas.gates.planning import (
     plan_blocks,
 )
 
-__all__ = ["FORMAT_VERSION", "GatedNetwork", "apply_gates", "confirm_budget"]
+__all__ = ["FORMAT_VERSION", "GatedNetwork", "apply_gates", "confirm_budget", "measure_batch_slowdown"]
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +235,63 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
     return choose_keep_ratio(base_ms, sites, plans, signatures, config, block_latency)
 
 
-def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any) -> float:
-    """Return the median latency (ms) of an eval, BatchNorm-folded copy of ``model``."""
+def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any, inputs: torch.Tensor | None = None) -> float:
+    """Return the median latency (ms) of an eval, BatchNorm-folded copy of ``model`` (on ``inputs`` if given)."""
     from predictors.modules import fold_batchnorm
     from predictors.profiling import measure_module
 
     folded = copy.deepcopy(model).eval()
     fold_batchnorm(folded)
-    return measure_module(folded, shape, protocol, record_operators=False).median_ms
+    return measure_module(folded, shape, protocol, record_operators=False, inputs=inputs).median_ms
+
+
+def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tuple[int, ...],
+                           images: torch.Tensor | None, ratios: Sequence[float], protocol: Any = None,
+                           rounds: int = 2) -> list[dict[str, Any]]:
+    """Measure how much slower than ``ungated`` the network runs at each larger batch size, per keep ratio.
+
+    The larger batch sizes are those of ``config.measure_batch_sizes`` above the smallest. Each is
+    timed on the first images of ``images`` (random input when None), with ``protocol``'s device,
+    threads, warm-up and repeats. Every model is timed in ``rounds`` rounds of alternating order,
+    and the smaller median counts. The network's keep ratio is restored afterwards.
+
+    Returns one record per batch size: ``batch_size``, ``ungated_ms``, ``gated_ms`` (keep ratio to
+    ms), ``worst_ratio``, ``worst_slowdown`` (the largest relative slowdown, negative when every
+    ratio ran faster) and ``max_slowdown`` (the configured bound).
+
+    Raises:
+        ValueError: if ``images`` contains fewer images than a batch size needs.
+    """
+    protocol = _default_protocol(ungated, protocol)
+    batch_sizes = sorted(network.config.measure_batch_sizes)[1:]
+    original = network.keep_ratio
+    models: dict[Any, nn.Module] = {"ungated": ungated}
+    for ratio in ratios:
+        network.set_keep_ratio(ratio)
+        models[float(ratio)] = copy.deepcopy(network)
+    network.set_keep_ratio(original)
+
+    records = []
+    for batch_size in batch_sizes:
+        inputs = None
+        if images is not None:
+            if len(images) < batch_size:
+                raise ValueError(f"measure_batch_slowdown needs {batch_size} images for batch size {batch_size}, "
+                                 f"but got {len(images)}.")
+            inputs = images[:batch_size]
+        batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
+        latency: dict[Any, float] = {}
+        names = list(models)
+        for index in range(rounds):
+            for name in names if index % 2 == 0 else names[::-1]:
+                ms = _measure_ms(models[name], shape, batch_protocol, inputs)
+                latency[name] = min(ms, latency.get(name, float("inf")))
+        base = latency.pop("ungated")
+        worst_ratio = max(latency, key=latency.get)
+        records.append({"batch_size": batch_size, "ungated_ms": base, "gated_ms": latency,
+                        "worst_ratio": worst_ratio, "worst_slowdown": latency[worst_ratio] / base - 1.0,
+                        "max_slowdown": network.config.max_slowdown})
+    return records
 
 
 # Measurements per keep ratio in confirm_budget; their median counts.
