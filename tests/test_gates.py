@@ -125,6 +125,16 @@ def test_none_yaml_parses_to_disabled():
         ({"name": "feature", "placement": "everywhere"}, "gates.placement"),
         ({"name": "feature", "measure_batch_sizes": [0]}, "gates.measure_batch_sizes"),
         ({"name": "feature", "full_keep_weight": -1.0}, "gates.full_keep_weight"),
+        ({"name": "feature", "keep_ratio": "abc"}, "gates.keep_ratio must be a number in gates.keep_ratio_range"),
+        ({"name": "feature", "keep_ratio": True}, "gates.keep_ratio must be a number"),
+        ({"name": "feature", "keep_ratio": 1.5}, "gates.keep_ratio=1.5 is outside gates.keep_ratio_range [0.25, 1.0]; "
+                                                 "keep ratios are shares of the features, in (0, 1]"),
+        ({"name": "feature", "keep_ratio_range": [0.5, 0.8], "keep_ratio": 0.9}, "or widen the range"),
+        ({"name": "feature", "latency_budget_ms": "fast"}, "gates.latency_budget_ms must be a positive number"),
+        ({"name": "feature", "latency_budget_ms": True}, "but got True"),
+        ({"name": "feature", "latency_budget_ms": float("nan")}, "gates.latency_budget_ms"),
+        ({"name": "feature", "seed": "abc"}, "gates.seed must be an integer, but got 'abc'"),
+        ({"name": "feature", "schedule_epochs": True}, "gates.schedule_epochs"),
     ],
 )
 def test_config_rejects_invalid(data, fragment):
@@ -394,7 +404,7 @@ def test_set_keep_ratio_across_range(subnet):
         previous = counts
     assert all(b.keeps_all for b in network.gated_blocks().values())
     for ratio in (0.2, 1.01, float("nan")):
-        with pytest.raises(GateConfigError, match="outside gates.keep_ratio_range"):
+        with pytest.raises(GateConfigError, match=r"gates.keep_ratio_range \[0.25, 1.0\]"):
             network.set_keep_ratio(ratio)
 
 

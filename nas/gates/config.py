@@ -113,14 +113,18 @@ class GateConfig:
         """Whether any gate may be placed."""
         return self.name != "none" and (self.channel or self.spatial)
 
-    def check_keep_ratio(self, ratio: float) -> None:
-        """Raise :class:`GateConfigError` unless ``ratio`` lies in ``keep_ratio_range``."""
+    def check_keep_ratio(self, ratio: float, key: str = "keep ratio") -> None:
+        """Raise :class:`GateConfigError` unless ``ratio`` lies in ``keep_ratio_range``; ``key`` names it in the message."""
         low, high = self.keep_ratio_range
-        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and low - 1e-9 <= ratio <= high + 1e-9):
-            raise GateConfigError(
-                f"keep ratio {ratio!r} is outside gates.keep_ratio_range [{low}, {high}]; "
-                "pick a value in the range or widen the range and fine-tune again."
-            )
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+            raise GateConfigError(f"{key} must be a number in gates.keep_ratio_range [{low}, {high}], but got {ratio!r}.")
+        if low - 1e-9 <= ratio <= high + 1e-9:
+            return
+        if not 0 < ratio <= 1:
+            fix = f"keep ratios are shares of the features, in (0, 1], so pick a value in [{low}, {high}]"
+        else:
+            fix = "pick a value in the range, or widen the range and fine-tune again"
+        raise GateConfigError(f"{key}={ratio!r} is outside gates.keep_ratio_range [{low}, {high}]; {fix}.")
 
 
 def _reject_unknown(data: Mapping[str, Any], cls: type, where: str) -> None:
@@ -167,18 +171,27 @@ def _parse_dropout(value: Any) -> TargetedDropoutConfig:
     return TargetedDropoutConfig(fraction=fraction, rate=rate)
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_numbers(cfg: GateConfig) -> None:
-    cfg.check_keep_ratio(cfg.keep_ratio)
+    cfg.check_keep_ratio(cfg.keep_ratio, "gates.keep_ratio")
     if cfg.mode not in GATE_MODES:
         raise GateConfigError(f"gates.mode must be one of {GATE_MODES}, but got {cfg.mode!r}.")
     if cfg.placement not in GATE_PLACEMENTS:
         raise GateConfigError(f"gates.placement must be one of {GATE_PLACEMENTS}, but got {cfg.placement!r}.")
-    if cfg.latency_budget_ms is not None and not cfg.latency_budget_ms > 0:
-        raise GateConfigError(f"gates.latency_budget_ms must be positive or null, but got {cfg.latency_budget_ms!r}.")
-    if not isinstance(cfg.schedule_epochs, int) or cfg.schedule_epochs < 0:
+    budget = cfg.latency_budget_ms
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise GateConfigError(f"gates.latency_budget_ms must be a positive number of milliseconds or null, "
+                              f"but got {budget!r}.")
+    if not _is_integer(cfg.schedule_epochs) or cfg.schedule_epochs < 0:
         raise GateConfigError(f"gates.schedule_epochs must be an integer >= 0, but got {cfg.schedule_epochs!r}.")
-    if not isinstance(cfg.spatial_min_size, int) or cfg.spatial_min_size < 1:
+    if not _is_integer(cfg.spatial_min_size) or cfg.spatial_min_size < 1:
         raise GateConfigError(f"gates.spatial_min_size must be an integer >= 1, but got {cfg.spatial_min_size!r}.")
+    if not _is_integer(cfg.seed):
+        raise GateConfigError(f"gates.seed must be an integer, but got {cfg.seed!r}.")
     if isinstance(cfg.kd_weight, bool) or not isinstance(cfg.kd_weight, (int, float)) or cfg.kd_weight < 0:
         raise GateConfigError(f"gates.kd_weight must be a number >= 0, but got {cfg.kd_weight!r}.")
     weight = cfg.full_keep_weight
