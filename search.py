@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -267,10 +268,17 @@ def run(cfg: DictConfig) -> None:
 
     print_front(rows, knee, study_name)
     print(f"Wrote {run_dir / 'pareto.csv'}, {run_dir / 'pareto.png'} and {run_dir / 'manifest.json'}.")
-    storage_arg = "" if not cfg.search.storage else f" search.storage='{storage}'"
+    storage_arg = f" search.storage='{storage}'" if cfg.search.storage else _work_dir_arg(cfg)
     print(f"Knee subnet: trial {rows[knee]['trial']}, accuracy {100 * rows[knee]['accuracy']:.2f}%, "
           f"{latencies[knee]:.3f} ms. Fine-tune it with:")
     print(f"  python train.py search.study_name={study_name}{storage_arg} trial={rows[knee]['trial']}")
+
+
+def _work_dir_arg(cfg: DictConfig) -> str:
+    """Return the ``paths.work_dir`` override train.py needs to find this run's studies ("" for the default)."""
+    default = os.environ.get("TAILNAS_WORK_DIR") or str(Path(HydraConfig.get().runtime.cwd) / "work")
+    work_dir = str(cfg.paths.work_dir)
+    return "" if Path(work_dir).resolve() == Path(default).resolve() else f" paths.work_dir='{work_dir}'"
 
 
 def _check_budget_feasible(space: SearchSpace, predict: Any, budget: float | None) -> None:

@@ -37,6 +37,13 @@ FINETUNE_FORMAT_VERSION = 1
 
 
 def load_study(cfg: DictConfig) -> optuna.Study:
+    if not cfg.search.get("storage"):
+        database = Path(cfg.paths.work_dir) / "studies.db"
+        # Opening a missing SQLite file would create an empty one and then report no studies.
+        if not database.is_file():
+            raise SearchError(f"No TailNAS study found: no study database at {database}. Run `python search.py "
+                              "+space=resnet` first, or set paths.work_dir to the work directory of the search "
+                              "(or search.storage to its database URL).")
     storage = default_storage(cfg)
     name = cfg.search.study_name or latest_study_name(storage)
     names = optuna.get_all_study_names(storage=storage)
@@ -249,6 +256,10 @@ def run(cfg: DictConfig) -> None:
         raise UsageError(f"Unknown pick={cfg.pick!r}; choose one of {list(PICKS)} or set trial=N.")
     if cfg.finetune.teacher not in TEACHERS:
         raise UsageError(f"Unknown finetune.teacher={cfg.finetune.teacher!r}; choose one of {list(TEACHERS)}.")
+    # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
+    from predictors import MeasurementProtocol
+
+    MeasurementProtocol.from_config(to_container(cfg.hardware))
     study = load_study(cfg)
     trial = pick_trial(study, cfg)
     record = study.user_attrs

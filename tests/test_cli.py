@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +67,12 @@ def test_train_with_unknown_teacher(tmp_path):
     result = run_entry("train.py", "finetune.teacher=biggest", tmp_path=tmp_path)
     assert result.returncode == 1
     assert "Unknown finetune.teacher='biggest'; choose one of ['none', 'largest']" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_checks_hardware_before_training(tmp_path):
+    result = run_entry("train.py", "hardware=cuda", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "hardware=cuda was requested but torch.cuda.is_available() is False" in result.stderr
+    assert "No TailNAS study found" not in result.stderr
+    assert "Traceback" not in result.stderr

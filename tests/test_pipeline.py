@@ -77,7 +77,8 @@ def test_search_writes_manifest_plot_and_train_command(searched):
     timings = json.loads((run_dir / "timings.json").read_text())
     for key in ("data_s", "supernet_s", "profile_s", "predictor_s", "search_s", "remeasure_s", "total_s"):
         assert key in timings
-    assert "python train.py search.study_name=tiny trial=" in result.stdout.strip().splitlines()[-1]
+    command = result.stdout.strip().splitlines()[-1]
+    assert f"python train.py search.study_name=tiny paths.work_dir='{tmp / 'work'}' trial=" in command
 
 
 def test_second_search_reuses_supernet_and_predictor(searched):
@@ -115,6 +116,16 @@ def test_corrupt_predictor_names_file(searched, tmp_path):
                                f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp)
     assert result.returncode == 1
     assert str(broken) in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_train_without_study_database_names_it(tmp_path):
+    work = tmp_path / "empty-work"
+    result = run("train.py", [f"paths.work_dir={work}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 1
+    assert f"no study database at {work / 'studies.db'}" in result.stderr
+    assert "python search.py +space=resnet" in result.stderr
+    assert not (work / "studies.db").exists()
     assert "Traceback" not in result.stderr
 
 
