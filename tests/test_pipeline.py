@@ -138,6 +138,7 @@ def test_train_with_gates_records_them(searched):
     report = json.loads((run_dir / "finetune.json").read_text())
     assert report["gates"]["config"]["keep_ratio"] == 0.4
     assert (run_dir / "subnet.pt2").is_file()
+    assert "gates.schedule_epochs=2 is not below finetune.epochs=1" in result.stdout + result.stderr
     [batch_check] = report["gates_batch_slowdown"]
     assert batch_check["batch_size"] == 32
     assert "0.4" in batch_check["gated_ms"]
@@ -154,6 +155,8 @@ def test_train_with_gate_budget_profiles_blocks(searched):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((run_dir / "finetune.json").read_text())
     assert report["gates"]["keep_ratio"] == 1.0  # 1000 ms fits every keep ratio, so the largest is chosen
+    assert report["latency_budget_ms"] == 1000
+    assert "(budget 1000 ms)" in result.stdout
     stores = list((tmp / "work" / "profiles").glob("*/gated_blocks.jsonl"))
     assert len(stores) == 1
     records = [json.loads(line) for line in stores[0].read_text().splitlines()]
