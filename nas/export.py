@@ -135,6 +135,10 @@ def export_program(model: nn.Module, example_input: torch.Tensor, path: str | os
     model = model.eval()
     trace = _trace_input(example_input, dynamic_batch)
     with torch.no_grad():
+        # One eager pass first fills the modules' caches (a gated block's BatchNorm-folded weights
+        # and gate plan). The trace then holds them as constants; traced cold, the program would
+        # recompute them from the parameters on every call.
+        model(trace)
         program = torch.export.export(model, (trace,), dynamic_shapes=_batch_dim(dynamic_batch))
     with _atomic_path(path) as tmp:
         torch.export.save(program, str(tmp), extra_files={_VERSION_KEY: str(EXPORT_FORMAT_VERSION)})

@@ -46,6 +46,7 @@ from nas.spaces.layers import LayerSpec
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
 from predictors.protocol import MeasurementProtocol
+from nas.export import export_program
 from tests.conftest import assert_export_matches_eager, skip_and_mask_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -438,6 +439,22 @@ def test_export_matches_eager(subnet, dynamic_batch):
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.4}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     assert_export_matches_eager(network, dynamic_batch)
+
+
+def test_export_program_of_gated_network_is_lean(subnet, tmp_path):
+    network = apply_gates(subnet, {**ALL, "spatial": False, "keep_ratio": 0.4}).eval()
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 28, 28)
+
+    program = export_program(network, x, tmp_path / "gated_b1.pt2", dynamic_batch=False)
+
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    # Folding BatchNorm and scaling the gate's weights happen before the trace, not on every call.
+    assert "aten.div.Tensor" not in targets
+    assert "aten.detach.default" not in targets
+    assert targets.count("aten.topk.default") == len(network.gated_blocks())
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), network(x), atol=1e-4, rtol=1e-4)
 
 
 # -- planning from profiles ------------------------------------------------------------------------

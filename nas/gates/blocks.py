@@ -206,11 +206,12 @@ class GatedResidualBlock(nn.Module):
         return self.kept_channels == self.inner_channels and self.kept_columns == self.inner_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The lean path applies in eval skip mode without column selection, outside tracing. The test
-        # is inline because a method call costs measurable time on this path.
+        # The lean path applies in eval skip mode without column selection, outside tracing or when
+        # tracing a static batch of 1: a traced dynamic batch cannot size tensors by a batch's union.
+        # The test is inline because a method call costs measurable time on this path.
         if (not self.training and self._channel_path and self.runtime.mode == "skip"
                 and (self.column_gate is None or self.kept_columns == self.inner_width)
-                and not torch.compiler.is_compiling()):
+                and (not torch.compiler.is_compiling() or (type(x.shape[0]) is int and x.shape[0] == 1))):
             return self._forward_channels(x)
         shortcut = self._shortcut(x)
         weights = None if self.training else self._folded_weights()
