@@ -212,6 +212,10 @@ def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch
     tmp.replace(run_dir / "subnet.pt")
     example = torch.randn(1, *space.input_shape(arch))
     export_program(model, example, run_dir / "subnet.pt2")
+    if result.get("gates") is not None:
+        # A dynamic batch is traced on the masked path, which computes every channel. Only a program
+        # traced at a static batch of 1 skips what the gates drop.
+        export_program(model, example, run_dir / "subnet_b1.pt2", dynamic_batch=False)
     atomic_write_text(run_dir / "finetune.json", json.dumps(result, indent=2) + "\n")
 
 
@@ -350,7 +354,8 @@ def run(cfg: DictConfig) -> None:
         print(f" (from scratch with the same budget: {100 * result['scratch_test_accuracy']:.2f}%)", end="")
     budget_note = f" (budget {budget} ms)" if budget is not None else ""
     print(f", measured latency {result['measured_latency_ms']:.3f} ms{budget_note}.")
-    print(f"Wrote {run_dir / 'finetune.json'}, {run_dir / 'subnet.pt'} and {run_dir / 'subnet.pt2'}.")
+    programs = f"{run_dir / 'subnet.pt2'}" + (f" and {run_dir / 'subnet_b1.pt2'}" if gates_on else "")
+    print(f"Wrote {run_dir / 'finetune.json'}, {run_dir / 'subnet.pt'} and {programs}.")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

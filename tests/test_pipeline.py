@@ -139,6 +139,14 @@ def test_train_with_gates_records_them(searched):
     assert report["gates"]["config"]["keep_ratio"] == 0.4
     assert (run_dir / "subnet.pt2").is_file()
     assert "gates.schedule_epochs=2 is not below finetune.epochs=1" in result.stdout + result.stderr
+    import torch
+
+    from nas.export import load_program
+
+    single = load_program(run_dir / "subnet_b1.pt2").module()
+    batched = load_program(run_dir / "subnet.pt2").module()
+    x = torch.randn(1, 1, 28, 28)
+    torch.testing.assert_close(single(x), batched(x), atol=1e-4, rtol=1e-4)
     [batch_check] = report["gates_batch_slowdown"]
     assert batch_check["batch_size"] == 32
     assert "0.4" in batch_check["gated_ms"]
