@@ -4,7 +4,8 @@ Usage: python benchmarks/gated_export.py [--arch JSON] [--keep-ratio R] [--place
        [--threads T] [--repeats R] [--rounds K]
 
 Builds the ``--arch`` subnet of ``conf/space/resnet.yaml`` with random weights. At batch 1 a gate
-keeps a fixed count per image, so latency does not depend on what the weights select. It gates the
+keeps a fixed count per image, so latency does not depend on what the weights select. At batch
+32 it does: random weights on random input select alike, so the batch's union is narrow. It gates the
 subnet (``gates.placement`` from ``--placement``, keep ratio ``--keep-ratio``) and folds BatchNorm
 in both networks. Then it times, at batch 1 and 32:
 
