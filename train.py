@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -106,7 +107,12 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
         default_root_dir=str(Path(HydraConfig.get().runtime.output_dir) / tag),
     )
     log.info("Fine-tuning (%s) for %d epochs", tag, ft.epochs)
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), val_dataloaders=datamodule.val_dataloader())
+    with warnings.catch_warnings():
+        if teacher is not None:
+            # The distillation teacher stays in eval mode on purpose; Lightning would warn about its modules.
+            warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader(),
+                    val_dataloaders=datamodule.val_dataloader())
     results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
     accuracy = float(results[0]["test/accuracy"])
     log.info("Test accuracy (%s): %.4f", tag, accuracy)

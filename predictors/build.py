@@ -242,11 +242,12 @@ def build_predictor(
     )
     noise = report.get("noise_floor") or {}
     if noise.get("within_10pct") is not None and noise["within_10pct"] < NOISY_WITHIN_10PCT:
+        threads_fix = "" if protocol.threads == 1 else ", or set hardware.threads=1 when other processes share the CPU"
         logger.warning(
             "Only %.0f%% of the subnets measured twice agree within 10%% between passes, so latency on this "
-            "device is too noisy for an accurate predictor. Profile on a quiet machine, or set hardware.threads=1 "
-            "when other processes share the CPU, then rebuild with predictor.rebuild=true.",
-            100 * noise["within_10pct"],
+            "device is too noisy for an accurate predictor. Profile on a quiet machine%s, then rebuild with "
+            "predictor.rebuild=true.",
+            100 * noise["within_10pct"], threads_fix,
         )
     logger.info(
         "Latency predictor for %s: within 10%% %.3f, within 5%% %.3f, Kendall tau %s on %d held-out subnets "

@@ -234,8 +234,8 @@ def profile_gated_blocks(blocks: Sequence[tuple[nn.Module, Any, dict[str, Any]]]
     # The kept counts come with each run, so the defaults of conf/gates/feature.yaml serve every run.
     config = parse_gate_config({"name": "feature"})
     order = np.random.default_rng([seed, 2]).permutation(len(pending))
-    log.info("Profiling %d gated blocks into %s: %d measurements to take.", len(blocks), store.directory,
-             len(pending))
+    log.info("Profiling %d distinct gateable block shapes into %s: %d measurements to take.", len(blocks),
+             store.directory, len(pending))
     for i in tqdm(order, desc="gated blocks", unit="run", disable=not progress):
         index, run, key, pass_index = pending[i]
         block, site, signature = blocks[index]
