@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from nas.cli import StageTimer, UsageError, default_storage, import_user_modules, run_cli, to_container
 from nas.data import build_datamodule
+from nas.export import FINETUNE_FORMAT_VERSION
 from nas.report import atomic_write_text
 from nas.search import SearchError, knee_index, latest_study_name, pareto_trials
 from nas.spaces import Arch, SearchSpace, create_space
@@ -34,7 +35,6 @@ log = logging.getLogger("tailnas.train")
 
 PICKS = ("knee", "fastest_under_budget", "most_accurate")
 TEACHERS = ("none", "largest")
-FINETUNE_FORMAT_VERSION = 1
 
 
 def load_study(cfg: DictConfig) -> optuna.Study:

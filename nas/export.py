@@ -25,8 +25,10 @@ from nas.spaces.base import Arch, SearchSpace, create_space
 
 __all__ = [
     "EXPORT_FORMAT_VERSION",
+    "FINETUNE_FORMAT_VERSION",
     "ExportError",
     "export_torch",
+    "load_finetuned",
     "load_torch",
     "export_program",
     "load_program",
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 
 EXPORT_FORMAT_VERSION = 1
 _VERSION_KEY = "tailnas_format_version"
+# Version of train.py's subnet.pt and finetune.json.
+FINETUNE_FORMAT_VERSION = 1
 
 
 class ExportError(RuntimeError):
@@ -113,6 +117,39 @@ def load_torch(path: str | os.PathLike[str], model: nn.Module | None = None) -> 
     return model.eval()
 
 
+def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
+    """Load the ``subnet.pt`` that ``train.py`` writes, in eval mode.
+
+    The file contains the space, the arch, the state dict and, for a network fine-tuned with gates,
+    the gate record (:meth:`nas.gates.GatedNetwork.describe`). A gated network comes back as a
+    ``GatedNetwork`` at its recorded keep ratio, in skip mode unless the record says otherwise.
+    Spaces from user modules need those modules imported first.
+
+    Raises:
+        ExportError: if the file is missing, is not a ``train.py`` checkpoint, or has another format version.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{str(path)!r} not found; pass the subnet.pt in a train.py run directory "
+                          "(outputs/train/<date>_<time>/subnet.pt).")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or not {"space", "arch", "state_dict"} <= set(payload):
+        raise ExportError(f"{str(path)!r} is not a train.py checkpoint: it needs the keys space, arch and state_dict.")
+    if payload.get("format_version") != FINETUNE_FORMAT_VERSION:
+        raise ExportError(f"{str(path)!r} has format version {payload.get('format_version')!r}; this TailNAS "
+                          f"reads version {FINETUNE_FORMAT_VERSION}.")
+    space = create_space(payload["space"])
+    model = space.build_supernet().build_static(space.arch_from_dict(payload["arch"]))
+    gates = payload.get("gates")
+    if gates is not None:
+        from nas.gates import apply_gates
+
+        model = apply_gates(model, gates["config"], plan=gates)
+        model.set_mode(gates.get("mode", "skip"))
+    model.load_state_dict(payload["state_dict"])
+    return model.eval()
+
+
 # -- (c) torch.export ---------------------------------------------------------------------------
 def _trace_input(example_input: torch.Tensor, dynamic_batch: bool) -> torch.Tensor:
     # torch.export specialises a dimension of size 1, so a batch-independent export traces batch 2.
@@ -136,7 +173,7 @@ def export_program(model: nn.Module, example_input: torch.Tensor, path: str | os
     trace = _trace_input(example_input, dynamic_batch)
     with torch.no_grad():
         # One eager pass first fills the modules' caches (a gated block's BatchNorm-folded weights
-        # and gate plan). The trace then holds them as constants; traced cold, the program would
+        # and gate plan). The trace then keeps them as constants; traced cold, the program would
         # recompute them from the parameters on every call.
         model(trace)
         program = torch.export.export(model, (trace,), dynamic_shapes=_batch_dim(dynamic_batch))

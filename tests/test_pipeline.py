@@ -106,6 +106,19 @@ def test_train_finetunes_knee_of_latest_study(searched):
     assert report["measured_latency_ms"] > 0
     assert (run_dir / "subnet.pt").is_file()
     assert (run_dir / "subnet.pt2").is_file()
+    assert not (run_dir / "subnet_b1.pt2").exists()
+
+    import torch
+
+    from nas.export import ExportError, load_finetuned, load_program
+
+    loaded = load_finetuned(run_dir / "subnet.pt")
+    assert loaded.arch.to_dict() == report["arch"]
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), load_program(run_dir / "subnet.pt2").module()(x), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ExportError, match="not found"):
+        load_finetuned(run_dir / "missing.pt")
 
 
 def test_corrupt_predictor_names_file(searched, tmp_path):
@@ -143,10 +156,18 @@ def test_train_with_gates_records_them(searched):
 
     from nas.export import load_program
 
+    from nas.export import load_finetuned
+    from nas.gates import GatedNetwork
+
     single = load_program(run_dir / "subnet_b1.pt2").module()
     batched = load_program(run_dir / "subnet.pt2").module()
+    loaded = load_finetuned(run_dir / "subnet.pt")
+    assert isinstance(loaded, GatedNetwork)
+    assert loaded.keep_ratio == 0.4
     x = torch.randn(1, 1, 28, 28)
     torch.testing.assert_close(single(x), batched(x), atol=1e-4, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), single(x), atol=1e-4, rtol=1e-4)
     [batch_check] = report["gates_batch_slowdown"]
     assert batch_check["batch_size"] == 32
     assert "0.4" in batch_check["gated_ms"]
