@@ -470,20 +470,33 @@ def test_export_matches_eager(subnet, dynamic_batch):
     assert_export_matches_eager(network, dynamic_batch)
 
 
-def test_export_program_of_gated_network_is_lean(subnet, tmp_path):
+@pytest.mark.parametrize("dynamic_batch", [False, True])
+def test_export_program_of_gated_network_is_lean(subnet, tmp_path, dynamic_batch):
     network = apply_gates(subnet, {**ALL, "spatial": False, "keep_ratio": 0.4}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     x = torch.randn(1, 1, 28, 28)
 
-    program = export_program(network, x, tmp_path / "gated_b1.pt2", dynamic_batch=False)
+    program = export_program(network, x, tmp_path / "gated.pt2", dynamic_batch=dynamic_batch)
 
     targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
     # Folding BatchNorm and scaling the gate's weights happen before the trace, not on every call.
     assert "aten.div.Tensor" not in targets
-    assert "aten.detach.default" not in targets
+    assert "aten.sqrt.default" not in targets
     assert targets.count("aten.topk.default") == len(network.gated_blocks())
     with torch.no_grad():
         torch.testing.assert_close(program.module()(x), network(x), atol=1e-4, rtol=1e-4)
+
+
+def test_export_leaves_eager_cache_untraced(subnet):
+    network = apply_gates(subnet, {**ALL, "spatial": False, "keep_ratio": 0.4}).eval()
+    _randomise_gates(network, torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 28, 28)
+    with torch.no_grad():
+        network(x)  # fills the caches at keep 0.4
+        network.set_keep_ratio(0.6)
+        torch.export.export(network, (x,))  # traces keep 0.6 without an eager pass first
+        skipped, masked = skip_and_mask_outputs(network, x)
+    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
 
 
 # -- planning from profiles ------------------------------------------------------------------------

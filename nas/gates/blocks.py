@@ -207,11 +207,13 @@ class GatedResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The lean path applies in eval skip mode without column selection, outside tracing or when
-        # tracing a static batch of 1: a traced dynamic batch cannot size tensors by a batch's union.
+        # exporting a static batch of 1: a traced dynamic batch cannot size tensors by a batch's
+        # union, and under torch.compile its data-dependent branches break the graph.
         # The test is inline because a method call costs measurable time on this path.
         if (not self.training and self._channel_path and self.runtime.mode == "skip"
                 and (self.column_gate is None or self.kept_columns == self.inner_width)
-                and (not torch.compiler.is_compiling() or (type(x.shape[0]) is int and x.shape[0] == 1))):
+                and (not torch.compiler.is_compiling()
+                     or (torch.compiler.is_exporting() and type(x.shape[0]) is int and x.shape[0] == 1))):
             return self._forward_channels(x)
         shortcut = self._shortcut(x)
         weights = None if self.training else self._folded_weights()
@@ -315,15 +317,18 @@ class GatedResidualBlock(nn.Module):
         gate = None
         if self.channel_gate is not None and self.kept_channels < self.inner_channels:
             fc = self.channel_gate.fc
-            # The mean over the map is a sum times 1/area, so the 1/area goes into the weights.
-            fc_t = (fc.weight.detach() / area).t().contiguous()
+            # The mean over the map is a sum times 1/area, so the 1/area goes into the weights. The
+            # general path reads the same entry, so an eager pass fills it for both.
+            fc_t = self._cached(weights, ("channel_fc_t", area), lambda: (fc.weight.detach() / area).t().contiguous())
             gate = (fc_t, fc.bias.detach(), self.kept_channels)
         pre_stages = self._run_before_producer if self.layout.producer > 0 else None
         final_act = getattr(self, self.layout.final_act) if self.layout.final_act is not None else None
         plan = (pre_stages, gate, weights["producer_w"], weights["producer_b"], producer,
                 _in_place(producer_act), weights["consumer_w"], weights["consumer_b"], consumer,
                 _in_place(final_act))
-        self._plan = (area, self.kept_channels, plan)
+        # A plan built while tracing holds traced tensors, which eager calls must not reuse.
+        if not torch.compiler.is_compiling():
+            self._plan = (area, self.kept_channels, plan)
         return plan
 
     def _gate_logits(self, x: torch.Tensor,
@@ -426,8 +431,12 @@ class GatedResidualBlock(nn.Module):
         :meth:`__setattr__`, :meth:`_apply` and :meth:`_load_from_state_dict`. The plan of
         :meth:`_forward_channels`, built from the folded weights, is dropped with them.
         """
-        # torch.export and torch.compile trace fake tensors, which have no versions, so fold inline.
         if torch.compiler.is_compiling():
+            # torch.export keeps weights folded before the trace as constants (export_program runs
+            # an eager pass first). The copy keeps tensors traced later out of the eager cache.
+            if torch.compiler.is_exporting() and self._folded and self._folded_is_current():
+                return dict(self._folded)
+            # Otherwise the trace sees fake tensors, which have no versions, so it folds inline.
             return self._fold_weights()
         if not self._folded_is_current():
             refs = [t for m in self._fold_source_modules() for t in (*m._parameters.values(), *m._buffers.values())
