@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import pickle
 import tempfile
 from collections.abc import Callable, Iterator
 from functools import partial
@@ -132,19 +133,23 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
     if not path.is_file():
         raise ExportError(f"{str(path)!r} not found; pass the subnet.pt in a train.py run directory "
                           "(outputs/train/<date>_<time>/subnet.pt).")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
+        raise ExportError(f"{str(path)!r} is not a train.py checkpoint: torch.load failed ({error}).") from error
     if not isinstance(payload, dict) or not {"space", "arch", "state_dict"} <= set(payload):
         raise ExportError(f"{str(path)!r} is not a train.py checkpoint: it needs the keys space, arch and state_dict.")
     if payload.get("format_version") != FINETUNE_FORMAT_VERSION:
         raise ExportError(f"{str(path)!r} has format version {payload.get('format_version')!r}; this TailNAS "
                           f"reads version {FINETUNE_FORMAT_VERSION}.")
     space = create_space(payload["space"])
-    model = space.build_supernet().build_static(space.arch_from_dict(payload["arch"]))
+    arch = space.arch_from_dict(payload["arch"])
+    model = space.build_supernet().build_static(arch)
     gates = payload.get("gates")
     if gates is not None:
         from nas.gates import apply_gates
 
-        model = apply_gates(model, gates["config"], plan=gates)
+        model = apply_gates(model, gates["config"], input_shape=space.input_shape(arch), plan=gates)
         model.set_mode(gates.get("mode", "skip"))
     model.load_state_dict(payload["state_dict"])
     return model.eval()
@@ -167,7 +172,8 @@ def export_program(model: nn.Module, example_input: torch.Tensor, path: str | os
     """Export ``model`` in eval mode with ``torch.export.export`` and save the program to ``path`` (``.pt2``).
 
     ``example_input`` is one input batch (N, C, H, W); with ``dynamic_batch`` the program accepts
-    any batch size, otherwise only N.
+    any batch size, otherwise only N. The program is frozen: a gated network's folded weights are
+    constants in it, so export again after changing the model's weights.
     """
     model = model.eval()
     trace = _trace_input(example_input, dynamic_batch)

@@ -18,6 +18,7 @@ from nas.gates import (
     measure_batch_slowdown,
     parse_gate_config,
 )
+import nas.gates.network as network_module
 from nas.gates.budget import choose_keep_ratio, gated_runs, predict_latency_ms
 from nas.gates.planning import plan_blocks
 from nas.supernet.resnet import BasicBlock, ResNetSubnet
@@ -306,21 +307,44 @@ def test_budget_fits_model_for_gated_blocks_only(subnet, tmp_path):
     assert len({json.dumps(r["block"], sort_keys=True) for r in records}) == len(calls[0])
 
 
-def test_batch_slowdown_per_ratio(subnet):
+def test_batch_slowdown_per_ratio(subnet, monkeypatch):
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.6, "measure_batch_sizes": [1, 4, 3]})
     images = torch.randn(5, 1, 28, 28)
+    timed = []
+    fake_ms = {"ungated": 10.0, 0.4: 9.0, 1.0: 11.0}
 
-    records = measure_batch_slowdown(network, subnet, (1, 28, 28), images, [0.4, 1.0], QUICK, rounds=1)
+    def fake_measure(model, shape, protocol, inputs=None):
+        key = "ungated" if model is subnet else model.keep_ratio
+        timed.append((key, protocol.batch_size, inputs))
+        return fake_ms[key] * protocol.batch_size
+
+    monkeypatch.setattr(network_module, "_measure_ms", fake_measure)
+    records = measure_batch_slowdown(network, subnet, (1, 28, 28), images, [0.4, 1.0], QUICK, rounds=2)
 
     assert [r["batch_size"] for r in records] == [3, 4]
     for record in records:
-        assert set(record["gated_ms"]) == {0.4, 1.0}
-        assert record["ungated_ms"] > 0
-        slowdowns = {r: ms / record["ungated_ms"] - 1.0 for r, ms in record["gated_ms"].items()}
-        assert record["worst_ratio"] == max(slowdowns, key=slowdowns.get)
-        assert record["worst_slowdown"] == pytest.approx(max(slowdowns.values()))
+        batch = record["batch_size"]
+        assert record["ungated_ms"] == 10.0 * batch
+        assert record["gated_ms"] == {0.4: 9.0 * batch, 1.0: 11.0 * batch}
+        assert record["worst_ratio"] == 1.0
+        assert record["worst_slowdown"] == pytest.approx(0.1)
         assert record["max_slowdown"] == 0.05
+    assert sorted({key for key, _, _ in timed}, key=str) == sorted({"ungated", 0.4, 1.0}, key=str)
+    assert len(timed) == 2 * 2 * 3  # batch sizes x rounds x models
+    for _, batch, inputs in timed:
+        assert torch.equal(inputs, images[:batch])
     assert network.keep_ratio == 0.6
+
+
+def test_batch_slowdown_rejects_bad_ratios(subnet):
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.4, "measure_batch_sizes": [1, 4]})
+    with pytest.raises(GateConfigError, match="outside gates.keep_ratio_range"):
+        measure_batch_slowdown(network, subnet, (1, 28, 28), None, [0.6, 0.1], QUICK)
+    assert network.keep_ratio == 0.4
+    with pytest.raises(ValueError, match="at least one keep ratio"):
+        measure_batch_slowdown(network, subnet, (1, 28, 28), None, [], QUICK)
+    with pytest.raises(ValueError, match="rounds >= 1"):
+        measure_batch_slowdown(network, subnet, (1, 28, 28), None, [0.6], QUICK, rounds=0)
 
 
 def test_batch_slowdown_needs_enough_images(subnet):

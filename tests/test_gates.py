@@ -137,6 +137,7 @@ def test_none_yaml_parses_to_disabled():
         ({"name": "feature", "latency_budget_ms": float("nan")}, "gates.latency_budget_ms"),
         ({"name": "feature", "seed": "abc"}, "gates.seed must be an integer, but got 'abc'"),
         ({"name": "feature", "schedule_epochs": True}, "gates.schedule_epochs"),
+        ({"name": "feature", "batch_check": "yes"}, "gates.batch_check must be true or false"),
     ],
 )
 def test_config_rejects_invalid(data, fragment):

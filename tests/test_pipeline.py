@@ -119,6 +119,8 @@ def test_train_finetunes_knee_of_latest_study(searched):
         torch.testing.assert_close(loaded(x), load_program(run_dir / "subnet.pt2").module()(x), atol=1e-4, rtol=1e-4)
     with pytest.raises(ExportError, match="not found"):
         load_finetuned(run_dir / "missing.pt")
+    with pytest.raises(ExportError, match="is not a train.py checkpoint"):
+        load_finetuned(run_dir / "finetune.json")
 
 
 def test_corrupt_predictor_names_file(searched, tmp_path):
@@ -154,9 +156,7 @@ def test_train_with_gates_records_them(searched):
     assert "gates.schedule_epochs=2 is not below finetune.epochs=1" in result.stdout + result.stderr
     import torch
 
-    from nas.export import load_program
-
-    from nas.export import load_finetuned
+    from nas.export import load_finetuned, load_program
     from nas.gates import GatedNetwork
 
     single = load_program(run_dir / "subnet_b1.pt2").module()
@@ -180,11 +180,13 @@ def test_train_with_gate_budget_profiles_blocks(searched):
     run_dir = tmp / "train-budget"
     result = run("train.py", ["search.study_name=tiny", "finetune.epochs=1", "compare_scratch=false", "gates=feature",
                               "gates.placement=all", "gates.latency_budget_ms=1000", "hardware.repeats=3",
+                              "gates.batch_check=false",
                               f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((run_dir / "finetune.json").read_text())
     assert report["gates"]["keep_ratio"] == 1.0  # 1000 ms fits every keep ratio, so the largest is chosen
     assert report["latency_budget_ms"] == 1000
+    assert "gates_batch_slowdown" not in report
     assert "(budget 1000 ms)" in result.stdout
     stores = list((tmp / "work" / "profiles").glob("*/gated_blocks.jsonl"))
     assert len(stores) == 1

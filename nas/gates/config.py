@@ -71,6 +71,9 @@ class GateConfig:
             ``spatial_min_size`` wide. "all" places every enabled gate that drops a feature.
         measure_batch_sizes: batch sizes at which "measure" times blocks; the smallest must show
             the saving.
+        batch_check: after fine-tuning, ``train.py`` times the gated network against the ungated
+            subnet at every larger batch size of ``measure_batch_sizes`` and warns about ratios
+            over ``max_slowdown`` (:func:`nas.gates.measure_batch_slowdown`).
         max_slowdown: with "measure", the gated blocks together may be at most this much slower
             than ungated (share of their ungated latency) at every larger batch size of
             ``measure_batch_sizes``.
@@ -101,6 +104,7 @@ class GateConfig:
     full_keep_weight: float = 0.0
     placement: str = "measure"
     measure_batch_sizes: tuple[int, ...] = (1, 32)
+    batch_check: bool = True
     max_slowdown: float = 0.05
     min_saving: float = 0.05
     step_tolerance: float = 0.05
@@ -113,7 +117,7 @@ class GateConfig:
         """Whether any gate may be placed."""
         return self.name != "none" and (self.channel or self.spatial)
 
-    def check_keep_ratio(self, ratio: float, key: str = "keep ratio") -> None:
+    def check_keep_ratio(self, ratio: float, key: str = "keep_ratio") -> None:
         """Raise :class:`GateConfigError` unless ``ratio`` lies in ``keep_ratio_range``; ``key`` names it in the message."""
         low, high = self.keep_ratio_range
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
@@ -232,7 +236,7 @@ def parse_gate_config(data: Mapping[str, Any] | GateConfig) -> GateConfig:
         values["measure_batch_sizes"] = _parse_batch_sizes(values["measure_batch_sizes"])
     if "targeted_dropout" in values:
         values["targeted_dropout"] = _parse_dropout(values["targeted_dropout"])
-    for key in ("channel", "spatial", "sample_range_after_ramp"):
+    for key in ("channel", "spatial", "sample_range_after_ramp", "batch_check"):
         if key in values and not isinstance(values[key], bool):
             raise GateConfigError(f"gates.{key} must be true or false, but got {values[key]!r}.")
     cfg = GateConfig(**values)

@@ -260,16 +260,26 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
     ratio ran faster) and ``max_slowdown`` (the configured bound).
 
     Raises:
-        ValueError: if ``images`` contains fewer images than a batch size needs.
+        ValueError: if ``ratios`` is empty, ``rounds`` is below 1, or ``images`` contains fewer
+            images than a batch size needs.
+        GateConfigError: if a ratio lies outside ``keep_ratio_range``.
     """
+    if not ratios:
+        raise ValueError("measure_batch_slowdown needs at least one keep ratio, but got none.")
+    if rounds < 1:
+        raise ValueError(f"measure_batch_slowdown needs rounds >= 1, but got {rounds}.")
+    for ratio in ratios:
+        network.config.check_keep_ratio(ratio)
     protocol = _default_protocol(ungated, protocol)
     batch_sizes = sorted(network.config.measure_batch_sizes)[1:]
     original = network.keep_ratio
     models: dict[Any, nn.Module] = {"ungated": ungated}
-    for ratio in ratios:
-        network.set_keep_ratio(ratio)
-        models[float(ratio)] = copy.deepcopy(network)
-    network.set_keep_ratio(original)
+    try:
+        for ratio in ratios:
+            network.set_keep_ratio(ratio)
+            models[float(ratio)] = copy.deepcopy(network)
+    finally:
+        network.set_keep_ratio(original)
 
     records = []
     for batch_size in batch_sizes:
