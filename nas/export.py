@@ -123,7 +123,7 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
 
     The file contains the space, the arch, the state dict and, for a network fine-tuned with gates,
     the gate record (:meth:`nas.gates.GatedNetwork.describe`). A gated network comes back as a
-    ``GatedNetwork`` at its recorded keep ratio, in skip mode unless the record says otherwise.
+    ``GatedNetwork`` at its recorded keep ratio and mode (skip when the record has none).
     Spaces from user modules need those modules imported first.
 
     Raises:
