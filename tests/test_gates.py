@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 from omegaconf import OmegaConf
 from torch import nn
@@ -239,7 +238,7 @@ def test_skip_matches_mask(block_cls, cin, mid, cout, stride, width, channel, sp
 
 @pytest.mark.parametrize("block_cls, cin, mid, cout, stride, width", BLOCK_CASES)
 def test_grouped_path_matches_mask(block_cls, cin, mid, cout, stride, width):
-    runtime = GateRuntime(skip_max_share=0.0)  # no union is narrow enough to gather
+    runtime = GateRuntime()
     gated = _gated_block(block_cls(cin, mid, cout, stride), cin, width, channel=True, spatial=False, runtime=runtime)
     gated.grouped_max_channels = gated.inner_channels
     gated.set_keep(max(1, gated.inner_channels // 2), gated.inner_width)
@@ -249,36 +248,8 @@ def test_grouped_path_matches_mask(block_cls, cin, mid, cout, stride, width):
     # Each image runs only its own kept channels, so the batch costs four single images.
     assert executed_macs(gated, x) == 4 * executed_macs(gated, x[:1])
     gated.grouped_max_channels = gated.kept_channels - 1  # keeps more than the limit: masks
+    runtime.skip_max_share = 0.0
     assert executed_macs(gated, x) > 4 * executed_macs(gated, x[:1])
-
-
-def test_narrow_union_gathers_before_grouping(monkeypatch):
-    runtime = GateRuntime(skip_max_share=0.75)
-    gated = _gated_block(BasicBlock(8, 16, 16, 1), 8, 10, channel=True, spatial=False, runtime=runtime).eval()
-    gated.grouped_max_channels = gated.inner_channels
-    gated.set_keep(4, gated.inner_width)
-    with torch.no_grad():
-        # Every image ranks the channels alike, so the batch's union is the 4 kept channels.
-        gated.channel_gate.fc.weight.zero_()
-        gated.channel_gate.fc.bias.copy_(torch.arange(16.0))
-    x = torch.randn(4, 8, 10, 10, generator=torch.Generator().manual_seed(0))
-    groups = []
-    conv2d = F.conv2d
-
-    def recording_conv2d(*args, **kwargs):
-        groups.append(args[6] if len(args) > 6 else kwargs.get("groups", 1))
-        return conv2d(*args, **kwargs)
-
-    monkeypatch.setattr(F, "conv2d", recording_conv2d)
-    skipped, masked = skip_and_mask_outputs(gated, x)
-    assert groups and all(g == 1 for g in groups)
-    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
-
-    groups.clear()
-    runtime.skip_max_share = 0.0  # now no union is narrow enough: the grouped path runs
-    with torch.no_grad():
-        gated(x)
-    assert 4 in groups
 
 
 def test_grouped_limit_rejects_invalid_value():

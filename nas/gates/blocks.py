@@ -171,7 +171,7 @@ class GatedResidualBlock(nn.Module):
 
     @property
     def grouped_max_channels(self) -> int:
-        """Largest kept-channel count at which batches above 1 whose union is too wide to gather take the grouped path (0: never).
+        """Largest kept-channel count at which batches above 1 take the grouped path (0: never).
 
         See :meth:`_forward_channels`. ``placement: measure`` sets it where the grouped path was
         measured faster than the masked one.
@@ -249,14 +249,11 @@ class GatedResidualBlock(nn.Module):
 
         * 1: the producer computes only the kept channels (gathered rows of its weights), and the
           consumer reads only those (gathered columns of its weights);
-        * more, when the union of the batch's selections leaves at most ``skip_max_share`` of the
-          channels: the union is gathered, and each image's dropped channels are then zeroed;
-        * more, with a wider union, keeping at most :attr:`grouped_max_channels`: each image's own
-          channels, as one grouped convolution with the batch as groups and each image's gathered
-          weights as its group's filters. Placement set that limit by timing this path against the
-          dense one, which is the alternative here. Against a narrow union, the grouped path ran
-          slower on trained gates and real images;
-        * more, otherwise: all channels are computed, and each image's dropped channels are zeroed.
+        * more, keeping at most :attr:`grouped_max_channels`: the same per image, as one grouped
+          convolution with the batch as groups and each image's gathered weights as its group's filters;
+        * more, otherwise: the union of the batch's selections is gathered when at most
+          ``skip_max_share`` of the channels remain, and all channels are computed when more do.
+          Each image's dropped channels are then zeroed.
 
         The outputs are those of "mask" mode for the same input.
         """
@@ -274,14 +271,16 @@ class GatedResidualBlock(nn.Module):
                 counter[0] += self.channel_gate.macs * batch
             if batch == 1:
                 index = logits.view(-1).topk(kept, sorted=False).indices
+            elif kept <= self._grouped_max_channels:
+                # NOTE: the kept count alone picks this path. Whether it beats gathering the batch's
+                # union depends on the union's width and the block's shape, and no per-batch choice
+                # from measured costs is built (docs/gates.md gives the measured cases).
+                index = logits.topk(kept, dim=1, sorted=False).indices.reshape(-1)
+                groups = batch
+                inner = inner.reshape(1, batch * inner.shape[1], inner.shape[2], inner.shape[3])
             else:
                 index, mask, selected = self._select(logits, kept)
-                wide = index.numel() > self.runtime.skip_max_share * self.inner_channels
-                if wide and kept <= self._grouped_max_channels:
-                    index, mask = logits.topk(kept, dim=1, sorted=False).indices.reshape(-1), None
-                    groups = batch
-                    inner = inner.reshape(1, batch * inner.shape[1], inner.shape[2], inner.shape[3])
-                elif wide:
+                if index.numel() > self.runtime.skip_max_share * self.inner_channels:
                     index, mask = None, selected
             if index is not None:
                 producer_w, producer_b = producer_w.index_select(0, index), producer_b.index_select(0, index)

@@ -44,8 +44,6 @@ def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: fl
         option = "+".join(name for name, on in (("channel", plan.channel), ("column", plan.spatial)) if on)
         if channels == site.inner_channels and columns == site.inner_size:
             option = "none"  # a gate that keeps everything is not run
-        # NOTE: at run time a batch whose union of selections is narrow gathers the union instead of
-        # grouping. That depends on the images, so the prediction assumes the grouped path.
         grouped = (batch_size > 1 and option == "channel" and channels <= plan.grouped_max_channels)
         runs.append((site.name, {"option": option, "channels": channels, "columns": columns, "grouped": grouped}))
     return runs

@@ -65,8 +65,7 @@ def option_module(block: nn.Module, site: BlockSite, option: str, config: GateCo
     # fold_batchnorm folds only conv<suffix>/bn<suffix> pairs, so blocks named otherwise (MobileNetV3's
     # conv_pw, bn1) are timed as gated blocks without gates, which fold BatchNorm themselves.
     if channel or spatial or not gated_class.folds_by_name:
-        # The grouped path runs where a batch's union is too wide to gather; a share of 0 makes every union so.
-        runtime = GateRuntime(mode="skip", skip_max_share=0.0 if grouped else skip_max_share)
+        runtime = GateRuntime(mode="skip", skip_max_share=skip_max_share)
         module = gated_class(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
                              runtime).eval()
         low = config.keep_ratio_range[0]
