@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from nas.gates import (
     measure_batch_slowdown,
     parse_gate_config,
 )
-import nas.gates.network as network_module
+import nas.gates.timing as timing_module
 from nas.gates.budget import choose_keep_ratio, gated_runs, predict_latency_ms
 from nas.gates.planning import plan_blocks
 from nas.supernet.resnet import BasicBlock, ResNetSubnet
@@ -313,12 +314,12 @@ def test_batch_slowdown_per_ratio(subnet, monkeypatch):
     timed = []
     fake_ms = {"ungated": 10.0, 0.4: 9.0, 1.0: 11.0}
 
-    def fake_measure(model, shape, protocol, inputs=None):
-        key = "ungated" if model is subnet else model.keep_ratio
+    def fake_measure(module, shape, protocol, record_operators=True, inputs=None):
+        key = getattr(module, "keep_ratio", "ungated")  # the ungated subnet has no keep ratio
         timed.append((key, protocol.batch_size, inputs))
-        return fake_ms[key] * protocol.batch_size
+        return SimpleNamespace(median_ms=fake_ms[key] * protocol.batch_size)
 
-    monkeypatch.setattr(network_module, "_measure_ms", fake_measure)
+    monkeypatch.setattr(timing_module, "measure_module", fake_measure)
     records = measure_batch_slowdown(network, subnet, (1, 28, 28), images, [0.4, 1.0], QUICK, rounds=2)
 
     assert [r["batch_size"] for r in records] == [3, 4]

@@ -235,14 +235,14 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
     return choose_keep_ratio(base_ms, sites, plans, signatures, config, block_latency)
 
 
-def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any, inputs: torch.Tensor | None = None) -> float:
-    """Return the median latency (ms) of an eval, BatchNorm-folded copy of ``model`` (on ``inputs`` if given)."""
+def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any) -> float:
+    """Return the median latency (ms) of an eval, BatchNorm-folded copy of ``model``."""
     from predictors.modules import fold_batchnorm
     from predictors.profiling import measure_module
 
     folded = copy.deepcopy(model).eval()
     fold_batchnorm(folded)
-    return measure_module(folded, shape, protocol, record_operators=False, inputs=inputs).median_ms
+    return measure_module(folded, shape, protocol, record_operators=False).median_ms
 
 
 def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tuple[int, ...],
@@ -270,16 +270,21 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
         raise ValueError(f"measure_batch_slowdown needs rounds >= 1, but got {rounds}.")
     for ratio in ratios:
         network.config.check_keep_ratio(ratio)
+    from nas.gates.timing import fastest_medians
+    from predictors.modules import fold_batchnorm
+
     protocol = _default_protocol(ungated, protocol)
     batch_sizes = sorted(network.config.measure_batch_sizes)[1:]
     original = network.keep_ratio
-    models: dict[Any, nn.Module] = {"ungated": ungated}
+    folded: dict[Any, nn.Module] = {"ungated": copy.deepcopy(ungated).eval()}
     try:
         for ratio in ratios:
             network.set_keep_ratio(ratio)
-            models[float(ratio)] = copy.deepcopy(network)
+            folded[float(ratio)] = copy.deepcopy(network).eval()
     finally:
         network.set_keep_ratio(original)
+    for model in folded.values():
+        fold_batchnorm(model)
 
     records = []
     for batch_size in batch_sizes:
@@ -290,12 +295,7 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
                                  f"but got {len(images)}.")
             inputs = images[:batch_size]
         batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
-        latency: dict[Any, float] = {}
-        names = list(models)
-        for index in range(rounds):
-            for name in names if index % 2 == 0 else names[::-1]:
-                ms = _measure_ms(models[name], shape, batch_protocol, inputs)
-                latency[name] = min(ms, latency.get(name, float("inf")))
+        latency = fastest_medians(folded, shape, batch_protocol, rounds, inputs)
         base = latency.pop("ungated")
         worst_ratio = max(latency, key=latency.get)
         records.append({"batch_size": batch_size, "ungated_ms": base, "gated_ms": latency,

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,6 +32,7 @@ __all__ = [
     "BlockTimer",
     "GATE_OPTIONS",
     "choose_gate_options",
+    "fastest_medians",
     "grouped_limit",
     "make_block_timer",
     "make_measured_placement",
@@ -78,14 +80,15 @@ def option_module(block: nn.Module, site: BlockSite, option: str, config: GateCo
     return module
 
 
-def _fastest_medians(modules: Mapping[Any, nn.Module], shape: tuple[int, ...],
-                     protocol: MeasurementProtocol) -> dict[Any, float]:
-    """Return each module's latency (ms): the smaller median of two rounds that time all modules in alternating order."""
+def fastest_medians(modules: Mapping[Any, nn.Module], shape: tuple[int, ...], protocol: MeasurementProtocol,
+                    rounds: int = 2, inputs: torch.Tensor | None = None) -> dict[Any, float]:
+    """Return each module's latency (ms): the smallest median of ``rounds`` rounds that time all modules
+    in alternating order, on ``inputs`` if given (else random input)."""
     names = list(modules)
     latency: dict[Any, float] = {}
-    for order in (names, names[::-1]):
-        for name in order:
-            median = measure_module(modules[name], shape, protocol, record_operators=False).median_ms
+    for index in range(rounds):
+        for name in names if index % 2 == 0 else names[::-1]:
+            median = measure_module(modules[name], shape, protocol, record_operators=False, inputs=inputs).median_ms
             latency[name] = min(median, latency.get(name, float("inf")))
     return latency
 
@@ -120,7 +123,7 @@ def make_block_timer(config: GateConfig, protocol: MeasurementProtocol) -> Block
             share = config.skip_max_share if batch_size == smallest else 0.0
             modules = {name: option_module(block, site, name, config, steps, share) for name in available}
             batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
-            for name, ms in _fastest_medians(modules, shape, batch_protocol).items():
+            for name, ms in fastest_medians(modules, shape, batch_protocol).items():
                 latency[name][batch_size] = ms
         return latency
 
@@ -146,7 +149,7 @@ def time_channel_counts(block: nn.Module, site: BlockSite, counts: list[int], co
     modules = {count: option_module(block, site, "channel" if count < site.inner_channels else "none", config,
                                      counts, config.skip_max_share, channels=count, grouped=grouped)
                for count in counts}
-    return _fastest_medians(modules, shape, batch_protocol)
+    return fastest_medians(modules, shape, batch_protocol)
 
 
 def grouped_limit(grouped_ms: Mapping[int, float], masked_ms: float) -> int:
