@@ -268,10 +268,10 @@ def run(cfg: DictConfig) -> None:
 
     print_front(rows, knee, study_name)
     print(f"Wrote {run_dir / 'pareto.csv'}, {run_dir / 'pareto.png'} and {run_dir / 'manifest.json'}.")
-    storage_arg = f" search.storage='{storage}'" if cfg.search.storage else _work_dir_arg(cfg)
+    location_arg = f" search.storage='{storage}'" if cfg.search.storage else _work_dir_arg(cfg)
     print(f"Knee subnet: trial {rows[knee]['trial']}, accuracy {100 * rows[knee]['accuracy']:.2f}%, "
           f"{latencies[knee]:.3f} ms. Fine-tune it with:")
-    print(f"  python train.py search.study_name={study_name}{storage_arg} trial={rows[knee]['trial']}")
+    print(f"  python train.py search.study_name={study_name}{location_arg} trial={rows[knee]['trial']}")
 
 
 def _work_dir_arg(cfg: DictConfig) -> str:

@@ -83,12 +83,12 @@ def main() -> None:
     for model in (ungated, gated):
         fold_batchnorm(model)
 
-    one = torch.randn(1, *shape)
+    single_image = torch.randn(1, *shape)
     with tempfile.TemporaryDirectory() as folder:
         programs = {
-            "export_ungated_ms": export_program(ungated, one, Path(folder) / "ungated.pt2").module(),
-            "export_gated_dynamic_ms": export_program(gated, one, Path(folder) / "gated.pt2").module(),
-            "export_gated_b1_ms": export_program(gated, one, Path(folder) / "gated_b1.pt2",
+            "export_ungated_ms": export_program(ungated, single_image, Path(folder) / "ungated.pt2").module(),
+            "export_gated_dynamic_ms": export_program(gated, single_image, Path(folder) / "gated.pt2").module(),
+            "export_gated_b1_ms": export_program(gated, single_image, Path(folder) / "gated_b1.pt2",
                                                  dynamic_batch=False).module(),
         }
     runners = {"eager_ungated_ms": ungated, "eager_gated_ms": gated, **programs}

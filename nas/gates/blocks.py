@@ -207,9 +207,9 @@ class GatedResidualBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The lean path applies in eval skip mode without column selection, outside tracing or when
-        # exporting a static batch of 1: a traced dynamic batch cannot size tensors by a batch's
-        # union, and under torch.compile its data-dependent branches break the graph.
-        # The test is inline because a method call costs measurable time on this path.
+        # exporting a static batch of 1. A traced dynamic batch cannot size tensors by a batch's
+        # union, and under torch.compile its data-dependent branches break the graph. The test is
+        # inline because a method call costs measurable time on this path.
         if (not self.training and self._channel_path and self.runtime.mode == "skip"
                 and (self.column_gate is None or self.kept_columns == self.inner_width)
                 and (not torch.compiler.is_compiling()
@@ -325,7 +325,7 @@ class GatedResidualBlock(nn.Module):
         plan = (pre_stages, gate, weights["producer_w"], weights["producer_b"], producer,
                 _in_place(producer_act), weights["consumer_w"], weights["consumer_b"], consumer,
                 _in_place(final_act))
-        # A plan built while tracing holds traced tensors, which eager calls must not reuse.
+        # A plan built while tracing contains traced tensors, which eager calls must not reuse.
         if not torch.compiler.is_compiling():
             self._plan = (area, self.kept_channels, plan)
         return plan
@@ -435,7 +435,7 @@ class GatedResidualBlock(nn.Module):
             # an eager pass first). The copy keeps tensors traced later out of the eager cache.
             if torch.compiler.is_exporting() and self._folded and self._folded_is_current():
                 return dict(self._folded)
-            # Otherwise the trace sees fake tensors, which have no versions, so it folds inline.
+            # Otherwise the trace runs on fake tensors, which have no versions, so it folds inline.
             return self._fold_weights()
         if not self._folded_is_current():
             refs = [t for m in self._fold_source_modules() for t in (*m._parameters.values(), *m._buffers.values())
