@@ -423,7 +423,7 @@ def test_describe_rebuilds_same_gates(subnet):
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).eval()
     _randomise_gates(network, torch.Generator().manual_seed(0))
     record = json.loads(json.dumps(network.describe()))
-    assert record["format_version"] == FORMAT_VERSION == 3
+    assert record["format_version"] == FORMAT_VERSION == 4
     assert record["batchnorm_stats"] is None
     rebuilt = apply_gates(subnet, ALL, plan=record).eval()
     rebuilt.load_state_dict(network.state_dict())
@@ -509,7 +509,7 @@ def test_measured_placement_ignores_table_steps(subnet):
 
     def measure(measured_sites, steps):
         seen.extend(steps)
-        return [(False, False, 0, list(s), {}, "not gated", {}) for s in steps]
+        return [(False, False, 0, list(s), {}, "not gated", {}, None) for s in steps]
 
     # A table that is flat over all counts would leave one step per block: all channels.
     plan_blocks(sites, parse_gate_config({**ALL, "placement": "measure"}), _staircase_table(subnet, step=999), measure)

@@ -16,6 +16,7 @@ and rebuild with ``apply_gates(subnet, config, plan=record)`` before ``load_stat
 """
 
 from nas.gates.batchnorm import BatchNormBank
+from nas.gates.batchpath import BatchPathCosts
 from nas.gates.blocks import BlockLayout, GatedResidualBlock, GateRuntime, gated_block_class, register_block_layout
 from nas.gates.config import GateConfig, GateConfigError, TargetedDropoutConfig, parse_gate_config
 from nas.gates.inverted import GatedInvertedResidual
@@ -36,6 +37,7 @@ __all__ = [
     "FORMAT_VERSION",
     "BatchNormBank",
     "BatchNormCalibration",
+    "BatchPathCosts",
     "BlockLayout",
     "BlockPlan",
     "BlockSite",

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 # The registry lives in nas.gates.layouts; its names stay importable from here.
+from nas.gates.batchpath import BatchPathCosts
 from nas.gates.layouts import BlockLayout, GateRuntime, block_layout, gated_block_class, register_block_layout
 from nas.gates.modules import (
     ChannelGate,
@@ -109,8 +110,10 @@ class GatedResidualBlock(nn.Module):
         self.kept_channels = self.inner_channels
         self.kept_columns = self.inner_width
         self._channel_path = self.supports_channel_path(layout)
-        # Batches above 1 keeping at most this many channels per image take the grouped path.
+        # Without measured path costs, batches above 1 keeping at most this many channels per image
+        # take the grouped path.
         self._grouped_max_channels = 0
+        self._batch_costs: BatchPathCosts | None = None
         # Cache of BatchNorm-folded weights: the source tensors and their versions when folded.
         self._fold_refs: list[torch.Tensor] | None = None
         self._folded_key: list[int] = []
@@ -173,8 +176,8 @@ class GatedResidualBlock(nn.Module):
     def grouped_max_channels(self) -> int:
         """Largest kept-channel count at which batches above 1 take the grouped path (0: never).
 
-        See :meth:`_forward_channels`. ``placement: measure`` sets it where the grouped path was
-        measured faster than the masked one.
+        See :meth:`_forward_channels`. It applies only without :attr:`batch_costs`. ``placement:
+        measure`` sets it where the grouped path was measured faster than the masked one.
         """
         return self._grouped_max_channels
 
@@ -183,6 +186,26 @@ class GatedResidualBlock(nn.Module):
         if not isinstance(value, int) or not 0 <= value <= self.inner_channels:
             raise ValueError(f"grouped_max_channels must be an integer in [0, {self.inner_channels}], but got {value!r}.")
         self._grouped_max_channels = value
+
+    @property
+    def batch_costs(self) -> BatchPathCosts | None:
+        """Measured costs of the grouped and gathered paths at a batch above 1, or None.
+
+        With them, :meth:`_forward_channels` serves each batch above 1 on the cheaper path for the
+        union of that batch's selections (:meth:`BatchPathCosts.choose`). ``placement: measure``
+        sets them on channel-gated blocks that can take the grouped path.
+        """
+        return self._batch_costs
+
+    @batch_costs.setter
+    def batch_costs(self, value: BatchPathCosts | None) -> None:
+        if value is not None:
+            if not isinstance(value, BatchPathCosts):
+                raise TypeError(f"batch_costs must be a BatchPathCosts or None, but got {type(value).__name__}.")
+            if value.channels != self.inner_channels or (value.grouped and max(value.grouped) >= self.inner_channels):
+                raise ValueError(f"batch_costs must time gathering up to the block's {self.inner_channels} inner "
+                                 f"channels and grouping below them, but got {value!r}.")
+        self._batch_costs = value
 
     @property
     def gated(self) -> bool:
@@ -249,11 +272,14 @@ class GatedResidualBlock(nn.Module):
 
         * 1: the producer computes only the kept channels (gathered rows of its weights), and the
           consumer reads only those (gathered columns of its weights);
-        * more, keeping at most :attr:`grouped_max_channels`: the same per image, as one grouped
-          convolution with the batch as groups and each image's gathered weights as its group's filters;
-        * more, otherwise: the union of the batch's selections is gathered when at most
-          ``skip_max_share`` of the channels remain, and all channels are computed when more do.
-          Each image's dropped channels are then zeroed.
+        * more, grouped: the same per image, as one grouped convolution with the batch as groups
+          and each image's gathered weights as its group's filters;
+        * more, gathered or dense: the union of the batch's selections, or all channels, and then
+          each image's dropped channels are zeroed.
+
+        With :attr:`batch_costs`, each batch takes the path measured cheapest for its kept count
+        and its union's width. Without them, a kept count up to :attr:`grouped_max_channels` groups,
+        and otherwise the union is gathered when at most ``skip_max_share`` of the channels remain.
 
         The outputs are those of "mask" mode for the same input.
         """
@@ -271,16 +297,25 @@ class GatedResidualBlock(nn.Module):
                 counter[0] += self.channel_gate.macs * batch
             if batch == 1:
                 index = logits.view(-1).topk(kept, sorted=False).indices
-            elif kept <= self._grouped_max_channels:
-                # NOTE: the kept count alone picks this path. Whether it beats gathering the batch's
-                # union depends on the union's width and the block's shape, and no per-batch choice
-                # from measured costs is built (docs/gates.md gives the measured cases).
-                index = logits.topk(kept, dim=1, sorted=False).indices.reshape(-1)
-                groups = batch
-                inner = inner.reshape(1, batch * inner.shape[1], inner.shape[2], inner.shape[3])
             else:
-                index, mask, selected = self._select(logits, kept)
-                if index.numel() > self.runtime.skip_max_share * self.inner_channels:
+                top = top_k_indices(logits, kept)
+                costs = self._batch_costs
+                if costs is None and kept <= self._grouped_max_channels:
+                    path = "grouped"
+                else:
+                    selected = torch.zeros_like(logits).scatter_(1, top, 1.0)
+                    union = selected.amax(dim=0).nonzero().squeeze(1)
+                    if costs is not None:
+                        path = costs.choose(kept, union.numel())
+                    else:
+                        wide = union.numel() > self.runtime.skip_max_share * self.inner_channels
+                        path = "dense" if wide else "gathered"
+                if path == "grouped":
+                    index, groups = top.reshape(-1), batch
+                    inner = inner.reshape(1, batch * inner.shape[1], inner.shape[2], inner.shape[3])
+                elif path == "gathered":
+                    index, mask = union, selected.index_select(1, union)
+                else:
                     index, mask = None, selected
             if index is not None:
                 producer_w, producer_b = producer_w.index_select(0, index), producer_b.index_select(0, index)

@@ -34,6 +34,8 @@ def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: fl
 
     A run (see ``predictors.gated.block_runs``) holds the gate option, the kept channels (snapped
     to the plan's steps) and columns, and whether a batch of ``batch_size`` takes the grouped path.
+    A block with measured ``batch_costs`` may instead gather a narrow union of a batch's selections
+    when that was measured faster; the runs assume a wide union, as batches of differing images have.
     """
     runs = []
     for site, plan in zip(sites, plans):

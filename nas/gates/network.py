@@ -32,8 +32,9 @@ log = logging.getLogger(__name__)
 # Version of the dictionary that GatedNetwork.describe() returns and apply_gates(plan=...) reads.
 # Version 2 added "batchnorm_stats"; version 1 records still load, without per-ratio statistics.
 # Version 3 added each block's "grouped_max_channels"; older records load with 0 (never grouped).
-FORMAT_VERSION = 3
-SUPPORTED_FORMAT_VERSIONS = (1, 2, 3)
+# Version 4 added each block's "batch_costs"; older records load without them.
+FORMAT_VERSION = 4
+SUPPORTED_FORMAT_VERSIONS = (1, 2, 3, 4)
 
 
 class GatedNetwork(nn.Module):
@@ -173,6 +174,12 @@ def _plans_from_record(record: Mapping[str, Any], sites: Sequence[BlockSite]) ->
     if plan_names != site_names:
         raise GateConfigError(f"The gate plan covers blocks {plan_names}, but the model has {site_names}; "
                               "rebuild the gates for this subnet.")
+    for site, plan in zip(sites, plans):
+        costs = plan.batch_costs
+        if costs is not None and (costs.channels != site.inner_channels
+                                  or any(count >= site.inner_channels for count in costs.grouped)):
+            raise GateConfigError(f"The gate plan's batch_costs for {site.name} time {costs.channels} inner channels, "
+                                  f"but the block has {site.inner_channels}; rebuild the gates for this subnet.")
     return plans, float(record["keep_ratio"])
 
 
@@ -187,6 +194,8 @@ def _install_gates(model: nn.Module, sites: Sequence[BlockSite], plans: Sequence
         gated = gated_block_class(block)(block, block_layout(block), site.in_channels, site.in_size, plan.channel,
                                          plan.spatial, runtime)
         gated.grouped_max_channels = plan.grouped_max_channels
+        if plan.batch_costs is not None:
+            gated.batch_costs = plan.batch_costs
         parameter = next(block.parameters())
         setattr(parent, leaf, gated.to(device=parameter.device, dtype=parameter.dtype))
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nas.gates.batchpath import BatchPathCosts
 from nas.gates.blocks import BlockLayout, block_layout
 from nas.gates.config import GateConfig, GateConfigError
 from nas.gates.modules import keep_count
@@ -104,8 +105,10 @@ class BlockSite:
 
 # A measured placement maps all blocks and their channel steps to one decision per block: (channel
 # gate, column gate, grouped_max_channels, channel steps, measured latency in ms per kept-channel
-# count, reason, measured latency in ms per gate option and batch size).
-MeasuredDecision = tuple[bool, bool, int, list[int], dict[int, float], str, dict[str, dict[int, float]]]
+# count, reason, measured latency in ms per gate option and batch size, measured batch path costs
+# or None).
+MeasuredDecision = tuple[bool, bool, int, list[int], dict[int, float], str, dict[str, dict[int, float]],
+                         BatchPathCosts | None]
 MeasuredPlacement = Callable[[Sequence[BlockSite], Sequence[list[int]]], list[MeasuredDecision]]
 
 
@@ -128,6 +131,9 @@ class BlockPlan:
         grouped_max_channels: largest kept count at which batches above 1 run each image's channels
             as one grouped convolution (``GatedResidualBlock.grouped_max_channels``); 0 for never.
             ``placement: measure`` sets it where that was measured faster than masking.
+        batch_costs: measured costs of the grouped and gathered paths at the largest measured batch
+            size (``GatedResidualBlock.batch_costs``), which then choose the path per batch
+            instead of ``grouped_max_channels``; None without them.
     """
 
     name: str
@@ -138,6 +144,7 @@ class BlockPlan:
     latency_ms: dict[int, float] = dataclasses.field(default_factory=dict)
     measured_ms: dict[str, dict[int, float]] = dataclasses.field(default_factory=dict)
     grouped_max_channels: int = 0
+    batch_costs: BatchPathCosts | None = None
 
     @property
     def gated(self) -> bool:
@@ -154,6 +161,7 @@ class BlockPlan:
         data["measured_ms"] = {
             option: {str(b): v for b, v in times.items()} for option, times in self.measured_ms.items()
         }
+        data["batch_costs"] = self.batch_costs.to_dict() if self.batch_costs is not None else None
         return data
 
     @classmethod
@@ -161,7 +169,8 @@ class BlockPlan:
         names = [field.name for field in dataclasses.fields(cls)]
         unknown = sorted(set(data) - set(names))
         # Records written before the grouped path existed lack "grouped_max_channels": 0, never grouped.
-        missing = sorted(set(names) - set(data) - {"grouped_max_channels"})
+        # Records written before measured path costs lack "batch_costs": the limit alone decides.
+        missing = sorted(set(names) - set(data) - {"grouped_max_channels", "batch_costs"})
         if unknown or missing:
             raise GateConfigError(f"Invalid block plan {dict(data)!r}: unknown keys {unknown}, missing keys {missing}.")
         values = dict(data)
@@ -172,6 +181,12 @@ class BlockPlan:
         grouped = values.setdefault("grouped_max_channels", 0)
         if not isinstance(grouped, int) or grouped < 0:
             raise GateConfigError(f"Invalid block plan {dict(data)!r}: grouped_max_channels must be an integer >= 0.")
+        costs = values.get("batch_costs")
+        if costs is not None:
+            try:
+                values["batch_costs"] = BatchPathCosts.from_dict(costs)
+            except ValueError as error:
+                raise GateConfigError(f"Invalid block plan for {values.get('name')!r}: {error}") from None
         return cls(**values)
 
 
@@ -401,18 +416,19 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
     plans = []
     for index, (site, (steps, latency)) in enumerate(zip(sites, staircases)):
         measured: dict[str, dict[int, float]] = {}
-        grouped_max = 0
+        grouped_max, batch_costs = 0, None
         if not config.enabled:
             channel, spatial, reason = False, False, "gates.name=none"
         elif decisions is not None:
-            channel, spatial, grouped_max, measured_steps, measured_latency, reason, measured = decisions[index]
+            (channel, spatial, grouped_max, measured_steps, measured_latency, reason, measured,
+             batch_costs) = decisions[index]
             if channel:
                 steps, latency = measured_steps, measured_latency
         elif config.placement == "table":
             channel, spatial, reason = _decide_table(site, config, steps, latency, profile_table is not None)
         else:
             channel, spatial, reason = _decide_all(site, config, steps)
-        plan = BlockPlan(site.name, channel, spatial, steps, reason, latency, measured, grouped_max)
+        plan = BlockPlan(site.name, channel, spatial, steps, reason, latency, measured, grouped_max, batch_costs)
         log.info("gates: %s: %s", site.name, plan.reason)
         plans.append(plan)
     return plans

@@ -21,10 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from nas.gates.batchpath import BatchPathCosts
 from nas.gates.blocks import GateRuntime, block_layout, gated_block_class
 from nas.gates.config import GateConfig
 from nas.gates.modules import keep_count
-from nas.gates.planning import BlockSite, MeasuredDecision, MeasuredPlacement, low_keep_channels
+from nas.gates.planning import (
+    BlockSite,
+    MeasuredDecision,
+    MeasuredPlacement,
+    default_channel_steps,
+    low_keep_channels,
+)
 from predictors.modules import fold_batchnorm
 from predictors.profiling import MeasurementProtocol, measure_module
 
@@ -38,6 +45,7 @@ __all__ = [
     "make_measured_placement",
     "measured_steps",
     "option_module",
+    "time_batch_paths",
     "time_channel_counts",
 ]
 
@@ -152,6 +160,43 @@ def time_channel_counts(block: nn.Module, site: BlockSite, counts: list[int], co
     return fastest_medians(modules, shape, batch_protocol)
 
 
+def _same_selection(module: nn.Module) -> nn.Module:
+    """Make ``module``'s channel gate select the same channels for every image, in place, and return it."""
+    fc = module.channel_gate.fc
+    with torch.no_grad():
+        fc.weight.zero_()
+        fc.bias.copy_(torch.arange(fc.bias.numel(), 0, -1, dtype=fc.bias.dtype))
+    return module
+
+
+def time_batch_paths(block: nn.Module, site: BlockSite, counts: list[int], config: GateConfig,
+                     protocol: MeasurementProtocol, batch_size: int) -> BatchPathCosts:
+    """Time a channel-gated block's ways to serve a batch of ``batch_size``; return them as :class:`BatchPathCosts`.
+
+    The grouped path is timed at each kept count of ``counts`` (all below the block's channels).
+    The gathered path is timed at each multiple of 8 from the smallest count up to the block's
+    channels, with a gate that gives every image the same channels, so the union has exactly that
+    width. At all channels it is the dense masked path. All modules are timed in the same
+    alternating rounds, so their times compare.
+    """
+    channels = site.inner_channels
+    if not counts or max(counts) >= channels:
+        raise ValueError(f"counts must be kept-channel counts below the block's {channels} channels, but got {counts!r}.")
+    widths = [width for width in default_channel_steps(channels) if min(counts) <= width < channels]
+    modules: dict[tuple[str, int], nn.Module] = {}
+    for count in counts:
+        modules["grouped", count] = option_module(block, site, "channel", config, counts, config.skip_max_share,
+                                                  channels=count, grouped=True)
+    for width in widths:
+        modules["gathered", width] = _same_selection(option_module(block, site, "channel", config, counts, 1.0,
+                                                                   channels=width))
+    modules["gathered", channels] = option_module(block, site, "channel", config, counts, 0.0, channels=min(counts))
+    batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
+    latency = fastest_medians(modules, (site.in_channels, site.in_size, site.in_size), batch_protocol)
+    return BatchPathCosts(batch_size, {count: ms for (path, count), ms in latency.items() if path == "grouped"},
+                          {width: ms for (path, width), ms in latency.items() if path == "gathered"})
+
+
 def grouped_limit(grouped_ms: Mapping[int, float], masked_ms: float) -> int:
     """Return the largest kept count up to which the grouped path was measured no slower than masking (0: none)."""
     limit = 0
@@ -250,10 +295,11 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
 
     The function times every block's options and decides with :func:`choose_gate_options`. Each
     channel-gated block is then timed at every kept-channel count of its steps at the smallest
-    batch size, which gives its measured steps (:func:`measured_steps`), and without a column gate
-    also on the grouped path at the largest batch size, which gives its ``grouped_max_channels``
-    (:func:`grouped_limit`). Returns per block (channel gate, column gate, grouped_max_channels,
-    channel steps, measured ms per count, reason, measured ms per option and batch size).
+    batch size, which gives its measured steps (:func:`measured_steps`). Without a column gate its
+    batch paths are also timed at the largest batch size (:func:`time_batch_paths`), which gives
+    its ``batch_costs`` and ``grouped_max_channels`` (:func:`grouped_limit`). Returns per block
+    (channel gate, column gate, grouped_max_channels, channel steps, measured ms per count, reason,
+    measured ms per option and batch size, batch path costs or None).
     """
     timer = make_block_timer(config, protocol)
 
@@ -269,7 +315,7 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
             channel, spatial = GATE_OPTIONS[option]
             block = model.get_submodule(site.name)
             count_ms: dict[int, float] = {}
-            grouped_max = 0
+            grouped_max, batch_costs = 0, None
             if channel:
                 # Gathering most of a block's weights can cost more than the channels it skips, so
                 # kept counts snap to the measured steps, not to the default multiples.
@@ -288,11 +334,14 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
             grouped_possible = gated_block_class(block).supports_channel_path(block_layout(block))
             if channel and not spatial and largest > 1 and grouped_possible:
                 gated_counts = [count for count in site_steps if count < site.inner_channels]
-                grouped_ms = time_channel_counts(block, site, gated_counts, config, protocol, largest, grouped=True)
-                grouped_max = grouped_limit(grouped_ms, latencies[site.name]["channel"][largest])
-                reason += (f"; batch {largest} runs grouped up to {grouped_max} channels (ms per count: "
-                           + ", ".join(f"{c}: {ms:.3f}" for c, ms in sorted(grouped_ms.items())) + ")")
-            result.append((channel, spatial, grouped_max, list(site_steps), count_ms, reason, latencies[site.name]))
+                batch_costs = time_batch_paths(block, site, gated_counts, config, protocol, largest)
+                grouped_max = grouped_limit(batch_costs.grouped, batch_costs.gathered[site.inner_channels])
+                reason += (f"; batches above 1 take the cheaper path (ms at batch {largest}, grouped per "
+                           "kept count: " + ", ".join(f"{c}: {ms:.3f}" for c, ms in batch_costs.grouped.items())
+                           + "; gathered per union width: "
+                           + ", ".join(f"{w}: {ms:.3f}" for w, ms in batch_costs.gathered.items()) + ")")
+            result.append((channel, spatial, grouped_max, list(site_steps), count_ms, reason, latencies[site.name],
+                           batch_costs))
         return result
 
     return place

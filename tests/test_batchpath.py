@@ -1,0 +1,196 @@
+"""Tests of the per-batch path choice of channel-gated blocks: the cost table, the runtime and placement."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nas.gates import BatchPathCosts, BlockPlan, GateConfigError, GatedResidualBlock, GateRuntime, apply_gates
+from nas.gates.blocks import block_layout
+from nas.gates.config import parse_gate_config
+from nas.gates.planning import find_block_sites
+from nas.gates.timing import time_batch_paths
+from nas.supernet.resnet import BasicBlock, ResNetSubnet
+from predictors.protocol import MeasurementProtocol
+from tests.conftest import skip_and_mask_outputs
+
+ALL = {"name": "feature", "placement": "all", "spatial": False}
+
+
+def _costs(grouped: dict[int, float], gathered: dict[int, float]) -> BatchPathCosts:
+    return BatchPathCosts(8, grouped, gathered)
+
+
+# -- the cost table --------------------------------------------------------------------------------
+
+
+def test_choose_hand_made():
+    costs = _costs({8: 1.0, 16: 2.5}, {8: 0.8, 16: 1.5, 24: 2.0, 32: 3.0})
+    assert costs.channels == 32
+    assert costs.choose(8, 8) == "gathered"  # gathering 8 (0.8) beats grouping 8 (1.0)
+    assert costs.choose(8, 16) == "grouped"  # a union of 16 costs 1.5
+    assert costs.choose(8, 12) == "grouped"  # 12 costs what the next measured width, 16, costs
+    assert costs.choose(16, 20) == "gathered"  # grouping 16 (2.5) loses to gathering 24 (2.0)
+    assert costs.choose(16, 30) == "grouped"  # 30 costs what all 32 cost (3.0)
+    assert costs.choose(12, 32) == "grouped"  # 12 kept costs what 16 kept costs: 2.5 < 3.0
+    assert costs.choose(24, 28) == "dense"  # no grouped time at or above 24; 28 rounds up to all 32
+    assert costs.choose(24, 24) == "gathered"
+    assert _costs({8: 4.0}, {8: 0.8, 32: 3.0}).choose(8, 20) == "dense"  # 20 rounds up to all 32
+
+
+def test_costs_round_trip_and_validation():
+    costs = _costs({8: 1.0}, {"16": 2.0, 8: 1.5})
+    assert list(costs.gathered) == [8, 16]  # sorted, keys as integers
+    assert BatchPathCosts.from_dict(costs.to_dict()) == costs
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 2"):
+        BatchPathCosts(1, {}, {8: 1.0})
+    with pytest.raises(ValueError, match="at least the dense path"):
+        BatchPathCosts(8, {8: 1.0}, {})
+    with pytest.raises(ValueError, match="finite milliseconds > 0"):
+        BatchPathCosts(8, {8: -1.0}, {16: 1.0})
+    with pytest.raises(ValueError, match="finite milliseconds > 0"):
+        BatchPathCosts(8, {}, {8.5: 1.0})
+    with pytest.raises(ValueError, match="must map channel counts"):
+        BatchPathCosts(8, {}, {"eight": 1.0})
+    with pytest.raises(ValueError, match="keys"):
+        BatchPathCosts.from_dict({"batch_size": 8, "grouped": {}})
+
+
+# -- the runtime -----------------------------------------------------------------------------------
+
+
+def _block(same_selection: bool = False) -> GatedResidualBlock:
+    torch.manual_seed(0)
+    block = BasicBlock(24, 24, 24, 1).eval()  # no shortcut convolution
+    gated = GatedResidualBlock(copy.deepcopy(block), block_layout(block), 24, 14, True, False, GateRuntime()).eval()
+    with torch.no_grad():
+        fc = gated.channel_gate.fc
+        if same_selection:  # every image keeps the same channels, so the union is the kept count
+            fc.weight.zero_()
+            fc.bias.copy_(torch.arange(24, 0, -1, dtype=fc.bias.dtype))
+        else:
+            fc.weight.copy_(torch.randn(fc.weight.shape, generator=torch.Generator().manual_seed(2)))
+    gated.set_keep(8, gated.inner_width)
+    return gated
+
+
+def _producer_calls(gated: GatedResidualBlock, x: torch.Tensor, monkeypatch) -> list[tuple[int, int]]:
+    """Run ``gated`` in skip mode and return (output channels, groups) of each convolution it ran, producer first."""
+    calls = []
+    conv2d = F.conv2d
+
+    def spy(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        calls.append((weight.shape[0], groups))
+        return conv2d(input, weight, bias, stride, padding, dilation, groups)
+
+    monkeypatch.setattr(F, "conv2d", spy)
+    with torch.no_grad():
+        gated(x)
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    return calls
+
+
+@pytest.mark.parametrize("same_selection, grouped, gathered, producer", [
+    # grouped cheapest: one grouped convolution, 8 channels for each of the 4 images
+    (False, {8: 0.1}, {8: 1.0, 16: 1.0, 24: 1.0}, (4 * 8, 4)),
+    # gathering the union of identical selections (8 channels) cheapest
+    (True, {8: 5.0}, {8: 0.5, 16: 1.0, 24: 2.0}, (8, 1)),
+    # everything but dense costs more
+    (False, {8: 5.0}, {8: 5.0, 16: 5.0, 24: 1.0}, (24, 1)),
+])
+def test_costs_pick_the_path_and_match_mask(same_selection, grouped, gathered, producer, monkeypatch):
+    gated = _block(same_selection)
+    gated.batch_costs = BatchPathCosts(4, grouped, gathered)
+    x = torch.randn(4, 24, 14, 14, generator=torch.Generator().manual_seed(3))
+    assert _producer_calls(gated, x, monkeypatch)[0] == producer
+    skipped, masked = skip_and_mask_outputs(gated, x)
+    torch.testing.assert_close(skipped, masked, atol=1e-5, rtol=1e-5)
+
+
+def test_costs_override_grouped_limit(monkeypatch):
+    gated = _block()
+    gated.grouped_max_channels = 24  # alone, it would group
+    gated.batch_costs = BatchPathCosts(4, {8: 5.0}, {8: 5.0, 16: 5.0, 24: 1.0})
+    x = torch.randn(4, 24, 14, 14, generator=torch.Generator().manual_seed(3))
+    assert _producer_calls(gated, x, monkeypatch)[0] == (24, 1)
+    gated.batch_costs = None
+    assert _producer_calls(gated, x, monkeypatch)[0] == (32, 4)
+
+
+def test_block_rejects_costs_of_another_width():
+    gated = _block()
+    with pytest.raises(ValueError, match="up to the block's 24 inner channels"):
+        gated.batch_costs = BatchPathCosts(4, {8: 1.0}, {8: 1.0, 32: 2.0})
+    with pytest.raises(ValueError, match="grouping below them"):
+        gated.batch_costs = BatchPathCosts(4, {24: 1.0}, {24: 2.0})
+    with pytest.raises(TypeError, match="BatchPathCosts or None"):
+        gated.batch_costs = {"batch_size": 4}
+
+
+# -- placement and records -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def subnet(resnet_space):
+    arch = resnet_space.arch_from_choices({"resolution": 28, "depth_0": 1, "width_0": 16, "depth_1": 1, "width_1": 24,
+                                           "depth_2": 1, "width_2": 32})
+    torch.manual_seed(0)
+    return ResNetSubnet(resnet_space, arch).eval()
+
+
+def test_time_batch_paths_times_every_width(subnet):
+    config = parse_gate_config(ALL)
+    site = find_block_sites(subnet, (1, 28, 28))[2]  # layer3.0: 32 channels
+    protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
+    costs = time_batch_paths(subnet.get_submodule(site.name), site, [16, 24], config, protocol, 4)
+    assert costs.batch_size == 4 and list(costs.grouped) == [16, 24]
+    assert list(costs.gathered) == [16, 24, 32]  # multiples of 8 from the smallest count; 32 is dense
+    assert all(ms > 0 for ms in [*costs.grouped.values(), *costs.gathered.values()])
+    with pytest.raises(ValueError, match="below the block's 32 channels"):
+        time_batch_paths(subnet.get_submodule(site.name), site, [32], config, protocol, 4)
+
+
+def test_measured_placement_stores_costs_and_record_rebuilds_them(subnet, monkeypatch):
+    import nas.gates.timing as timing
+
+    # Channel gates pay at batch 1 and cost nothing at batch 4, and fewer channels are faster, so
+    # every block gets a channel gate; its batch paths are timed for real.
+    def fake_timer(config, protocol):
+        return lambda block, site, steps: {"none": {1: 1.0, 4: 1.0}, "channel": {1: 0.5, 4: 1.0}}
+
+    monkeypatch.setattr(timing, "make_block_timer", fake_timer)
+    monkeypatch.setattr(timing, "time_channel_counts",
+                        lambda block, site, counts, *args, **kwargs: {count: 0.01 * count for count in counts})
+    config = {**ALL, "placement": "measure", "measure_batch_sizes": [1, 4]}
+    protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
+    network = apply_gates(subnet, config, protocol=protocol)
+    gated = [plan for plan in network.plans if plan.channel]
+    assert len(gated) == len(network.plans)
+    for plan in gated:
+        block = network.gated_blocks()[plan.name]
+        assert plan.batch_costs is not None and plan.batch_costs.batch_size == 4
+        assert block.batch_costs == plan.batch_costs
+        assert "batches above 1 take the cheaper path" in plan.reason
+    record = network.describe()
+    rebuilt = apply_gates(subnet, config, plan=record)
+    assert [p.batch_costs for p in rebuilt.plans] == [p.batch_costs for p in network.plans]
+
+    entry = next(e for e in record["blocks"] if e["batch_costs"] is not None)
+    entry["batch_costs"]["gathered"] = {"8": 1.0, "64": 2.0}
+    with pytest.raises(GateConfigError, match="time 64 inner channels"):
+        apply_gates(subnet, config, plan=record)
+    entry["batch_costs"]["gathered"] = {"8": -1.0}
+    with pytest.raises(GateConfigError, match="Invalid block plan"):
+        apply_gates(subnet, config, plan=record)
+
+
+def test_older_plan_without_costs_loads():
+    plan = BlockPlan("layer1.0", True, False, [8, 16], "test", grouped_max_channels=8)
+    data = plan.to_dict()
+    assert data["batch_costs"] is None
+    del data["batch_costs"]
+    assert BlockPlan.from_dict(data).batch_costs is None
