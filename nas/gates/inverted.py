@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nas.gates.blocks import BlockLayout, GatedResidualBlock, _fold_batchnorm, register_block_layout
+from nas.gates.blocks import BlockLayout, GatedResidualBlock, register_block_layout
+from nas.gates.folding import fold_conv_batchnorm
 from nas.supernet.mobilenet import InvertedResidual, SqueezeExcite
 
 __all__ = ["INVERTED_RESIDUAL_LAYOUT", "GatedInvertedResidual"]
@@ -88,7 +89,7 @@ class GatedInvertedResidual(GatedResidualBlock):
     def _fold_weights(self) -> dict[str, torch.Tensor]:
         weights = super()._fold_weights()
         depthwise, bn, _ = self._stage_modules(1)
-        weights["depthwise_w"], weights["depthwise_b"] = _fold_batchnorm(depthwise, bn)
+        weights["depthwise_w"], weights["depthwise_b"] = fold_conv_batchnorm(depthwise, bn)
         se = getattr(self, self.layout.squeeze_excite)
         if isinstance(se, SqueezeExcite):
             weights["se_reduce_w"] = se.conv_reduce.weight.detach().flatten(1)
