@@ -40,6 +40,10 @@ def test_choose_hand_made():
     assert costs.choose(24, 28) == "dense"  # no grouped time at or above 24; 28 rounds up to all 32
     assert costs.choose(24, 24) == "gathered"
     assert _costs({8: 4.0}, {8: 0.8, 32: 3.0}).choose(8, 20) == "dense"  # 20 rounds up to all 32
+    # gathering 24 was measured slower than dense, so a union of 24 runs dense, unless grouping beats both
+    slow_gather = _costs({8: 3.5, 16: 2.5}, {8: 0.8, 16: 1.5, 24: 3.2, 32: 3.0})
+    assert slow_gather.choose(8, 24) == "dense"
+    assert slow_gather.choose(16, 24) == "grouped"
 
 
 def test_costs_round_trip_and_validation():

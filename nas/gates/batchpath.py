@@ -77,14 +77,17 @@ class BatchPathCosts:
         """Return the cheaper path for a batch keeping ``kept`` channels per image with ``union`` in all.
 
         A union between two measured widths costs what the next wider one does, and so does a kept
-        count between two measured counts. Gathering at the full width is the dense path.
+        count between two measured counts. Gathering at the full width is the dense path, and a
+        union whose gathering was measured no faster than that runs dense too.
         """
         widths, counts = self._widths, self._counts
         width = widths[min(bisect.bisect_left(widths, union), len(widths) - 1)]
+        dense_ms = self.gathered[self.channels]
+        path, best_ms = ("gathered", self.gathered[width]) if self.gathered[width] < dense_ms else ("dense", dense_ms)
         at = bisect.bisect_left(counts, kept)
-        if at < len(counts) and self.grouped[counts[at]] < self.gathered[width]:
+        if at < len(counts) and self.grouped[counts[at]] < best_ms:
             return "grouped"
-        return "dense" if union >= self.channels or width == self.channels else "gathered"
+        return path
 
     def to_dict(self) -> dict[str, Any]:
         return {"batch_size": self.batch_size,
