@@ -1,4 +1,4 @@
-"""How a channel-gated residual block runs a batch above 1, chosen per batch from measured costs.
+"""Per-batch choice of the path on which a channel-gated residual block runs a batch above 1, from measured costs.
 
 A block that keeps ``k`` of its ``C`` inner channels per image can serve a batch in three ways:
 
