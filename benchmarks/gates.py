@@ -64,6 +64,7 @@ from nas.gates import (  # noqa: E402
     full_keep_logits,
     parse_gate_config,
 )
+from nas.gates.timing import fastest_medians  # noqa: E402
 from nas.spaces import create_space, load_space_config  # noqa: E402
 from nas.report import atomic_write_text, save_figure  # noqa: E402
 from nas.spaces.base import SearchSpace  # noqa: E402
@@ -138,23 +139,26 @@ def mcnemar_p_worse(reference: np.ndarray, other: np.ndarray) -> float:
     return sum(math.comb(discordant, k) for k in range(only_reference, discordant + 1)) / 2**discordant
 
 
-def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, threads: int,
-                       repeats: int, inputs: torch.Tensor | None = None) -> float:
-    """Return the median latency (ms per batch) of a BatchNorm-folded copy of ``model`` on this CPU.
-
-    ``inputs`` (shape ``(batch_size, *input_shape)``) replaces the random input of ``measure_module``.
-    """
+def folded_copy(model: nn.Module) -> nn.Module:
+    """Return an eval-mode copy of ``model`` with BatchNorm folded into the convolutions, as deployed."""
     folded = copy.deepcopy(model).eval()
     fold_batchnorm(folded)
+    return folded
+
+
+def measure_latency_ms(model: nn.Module, input_shape: Sequence[int], batch_size: int, threads: int,
+                       repeats: int) -> float:
+    """Return the median latency (ms per batch) of a BatchNorm-folded copy of ``model`` on random input."""
     protocol = MeasurementProtocol(device="cpu", batch_size=batch_size, threads=threads, warmup=10, repeats=repeats)
-    return measure_module(folded, tuple(input_shape), protocol, record_operators=False, inputs=inputs).median_ms
+    return measure_module(folded_copy(model), tuple(input_shape), protocol, record_operators=False).median_ms
 
 
 def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int], batch_size: int,
                       args: argparse.Namespace, images: torch.Tensor | None = None) -> dict[str, float]:
     """Return each model's latency (ms per batch): the smallest median over ``args.rounds`` rounds.
 
-    Rounds alternate the order of the models, so a change of load on a shared machine hits all of
+    Each model is folded once (:func:`folded_copy`). Rounds alternate the order of the models
+    (:func:`nas.gates.timing.fastest_medians`), so a change of load on a shared machine hits all of
     them alike instead of whichever model happened to run then. With ``images``, every model runs
     on the first ``batch_size`` of them instead of random input.
     """
@@ -164,13 +168,9 @@ def measure_latencies(models: dict[str, nn.Module], input_shape: Sequence[int], 
         if len(images) < batch_size:
             raise ValueError(f"measure_latencies needs at least {batch_size} images, but got {len(images)}.")
         inputs = images[:batch_size]
-    latency: dict[str, float] = {}
-    names = list(models)
-    for round_index in range(args.rounds):
-        for name in names if round_index % 2 == 0 else names[::-1]:
-            median = measure_latency_ms(models[name], input_shape, batch_size, args.threads, repeats, inputs)
-            latency[name] = min(median, latency.get(name, math.inf))
-    return latency
+    protocol = MeasurementProtocol(device="cpu", batch_size=batch_size, threads=args.threads, warmup=10, repeats=repeats)
+    folded = {name: folded_copy(model) for name, model in models.items()}
+    return fastest_medians(folded, tuple(input_shape), protocol, args.rounds, inputs)
 
 
 def describe_quality(model: nn.Module, loader: DataLoader, images: torch.Tensor) -> tuple[dict[str, Any], np.ndarray]:
