@@ -17,8 +17,10 @@ ratio (``calibrate_keep_ratios``, on the grid of ``calibration_ratios`` plus the
   folded, from ``predictors.profiling.measure_module``: the smallest median over ``--rounds`` rounds
   that time all models in alternating order.
 
-``baseline`` is the ungated subnet after the same fine-tuning epochs without gates
-(``accuracy_before_finetuning`` is its accuracy when the gates were placed), and ``static`` lists
+``baseline`` is the ungated subnet after the same fine-tuning epochs without gates and without
+distillation (``accuracy_before_finetuning`` is its accuracy when the gates were placed). Its
+fine-tuning draws from the same random streams before the gates are built, so runs from before
+it existed do not reproduce with the same command. ``static`` lists
 subnets of the space, trained from scratch for as many epochs as the gated one had in total,
 whose batch-1 latency falls in the sweep's range.
 ``targets`` checks the goals (:func:`evaluate_targets`): per keep ratio the MACs and batch-1

@@ -7,13 +7,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nas.gates import BatchPathCosts, BlockPlan, GateConfigError, GatedResidualBlock, GateRuntime, apply_gates
 from nas.gates.blocks import block_layout
 from nas.gates.config import parse_gate_config
 from nas.gates.planning import find_block_sites
-from nas.gates.timing import time_batch_paths
+from nas.gates.budget import gated_runs
+from nas.gates.timing import batch_path_modules, time_batch_paths
 from nas.supernet.resnet import BasicBlock, ResNetSubnet
 from predictors.protocol import MeasurementProtocol
 from tests.conftest import skip_and_mask_outputs
@@ -46,6 +46,15 @@ def test_choose_hand_made():
     assert slow_gather.choose(16, 24) == "grouped"
 
 
+def test_always_grouped_hand_made():
+    costs = _costs({8: 0.5, 16: 2.5}, {8: 0.8, 16: 1.5, 24: 2.0, 32: 3.0})
+    assert costs.always_grouped(8)  # 0.5 beats gathering any union of at least 8 (0.8 and up)
+    assert not costs.always_grouped(16)  # a union of 16 gathers in 1.5
+    assert not costs.always_grouped(24)  # no grouped time
+    for union in (8, 16, 24, 32):
+        assert costs.choose(8, union) == "grouped"
+
+
 def test_costs_round_trip_and_validation():
     costs = _costs({8: 1.0}, {"16": 2.0, 8: 1.5})
     assert list(costs.gathered) == [8, 16]  # sorted, keys as integers
@@ -60,6 +69,10 @@ def test_costs_round_trip_and_validation():
         BatchPathCosts(8, {}, {8.5: 1.0})
     with pytest.raises(ValueError, match="must map channel counts"):
         BatchPathCosts(8, {}, {"eight": 1.0})
+    with pytest.raises(ValueError, match="must map channel counts"):
+        BatchPathCosts(8, {}, {16: "1.0"})
+    with pytest.raises(ValueError, match="must map channel counts"):
+        BatchPathCosts(8, {}, {16: True})
     with pytest.raises(ValueError, match="keys"):
         BatchPathCosts.from_dict({"batch_size": 8, "grouped": {}})
 
@@ -83,12 +96,16 @@ def _block(same_selection: bool = False) -> GatedResidualBlock:
 
 
 def _producer_calls(gated: GatedResidualBlock, x: torch.Tensor, monkeypatch) -> list[tuple[int, int]]:
-    """Run ``gated`` in skip mode and return (output channels, groups) of each convolution it ran, producer first."""
+    """Run ``gated`` in skip mode and return (output channels, groups) of each 3x3 convolution it ran.
+
+    The first is the producer: a shortcut convolution is 1x1, and the consumer runs after the producer.
+    """
     calls = []
     conv2d = F.conv2d
 
     def spy(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-        calls.append((weight.shape[0], groups))
+        if weight.shape[-1] > 1:
+            calls.append((weight.shape[0], groups))
         return conv2d(input, weight, bias, stride, padding, dilation, groups)
 
     monkeypatch.setattr(F, "conv2d", spy)
@@ -103,8 +120,8 @@ def _producer_calls(gated: GatedResidualBlock, x: torch.Tensor, monkeypatch) -> 
     (False, {8: 0.1}, {8: 1.0, 16: 1.0, 24: 1.0}, (4 * 8, 4)),
     # gathering the union of identical selections (8 channels) cheapest
     (True, {8: 5.0}, {8: 0.5, 16: 1.0, 24: 2.0}, (8, 1)),
-    # everything but dense costs more
-    (False, {8: 5.0}, {8: 5.0, 16: 5.0, 24: 1.0}, (24, 1)),
+    # everything but dense costs more, even gathering a union of 8, which the old share rule would gather
+    (True, {8: 5.0}, {8: 5.0, 16: 5.0, 24: 1.0}, (24, 1)),
 ])
 def test_costs_pick_the_path_and_match_mask(same_selection, grouped, gathered, producer, monkeypatch):
     gated = _block(same_selection)
@@ -146,16 +163,32 @@ def subnet(resnet_space):
     return ResNetSubnet(resnet_space, arch).eval()
 
 
-def test_time_batch_paths_times_every_width(subnet):
+def test_batch_path_modules_run_their_paths(subnet, monkeypatch):
     config = parse_gate_config(ALL)
     site = find_block_sites(subnet, (1, 28, 28))[2]  # layer3.0: 32 channels
+    block = subnet.get_submodule(site.name)
+    modules = batch_path_modules(block, site, [16, 24], config)
+    assert sorted(modules) == [("gathered", 16), ("gathered", 24), ("gathered", 32), ("grouped", 16), ("grouped", 24)]
+    generator = torch.Generator().manual_seed(4)
+    # Large per-image channel means make untrained gates select differently per image.
+    x = (torch.randn(4, site.in_channels, site.in_size, site.in_size, generator=generator)
+         + 10 * torch.randn(4, site.in_channels, 1, 1, generator=generator))
+    expected = {("grouped", 16): (4 * 16, 4), ("grouped", 24): (4 * 24, 4),
+                ("gathered", 16): (16, 1), ("gathered", 24): (24, 1), ("gathered", 32): (32, 1)}
+    for key, module in modules.items():
+        assert _producer_calls(module, x, monkeypatch)[0] == expected[key], key
+    with pytest.raises(ValueError, match="below the block's 32 channels"):
+        batch_path_modules(block, site, [32], config)
+
+
+def test_time_batch_paths_times_every_width(subnet):
+    config = parse_gate_config(ALL)
+    site = find_block_sites(subnet, (1, 28, 28))[2]
     protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
     costs = time_batch_paths(subnet.get_submodule(site.name), site, [16, 24], config, protocol, 4)
-    assert costs.batch_size == 4 and list(costs.grouped) == [16, 24]
+    assert costs.batch_size == 4
+    assert list(costs.grouped) == [16, 24]
     assert list(costs.gathered) == [16, 24, 32]  # multiples of 8 from the smallest count; 32 is dense
-    assert all(ms > 0 for ms in [*costs.grouped.values(), *costs.gathered.values()])
-    with pytest.raises(ValueError, match="below the block's 32 channels"):
-        time_batch_paths(subnet.get_submodule(site.name), site, [32], config, protocol, 4)
 
 
 def test_measured_placement_stores_costs_and_record_rebuilds_them(subnet, monkeypatch):
@@ -198,3 +231,37 @@ def test_older_plan_without_costs_loads():
     assert data["batch_costs"] is None
     del data["batch_costs"]
     assert BlockPlan.from_dict(data).batch_costs is None
+
+
+def test_record_rejects_costs_without_channel_gate_or_too_many_kept(subnet):
+    network = apply_gates(subnet, ALL)
+    record = network.describe()
+    entry = record["blocks"][0]  # layer1.0: 16 channels
+    entry["batch_costs"] = BatchPathCosts(4, {16: 1.0}, {16: 2.0}).to_dict()
+    with pytest.raises(GateConfigError, match=r"grouping at kept counts \[16\]"):
+        apply_gates(subnet, ALL, plan=record)
+    entry["batch_costs"] = BatchPathCosts(4, {8: 1.0}, {16: 2.0}).to_dict()
+    entry["channel"] = False
+    with pytest.raises(GateConfigError, match="batch_costs but no channel gate"):
+        apply_gates(subnet, ALL, plan=record)
+
+
+def test_describe_records_costs_set_on_blocks(subnet):
+    network = apply_gates(subnet, ALL)
+    costs = BatchPathCosts(4, {8: 1.0}, {8: 1.5, 16: 2.0})
+    network.gated_blocks()["layer1.0"].batch_costs = costs
+    record = network.describe()
+    assert BatchPathCosts.from_dict(record["blocks"][0]["batch_costs"]) == costs
+    assert apply_gates(subnet, ALL, plan=record).gated_blocks()["layer1.0"].batch_costs == costs
+
+
+def test_gated_runs_follow_costs(subnet):
+    sites = find_block_sites(subnet, (1, 28, 28))
+    plan = BlockPlan(sites[0].name, True, False, [8, 16], "test", grouped_max_channels=0,
+                     batch_costs=BatchPathCosts(4, {8: 1.0}, {8: 1.5, 16: 2.0}))
+    runs = dict(gated_runs(sites[:1], [plan], 0.5, 32))
+    assert runs[sites[0].name]["grouped"] is True  # grouping 8 beats dense, whatever the limit says
+    slow = BlockPlan(sites[0].name, True, False, [8, 16], "test", grouped_max_channels=16,
+                     batch_costs=BatchPathCosts(4, {8: 3.0}, {8: 1.5, 16: 2.0}))
+    assert dict(gated_runs(sites[:1], [slow], 0.5, 32))[sites[0].name]["grouped"] is False
+    assert dict(gated_runs(sites[:1], [slow], 0.5, 1))[sites[0].name]["grouped"] is False

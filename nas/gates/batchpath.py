@@ -32,6 +32,8 @@ BatchPath = str
 def _ms_table(name: str, values: Mapping[Any, Any]) -> dict[int, float]:
     table = {}
     for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} must map channel counts to milliseconds, but got {key!r}: {value!r}.")
         try:
             count, ms = int(key), float(value)
         except (TypeError, ValueError):
@@ -67,11 +69,26 @@ class BatchPathCosts:
             raise ValueError("gathered must time at least the dense path (the block's inner channel count).")
         object.__setattr__(self, "_widths", list(self.gathered))
         object.__setattr__(self, "_counts", list(self.grouped))
+        # Kept counts whose grouping beats every path a union could take: their batches group
+        # without computing the union.
+        dense_ms = self.gathered[self.channels]
+        always = set()
+        for count, grouped_ms in self.grouped.items():
+            cheapest = min([dense_ms, *(ms for width, ms in self.gathered.items() if width >= count)])
+            if grouped_ms < cheapest:
+                always.add(count)
+        object.__setattr__(self, "_always_grouped", frozenset(always))
 
     @property
     def channels(self) -> int:
         """The block's inner channel count: the widest gathered entry, which is the dense path."""
         return self._widths[-1]
+
+    def always_grouped(self, kept: int) -> bool:
+        """Return whether a batch keeping ``kept`` channels per image groups whatever its union, as
+        :meth:`choose` would decide; such batches need not compute their union."""
+        at = bisect.bisect_left(self._counts, kept)
+        return at < len(self._counts) and self._counts[at] in self._always_grouped
 
     def choose(self, kept: int, union: int) -> BatchPath:
         """Return the cheaper path for a batch keeping ``kept`` channels per image with ``union`` in all.

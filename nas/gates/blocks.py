@@ -12,8 +12,8 @@ Paths through a block:
 * eval, "mask": the same masking on dense convolutions with BatchNorm folded into the weights;
   this is the reference that "skip" must match;
 * eval, "skip": the producer computes only the kept channels at the kept columns, and the
-  consumer reads only those, so dropped work is not computed. See :meth:`GatedResidualBlock._run_eval`
-  for how batches larger than one are served.
+  consumer reads only those, so dropped work is not computed. :meth:`GatedResidualBlock._forward_channels`
+  and :meth:`nas.gates.gathering.GatheredEvalPath._run_eval` say how batches above one are served.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The registry lives in nas.gates.layouts; its names stay importable from here.
 from nas.gates.batchpath import BatchPathCosts
 from nas.gates.folding import FoldedWeightCache, fold_conv_batchnorm
 from nas.gates.gathering import GatheredEvalPath
+# The registry lives in nas.gates.layouts; its names stay importable from here.
 from nas.gates.layouts import BlockLayout, GateRuntime, block_layout, gated_block_class, register_block_layout
 from nas.gates.modules import (
     ChannelGate,
@@ -183,7 +183,8 @@ class GatedResidualBlock(FoldedWeightCache, GatheredEvalPath):
 
         With them, :meth:`_forward_channels` serves each batch above 1 on the cheaper path for the
         union of that batch's selections (:meth:`BatchPathCosts.choose`). ``placement: measure``
-        sets them on channel-gated blocks that can take the grouped path.
+        sets them on blocks with a channel gate and no column gate that take the lean channel path
+        (:meth:`supports_channel_path`).
         """
         return self._batch_costs
 
@@ -290,7 +291,9 @@ class GatedResidualBlock(FoldedWeightCache, GatheredEvalPath):
             else:
                 top = top_k_indices(logits, kept)
                 costs = self._batch_costs
-                if costs is None and kept <= self._grouped_max_channels:
+                # Without costs the limit decides. With them, a union is computed unless grouping wins anyway.
+                group = costs.always_grouped(kept) if costs is not None else kept <= self._grouped_max_channels
+                if group:
                     path = "grouped"
                 else:
                     selected = torch.zeros_like(logits).scatter_(1, top, 1.0)

@@ -34,8 +34,8 @@ def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: fl
 
     A run (see ``predictors.gated.block_runs``) holds the gate option, the kept channels (snapped
     to the plan's steps) and columns, and whether a batch of ``batch_size`` takes the grouped path.
-    A block with measured ``batch_costs`` may instead gather a narrow union of a batch's selections
-    when that was measured faster; the runs assume a wide union, as batches of differing images have.
+    For a block with measured ``batch_costs``, the run takes the path chosen for a union of every
+    channel; the runtime may gather a narrower union when that was measured faster.
     """
     runs = []
     for site, plan in zip(sites, plans):
@@ -46,7 +46,13 @@ def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: fl
         option = "+".join(name for name, on in (("channel", plan.channel), ("column", plan.spatial)) if on)
         if channels == site.inner_channels and columns == site.inner_size:
             option = "none"  # a gate that keeps everything is not run
-        grouped = (batch_size > 1 and option == "channel" and channels <= plan.grouped_max_channels)
+        grouped = batch_size > 1 and option == "channel"
+        if grouped and plan.batch_costs is not None:
+            # The runtime chooses per batch. A batch of differing images has a wide union, so the
+            # prediction takes the choice for a union of every channel.
+            grouped = plan.batch_costs.choose(channels, site.inner_channels) == "grouped"
+        elif grouped:
+            grouped = channels <= plan.grouped_max_channels
         runs.append((site.name, {"option": option, "channels": channels, "columns": columns, "grouped": grouped}))
     return runs
 

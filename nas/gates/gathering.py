@@ -72,7 +72,7 @@ class GatheredEvalPath:
 
         Columns are gathered at batch 1 only and masked otherwise, because a batch's union of
         columns is nearly full. Residual blocks with channel gates only take
-        :meth:`_forward_channels`, the same computation with less overhead.
+        :meth:`nas.gates.blocks.GatedResidualBlock._forward_channels`, the same computation with less overhead.
         """
         skip = self.runtime.mode == "skip"
         single = isinstance(inner.shape[0], int) and inner.shape[0] == 1

@@ -134,8 +134,14 @@ class GatedNetwork(nn.Module):
         ``batchnorm_stats`` describes the BatchNorm bank (grid ratios, layer paths, channels), or is None.
         """
         counts = self.keep_counts()
+        gated = self.gated_blocks()
         blocks = []
         for plan in self.plans:
+            block = gated.get(plan.name)
+            if block is not None and isinstance(block, GatedResidualBlock):
+                # Values set on the blocks after apply_gates are what runs, so they are recorded.
+                plan = dataclasses.replace(plan, grouped_max_channels=block.grouped_max_channels,
+                                           batch_costs=block.batch_costs)
             entry = plan.to_dict()
             entry["kept"] = list(counts[plan.name]) if plan.name in counts else None
             blocks.append(entry)
@@ -176,10 +182,19 @@ def _plans_from_record(record: Mapping[str, Any], sites: Sequence[BlockSite]) ->
                               "rebuild the gates for this subnet.")
     for site, plan in zip(sites, plans):
         costs = plan.batch_costs
-        if costs is not None and (costs.channels != site.inner_channels
-                                  or any(count >= site.inner_channels for count in costs.grouped)):
+        if costs is None:
+            continue
+        if not plan.channel:
+            raise GateConfigError(f"The gate plan for {site.name} has batch_costs but no channel gate; remove "
+                                  "batch_costs from that block or rebuild the gates.")
+        if costs.channels != site.inner_channels:
             raise GateConfigError(f"The gate plan's batch_costs for {site.name} time {costs.channels} inner channels, "
                                   f"but the block has {site.inner_channels}; rebuild the gates for this subnet.")
+        too_many = [count for count in costs.grouped if count >= site.inner_channels]
+        if too_many:
+            raise GateConfigError(f"The gate plan's batch_costs for {site.name} time grouping at kept counts "
+                                  f"{too_many}, but grouping needs fewer than the block's {site.inner_channels} "
+                                  "channels; rebuild the gates for this subnet.")
     return plans, float(record["keep_ratio"])
 
 

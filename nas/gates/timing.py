@@ -38,6 +38,7 @@ from predictors.profiling import MeasurementProtocol, measure_module
 __all__ = [
     "BlockTimer",
     "GATE_OPTIONS",
+    "batch_path_modules",
     "choose_gate_options",
     "fastest_medians",
     "grouped_limit",
@@ -169,15 +170,14 @@ def _same_selection(module: nn.Module) -> nn.Module:
     return module
 
 
-def time_batch_paths(block: nn.Module, site: BlockSite, counts: list[int], config: GateConfig,
-                     protocol: MeasurementProtocol, batch_size: int) -> BatchPathCosts:
-    """Time a channel-gated block's ways to serve a batch of ``batch_size``; return them as :class:`BatchPathCosts`.
+def batch_path_modules(block: nn.Module, site: BlockSite, counts: list[int],
+                       config: GateConfig) -> dict[tuple[str, int], nn.Module]:
+    """Return folded eval copies of a channel-gated ``block`` on each of its paths at batches above 1.
 
-    The grouped path is timed at each kept count of ``counts`` (all below the block's channels).
-    The gathered path is timed at each multiple of 8 from the smallest count up to the block's
-    channels, with a gate that gives every image the same channels, so the union has exactly that
-    width. At all channels it is the dense masked path. All modules are timed in the same
-    alternating rounds, so their times compare.
+    Keys are ``("grouped", count)`` for each kept count of ``counts`` (all below the block's
+    channels) and ``("gathered", width)`` for each multiple of 8 from the smallest count up to the
+    block's channels. A gathered copy has a gate that gives every image the same ``width``
+    channels, so a batch's union has exactly that width. At all channels it is the dense masked path.
     """
     channels = site.inner_channels
     if not counts or max(counts) >= channels:
@@ -191,6 +191,19 @@ def time_batch_paths(block: nn.Module, site: BlockSite, counts: list[int], confi
         modules["gathered", width] = _same_selection(option_module(block, site, "channel", config, counts, 1.0,
                                                                    channels=width))
     modules["gathered", channels] = option_module(block, site, "channel", config, counts, 0.0, channels=min(counts))
+    return modules
+
+
+def time_batch_paths(block: nn.Module, site: BlockSite, counts: list[int], config: GateConfig,
+                     protocol: MeasurementProtocol, batch_size: int) -> BatchPathCosts:
+    """Time a channel-gated block's paths at ``batch_size`` (:func:`batch_path_modules`); return them as costs.
+
+    All modules are timed in the same alternating rounds, so their times compare. The grouped
+    copies do not compute a batch's union. At run time a block computes it unless grouping beats
+    every union (:meth:`BatchPathCosts.always_grouped`), which costs a scatter, a max and a nonzero
+    more than timed here.
+    """
+    modules = batch_path_modules(block, site, counts, config)
     batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
     latency = fastest_medians(modules, (site.in_channels, site.in_size, site.in_size), batch_protocol)
     return BatchPathCosts(batch_size, {count: ms for (path, count), ms in latency.items() if path == "grouped"},
