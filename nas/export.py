@@ -130,13 +130,18 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
         ExportError: if the file is missing, is not a ``train.py`` checkpoint, or has another format version.
     """
     path = Path(path)
+    if path.is_dir() and (path / "subnet.pt").is_file():
+        raise ExportError(f"{str(path)!r} is a directory; pass the checkpoint in it, {str(path / 'subnet.pt')!r}.")
     if not path.is_file():
         raise ExportError(f"{str(path)!r} not found; pass the subnet.pt in a train.py run directory "
                           "(outputs/train/<date>_<time>/subnet.pt).")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as error:
-        raise ExportError(f"{str(path)!r} is not a train.py checkpoint: torch.load failed ({error}).") from error
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+        # torch's unpickling message suggests weights_only=False, which would run code from the file.
+        reason = "not a file of tensors" if isinstance(error, pickle.UnpicklingError) else str(error).split("\n")[0]
+        raise ExportError(f"{str(path)!r} is not a train.py checkpoint or is damaged: torch.load failed "
+                          f"({type(error).__name__}: {reason}). Pass the subnet.pt that train.py wrote.") from error
     if not isinstance(payload, dict) or not {"space", "arch", "state_dict"} <= set(payload):
         raise ExportError(f"{str(path)!r} is not a train.py checkpoint: it needs the keys space, arch and state_dict.")
     if payload.get("format_version") != FINETUNE_FORMAT_VERSION:

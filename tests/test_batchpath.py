@@ -265,3 +265,25 @@ def test_gated_runs_follow_costs(subnet):
                      batch_costs=BatchPathCosts(4, {8: 3.0}, {8: 1.5, 16: 2.0}))
     assert dict(gated_runs(sites[:1], [slow], 0.5, 32))[sites[0].name]["grouped"] is False
     assert dict(gated_runs(sites[:1], [slow], 0.5, 1))[sites[0].name]["grouped"] is False
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("channel", "yes", "channel must be true or false"),
+    ("channel_steps", [], "channel_steps must be a non-empty ascending list"),
+    ("channel_steps", ["abc"], "channel_steps must be a non-empty ascending list"),
+    ("channel_steps", [16, 8], "channel_steps must be a non-empty ascending list"),
+    ("latency_ms", {"8": -1.0}, "latency_ms and measured_ms must map counts"),
+    ("grouped_max_channels", True, "grouped_max_channels must be an integer"),
+])
+def test_record_rejects_edited_fields(subnet, key, value, message):
+    record = apply_gates(subnet, ALL).describe()
+    record["blocks"][0][key] = value
+    with pytest.raises(GateConfigError, match=message):
+        apply_gates(subnet, ALL, plan=record)
+
+
+def test_record_without_blocks_names_the_keys(subnet):
+    record = apply_gates(subnet, ALL).describe()
+    del record["keep_ratio"]
+    with pytest.raises(GateConfigError, match=r"misses \['keep_ratio'\]"):
+        apply_gates(subnet, ALL, plan=record)

@@ -311,13 +311,17 @@ def test_budget_fits_model_for_gated_blocks_only(subnet, tmp_path):
 def test_batch_slowdown_per_ratio(subnet, monkeypatch):
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.6, "measure_batch_sizes": [1, 4, 3]})
     images = torch.randn(5, 1, 28, 28)
-    timed = []
+    timed, copies = [], {}
     fake_ms = {"ungated": 10.0, 0.4: 9.0, 1.0: 11.0}
 
     def fake_measure(module, shape, protocol, record_operators=True, inputs=None):
         key = getattr(module, "keep_ratio", "ungated")  # the ungated subnet has no keep ratio
         timed.append((key, protocol.batch_size, inputs))
-        return SimpleNamespace(median_ms=fake_ms[key] * protocol.batch_size)
+        # The second copy of the ungated subnet to be timed measures 2% slower.
+        if key == "ungated":
+            copies.setdefault(id(module), len(copies))
+        noise = 1.02 if key == "ungated" and copies[id(module)] == 1 else 1.0
+        return SimpleNamespace(median_ms=fake_ms[key] * protocol.batch_size * noise)
 
     monkeypatch.setattr(timing_module, "measure_module", fake_measure)
     records = measure_batch_slowdown(network, subnet, (1, 28, 28), images, [0.4, 1.0], QUICK, rounds=2)
@@ -330,8 +334,9 @@ def test_batch_slowdown_per_ratio(subnet, monkeypatch):
         assert record["worst_ratio"] == 1.0
         assert record["worst_slowdown"] == pytest.approx(0.1)
         assert record["max_slowdown"] == 0.05
+        assert record["ungated_spread"] == pytest.approx(0.02)
     assert sorted({key for key, _, _ in timed}, key=str) == sorted({"ungated", 0.4, 1.0}, key=str)
-    assert len(timed) == 2 * 2 * 3  # batch sizes x rounds x models
+    assert len(timed) == 2 * 2 * 4  # batch sizes x rounds x models (the ungated subnet twice)
     for _, batch, inputs in timed:
         assert torch.equal(inputs, images[:batch])
     assert network.keep_ratio == 0.6

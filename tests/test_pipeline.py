@@ -102,6 +102,7 @@ def test_train_finetunes_knee_of_latest_study(searched):
     for key in ("study", "trial", "arch", "test_accuracy", "measured_latency_ms", "scratch_test_accuracy"):
         assert key in report
     assert report["study"] == "tiny"
+    assert report["complete"] is True
     assert 0.0 <= report["test_accuracy"] <= 1.0
     assert report["measured_latency_ms"] > 0
     assert (run_dir / "subnet.pt").is_file()
@@ -248,3 +249,21 @@ def test_timing_images_from_validation_then_test():
     assert torch.equal(from_test, test[0][:3])
 
     assert timing_images(SplitStub([], []), 3) is None
+
+
+def test_checkpoint_after_finetuning_loads(resnet_space, tmp_path):
+    import torch
+
+    import train
+    from nas.export import load_finetuned
+
+    arch = resnet_space.smallest()
+    model = resnet_space.build_supernet().build_static(arch)
+    train.save_checkpoint(tmp_path, model, resnet_space, arch, {"test_accuracy": 0.5, "complete": False})
+    report = json.loads((tmp_path / "finetune.json").read_text())
+    assert report == {"test_accuracy": 0.5, "complete": False}
+    assert model.training  # the model itself is left as it was
+    loaded = load_finetuned(tmp_path / "subnet.pt")
+    x = torch.randn(2, *resnet_space.input_shape(arch))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.eval()(x))

@@ -171,6 +171,11 @@ def _plans_from_record(record: Mapping[str, Any], sites: Sequence[BlockSite]) ->
             f"Gate plan format_version {record.get('format_version')!r} is not supported; expected one of "
             f"{SUPPORTED_FORMAT_VERSIONS}. Rebuild the plan with this version of TailNAS."
         )
+    missing = [key for key in ("blocks", "keep_ratio") if key not in record]
+    if missing or not isinstance(record["blocks"], list) or not all(isinstance(e, Mapping) for e in record["blocks"]):
+        raise GateConfigError(f"The gate plan needs a list of block entries under 'blocks' and a 'keep_ratio', but "
+                              f"{'misses ' + str(missing) if missing else 'has blocks ' + repr(record['blocks'])}; "
+                              "pass a record from GatedNetwork.describe().")
     plans = []
     for entry in record["blocks"]:
         data = {k: v for k, v in entry.items() if k != "kept"}
@@ -281,7 +286,9 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
 
     Returns one record per batch size: ``batch_size``, ``ungated_ms``, ``gated_ms`` (keep ratio to
     ms), ``worst_ratio``, ``worst_slowdown`` (the largest relative slowdown, negative when every
-    ratio ran faster) and ``max_slowdown`` (the configured bound).
+    ratio ran faster), ``max_slowdown`` (the configured bound) and ``ungated_spread``: the ungated
+    subnet is timed as two copies, and this is how much slower the slower copy measured, a gauge of
+    the machine's timing noise. ``ungated_ms`` is the faster copy's time.
 
     Raises:
         ValueError: if ``ratios`` is empty, ``rounds`` is below 1, or ``images`` contains fewer
@@ -300,7 +307,8 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
     protocol = _default_protocol(ungated, protocol)
     batch_sizes = sorted(network.config.measure_batch_sizes)[1:]
     original = network.keep_ratio
-    folded: dict[Any, nn.Module] = {"ungated": copy.deepcopy(ungated).eval()}
+    # The ungated subnet is timed twice, as two copies, so the record shows the timing spread.
+    folded: dict[Any, nn.Module] = {"ungated": copy.deepcopy(ungated).eval(), "ungated again": copy.deepcopy(ungated).eval()}
     try:
         for ratio in ratios:
             network.set_keep_ratio(ratio)
@@ -320,11 +328,12 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
             inputs = images[:batch_size]
         batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
         latency = fastest_medians(folded, shape, batch_protocol, rounds, inputs)
-        base = latency.pop("ungated")
+        first, second = latency.pop("ungated"), latency.pop("ungated again")
+        base = min(first, second)
         worst_ratio = max(latency, key=latency.get)
         records.append({"batch_size": batch_size, "ungated_ms": base, "gated_ms": latency,
                         "worst_ratio": worst_ratio, "worst_slowdown": latency[worst_ratio] / base - 1.0,
-                        "max_slowdown": network.config.max_slowdown})
+                        "max_slowdown": network.config.max_slowdown, "ungated_spread": max(first, second) / base - 1.0})
     return records
 
 
@@ -408,6 +417,12 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
             budget that no keep ratio in the range meets.
     """
     config = parse_gate_config(cfg)
+    if config.enabled and not (config.channel or config.spatial):
+        log.warning("gates: gates.channel and gates.spatial are both false, so no gate is placed and the network "
+                    "runs as the ungated subnet; use gates=none for that.")
+    if config.enabled and config.mode == "mask" and config.placement == "measure" and plan is None:
+        log.warning("gates: gates.mode=mask computes every channel and column and masks them, so the gates only add "
+                    "time there; placement times the skip path. Use gates.mode=skip to deploy, mask to compare.")
     shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(model)
     gated_model = copy.deepcopy(model)
     sites = find_block_sites(gated_model, shape)

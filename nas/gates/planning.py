@@ -174,12 +174,27 @@ class BlockPlan:
         if unknown or missing:
             raise GateConfigError(f"Invalid block plan {dict(data)!r}: unknown keys {unknown}, missing keys {missing}.")
         values = dict(data)
-        values["channel_steps"] = [int(v) for v in values["channel_steps"]]
-        values["latency_ms"] = {int(k): float(v) for k, v in values["latency_ms"].items()}
-        values["measured_ms"] = {option: {int(b): float(v) for b, v in times.items()}
-                                 for option, times in values["measured_ms"].items()}
+        name = values.get("name")
+        for key in ("channel", "spatial"):
+            if not isinstance(values[key], bool):
+                raise GateConfigError(f"Invalid block plan for {name!r}: {key} must be true or false, "
+                                      f"but got {values[key]!r}.")
+        steps = values["channel_steps"]
+        if (not isinstance(steps, list) or not steps
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in steps)
+                or steps != sorted(set(steps))):
+            raise GateConfigError(f"Invalid block plan for {name!r}: channel_steps must be a non-empty ascending "
+                                  f"list of channel counts >= 1, but got {steps!r}.")
+        try:
+            values["latency_ms"] = {int(k): _positive_ms(v) for k, v in values["latency_ms"].items()}
+            values["measured_ms"] = {option: {int(b): _positive_ms(v) for b, v in times.items()}
+                                     for option, times in values["measured_ms"].items()}
+        except (AttributeError, TypeError, ValueError):
+            raise GateConfigError(f"Invalid block plan for {name!r}: latency_ms and measured_ms must map counts to "
+                                  f"milliseconds > 0, but got {values['latency_ms']!r} and "
+                                  f"{values['measured_ms']!r}.") from None
         grouped = values.setdefault("grouped_max_channels", 0)
-        if not isinstance(grouped, int) or grouped < 0:
+        if not isinstance(grouped, int) or isinstance(grouped, bool) or grouped < 0:
             raise GateConfigError(f"Invalid block plan {dict(data)!r}: grouped_max_channels must be an integer >= 0.")
         costs = values.get("batch_costs")
         if costs is not None:
@@ -188,6 +203,12 @@ class BlockPlan:
             except ValueError as error:
                 raise GateConfigError(f"Invalid block plan for {values.get('name')!r}: {error}") from None
         return cls(**values)
+
+
+def _positive_ms(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{value!r} is not a time in milliseconds > 0")
+    return float(value)
 
 
 def _probe_inputs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, tuple[int, ...]]:
