@@ -197,7 +197,7 @@ def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace,
     for record in records:
         worst, bound, spread = record["worst_slowdown"], record["max_slowdown"], record["ungated_spread"]
         if worst > bound and (record["worst_ratio"] >= 1.0 or worst - bound <= spread):
-            # At keep 1.0 no gate drops anything, and an excess within the spread is not resolved.
+            # At keep 1.0 no gate drops anything, and this machine's timing cannot resolve an excess within the spread.
             log.warning("gates: at batch %d the gated network ran %.1f%% slower than ungated at keep ratio %.2f "
                         "(gates.max_slowdown %.0f%%), but two timings of the ungated subnet differed by %.1f%%%s, "
                         "so this machine's timing noise can explain it. Rerun the check on a quiet machine "

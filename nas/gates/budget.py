@@ -35,7 +35,7 @@ def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: fl
     A run (see ``predictors.gated.block_runs``) holds the gate option, the kept channels (snapped
     to the plan's steps) and columns, and whether a batch of ``batch_size`` takes the grouped path.
     For a block with measured ``batch_costs``, the run takes the path chosen for a union of every
-    channel; the runtime may gather a narrower union when that was measured faster.
+    channel. The runtime may gather a narrower union when that was measured faster.
     """
     runs = []
     for site, plan in zip(sites, plans):

@@ -264,14 +264,17 @@ def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence
     return choose_keep_ratio(base_ms, sites, plans, signatures, config, block_latency)
 
 
-def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any) -> float:
-    """Return the median latency (ms) of an eval, BatchNorm-folded copy of ``model``."""
+def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any, rounds: int = 3) -> float:
+    """Return the latency (ms) of an eval, BatchNorm-folded copy of ``model``: the smallest median of ``rounds``.
+
+    One median can land in a slow moment of a shared machine, and a budget decision rests on it.
+    """
     from predictors.modules import fold_batchnorm
     from predictors.profiling import measure_module
 
     folded = copy.deepcopy(model).eval()
     fold_batchnorm(folded)
-    return measure_module(folded, shape, protocol, record_operators=False).median_ms
+    return min(measure_module(folded, shape, protocol, record_operators=False).median_ms for _ in range(rounds))
 
 
 def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tuple[int, ...],
@@ -368,7 +371,7 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
     ratio = network.keep_ratio
     while True:
         # The median of three measurements: one alone varies by a few percent between calls.
-        measured = float(np.median([_measure_ms(network, shape, protocol) for _ in range(CONFIRM_ROUNDS)]))
+        measured = float(np.median([_measure_ms(network, shape, protocol, rounds=1) for _ in range(CONFIRM_ROUNDS)]))
         if measured <= budget:
             log.info("gates: keep ratio %.2f measured %.4f ms within latency_budget_ms %.4f", ratio, measured, budget)
             return ratio
@@ -429,6 +432,13 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
 
     if plan is not None:
         plans, ratio = _plans_from_record(plan, sites)
+        recorded = plan.get("config") if isinstance(plan.get("config"), Mapping) else {}
+        conflicts = {key: (recorded[key], getattr(config, key)) for key in ("name", "mode")
+                     if key in recorded and recorded[key] != getattr(config, key)}
+        if conflicts:
+            log.warning("gates: the gate plan was recorded with %s, but cfg sets %s; the plan's blocks are rebuilt "
+                        "and cfg's settings apply. Pass the record's config as cfg to rebuild it as recorded.",
+                        {k: v[0] for k, v in conflicts.items()}, {k: v[1] for k, v in conflicts.items()})
     else:
         measure = None
         if config.enabled and config.placement == "measure":
