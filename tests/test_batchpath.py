@@ -287,3 +287,15 @@ def test_record_without_blocks_names_the_keys(subnet):
     del record["keep_ratio"]
     with pytest.raises(GateConfigError, match=r"misses \['keep_ratio'\]"):
         apply_gates(subnet, ALL, plan=record)
+
+
+def test_record_with_unknown_batchnorm_path_names_it(subnet):
+    from nas.gates import calibrate_keep_ratios
+
+    network = apply_gates(subnet, ALL)
+    images = [(torch.randn(4, 1, 28, 28), torch.zeros(4, dtype=torch.long))]
+    calibrate_keep_ratios(network, images, 1, [0.5, 1.0])
+    record = network.describe()
+    record["batchnorm_stats"]["paths"][0] = "layer1.0.bn9"
+    with pytest.raises(GateConfigError, match="'layer1.0.bn9' with .* but the model has no BatchNorm layer"):
+        apply_gates(subnet, ALL, plan=record)

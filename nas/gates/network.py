@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nas.gates.batchnorm import BatchNormBank
+from nas.gates.batchnorm import BatchNormBank, batchnorm_layers
 from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout, gated_block_class
 from nas.gates.budget import RATIO_STEP, choose_keep_ratio, no_gate_message
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
@@ -460,7 +460,16 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
         network.config = dataclasses.replace(config, keep_ratio=ratio)
     if plan is not None and plan.get("batchnorm_stats") is not None:
         # The bank is attached without loading its rows: load_state_dict fills both it and the layers.
-        network.batchnorm_bank = BatchNormBank.from_record(plan["batchnorm_stats"])
+        bank = BatchNormBank.from_record(plan["batchnorm_stats"])
+        layers = batchnorm_layers(network.model)
+        for path, stats in zip(bank.paths, bank.stats):
+            channels = stats.running_mean.shape[1]
+            if path not in layers or layers[path].num_features != channels:
+                found = f"{layers[path].num_features} channels" if path in layers else "no BatchNorm layer"
+                raise GateConfigError(f"The gate record's batchnorm_stats name the BatchNorm {path!r} with {channels} "
+                                      f"channels, but the model has {found} there; pass the record saved with "
+                                      "these weights, or rebuild the gates.")
+        network.batchnorm_bank = bank
     network.train(model.training)
     log.info("gates: %d of %d blocks gated, keep ratio %.2f, counts %s", len(network.gated_blocks()), len(sites),
              ratio, network.keep_counts())
