@@ -233,7 +233,14 @@ def _default_protocol(model: nn.Module, protocol: Any) -> Any:
 def _measured_placement(model: nn.Module, config: GateConfig, protocol: Any) -> MeasuredPlacement:
     from nas.gates.timing import make_measured_placement
 
-    return make_measured_placement(model, config, _default_protocol(model, protocol))
+    protocol = _default_protocol(model, protocol)
+    if protocol.runtime != "eager":
+        # Gates choose their path in Python per input, which a compiled or exported graph fixes once.
+        log.warning("gates: placement times gated blocks with the eager runtime, not hardware.runtime=%s, because "
+                    "the gates pick their path per input in Python; deploy the gated network eagerly.",
+                    protocol.runtime)
+        protocol = dataclasses.replace(protocol, runtime="eager")
+    return make_measured_placement(model, config, protocol)
 
 
 def _budget_keep_ratio(model: nn.Module, shape: tuple[int, ...], sites: Sequence[BlockSite],
