@@ -54,6 +54,19 @@ def resnet_space(resnet_config):
 
 
 @pytest.fixture
+def subnet(resnet_space):
+    """Return a small eval-mode ResNet subnet for gate tests: widths 16/24/32, depths 1/2/1, 28x28 input."""
+    import torch
+
+    from nas.supernet.resnet import ResNetSubnet
+
+    arch = resnet_space.arch_from_choices({"resolution": 28, "depth_0": 1, "width_0": 16, "depth_1": 2, "width_1": 24,
+                                           "depth_2": 1, "width_2": 32})
+    torch.manual_seed(0)
+    return ResNetSubnet(resnet_space, arch).eval()
+
+
+@pytest.fixture
 def gpu() -> None:
     import torch
 

@@ -14,7 +14,7 @@ from nas.gates.config import parse_gate_config
 from nas.gates.planning import find_block_sites
 from nas.gates.budget import gated_runs
 from nas.gates.timing import batch_path_modules, time_batch_paths
-from nas.supernet.resnet import BasicBlock, ResNetSubnet
+from nas.supernet.resnet import BasicBlock
 from predictors.protocol import MeasurementProtocol
 from tests.conftest import skip_and_mask_outputs
 
@@ -155,17 +155,10 @@ def test_block_rejects_costs_of_another_width():
 # -- placement and records -------------------------------------------------------------------------
 
 
-@pytest.fixture
-def subnet(resnet_space):
-    arch = resnet_space.arch_from_choices({"resolution": 28, "depth_0": 1, "width_0": 16, "depth_1": 1, "width_1": 24,
-                                           "depth_2": 1, "width_2": 32})
-    torch.manual_seed(0)
-    return ResNetSubnet(resnet_space, arch).eval()
-
 
 def test_batch_path_modules_run_their_paths(subnet, monkeypatch):
     config = parse_gate_config(ALL)
-    site = find_block_sites(subnet, (1, 28, 28))[2]  # layer3.0: 32 channels
+    site = find_block_sites(subnet, (1, 28, 28))[3]  # layer3.0: 32 channels
     block = subnet.get_submodule(site.name)
     modules = batch_path_modules(block, site, [16, 24], config)
     assert sorted(modules) == [("gathered", 16), ("gathered", 24), ("gathered", 32), ("grouped", 16), ("grouped", 24)]
@@ -183,7 +176,7 @@ def test_batch_path_modules_run_their_paths(subnet, monkeypatch):
 
 def test_time_batch_paths_times_every_width(subnet):
     config = parse_gate_config(ALL)
-    site = find_block_sites(subnet, (1, 28, 28))[2]
+    site = find_block_sites(subnet, (1, 28, 28))[3]
     protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
     costs = time_batch_paths(subnet.get_submodule(site.name), site, [16, 24], config, protocol, 4)
     assert costs.batch_size == 4

@@ -22,7 +22,7 @@ from nas.gates import (
 import nas.gates.timing as timing_module
 from nas.gates.budget import choose_keep_ratio, gated_runs, predict_latency_ms
 from nas.gates.planning import plan_blocks
-from nas.supernet.resnet import BasicBlock, ResNetSubnet
+from nas.supernet.resnet import BasicBlock
 from predictors.features import HardwareFacts
 from predictors.fingerprint import device_fingerprint
 from predictors.gated import (
@@ -46,13 +46,6 @@ HW = HardwareFacts(device="cpu", simd_width=16, threads=1)
 QUICK = MeasurementProtocol(threads=1, warmup=0, repeats=1)
 ALL = {"name": "feature", "placement": "all"}
 
-
-@pytest.fixture
-def subnet(resnet_space):
-    arch = resnet_space.arch_from_choices({"resolution": 28, "depth_0": 1, "width_0": 16, "depth_1": 2, "width_1": 24,
-                                           "depth_2": 1, "width_2": 32})
-    torch.manual_seed(0)
-    return ResNetSubnet(resnet_space, arch).eval()
 
 
 def _block_and_site():
