@@ -35,6 +35,7 @@ from nas.gates.modules import (
     ChannelGate,
     ColumnGate,
     row_mean,
+    selection_union,
     straight_through,
     targeted_dropout_mask,
     top_k_indices,
@@ -296,8 +297,7 @@ class GatedResidualBlock(FoldedWeightCache, GatheredEvalPath):
                 if group:
                     path = "grouped"
                 else:
-                    selected = torch.zeros_like(logits).scatter_(1, top, 1.0)
-                    union = selected.amax(dim=0).nonzero().squeeze(1)
+                    selected, union = selection_union(logits, top)
                     if costs is not None:
                         path = costs.choose(kept, union.numel())
                     else:

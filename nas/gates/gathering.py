@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from nas.gates.modules import top_k_indices, top_k_mask
+from nas.gates.modules import selection_union, top_k_indices, top_k_mask
 
 __all__ = ["GatheredEvalPath"]
 
@@ -52,8 +52,7 @@ class GatheredEvalPath:
         indices = top_k_indices(logits, kept)
         if logits.shape[0] == 1:
             return indices[0], None, None
-        selected = torch.zeros_like(logits).scatter_(1, indices, 1.0)
-        union = selected.amax(dim=0).nonzero().squeeze(1)
+        selected, union = selection_union(logits, indices)
         return union, selected.index_select(1, union), selected
 
     def _run_eval(self, inner: torch.Tensor, channel_logits: torch.Tensor | None,

@@ -22,6 +22,7 @@ __all__ = [
     "ColumnGate",
     "keep_count",
     "row_mean",
+    "selection_union",
     "straight_through",
     "targeted_dropout_mask",
     "top_k_indices",
@@ -114,6 +115,13 @@ def top_k_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
     Ties are broken by ``torch.topk``; callers that compare two paths must share one call's indices.
     """
     return torch.topk(scores, k, dim=1, sorted=False).indices
+
+
+def selection_union(scores: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the (N, n) 0/1 mask of each row's ``indices`` (of ``scores``' shape and dtype) and the
+    ascending (u,) indices selected by any row."""
+    selected = torch.zeros_like(scores).scatter_(1, indices, 1.0)
+    return selected, selected.amax(dim=0).nonzero().squeeze(1)
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
