@@ -233,11 +233,14 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, space: SearchSpace, a
 
 
 def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch, result: dict[str, Any]) -> None:
-    """Write the final ``subnet.pt``, ``finetune.json`` and torch.export programs."""
+    """Write the torch.export programs and the final ``finetune.json``.
+
+    ``subnet.pt`` was written by :func:`save_checkpoint` after fine-tuning, and the later stages
+    leave the network's state as it was.
+    """
     from nas.export import export_program
 
     model = model.cpu().eval()
-    save_checkpoint(run_dir, model, space, arch, {**result, "complete": False})
     example = torch.randn(1, *space.input_shape(arch))
     export_program(model, example, run_dir / "subnet.pt2")
     if result.get("gates") is not None:

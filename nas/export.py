@@ -139,7 +139,10 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
         # torch's unpickling message suggests weights_only=False, which would run code from the file.
-        reason = "not a file of tensors" if isinstance(error, pickle.UnpicklingError) else str(error).split("\n")[0]
+        if isinstance(error, pickle.UnpicklingError):
+            reason = "not a file of tensors"
+        else:
+            reason = str(error).split("\n")[0]
         raise ExportError(f"{str(path)!r} is not a train.py checkpoint or is damaged: torch.load failed "
                           f"({type(error).__name__}: {reason}). Pass the subnet.pt that train.py wrote.") from error
     if not isinstance(payload, dict) or not {"space", "arch", "state_dict"} <= set(payload):

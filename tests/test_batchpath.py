@@ -187,8 +187,8 @@ def test_time_batch_paths_times_every_width(subnet):
 def test_measured_placement_stores_costs_and_record_rebuilds_them(subnet, monkeypatch):
     import nas.gates.timing as timing
 
-    # Channel gates pay at batch 1 and cost nothing at batch 4, and fewer channels are faster, so
-    # every block gets a channel gate; its batch paths are timed for real.
+    # The fake timings make channel gates pay at batch 1 and cost nothing at batch 4, so every block
+    # gets a channel gate. Its batch paths are timed for real.
     def fake_timer(config, protocol):
         return lambda block, site, steps: {"none": {1: 1.0, 4: 1.0}, "channel": {1: 0.5, 4: 1.0}}
 
@@ -226,7 +226,7 @@ def test_older_plan_without_costs_loads():
     assert BlockPlan.from_dict(data).batch_costs is None
 
 
-def test_record_rejects_costs_without_channel_gate_or_too_many_kept(subnet):
+def test_record_rejects_invalid_batch_costs(subnet):
     network = apply_gates(subnet, ALL)
     record = network.describe()
     entry = record["blocks"][0]  # layer1.0: 16 channels
@@ -253,7 +253,7 @@ def test_gated_runs_follow_costs(subnet):
     plan = BlockPlan(sites[0].name, True, False, [8, 16], "test", grouped_max_channels=0,
                      batch_costs=BatchPathCosts(4, {8: 1.0}, {8: 1.5, 16: 2.0}))
     runs = dict(gated_runs(sites[:1], [plan], 0.5, 32))
-    assert runs[sites[0].name]["grouped"] is True  # grouping 8 beats dense, whatever the limit says
+    assert runs[sites[0].name]["grouped"] is True  # grouping 8 beats dense, so the limit of 0 is ignored
     slow = BlockPlan(sites[0].name, True, False, [8, 16], "test", grouped_max_channels=16,
                      batch_costs=BatchPathCosts(4, {8: 3.0}, {8: 1.5, 16: 2.0}))
     assert dict(gated_runs(sites[:1], [slow], 0.5, 32))[sites[0].name]["grouped"] is False

@@ -27,12 +27,12 @@ def fold_conv_batchnorm(conv: nn.Conv2d, bn: nn.Module) -> tuple[torch.Tensor, t
 
 
 class FoldedWeightCache(nn.Module):
-    """A module that caches weights computed from its children's tensors (BatchNorm folded into convolutions).
+    """Base module that caches weights computed from its children's tensors (BatchNorm folded into convolutions).
 
     Subclasses implement :meth:`_fold_weights` (the tensors to cache, by name) and
     :meth:`_fold_source_modules` (the modules whose own parameters and buffers those come from),
-    and call :meth:`_init_fold_cache` in ``__init__``. ``self._plan`` holds anything a subclass
-    derives from the folded weights; it is dropped with them.
+    and call :meth:`_init_fold_cache` in ``__init__``. ``self._plan`` contains anything a subclass
+    derives from the folded weights, and it is dropped with them.
 
     An in-place update (optimizer step, ``load_state_dict``, a BatchNorm bank switching statistics)
     changes a source tensor's version, which :meth:`_folded_weights` notices. Replacing a child
