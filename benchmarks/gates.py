@@ -2,7 +2,7 @@
 
 Usage: python benchmarks/gates.py [--arch JSON] [--epochs E] [--finetune-epochs F] [--ratios R ...]
        [--placement measure|table|all] [--gates KEY=VALUE ...] [--calibration-images I] [--static N]
-       [--threads T] [--repeats R] [--split TRAIN VAL TEST] [--out DIR]
+       [--threads T] [--repeats R] [--split TRAIN VAL TEST] [--seed S] [--seeds N] [--out DIR]
 
 Trains one subnet of ``conf/space/resnet.yaml`` (1x28x28, 10 classes) on the bundled MNIST subset
 with a plain loop. Then it gates the subnet (``conf/gates/feature.yaml`` with the flags overriding
@@ -26,6 +26,12 @@ whose batch-1 latency falls in the sweep's range.
 ``targets`` checks the goals (:func:`evaluate_targets`): per keep ratio the MACs and batch-1
 latency cuts and a paired test of accuracy against the ungated subnet, and the share of the gated
 curve that is at least as accurate as the static subnets.
+With ``--seeds N`` all of this is trained and timed N times with training seeds ``seed`` to
+``seed + N - 1`` on one data split, and each figure is the mean over the seeds
+(:func:`average_seed_runs`): on the MNIST subset two trainings of one subnet that differ only in
+their seed can score half a point apart, as much as the gaps being compared. The static subnets
+are picked once, by the first seed's latency range. The paired test pools every seed's test
+images, and ``targets_per_seed`` repeats the verdict for each seed alone.
 Writes ``gates_accuracy_latency.png`` (accuracy against batch-1 latency) and ``gates.json`` to
 ``--out``. Latencies are only as quiet as the machine: run it alone.
 """
@@ -79,6 +85,8 @@ log = logging.getLogger("benchmarks.gates")
 DEFAULT_ARCH = {"depths": [1, 2, 2], "widths": [32, 48, 96], "expand_ratios": [], "resolution": 28}
 # Images whose batch-1 MACs are averaged: top-k keeps a fixed count, so MACs barely vary by image.
 MACS_IMAGES = 8
+# Figures of a point that are averaged over training seeds.
+MEAN_KEYS = ("accuracy", "macs", "latency_b1_ms", "latency_b32_ms", "accuracy_before_finetuning")
 # z of a two-sided 95% interval.
 Z_95 = 1.959963984540054
 
@@ -102,7 +110,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency at batch 1 (a third at 32)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the fastest median counts")
     parser.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="seed of data split, weights and sampling")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and of the first training run")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="training runs, with seeds seed, seed+1, ...; figures are their means")
     parser.add_argument("--split", type=float, nargs=3, default=[0.8, 0.1, 0.1], metavar=("TRAIN", "VAL", "TEST"),
                         help="shares of the 5,000 MNIST images; a larger test share narrows the accuracy intervals")
     parser.add_argument("--out", type=Path, default=Path("outputs/benchmarks/gates"), help="output folder")
@@ -295,11 +305,11 @@ def build_profile_table(subnet: nn.Module, input_shape: Sequence[int], args: arg
     return table
 
 
-def build_gated(subnet: nn.Module, input_shape: Sequence[int], loader: DataLoader,
+def build_gated(subnet: nn.Module, input_shape: Sequence[int], loader: DataLoader, seed: int,
                 args: argparse.Namespace) -> GatedNetwork:
     """Gate ``subnet`` and fine-tune the gated copy with the keep-ratio schedule and distillation."""
     gates_cfg = yaml.safe_load((ROOT / "conf/gates/feature.yaml").read_text())
-    gates_cfg.update(seed=args.seed, placement=args.placement)
+    gates_cfg.update(seed=seed, placement=args.placement)
     if args.keep_ratio is not None:
         gates_cfg["keep_ratio"] = args.keep_ratio
     for override in args.gates:
@@ -356,17 +366,18 @@ def pick_static_archs(space: SearchSpace, low_ms: float, high_ms: float, count: 
     return [timed[i] for i in sorted(set(picks.tolist()))]
 
 
-def train_static(space: SearchSpace, loader: DataLoader, test_loader: DataLoader, low_ms: float, high_ms: float,
-                 images: torch.Tensor, args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, nn.Module]]:
-    """Train static subnets whose batch-1 latency lies in [low_ms, high_ms]; return their quality and models."""
+def train_static(space: SearchSpace, archs: Sequence[Any], loader: DataLoader, test_loader: DataLoader,
+                 images: torch.Tensor, seed: int, args: argparse.Namespace
+                 ) -> tuple[list[dict[str, Any]], dict[str, nn.Module]]:
+    """Train the static subnets ``archs`` from scratch; return their quality and models."""
     points, models = [], {}
-    for index, (arch, _) in enumerate(pick_static_archs(space, low_ms, high_ms, args.static, args)):
-        torch.manual_seed(args.seed)
+    for index, arch in enumerate(archs):
+        torch.manual_seed(seed)
         model = space.build_supernet().build_static(arch)
         train_epochs(model, loader, args.epochs + args.finetune_epochs, args.lr)
         points.append({"arch": arch.to_dict(), **describe_quality(model, test_loader, images)[0]})
         models[f"static{index}"] = model
-        log.info("static %s: %s", arch.to_json(), points[-1])
+        log.info("seed %d, static %s: %s", seed, arch.to_json(), points[-1])
     return points, models
 
 
@@ -401,22 +412,19 @@ def plot(points: list[dict[str, Any]], baseline: dict[str, Any], static: list[di
     save_figure(figure, path, dpi=120)
 
 
-def main() -> None:
-    args = parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
-    started = time.perf_counter()
+def train_seed_run(seed: int, space: SearchSpace, arch: Any, data: Any, test_loader: DataLoader,
+                   static_archs: list[Any] | None, args: argparse.Namespace) -> dict[str, Any]:
+    """Train, gate, sweep and time everything of one training seed; return its points and per-image hits.
 
-    space_cfg = load_space_config(ROOT / "conf/space/resnet.yaml")
-    space = create_space(space_cfg)
-    arch = space.arch_from_dict(args.arch)
+    The data split is the same for every seed; ``seed`` sets the weights, the order of the training
+    batches and the gates' sampling. ``static_archs`` are the static subnets to train; ``None`` picks
+    them from the latency range of this seed's sweep (:func:`pick_static_archs`).
+    """
+    torch.manual_seed(seed)
+    loader = data.train_dataloader()
+    if loader.generator is not None:
+        loader.generator.manual_seed(seed)
     input_shape = space.input_shape(arch)
-    data = build_datamodule({"name": "mnist", "seed": args.seed, "batch_size": 64, "eval_batch_size": 500,
-                             "split": args.split})
-    data.setup()
-    loader, test_loader = data.train_dataloader(), data.test_dataloader()
-
     subnet = space.build_supernet().build_static(arch)
     train_epochs(subnet, loader, args.epochs, args.lr)
     # Gated networks are timed on real test images: at batches above 1, what each block computes
@@ -424,21 +432,23 @@ def main() -> None:
     timing_images = next(iter(test_loader))[0]
     images = timing_images[:MACS_IMAGES]
     start = describe_quality(subnet, test_loader, images)[0]
-    log.info("ungated before fine-tuning: %s", start)
+    log.info("seed %d, ungated before fine-tuning: %s", seed, start)
     # The baseline gets the gated network's fine-tuning epochs without gates, as train.py with
     # gates=none would give it, so the gates are compared with as much training as they had.
     ungated = copy.deepcopy(subnet)
     train_epochs(ungated, loader, args.finetune_epochs, args.lr / 2)
     quality, baseline_hits = describe_quality(ungated, test_loader, images)
     baseline = {"arch": arch.to_dict(), **quality, "accuracy_before_finetuning": start["accuracy"]}
-    log.info("ungated: %s", baseline)
+    log.info("seed %d, ungated: %s", seed, baseline)
 
-    network = build_gated(subnet, input_shape, loader, args)
+    network = build_gated(subnet, input_shape, loader, seed, args)
     points, models, hits = sweep_keep_ratios(network, test_loader, args.ratios, images)
     models["baseline"] = ungated
-    first = measure_latencies(models, input_shape, 1, args, timing_images)
-    static, static_models = train_static(space, loader, test_loader, 0.8 * min(first.values()),
-                                         1.2 * max(first.values()), images, args)
+    if static_archs is None:
+        first = measure_latencies(models, input_shape, 1, args, timing_images)
+        static_archs = [a for a, _ in pick_static_archs(space, 0.8 * min(first.values()), 1.2 * max(first.values()),
+                                                        args.static, args)]
+    static, static_models = train_static(space, static_archs, loader, test_loader, images, seed, args)
     models.update(static_models)
 
     # Every model is timed in the same interleaved rounds, so their latencies compare.
@@ -447,22 +457,100 @@ def main() -> None:
         for name, point in zip([*[f"gated@{p['keep_ratio']}" for p in points], "baseline",
                                 *[f"static{i}" for i in range(len(static))]], [*points, baseline, *static]):
             point[f"latency_b{batch_size}_ms"] = latency[name]
+    return {"seed": seed, "points": points, "hits": hits, "baseline": baseline, "baseline_hits": baseline_hits,
+            "static": static, "static_archs": static_archs, "gates": network.describe()}
+
+
+def _average_point(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Return one point whose figures are the mean over ``runs`` (the same point of every seed).
+
+    ``accuracy_low`` and ``accuracy_high`` are the Wilson interval of all seeds' test predictions
+    pooled, so they cover test-set noise; ``accuracy_per_seed`` shows the training noise.
+    """
+    merged = {key: value for key, value in runs[0].items() if key not in MEAN_KEYS}
+    for key in MEAN_KEYS:
+        if key in runs[0]:
+            merged[key] = float(np.mean([run[key] for run in runs]))
+    merged["macs"] = int(round(merged["macs"]))
+    correct = sum(int(round(run["accuracy"] * run["test_images"])) for run in runs)
+    total = sum(run["test_images"] for run in runs)
+    merged["accuracy_low"], merged["accuracy_high"] = wilson_interval(correct, total)
+    merged["test_images"] = total
+    merged["accuracy_per_seed"] = [run["accuracy"] for run in runs]
+    return merged
+
+
+def average_seed_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge the runs of :func:`train_seed_run` into mean points with pooled per-image hits.
+
+    Accuracy, MACs and latencies are averaged over seeds. The hits of each keep ratio, and the
+    baseline's, are the seeds' hits one after the other, so a paired test pairs each seed's gated
+    network with that seed's baseline on every test image.
+    """
+    if not runs:
+        raise ValueError("average_seed_runs needs at least one run.")
+    ratios = [[p["keep_ratio"] for p in run["points"]] for run in runs]
+    if any(r != ratios[0] for r in ratios):
+        raise ValueError(f"Every seed must sweep the same keep ratios, but got {ratios}.")
+    if len({len(run["static"]) for run in runs}) != 1:
+        raise ValueError("Every seed must train the same static subnets.")
+    return {
+        "points": [_average_point([run["points"][i] for run in runs]) for i in range(len(ratios[0]))],
+        "hits": [np.concatenate([run["hits"][i] for run in runs]) for i in range(len(ratios[0]))],
+        "baseline": _average_point([run["baseline"] for run in runs]),
+        "baseline_hits": np.concatenate([run["baseline_hits"] for run in runs]),
+        "static": [_average_point([run["static"][i] for run in runs]) for i in range(len(runs[0]["static"]))],
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.seeds < 1:
+        raise SystemExit(f"--seeds must be at least 1, but got {args.seeds}.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+
+    space_cfg = load_space_config(ROOT / "conf/space/resnet.yaml")
+    space = create_space(space_cfg)
+    arch = space.arch_from_dict(args.arch)
+    data = build_datamodule({"name": "mnist", "seed": args.seed, "batch_size": 64, "eval_batch_size": 500,
+                             "split": args.split})
+    data.setup()
+    test_loader = data.test_dataloader()
+
+    runs: list[dict[str, Any]] = []
+    for seed in range(args.seed, args.seed + args.seeds):
+        runs.append(train_seed_run(seed, space, arch, data, test_loader, runs[0]["static_archs"] if runs else None,
+                                   args))
+    merged = average_seed_runs(runs)
+    points, baseline, static = merged["points"], merged["baseline"], merged["static"]
 
     plot(points, baseline, static, args.out / "gates_accuracy_latency.png")
     result = {
         "points": points,
         "baseline": baseline,
         "static": static,
-        "targets": evaluate_targets(points, hits, baseline, baseline_hits, static),
-        "gates": network.describe(),
+        "targets": evaluate_targets(points, merged["hits"], baseline, merged["baseline_hits"], static),
+        "gates": runs[0]["gates"],
+        "seeds": [run["seed"] for run in runs],
         "threads": args.threads,
         "rounds": args.rounds,
         "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if len(runs) > 1:
+        result["targets_per_seed"] = [
+            {"seed": run["seed"], **{key: value for key, value in evaluate_targets(
+                run["points"], run["hits"], run["baseline"], run["baseline_hits"], run["static"]).items()
+                if key in ("meeting", "static_share")}}
+            for run in runs]
+        result["gates_per_seed"] = [run["gates"] for run in runs]
     atomic_write_text(args.out / "gates.json", json.dumps(result, indent=2) + "\n")
-    summary = {key: result[key] for key in ("points", "baseline", "static", "targets", "threads", "seconds")}
+    summary = {key: result[key] for key in ("points", "baseline", "static", "targets", "seeds", "threads", "seconds")}
+    if "targets_per_seed" in result:
+        summary["targets_per_seed"] = result["targets_per_seed"]
     summary["gated_blocks"] = {p["name"]: [p["channel"], p["spatial"]] for p in result["gates"]["blocks"]}
     print(json.dumps(summary, separators=(",", ":")))
 

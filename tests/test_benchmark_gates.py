@@ -1,0 +1,106 @@
+"""The statistics of benchmarks/gates.py: intervals, the paired test, the targets and the seed average."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def gates_bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("gates_benchmark_under_test", ROOT / "benchmarks" / "gates.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def point(ratio: float, accuracy: float, latency: float, macs: int = 1000, images: int = 100) -> dict:
+    return {"keep_ratio": ratio, "accuracy": accuracy, "test_images": images, "macs": macs,
+            "latency_b1_ms": latency, "latency_b32_ms": 10 * latency, "accuracy_low": 0.0, "accuracy_high": 1.0}
+
+
+def test_wilson_interval_brackets_the_proportion_and_narrows_with_more_images(gates_bench: ModuleType) -> None:
+    low, high = gates_bench.wilson_interval(90, 100)
+    assert low < 0.9 < high
+    wide = high - low
+    low, high = gates_bench.wilson_interval(900, 1000)
+    assert low < 0.9 < high and high - low < wide / 2
+    # Known value: 95% Wilson interval of 90/100 is about (0.826, 0.945).
+    assert gates_bench.wilson_interval(90, 100) == pytest.approx((0.8256, 0.9448), abs=1e-3)
+
+
+def test_mcnemar_p_is_small_only_when_the_other_model_loses_many_discordant_images(gates_bench: ModuleType) -> None:
+    reference = np.array([True] * 20 + [False] * 5)
+    worse = np.array([False] * 15 + [True] * 5 + [False] * 5)
+    assert gates_bench.mcnemar_p_worse(reference, worse) < 0.001
+    assert gates_bench.mcnemar_p_worse(reference, reference.copy()) == 1.0
+    better = np.ones_like(reference)
+    assert gates_bench.mcnemar_p_worse(reference, better) == 1.0
+
+
+def test_targets_count_the_curve_share_at_least_as_accurate_as_faster_static_subnets(gates_bench: ModuleType) -> None:
+    hits = np.ones(100, dtype=bool)
+    baseline = point(1.0, 0.98, 2.0, macs=1000)
+    points = [point(1.0, 0.98, 2.0, macs=1000), point(0.5, 0.98, 1.5, macs=700), point(0.25, 0.97, 1.0, macs=300)]
+    # A static subnet at 1.2 ms more accurate than every gated point: from 1.2 ms up the curve loses.
+    static = [point(1.0, 0.99, 1.2)]
+    targets = gates_bench.evaluate_targets(points, [hits] * 3, baseline, hits, static)
+    assert targets["meeting"] == [0.25]
+    assert targets["static_share"] == pytest.approx(0.2, abs=0.01)
+    assert gates_bench.evaluate_targets(points, [hits] * 3, baseline, hits, [])["static_share"] == 1.0
+
+
+def seed_run(seed: int, accuracies: list[float], baseline: float, static: float) -> dict:
+    ratios = [1.0, 0.5]
+    rng = np.random.default_rng(seed)
+    return {"seed": seed,
+            "points": [point(r, a, 2.0 * r + seed) for r, a in zip(ratios, accuracies)],
+            "hits": [rng.random(100) < a for a in accuracies],
+            "baseline": {**point(1.0, baseline, 2.0), "arch": {"widths": [8]}},
+            "baseline_hits": rng.random(100) < baseline,
+            "static": [point(1.0, static, 1.0)],
+            "static_archs": ["a"], "gates": {}}
+
+
+def test_seed_average_means_figures_pools_intervals_and_chains_hits(gates_bench: ModuleType) -> None:
+    runs = [seed_run(0, [0.98, 0.96], 0.97, 0.95), seed_run(1, [0.96, 0.94], 0.99, 0.97)]
+    merged = gates_bench.average_seed_runs(runs)
+    first = merged["points"][0]
+    assert first["accuracy"] == pytest.approx(0.97)
+    assert first["accuracy_per_seed"] == [0.98, 0.96]
+    assert first["latency_b1_ms"] == pytest.approx(2.5)
+    assert first["test_images"] == 200
+    assert (first["accuracy_low"], first["accuracy_high"]) == gates_bench.wilson_interval(194, 200)
+    assert merged["baseline"]["accuracy"] == pytest.approx(0.98)
+    assert merged["baseline"]["arch"] == {"widths": [8]}
+    assert merged["static"][0]["accuracy"] == pytest.approx(0.96)
+    assert len(merged["hits"]) == 2 and len(merged["hits"][1]) == 200
+    assert np.array_equal(merged["hits"][1][100:], runs[1]["hits"][1])
+    assert len(merged["baseline_hits"]) == 200
+
+
+def test_seed_average_of_one_run_keeps_its_figures(gates_bench: ModuleType) -> None:
+    run = seed_run(0, [0.98, 0.96], 0.97, 0.95)
+    merged = gates_bench.average_seed_runs([run])
+    assert merged["points"][1]["accuracy"] == 0.96
+    assert merged["points"][1]["macs"] == 1000
+    assert (merged["points"][1]["accuracy_low"], merged["points"][1]["accuracy_high"]) == \
+        gates_bench.wilson_interval(96, 100)
+
+
+def test_seed_average_refuses_runs_that_do_not_match(gates_bench: ModuleType) -> None:
+    other = seed_run(1, [0.98, 0.96], 0.97, 0.95)
+    other["points"][1]["keep_ratio"] = 0.4
+    with pytest.raises(ValueError, match="same keep ratios"):
+        gates_bench.average_seed_runs([seed_run(0, [0.98, 0.96], 0.97, 0.95), other])
+    with pytest.raises(ValueError, match="at least one run"):
+        gates_bench.average_seed_runs([])
