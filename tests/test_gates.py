@@ -832,6 +832,52 @@ def test_calibration_callback_after_fit(subnet):
     assert network.describe()["batchnorm_stats"]["paths"] == network.batchnorm_bank.paths
 
 
+class _ValidatedModule(_TinyModule):
+    """Records one gated BatchNorm's statistics at the end of each training batch, at the start of
+    the next one, and during validation."""
+
+    def __init__(self, model: nn.Module, norm: nn.BatchNorm2d) -> None:
+        super().__init__(model)
+        self.norm = norm
+        self.after_batch: list[torch.Tensor] = []
+        self.before_batch: list[torch.Tensor] = []
+        self.in_validation: list[torch.Tensor] = []
+
+    def on_train_batch_start(self, batch, batch_idx):
+        self.before_batch.append(self.norm.running_mean.clone())
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.after_batch.append(self.norm.running_mean.clone())
+
+    def validation_step(self, batch, batch_idx):
+        self.in_validation.append(self.norm.running_mean.clone())
+
+
+def test_calibration_callback_validates_with_calibrated_statistics_and_restores_training_ones(subnet):
+    config = {**ALL, "keep_ratio": 0.5, "schedule_epochs": 0, "sample_range_after_ramp": False}
+    network = apply_gates(subnet, config).train()
+    norm = network.get_submodule("model.layer1.0.bn2")
+    module = _ValidatedModule(network, norm)
+    generator = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28, generator=generator),
+                                          torch.randint(0, 10, (8,), generator=generator))
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
+                         callbacks=[KeepRatioSchedule.from_config(config),
+                                    BatchNormCalibration(images=8, ratios=[0.5, 1.0])])
+    trainer.fit(module, loader, loader)
+    # Training resumes from its own statistics, not from the calibrated ones: the batch after the
+    # first validation starts where the last batch before it ended.
+    torch.testing.assert_close(module.before_batch[2], module.after_batch[1])
+    assert not torch.allclose(module.in_validation[0], module.after_batch[1])
+    # The last validation saw what calibrating the final weights at keep ratio 0.5 on the same
+    # 8 images gives.
+    bank = network.batchnorm_bank
+    row = bank.stats[bank.paths.index("layer1.0.bn2")]
+    torch.testing.assert_close(module.in_validation[-1], row.running_mean[bank.grid.index(0.5)])
+
+
 def test_folded_weight_cache_follows_module_conversion(subnet):
     from predictors.modules import fold_batchnorm
 

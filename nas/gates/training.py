@@ -7,10 +7,11 @@ pass the model that went into :func:`nas.gates.apply_gates`, which that function
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -186,6 +187,24 @@ def _recalibrate_at(network: GatedNetwork, ratio: float, inputs: Sequence[torch.
         network(x)
 
 
+@contextlib.contextmanager
+def _calibrating(network: GatedNetwork) -> Iterator[None]:
+    """Run calibration passes without targeted dropout; restore keep ratio, momenta, dropout and mode after."""
+    norms = batchnorm_layers(network.model)
+    runtime, original, was_training = network.runtime, network.keep_ratio, network.training
+    momenta = {name: norm.momentum for name, norm in norms.items()}
+    dropout = runtime.dropout_rate
+    runtime.dropout_rate = 0.0
+    try:
+        yield
+    finally:
+        runtime.dropout_rate = dropout
+        for name, norm in norms.items():
+            norm.momentum = momenta[name]
+        network.train(was_training)
+        network.set_keep_ratio(original)
+
+
 def calibrate_keep_ratios(network: GatedNetwork, batches: Iterable[Any], max_batches: int,
                           ratios: Sequence[float] | None = None) -> BatchNormBank:
     """Re-estimate BatchNorm statistics at each ratio of a grid and attach them to ``network``.
@@ -216,21 +235,12 @@ def calibrate_keep_ratios(network: GatedNetwork, batches: Iterable[Any], max_bat
     device = next(network.parameters()).device
     inputs = _inputs(batches, max_batches, device)
 
-    runtime, original, was_training = network.runtime, network.keep_ratio, network.training
-    momenta = {name: norm.momentum for name, norm in norms.items()}
-    dropout = runtime.dropout_rate
-    runtime.dropout_rate = 0.0
     network.set_batchnorm_bank(None)
     per_ratio = []
-    try:
+    with _calibrating(network):
         for ratio in grid:
             _recalibrate_at(network, ratio, inputs)
             per_ratio.append({name: (n.running_mean.clone(), n.running_var.clone()) for name, n in norms.items()})
-    finally:
-        runtime.dropout_rate = dropout
-        for name, norm in norms.items():
-            norm.momentum = momenta[name]
-        network.train(was_training)
 
     varying = [name for name in norms if any(
         not torch.equal(stats[name][0], per_ratio[0][name][0]) or not torch.equal(stats[name][1], per_ratio[0][name][1])
@@ -241,7 +251,7 @@ def calibrate_keep_ratios(network: GatedNetwork, batches: Iterable[Any], max_bat
             row.running_mean[index].copy_(stats[path][0])
             row.running_var[index].copy_(stats[path][1])
     network.set_batchnorm_bank(bank)
-    network.set_keep_ratio(original)
+    network.set_keep_ratio(network.keep_ratio)
     log.info("gates: BatchNorm statistics of %d of %d layers stored at keep ratios %s (%d batches each)",
              len(varying), len(norms), grid, len(inputs))
     return bank
@@ -249,6 +259,14 @@ def calibrate_keep_ratios(network: GatedNetwork, batches: Iterable[Any], max_bat
 
 class BatchNormCalibration(pl.Callback):
     """Runs :func:`calibrate_keep_ratios` on the training loader when training ends, before testing.
+
+    During training the BatchNorm layers keep one set of running statistics for every keep ratio
+    the schedule and the full-keep term ran, so a validation with them reads far below what the
+    network scores once calibrated. Before each validation that runs during training, the callback
+    therefore re-estimates the statistics at the current keep ratio on the first ``images``
+    training images (in dataset order, so the training shuffle is not disturbed) and puts the
+    training statistics back afterwards: ``val/accuracy`` is the network as it would be deployed
+    at that ratio.
 
     Args:
         images: training images averaged at each ratio (rounded up to whole batches).
@@ -260,6 +278,7 @@ class BatchNormCalibration(pl.Callback):
             raise ValueError(f"BatchNormCalibration images must be >= 1, but got {images}.")
         self.images = int(images)
         self.ratios = list(ratios) if ratios is not None else None
+        self._training_stats: dict[str, tuple[torch.Tensor, ...]] | None = None
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -267,6 +286,35 @@ class BatchNormCalibration(pl.Callback):
         batch_size = getattr(loader, "batch_size", None) or 1
         max_batches = max(1, math.ceil(self.images / batch_size))
         calibrate_keep_ratios(find_gated_network(pl_module), iter(loader), max_batches, self.ratios)
+
+    @override
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        network = find_gated_network(pl_module)
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        # After training the bank holds calibrated statistics per ratio; without a training set
+        # (a bare trainer.validate) there is nothing to calibrate on.
+        if network.batchnorm_bank is not None or dataset is None:
+            return
+        norms = batchnorm_layers(network.model)
+        self._training_stats = {name: (n.running_mean.clone(), n.running_var.clone(), n.num_batches_tracked.clone())
+                                for name, n in norms.items()}
+        batch_size = getattr(loader, "batch_size", None) or 1
+        ordered = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+        inputs = _inputs(ordered, max(1, math.ceil(self.images / batch_size)), next(network.parameters()).device)
+        with _calibrating(network):
+            _recalibrate_at(network, network.keep_ratio, inputs)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._training_stats is None:
+            return
+        norms = batchnorm_layers(find_gated_network(pl_module).model)
+        for name, (mean, var, tracked) in self._training_stats.items():
+            norms[name].running_mean.copy_(mean)
+            norms[name].running_var.copy_(var)
+            norms[name].num_batches_tracked.copy_(tracked)
+        self._training_stats = None
 
 
 def full_keep_logits(network: GatedNetwork, x: torch.Tensor) -> torch.Tensor | None:
