@@ -271,6 +271,52 @@ def test_budget_confirmed_by_measurement(subnet, caplog):
     assert "trying" in caplog.text  # and measuring lowered the ratio before giving up
 
 
+def _latency_by_share(network, ms_at_full: float):
+    """Return a stand-in for ``_measure_ms`` whose latency is ``ms_at_full`` times the kept share of channels."""
+
+    def measure(model, shape, protocol, rounds=3):
+        blocks = network.gated_blocks()
+        kept = sum(block.kept_channels for block in blocks.values())
+        return ms_at_full * kept / sum(block.inner_channels for block in blocks.values())
+
+    return measure
+
+
+@pytest.mark.parametrize("start", [0.4, 0.9])
+def test_confirmed_budget_moves_to_highest_fitting_counts(subnet, monkeypatch, start):
+    from nas.gates import network as network_module
+
+    config = {**ALL, "spatial": False, "latency_budget_ms": 7.0}
+    network = apply_gates(subnet, {**config, "latency_budget_ms": None}, protocol=QUICK)
+    network.config = parse_gate_config(config)
+    monkeypatch.setattr(network_module, "_measure_ms", _latency_by_share(network, 10.0))
+    network.set_keep_ratio(start)
+    ratio = confirm_budget(network, (1, 28, 28), QUICK)
+    assert network.keep_ratio == ratio
+    fits = network_module._measure_ms(network, (1, 28, 28), QUICK)
+    assert fits <= 7.0
+    # The next change of kept counts upwards measures over the budget.
+    higher = network_module._next_counts(network, ratio, +1, 1.0)
+    assert higher is not None and network_module._measure_ms(network, (1, 28, 28), QUICK) > 7.0
+
+
+def test_confirmed_budget_rises_to_range_top_counts_when_everything_fits(subnet, monkeypatch):
+    from nas.gates import network as network_module
+
+    network = apply_gates(subnet, {**ALL, "spatial": False}, protocol=QUICK)
+    network.config = parse_gate_config({**ALL, "spatial": False, "latency_budget_ms": 100.0})
+    monkeypatch.setattr(network_module, "_measure_ms", _latency_by_share(network, 10.0))
+    network.set_keep_ratio(0.5)
+    counts_at_half = network.keep_counts()
+    ratio = confirm_budget(network, (1, 28, 28), QUICK)
+    assert ratio > 0.5
+    confirmed = network.keep_counts()
+    assert confirmed != counts_at_half
+    # Above the confirmed ratio no kept count changes any more: it keeps what the top of the range keeps.
+    network.set_keep_ratio(network.config.keep_ratio_range[1])
+    assert network.keep_counts() == confirmed
+
+
 def test_budget_without_gates_names_cause(subnet):
     sites = find_block_sites(subnet, (1, 28, 28))
     config = parse_gate_config({**ALL, "channel": False, "spatial": False, "latency_budget_ms": 1.0})

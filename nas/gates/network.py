@@ -351,15 +351,34 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
 CONFIRM_ROUNDS = 3
 
 
-def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any = None) -> float:
-    """Measure ``network`` at its keep ratio and lower the ratio until it fits ``config.latency_budget_ms``.
+def _next_counts(network: GatedNetwork, ratio: float, direction: int, bound: float) -> float | None:
+    """Step the keep ratio from ``ratio`` towards ``bound`` until a kept count changes and set it.
 
-    ``apply_gates`` calls it after choosing the ratio from predictions. ``shape`` is one input's
+    Returns the new ratio, or None (with ``ratio`` set again) when ``bound`` comes first.
+    """
+    counts, moved = network.keep_counts(), ratio
+    while network.keep_counts() == counts and (bound - moved) * direction > 0:
+        moved = round(moved + direction * RATIO_STEP, 6)
+        moved = min(moved, bound) if direction > 0 else max(moved, bound)
+        network.set_keep_ratio(moved)
+    if network.keep_counts() == counts:
+        network.set_keep_ratio(ratio)
+        return None
+    return moved
+
+
+def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any = None) -> float:
+    """Move ``network``'s keep ratio, from where it is, to the highest that measures within the budget.
+
+    The budget is ``config.latency_budget_ms``. ``apply_gates`` calls it after choosing the ratio
+    from predictions. ``shape`` is one input's
     (C, H, W) and ``protocol`` the ``MeasurementProtocol`` (default: the model's device, batch 1).
 
     Blocks timed alone save slightly more than in the network, so a prediction just under the
-    budget can measure a few percent over it. Each step lowers the ratio until a kept count
-    changes. Returns the ratio that measured within the budget.
+    budget can measure a few percent over it; a pessimistic prediction leaves budget unused. Each
+    step moves the ratio until a kept count changes. Over the budget, the ratio goes down until it
+    measures within. Within it, the ratio goes up while the next step still measures within, up
+    to the top of ``keep_ratio_range``. Each measurement is the median of three. Returns the ratio.
 
     NOTE: a later measurement of the same network can still differ by the machine's noise (a few
     percent on a shared 2-core VM), so a budget at the edge may be exceeded there. At batch sizes
@@ -373,28 +392,42 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
     budget = network.config.latency_budget_ms
     if budget is None:
         raise GateConfigError("confirm_budget needs gates.latency_budget_ms in the network's config, but it is null.")
-    low = network.config.keep_ratio_range[0]
+    low, high = network.config.keep_ratio_range
     protocol = _default_protocol(network, protocol)
-    ratio = network.keep_ratio
-    while True:
+
+    def measure() -> float:
         # The median of three measurements: one alone varies by a few percent between calls.
-        measured = float(np.median([_measure_ms(network, shape, protocol, rounds=1) for _ in range(CONFIRM_ROUNDS)]))
-        if measured <= budget:
-            log.info("gates: keep ratio %.2f measured %.4f ms within latency_budget_ms %.4f", ratio, measured, budget)
-            return ratio
+        return float(np.median([_measure_ms(network, shape, protocol, rounds=1) for _ in range(CONFIRM_ROUNDS)]))
+
+    ratio = network.keep_ratio
+    measured = measure()
+    while measured <= budget and network.gated_blocks():
+        higher = _next_counts(network, ratio, +1, high)
+        if higher is None:
+            break
+        trial = measure()
+        if trial > budget:
+            network.set_keep_ratio(ratio)
+            log.info("gates: keep ratio %.2f measured %.4f ms, over latency_budget_ms %.4f; keeping %.2f", higher,
+                     trial, budget, ratio)
+            break
+        log.info("gates: keep ratio %.2f measured %.4f ms, within latency_budget_ms %.4f as well", higher, trial,
+                 budget)
+        ratio, measured = higher, trial
+    while measured > budget:
         if not network.gated_blocks():
             raise GateConfigError(no_gate_message(budget, measured))
-        counts, previous = network.keep_counts(), ratio
-        while ratio > low and network.keep_counts() == counts:
-            ratio = max(low, round(ratio - RATIO_STEP, 6))
-            network.set_keep_ratio(ratio)
-        if network.keep_counts() == counts:
+        previous, lower = ratio, _next_counts(network, ratio, -1, low)
+        if lower is None:
             raise GateConfigError(
                 f"gates.latency_budget_ms={budget} is below the measured {measured:.4f} ms at the lowest keep ratio "
                 f"{low}; raise the budget, lower keep_ratio_range[0] and fine-tune again, or pick a smaller subnet."
             )
         log.info("gates: keep ratio %.2f measured %.4f ms, over latency_budget_ms %.4f; trying %.2f", previous,
-                 measured, budget, ratio)
+                 measured, budget, lower)
+        ratio, measured = lower, measure()
+    log.info("gates: keep ratio %.2f measured %.4f ms within latency_budget_ms %.4f", ratio, measured, budget)
+    return ratio
 
 
 def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
