@@ -127,7 +127,8 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
     Spaces from user modules need those modules imported first.
 
     Raises:
-        ExportError: if the file is missing, is not a ``train.py`` checkpoint, or has another format version.
+        ExportError: if the file is missing, is not a ``train.py`` checkpoint, has another format
+            version, or holds weights that do not fit the network its arch and gate record describe.
     """
     path = Path(path)
     if path.is_dir() and (path / "subnet.pt").is_file():
@@ -159,8 +160,28 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
 
         model = apply_gates(model, gates["config"], input_shape=space.input_shape(arch), plan=gates)
         model.set_mode(gates.get("mode", "skip"))
+    _check_weights(path, model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
+
+
+def _check_weights(path: Path, model: nn.Module, state: Any) -> None:
+    """Raise ExportError naming the tensors that ``state`` and ``model`` do not share or hold in different shapes."""
+    if not isinstance(state, dict):
+        raise ExportError(f"{str(path)!r} is not a train.py checkpoint: its state_dict is a {type(state).__name__}.")
+    expected = model.state_dict()
+    problems = {
+        "missing": sorted(set(expected) - set(state)),
+        "unexpected": sorted(set(state) - set(expected)),
+        "of another shape": sorted(key for key in set(expected) & set(state)
+                                   if getattr(state[key], "shape", None) != expected[key].shape),
+    }
+    found = [f"{len(keys)} {kind} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+             for kind, keys in problems.items() if keys]
+    if found:
+        raise ExportError(f"{str(path)!r}: the weights do not fit the network that its arch and gate record describe: "
+                          f"{'; '.join(found)}. The file was changed after train.py wrote it; load an unchanged "
+                          "subnet.pt or run train.py again.")
 
 
 # -- (c) torch.export ---------------------------------------------------------------------------

@@ -267,3 +267,21 @@ def test_checkpoint_after_finetuning_loads(resnet_space, tmp_path):
     x = torch.randn(2, *resnet_space.input_shape(arch))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model.eval()(x))
+
+
+def test_checkpoint_whose_weights_do_not_fit_names_them(resnet_space, tmp_path):
+    import torch
+
+    import train
+    from nas.export import ExportError, load_finetuned
+
+    arch = resnet_space.smallest()
+    model = resnet_space.build_supernet().build_static(arch)
+    train.save_checkpoint(tmp_path, model, resnet_space, arch, {"complete": True})
+    payload = torch.load(tmp_path / "subnet.pt", weights_only=True)
+    name = next(key for key in payload["state_dict"] if key.endswith("weight"))
+    payload["state_dict"][name] = payload["state_dict"][name][:1]
+    payload["state_dict"]["extra.weight"] = torch.zeros(1)
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(ExportError, match=rf"1 unexpected \(extra.weight\); 1 of another shape \({name}\)"):
+        load_finetuned(tmp_path / "edited.pt")
