@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/gates.py [--arch JSON] [--epochs E] [--finetune-epochs F] [--ratios R ...]
        [--placement measure|table|all] [--gates KEY=VALUE ...] [--calibration-images I] [--static N]
-       [--threads T] [--repeats R] [--split TRAIN VAL TEST] [--seed S] [--seeds N] [--out DIR]
+       [--static-recipe finetune|scratch] [--threads T] [--repeats R] [--split TRAIN VAL TEST]
+       [--seed S] [--seeds N] [--out DIR]
 
 Trains one subnet of ``conf/space/resnet.yaml`` (1x28x28, 10 classes) on the bundled MNIST subset
 with a plain loop. Then it gates the subnet (``conf/gates/feature.yaml`` with the flags overriding
@@ -21,8 +22,11 @@ ratio (``calibrate_keep_ratios``, on the grid of ``calibration_ratios`` plus the
 distillation (``accuracy_before_finetuning`` is its accuracy when the gates were placed). Its
 fine-tuning draws from the same random streams before the gates are built, so runs from before
 it existed do not reproduce with the same command. ``static`` lists
-subnets of the space, trained from scratch for as many epochs as the gated one had in total,
-whose batch-1 latency falls in the sweep's range.
+subnets of the space whose batch-1 latency falls in the sweep's range, trained for as many
+epochs as the gated one had in total. With ``--static-recipe finetune`` (the default) they follow
+the baseline's recipe: ``--epochs`` at ``--lr``, then ``--finetune-epochs`` at half of it, as a
+static pick gets in ``train.py`` after the supernet. With ``scratch`` they get one cosine schedule
+over all epochs at ``--lr``, a different recipe from the gated network's and the baseline's.
 ``targets`` checks the goals (:func:`evaluate_targets`): per keep ratio the MACs and batch-1
 latency cuts and a paired test of accuracy against the ungated subnet, and the share of the gated
 curve that is at least as accurate as the static subnets.
@@ -106,6 +110,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calibration-images", type=int, default=512,
                         help="training images per keep ratio for BatchNorm calibration (0: none)")
     parser.add_argument("--static", type=int, default=3, help="static subnets to train for comparison")
+    parser.add_argument("--static-recipe", choices=("finetune", "scratch"), default="finetune",
+                        help="finetune: the baseline's recipe, --epochs at --lr then --finetune-epochs at half of it; "
+                             "scratch: one schedule of both counts of epochs at --lr")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads while timing")
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per latency at batch 1 (a third at 32)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds; the fastest median counts")
@@ -374,7 +381,11 @@ def train_static(space: SearchSpace, archs: Sequence[Any], loader: DataLoader, t
     for index, arch in enumerate(archs):
         torch.manual_seed(seed)
         model = space.build_supernet().build_static(arch)
-        train_epochs(model, loader, args.epochs + args.finetune_epochs, args.lr)
+        if args.static_recipe == "scratch":
+            train_epochs(model, loader, args.epochs + args.finetune_epochs, args.lr)
+        else:
+            train_epochs(model, loader, args.epochs, args.lr)
+            train_epochs(model, loader, args.finetune_epochs, args.lr / 2)
         points.append({"arch": arch.to_dict(), **describe_quality(model, test_loader, images)[0]})
         models[f"static{index}"] = model
         log.info("seed %d, static %s: %s", seed, arch.to_json(), points[-1])
@@ -538,6 +549,7 @@ def main() -> None:
         "rounds": args.rounds,
         "epochs": args.epochs,
         "finetune_epochs": args.finetune_epochs,
+        "static_recipe": args.static_recipe,
         "seconds": round(time.perf_counter() - started, 1),
     }
     if len(runs) > 1:
@@ -548,7 +560,8 @@ def main() -> None:
             for run in runs]
         result["gates_per_seed"] = [run["gates"] for run in runs]
     atomic_write_text(args.out / "gates.json", json.dumps(result, indent=2) + "\n")
-    summary = {key: result[key] for key in ("points", "baseline", "static", "targets", "seeds", "threads", "seconds")}
+    summary = {key: result[key] for key in ("points", "baseline", "static", "targets", "seeds", "static_recipe",
+                                            "threads", "seconds")}
     if "targets_per_seed" in result:
         summary["targets_per_seed"] = result["targets_per_seed"]
     summary["gated_blocks"] = {p["name"]: [p["channel"], p["spatial"]] for p in result["gates"]["blocks"]}
