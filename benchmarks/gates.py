@@ -34,8 +34,8 @@ With ``--seeds N`` all of this is trained and timed N times with training seeds 
 ``seed + N - 1`` on one data split, and each figure is the mean over the seeds
 (:func:`average_seed_runs`): on the MNIST subset two trainings of one subnet that differ only in
 their seed can score half a point apart, as much as the gaps being compared. The static subnets
-are picked once, by the first seed's latency range. The paired test pools every seed's test
-images, and ``targets_per_seed`` repeats the verdict for each seed alone.
+are picked once, by the first seed's latency range. The paired test takes each test image once,
+with its answers from every seed, and ``targets_per_seed`` repeats the verdict for each seed alone.
 Writes ``gates_accuracy_latency.png`` (accuracy against batch-1 latency) and ``gates.json`` to
 ``--out``. Latencies are only as quiet as the machine: run it alone.
 """
@@ -129,8 +129,11 @@ def parse_args() -> argparse.Namespace:
 # -- statistics and measurement ---------------------------------------------------------------
 
 
-def wilson_interval(correct: int, total: int, z: float = Z_95) -> tuple[float, float]:
-    """Return the Wilson score interval of a binomial proportion ``correct / total``."""
+def wilson_interval(correct: float, total: int, z: float = Z_95) -> tuple[float, float]:
+    """Return the Wilson score interval of a binomial proportion ``correct / total``.
+
+    ``correct`` may be a mean count, such as an accuracy averaged over seeds times ``total``.
+    """
     if total == 0:
         return 0.0, 1.0
     p = correct / total
@@ -147,14 +150,23 @@ def correct_predictions(model: nn.Module, loader: DataLoader) -> np.ndarray:
 
 
 def mcnemar_p_worse(reference: np.ndarray, other: np.ndarray) -> float:
-    """Return the one-sided exact McNemar p-value that ``other`` is less accurate than ``reference``.
+    """Return the one-sided exact p-value that ``other`` is less accurate than ``reference``.
 
-    Both are per-image correctness on the same test images. Of the images that exactly one model
-    gets right, under equal accuracy each is ``reference``'s with probability 1/2; the p-value is
-    the chance of at least as many of them being ``reference``'s as observed.
+    Both are per-image correctness on the same test images: arrays of (images,), or of
+    (seeds, images) for one training per seed, the rows of both paired seed by seed. The image is
+    the unit: per image, the seeds' correct answers of ``reference`` minus those of ``other``.
+    Under equal accuracy each image with a difference is ``reference``'s with probability 1/2
+    (a sign test); the p-value is the chance of at least as many such images being
+    ``reference``'s as observed. With one seed this is the exact McNemar test. Counting each
+    seed's answer on an image as one more pair would treat the same test images as new ones and
+    shrink the p-value with every seed.
     """
-    only_reference = int(np.sum(reference & ~other))
-    discordant = only_reference + int(np.sum(~reference & other))
+    reference, other = np.atleast_2d(reference), np.atleast_2d(other)
+    if reference.shape != other.shape:
+        raise ValueError(f"mcnemar_p_worse needs hits of one shape, but got {reference.shape} and {other.shape}.")
+    difference = reference.sum(axis=0, dtype=np.int64) - other.sum(axis=0, dtype=np.int64)
+    only_reference = int(np.sum(difference > 0))
+    discordant = only_reference + int(np.sum(difference < 0))
     return sum(math.comb(discordant, k) for k in range(only_reference, discordant + 1)) / 2**discordant
 
 
@@ -475,28 +487,28 @@ def train_seed_run(seed: int, space: SearchSpace, arch: Any, data: Any, test_loa
 def _average_point(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Return one point whose figures are the mean over ``runs`` (the same point of every seed).
 
-    ``accuracy_low`` and ``accuracy_high`` are the Wilson interval of all seeds' test predictions
-    pooled, so they cover test-set noise; ``accuracy_per_seed`` shows the training noise.
+    ``accuracy_low`` and ``accuracy_high`` are the Wilson interval of the mean accuracy on one
+    seed's count of test images: every seed tests the same images, so more seeds narrow the
+    training noise but not the test set's. ``accuracy_per_seed`` shows the training noise.
     """
     merged = {key: value for key, value in runs[0].items() if key not in MEAN_KEYS}
     for key in MEAN_KEYS:
         if key in runs[0]:
             merged[key] = float(np.mean([run[key] for run in runs]))
     merged["macs"] = int(round(merged["macs"]))
-    correct = sum(int(round(run["accuracy"] * run["test_images"])) for run in runs)
-    total = sum(run["test_images"] for run in runs)
-    merged["accuracy_low"], merged["accuracy_high"] = wilson_interval(correct, total)
-    merged["test_images"] = total
+    images = runs[0]["test_images"]
+    merged["accuracy_low"], merged["accuracy_high"] = wilson_interval(merged["accuracy"] * images, images)
     merged["accuracy_per_seed"] = [run["accuracy"] for run in runs]
     return merged
 
 
 def average_seed_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Merge the runs of :func:`train_seed_run` into mean points with pooled per-image hits.
+    """Merge the runs of :func:`train_seed_run` into mean points and per-image hits of every seed.
 
     Accuracy, MACs and latencies are averaged over seeds. The hits of each keep ratio, and the
-    baseline's, are the seeds' hits one after the other, so a paired test pairs each seed's gated
-    network with that seed's baseline on every test image.
+    baseline's, are stacked into (seeds, images) arrays in the order of ``runs``, so
+    :func:`mcnemar_p_worse` pairs each seed's gated network with that seed's baseline and counts
+    each test image once.
     """
     if not runs:
         raise ValueError("average_seed_runs needs at least one run.")
@@ -505,11 +517,13 @@ def average_seed_runs(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError(f"Every seed must sweep the same keep ratios, but got {ratios}.")
     if len({len(run["static"]) for run in runs}) != 1:
         raise ValueError("Every seed must train the same static subnets.")
+    if len({run["baseline"]["test_images"] for run in runs}) != 1:
+        raise ValueError("Every seed must test on the same images.")
     return {
         "points": [_average_point([run["points"][i] for run in runs]) for i in range(len(ratios[0]))],
-        "hits": [np.concatenate([run["hits"][i] for run in runs]) for i in range(len(ratios[0]))],
+        "hits": [np.stack([run["hits"][i] for run in runs]) for i in range(len(ratios[0]))],
         "baseline": _average_point([run["baseline"] for run in runs]),
-        "baseline_hits": np.concatenate([run["baseline_hits"] for run in runs]),
+        "baseline_hits": np.stack([run["baseline_hits"] for run in runs]),
         "static": [_average_point([run["static"][i] for run in runs]) for i in range(len(runs[0]["static"]))],
     }
 

@@ -47,6 +47,22 @@ def test_mcnemar_p_is_small_only_when_the_other_model_loses_many_discordant_imag
     assert gates_bench.mcnemar_p_worse(reference, better) == 1.0
 
 
+def test_paired_test_over_seeds_counts_each_image_once(gates_bench: ModuleType) -> None:
+    rng = np.random.default_rng(0)
+    reference = rng.random(200) < 0.95
+    other = rng.random(200) < 0.9
+    one_seed = gates_bench.mcnemar_p_worse(reference, other)
+    # The same answers from two seeds add no evidence about the test images.
+    assert gates_bench.mcnemar_p_worse(np.stack([reference, reference]), np.stack([other, other])) == one_seed
+    # Per image, the seeds' correct answers: reference 2, 1, 1, 0 against other 0, 0, 2, 0 on four
+    # images gives two images for reference, one against and one tie: p = P(X >= 2 | 3 flips) = 1/2.
+    reference = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=bool)
+    other = np.array([[0, 0, 1, 0], [0, 0, 1, 0]], dtype=bool)
+    assert gates_bench.mcnemar_p_worse(reference, other) == 0.5
+    with pytest.raises(ValueError, match="one shape"):
+        gates_bench.mcnemar_p_worse(reference, other[:1])
+
+
 def test_targets_count_the_curve_share_at_least_as_accurate_as_faster_static_subnets(gates_bench: ModuleType) -> None:
     hits = np.ones(100, dtype=bool)
     baseline = point(1.0, 0.98, 2.0, macs=1000)
@@ -71,21 +87,22 @@ def seed_run(seed: int, accuracies: list[float], baseline: float, static: float)
             "static_archs": ["a"], "gates": {}}
 
 
-def test_seed_average_means_figures_pools_intervals_and_chains_hits(gates_bench: ModuleType) -> None:
+def test_seed_average_means_figures_and_stacks_hits(gates_bench: ModuleType) -> None:
     runs = [seed_run(0, [0.98, 0.96], 0.97, 0.95), seed_run(1, [0.96, 0.94], 0.99, 0.97)]
     merged = gates_bench.average_seed_runs(runs)
     first = merged["points"][0]
     assert first["accuracy"] == pytest.approx(0.97)
     assert first["accuracy_per_seed"] == [0.98, 0.96]
     assert first["latency_b1_ms"] == pytest.approx(2.5)
-    assert first["test_images"] == 200
-    assert (first["accuracy_low"], first["accuracy_high"]) == gates_bench.wilson_interval(194, 200)
+    # Both seeds tested the same 100 images: the interval is that of the mean on 100 images.
+    assert first["test_images"] == 100
+    assert (first["accuracy_low"], first["accuracy_high"]) == gates_bench.wilson_interval(97, 100)
     assert merged["baseline"]["accuracy"] == pytest.approx(0.98)
     assert merged["baseline"]["arch"] == {"widths": [8]}
     assert merged["static"][0]["accuracy"] == pytest.approx(0.96)
-    assert len(merged["hits"]) == 2 and len(merged["hits"][1]) == 200
-    assert np.array_equal(merged["hits"][1][100:], runs[1]["hits"][1])
-    assert len(merged["baseline_hits"]) == 200
+    assert len(merged["hits"]) == 2 and merged["hits"][1].shape == (2, 100)
+    assert np.array_equal(merged["hits"][1][1], runs[1]["hits"][1])
+    assert merged["baseline_hits"].shape == (2, 100)
 
 
 def test_seed_average_of_one_run_keeps_its_figures(gates_bench: ModuleType) -> None:
