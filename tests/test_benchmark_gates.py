@@ -121,3 +121,33 @@ def test_seed_average_refuses_runs_that_do_not_match(gates_bench: ModuleType) ->
         gates_bench.average_seed_runs([seed_run(0, [0.98, 0.96], 0.97, 0.95), other])
     with pytest.raises(ValueError, match="at least one run"):
         gates_bench.average_seed_runs([])
+
+
+class _StubArch:
+    def to_dict(self) -> dict:
+        return {"widths": [8]}
+
+    def to_json(self) -> str:
+        return '{"widths": [8]}'
+
+
+class _StubSpace:
+    def build_supernet(self) -> "_StubSpace":
+        return self
+
+    def build_static(self, arch: _StubArch) -> object:
+        return object()
+
+
+@pytest.mark.parametrize(("recipe", "expected"), [("finetune", [(4, 2e-3), (8, 1e-3)]), ("scratch", [(12, 2e-3)])])
+def test_static_recipe_trains_like_the_baseline_or_on_one_schedule(gates_bench: ModuleType, monkeypatch, recipe,
+                                                                   expected) -> None:
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(gates_bench, "train_epochs", lambda model, loader, epochs, lr: calls.append((epochs, lr)))
+    monkeypatch.setattr(gates_bench, "describe_quality", lambda model, loader, images: ({"accuracy": 1.0}, None))
+    args = SimpleNamespace(static_recipe=recipe, epochs=4, finetune_epochs=8, lr=2e-3)
+    points, models = gates_bench.train_static(_StubSpace(), [_StubArch()], None, None, None, 0, args)
+    assert calls == expected
+    assert points == [{"arch": {"widths": [8]}, "accuracy": 1.0}] and list(models) == ["static0"]

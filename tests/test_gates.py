@@ -861,7 +861,7 @@ def test_calibration_callback_validates_with_calibrated_statistics_and_restores_
     generator = torch.Generator().manual_seed(0)
     data = torch.utils.data.TensorDataset(torch.randn(8, 1, 28, 28, generator=generator),
                                           torch.randint(0, 10, (8,), generator=generator))
-    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
     trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, accelerator="cpu", num_sanity_val_steps=0,
                          callbacks=[KeepRatioSchedule.from_config(config),
@@ -869,13 +869,59 @@ def test_calibration_callback_validates_with_calibrated_statistics_and_restores_
     trainer.fit(module, loader, loader)
     # Training resumes from its own statistics, not from the calibrated ones: the batch after the
     # first validation starts where the last batch before it ended.
-    torch.testing.assert_close(module.before_batch[2], module.after_batch[1])
-    assert not torch.allclose(module.in_validation[0], module.after_batch[1])
+    torch.testing.assert_close(module.before_batch[1], module.after_batch[0])
+    assert not torch.allclose(module.in_validation[0], module.after_batch[0])
     # The last validation saw what calibrating the final weights at keep ratio 0.5 on the same
-    # 8 images gives.
+    # 8 images, in one batch, gives.
     bank = network.batchnorm_bank
     row = bank.stats[bank.paths.index("layer1.0.bn2")]
     torch.testing.assert_close(module.in_validation[-1], row.running_mean[bank.grid.index(0.5)])
+
+
+class _NoisyDigits(torch.utils.data.Dataset):
+    """Eight images per class, sorted by class like a folder dataset; each read draws from torch's
+    global generator like an augmentation."""
+
+    def __init__(self) -> None:
+        self.images = torch.randn(80, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        return self.images[index] + 0.01 * torch.rand(1), index // 8
+
+
+def test_validation_calibration_draws_mixed_classes_and_leaves_global_generator_and_state(subnet):
+    from types import SimpleNamespace
+
+    from nas.gates.batchnorm import batchnorm_layers
+    from nas.gates.training import _calibration_loader
+
+    dataset = _NoisyDigits()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=8)
+    labels = torch.cat([y for _, y in _calibration_loader(loader, dataset, images=16, batch_size=8)])
+    assert len(labels) == 16 and len(set(labels.tolist())) >= 5  # the first 16 would be two classes
+
+    network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).eval()
+    norms = batchnorm_layers(network.model)
+    before = {name: (n.running_mean.clone(), n.num_batches_tracked.clone(), n.momentum) for name, n in norms.items()}
+    dropout = network.runtime.dropout_rate
+    callback = BatchNormCalibration(images=16)
+    trainer = SimpleNamespace(train_dataloader=loader)
+    generator_state = torch.get_rng_state()
+    callback.on_validation_epoch_start(trainer, network)
+    assert torch.equal(torch.get_rng_state(), generator_state)
+    assert not network.training and network.keep_ratio == 0.5 and network.runtime.dropout_rate == dropout
+    assert not torch.equal(norms["layer1.0.bn2"].running_mean, before["layer1.0.bn2"][0])
+    # A validation that fails half-way still gets the training statistics back.
+    callback.on_exception(trainer, network, RuntimeError("validation failed"))
+    for name, norm in norms.items():
+        mean, tracked, momentum = before[name]
+        torch.testing.assert_close(norm.running_mean, mean)
+        assert torch.equal(norm.num_batches_tracked, tracked) and norm.momentum == momentum
+    callback.on_validation_epoch_end(trainer, network)  # nothing stale left to write back
+    torch.testing.assert_close(norms["layer1.0.bn2"].running_mean, before["layer1.0.bn2"][0])
 
 
 def test_folded_weight_cache_follows_module_conversion(subnet):

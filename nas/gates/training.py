@@ -37,6 +37,8 @@ __all__ = [
 # Spacing of the default calibration grid. Kept counts change every 1/channels of a ratio, but
 # BatchNorm statistics drift slowly with the ratio, so 0.1 apart serves the range.
 CALIBRATION_STEP = 0.1
+# Seed of the training images that BatchNormCalibration draws before each validation.
+CALIBRATION_SEED = 0
 
 log = logging.getLogger(__name__)
 
@@ -263,10 +265,10 @@ class BatchNormCalibration(pl.Callback):
     During training the BatchNorm layers keep one set of running statistics for every keep ratio
     the schedule and the full-keep term ran, so a validation with them reads far below what the
     network scores once calibrated. Before each validation that runs during training, the callback
-    therefore re-estimates the statistics at the current keep ratio on the first ``images``
-    training images (in dataset order, so the training shuffle is not disturbed) and puts the
-    training statistics back afterwards: ``val/accuracy`` is the network as it would be deployed
-    at that ratio.
+    therefore re-estimates the statistics at the current keep ratio on ``images`` training images,
+    the same fixed random draw each time (:func:`_calibration_loader`), and puts the training
+    statistics back afterwards, also when validation fails: ``val/accuracy`` is the network as it
+    would be deployed at that ratio.
 
     Args:
         images: training images averaged at each ratio (rounded up to whole batches).
@@ -289,24 +291,35 @@ class BatchNormCalibration(pl.Callback):
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._training_stats = None
         network = find_gated_network(pl_module)
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
         # After training the bank holds calibrated statistics per ratio; without a training set
-        # (a bare trainer.validate) there is nothing to calibrate on.
+        # (a bare trainer.validate, or the sanity check) there is nothing to calibrate on.
         if network.batchnorm_bank is not None or dataset is None:
             return
         norms = batchnorm_layers(network.model)
         self._training_stats = {name: (n.running_mean.clone(), n.running_var.clone(), n.num_batches_tracked.clone())
                                 for name, n in norms.items()}
         batch_size = getattr(loader, "batch_size", None) or 1
-        ordered = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-        inputs = _inputs(ordered, max(1, math.ceil(self.images / batch_size)), next(network.parameters()).device)
+        # Augmentations draw from torch's global generator; forking it keeps the training's draws
+        # the same however often validation runs.
+        with torch.random.fork_rng(devices=[]):
+            inputs = _inputs(_calibration_loader(loader, dataset, self.images, batch_size),
+                             max(1, math.ceil(self.images / batch_size)), next(network.parameters()).device)
         with _calibrating(network):
             _recalibrate_at(network, network.keep_ratio, inputs)
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._restore_training_stats(pl_module)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._restore_training_stats(pl_module)
+
+    def _restore_training_stats(self, pl_module: pl.LightningModule) -> None:
         if self._training_stats is None:
             return
         norms = batchnorm_layers(find_gated_network(pl_module).model)
@@ -315,6 +328,22 @@ class BatchNormCalibration(pl.Callback):
             norms[name].running_var.copy_(var)
             norms[name].num_batches_tracked.copy_(tracked)
         self._training_stats = None
+
+
+def _calibration_loader(loader: Any, dataset: Any, images: int, batch_size: int) -> torch.utils.data.DataLoader:
+    """Return a loader of ``images`` training images drawn once with a fixed seed, in batches of ``batch_size``.
+
+    A fixed random draw rather than the dataset's first images: folder datasets are sorted by
+    class, and statistics of one class misrepresent the data. The loader has its own generator,
+    so the training shuffle is not disturbed. An iterable dataset gives its first images.
+    """
+    collate = getattr(loader, "collate_fn", None)
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate)
+    generator = torch.Generator().manual_seed(CALIBRATION_SEED)
+    chosen = torch.randperm(len(dataset), generator=generator)[:images].tolist()
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, chosen), batch_size=batch_size,
+                                       shuffle=False, collate_fn=collate, generator=generator)
 
 
 def full_keep_logits(network: GatedNetwork, x: torch.Tensor) -> torch.Tensor | None:
