@@ -285,3 +285,14 @@ def test_checkpoint_whose_weights_do_not_fit_names_them(resnet_space, tmp_path):
     torch.save(payload, tmp_path / "edited.pt")
     with pytest.raises(ExportError, match=rf"1 unexpected \(extra.weight\); 1 of another shape \({name}\)"):
         load_finetuned(tmp_path / "edited.pt")
+
+
+def test_batch_check_noise_gauge_takes_keep_one_and_the_ungated_spread():
+    import train
+
+    record = {"ungated_ms": 10.0, "ungated_spread": 0.01, "gated_ms": {0.4: 10.7, 1.0: 10.4}}
+    assert train.timing_noise(record) == pytest.approx(0.04)  # keep 1.0 measured 4% off
+    record["gated_ms"][1.0] = 9.8
+    assert train.timing_noise(record) == pytest.approx(0.02)  # off in either direction
+    del record["gated_ms"][1.0]
+    assert train.timing_noise(record) == pytest.approx(0.01)

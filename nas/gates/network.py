@@ -286,13 +286,18 @@ def _measure_ms(model: nn.Module, shape: tuple[int, ...], protocol: Any, rounds:
 
 def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tuple[int, ...],
                            images: torch.Tensor | None, ratios: Sequence[float], protocol: Any = None,
-                           rounds: int = 2) -> list[dict[str, Any]]:
+                           rounds: int = 5) -> list[dict[str, Any]]:
     """Measure how much slower than ``ungated`` the network runs at each larger batch size, per keep ratio.
 
     The larger batch sizes are those of ``config.measure_batch_sizes`` above the smallest. Each is
     timed on the first images of ``images`` (random input when None), with ``protocol``'s device,
     threads, warm-up and repeats. Every model is timed in ``rounds`` rounds of alternating order,
-    and the smaller median counts. The network's keep ratio is restored afterwards.
+    and the smallest median counts. A burst of load on a shared machine can slow a whole round of a
+    few milliseconds per model: on the 2-core development VM, two rounds once measured a 4 ms
+    subnet 28% slower at one keep ratio, where three checks of five rounds each then measured
+    every ratio within 4.3%. When a ratio still measures over ``config.max_slowdown``, every model
+    is timed again in as many rounds and keeps its faster time. The network's keep ratio is
+    restored afterwards.
 
     Returns one record per batch size: ``batch_size``, ``ungated_ms``, ``gated_ms`` (keep ratio to
     ms), ``worst_ratio``, ``worst_slowdown`` (the largest relative slowdown, negative when every
@@ -338,6 +343,14 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
             inputs = images[:batch_size]
         batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
         latency = fastest_medians(folded, shape, batch_protocol, rounds, inputs)
+        base = min(latency["ungated"], latency["ungated again"])
+        if max(ms for name, ms in latency.items() if not isinstance(name, str)) / base - 1.0 > network.config.max_slowdown:
+            # A ratio over the bound is timed again with every model: a real slowdown persists, a
+            # noisy moment does not, and each model keeps its faster time.
+            log.info("gates: a keep ratio measured over max_slowdown at batch %d; timing every model again",
+                     batch_size)
+            again = fastest_medians(folded, shape, batch_protocol, rounds, inputs)
+            latency = {name: min(ms, again[name]) for name, ms in latency.items()}
         first, second = latency.pop("ungated"), latency.pop("ungated again")
         base = min(first, second)
         worst_ratio = max(latency, key=latency.get)
