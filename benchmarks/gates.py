@@ -24,8 +24,8 @@ fine-tuning draws from the same random streams before the gates are built, so ru
 it existed do not reproduce with the same command. ``static`` lists
 subnets of the space whose batch-1 latency falls in the sweep's range, trained for as many
 epochs as the gated one had in total. With ``--static-recipe finetune`` (the default) they follow
-the baseline's recipe: ``--epochs`` at ``--lr``, then ``--finetune-epochs`` at half of it, as a
-static pick gets in ``train.py`` after the supernet. With ``scratch`` they get one cosine schedule
+the baseline's recipe: ``--epochs`` at ``--lr``, then ``--finetune-epochs`` at half of it. That
+mirrors ``train.py``, which fine-tunes a static pick after the supernet. With ``scratch`` they get one cosine schedule
 over all epochs at ``--lr``, a different recipe from the gated network's and the baseline's.
 ``targets`` checks the goals (:func:`evaluate_targets`): per keep ratio the MACs and batch-1
 latency cuts and a paired test of accuracy against the ungated subnet, and the share of the gated
@@ -33,7 +33,7 @@ curve that is at least as accurate as the static subnets.
 With ``--seeds N`` all of this is trained and timed N times with training seeds ``seed`` to
 ``seed + N - 1`` on one data split, and each figure is the mean over the seeds
 (:func:`average_seed_runs`): on the MNIST subset two trainings of one subnet that differ only in
-their seed can score half a point apart, as much as the gaps being compared. The static subnets
+their seed can score 0.7 points apart, as much as the gaps being compared. The static subnets
 are picked once, by the first seed's latency range. The paired test takes each test image once,
 with its answers from every seed, and ``targets_per_seed`` repeats the verdict for each seed alone.
 Writes ``gates_accuracy_latency.png`` (accuracy against batch-1 latency) and ``gates.json`` to
@@ -154,7 +154,7 @@ def mcnemar_p_worse(reference: np.ndarray, other: np.ndarray) -> float:
 
     Both are per-image correctness on the same test images: arrays of (images,), or of
     (seeds, images) for one training per seed, the rows of both paired seed by seed. The image is
-    the unit: per image, the seeds' correct answers of ``reference`` minus those of ``other``.
+    the unit: per image, the count of seeds where ``reference`` is correct minus that of ``other``.
     Under equal accuracy each image with a difference is ``reference``'s with probability 1/2
     (a sign test); the p-value is the chance of at least as many such images being
     ``reference``'s as observed. With one seed this is the exact McNemar test. Counting each

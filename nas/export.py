@@ -128,7 +128,7 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
 
     Raises:
         ExportError: if the file is missing, is not a ``train.py`` checkpoint, has another format
-            version, or holds weights that do not fit the network its arch and gate record describe.
+            version, or contains weights that do not fit the network its arch and gate record describe.
     """
     path = Path(path)
     if path.is_dir() and (path / "subnet.pt").is_file():

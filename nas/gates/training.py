@@ -191,7 +191,7 @@ def _recalibrate_at(network: GatedNetwork, ratio: float, inputs: Sequence[torch.
 
 @contextlib.contextmanager
 def _calibrating(network: GatedNetwork) -> Iterator[None]:
-    """Run calibration passes without targeted dropout; restore keep ratio, momenta, dropout and mode after."""
+    """Run calibration passes without targeted dropout, then restore keep ratio, momenta, dropout and mode."""
     norms = batchnorm_layers(network.model)
     runtime, original, was_training = network.runtime, network.keep_ratio, network.training
     momenta = {name: norm.momentum for name, norm in norms.items()}
@@ -295,7 +295,7 @@ class BatchNormCalibration(pl.Callback):
         network = find_gated_network(pl_module)
         loader = trainer.train_dataloader
         dataset = getattr(loader, "dataset", None)
-        # After training the bank holds calibrated statistics per ratio; without a training set
+        # After training, the bank contains calibrated statistics per ratio. Without a training set
         # (a bare trainer.validate, or the sanity check) there is nothing to calibrate on.
         if network.batchnorm_bank is not None or dataset is None:
             return
@@ -303,8 +303,8 @@ class BatchNormCalibration(pl.Callback):
         self._training_stats = {name: (n.running_mean.clone(), n.running_var.clone(), n.num_batches_tracked.clone())
                                 for name, n in norms.items()}
         batch_size = getattr(loader, "batch_size", None) or 1
-        # Augmentations draw from torch's global generator; forking it keeps the training's draws
-        # the same however often validation runs.
+        # Augmentations draw from torch's global generator, so forking it keeps the training's
+        # draws the same however often validation runs.
         with torch.random.fork_rng(devices=[]):
             inputs = _inputs(_calibration_loader(loader, dataset, self.images, batch_size),
                              max(1, math.ceil(self.images / batch_size)), next(network.parameters()).device)
