@@ -344,7 +344,8 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
         batch_protocol = dataclasses.replace(protocol, batch_size=batch_size)
         latency = fastest_medians(folded, shape, batch_protocol, rounds, inputs)
         base = min(latency["ungated"], latency["ungated again"])
-        if max(ms for name, ms in latency.items() if not isinstance(name, str)) / base - 1.0 > network.config.max_slowdown:
+        slowest = max(ms for name, ms in latency.items() if not isinstance(name, str))  # keep ratios are floats
+        if slowest / base - 1.0 > network.config.max_slowdown:
             # A ratio over the bound is timed again with every model: a real slowdown persists, a
             # noisy moment does not, and each model keeps its faster time.
             log.info("gates: a keep ratio measured over max_slowdown at batch %d; timing every model again",
