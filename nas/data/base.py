@@ -1,0 +1,111 @@
+"""The base of TailNAS data modules: the error type, the split and the loaders they share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["DataError", "ImageDataModule"]
+
+
+class DataError(ValueError):
+    """A data configuration that cannot be loaded (missing path, bad split, unknown name)."""
+
+
+def _split_sizes(total: int, fractions: tuple[float, float, float]) -> tuple[int, int, int]:
+    if len(fractions) != 3 or any(f <= 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+        raise DataError(f"data.split must be three positive fractions that sum to 1, but got {list(fractions)}.")
+    n_val = int(round(total * fractions[1]))
+    n_test = int(round(total * fractions[2]))
+    return total - n_val - n_test, n_val, n_test
+
+
+class ImageDataModule(pl.LightningDataModule):
+    """Common loaders for the image datasets; subclasses fill the three datasets in :meth:`setup`.
+
+    Args:
+        batch_size: images per training batch.
+        eval_batch_size: images per validation or test batch.
+        num_workers: DataLoader worker processes.
+        split: train, validation and test fractions for datasets that ship as one pool.
+        seed: seed of the split and of the training shuffle.
+        max_train_samples: if set, the training set is cut to this many images (for quick runs).
+    """
+
+    in_channels: int = 3
+    num_classes: int = 10
+    resolution: int = 32
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int = 256,
+        num_workers: int = 0,
+        split: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        seed: int = 0,
+        max_train_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or eval_batch_size < 1:
+            raise DataError(f"data.batch_size and data.eval_batch_size must be >= 1, but got {batch_size}, {eval_batch_size}.")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.split = tuple(float(f) for f in split)
+        self.seed = seed
+        self.max_train_samples = max_train_samples
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def describe(self) -> dict[str, Any]:
+        """Return what identifies this data for caches and study records."""
+        return {"name": type(self).__name__, "split": list(self.split), "seed": self.seed,
+                "batch_size": self.batch_size, "max_train_samples": self.max_train_samples}
+
+    def _split_pool(self, pool: Dataset) -> None:
+        n_train, n_val, n_test = _split_sizes(len(pool), self.split)  # type: ignore[arg-type]
+        order = np.random.default_rng(self.seed).permutation(len(pool))  # type: ignore[arg-type]
+        train_idx = order[:n_train]
+        if self.max_train_samples is not None:
+            train_idx = train_idx[: self.max_train_samples]
+        self.train_set = Subset(pool, train_idx.tolist())
+        self.val_set = Subset(pool, order[n_train : n_train + n_val].tolist())
+        self.test_set = Subset(pool, order[n_train + n_val :].tolist())
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          generator=generator if shuffle else None, persistent_workers=self.num_workers > 0)
+
+    def _ensure_setup(self) -> None:
+        if self.train_set is None:
+            self.setup()
+
+    def train_dataloader(self) -> DataLoader:
+        self._ensure_setup()
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        self._ensure_setup()
+        return self._loader(self.val_set, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        self._ensure_setup()
+        return self._loader(self.test_set, self.eval_batch_size, shuffle=False)
+
+
+
+def _require_dir(root: str | os.PathLike | None, name: str, layout: str) -> Path:
+    if root is None or str(root) in ("", "???"):
+        raise DataError(f"data={name} needs data.root=PATH pointing at {layout}; nothing is downloaded.")
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise DataError(f"data.root={str(root)!r} does not exist or is not a folder; it must hold {layout}.")
+    return path
