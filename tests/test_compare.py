@@ -245,3 +245,16 @@ def test_tracker_group_defaults_to_study(tmp_path, monkeypatch):
     group = tracker.run.group
     tracker.finish()
     assert group == "mine"
+
+
+def test_wandb_import_failure_is_a_clean_error(storage, tmp_path, monkeypatch, capsys):
+    import nas.compare
+
+    def missing_wandb(*args, **kwargs):
+        raise ImportError("No module named 'wandb'")
+
+    monkeypatch.setattr(nas.compare, "log_to_wandb", missing_wandb)
+    out = tmp_path / "out"
+    assert run_compare(storage, out, "plain", "--wandb") == 1
+    assert "--wandb requires the wandb package" in capsys.readouterr().err
+    assert (out / "compare.csv").is_file()  # the files written before the W&B step stay
