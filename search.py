@@ -27,6 +27,7 @@ from nas.data import build_datamodule
 from nas.progressive import ProgressiveError, create_supernet_module
 from nas.report import plot_pareto, write_manifest, write_pareto_csv
 from nas.search import (
+    SAMPLERS,
     LatencyEstimate,
     SearchError,
     SearchObjective,
@@ -171,6 +172,9 @@ def run(cfg: DictConfig) -> None:
     work_dir = Path(cfg.paths.work_dir)
     timer = StageTimer()
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
+    # The sampler is built only once the supernet is trained and profiled, so its name is checked now.
+    if cfg.search.sampler not in SAMPLERS:
+        raise SearchError(f"Unknown search.sampler={cfg.search.sampler!r}; available samplers are {list(SAMPLERS)}.")
 
     with timer.stage("data"):
         datamodule = build_datamodule(to_container(cfg.data))

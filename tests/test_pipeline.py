@@ -135,6 +135,16 @@ def test_corrupt_predictor_names_file(searched, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_search_with_unknown_sampler_stops_before_training(tmp_path):
+    work = tmp_path / "work"
+    result = run("search.py", ["+space=resnet", "search.sampler=foo", f"paths.work_dir={work}",
+                               f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 1
+    assert "Unknown search.sampler='foo'; available samplers are ['nsga2', 'tpe', 'random']" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (work / "supernets").exists()
+
+
 def test_train_without_study_database_names_it(tmp_path):
     work = tmp_path / "empty-work"
     result = run("train.py", [f"paths.work_dir={work}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
@@ -296,3 +306,24 @@ def test_batch_check_noise_gauge_takes_keep_one_and_the_ungated_spread():
     assert train.timing_noise(record) == pytest.approx(0.02)  # off in either direction
     del record["gated_ms"][1.0]
     assert train.timing_noise(record) == pytest.approx(0.01)
+
+
+def test_checkpoint_with_a_changed_gate_record_or_a_program_names_the_file(resnet_space, tmp_path):
+    import torch
+
+    import train
+    from nas.export import ExportError, load_finetuned
+    from nas.gates import apply_gates
+
+    arch = resnet_space.smallest()
+    model = apply_gates(resnet_space.build_supernet().build_static(arch), {"name": "feature", "placement": "all"})
+    train.save_checkpoint(tmp_path, model, resnet_space, arch, {"complete": True, "gates": model.describe()})
+    assert load_finetuned(tmp_path / "subnet.pt").keep_ratio == model.keep_ratio
+    payload = torch.load(tmp_path / "subnet.pt", weights_only=True)
+    payload["gates"]["config"]["keep_ratio"] = 2.0
+    torch.save(payload, tmp_path / "edited.pt")
+    with pytest.raises(ExportError, match="edited.pt' has a gate record that does not rebuild .*keep_ratio"):
+        load_finetuned(tmp_path / "edited.pt")
+    (tmp_path / "subnet.pt2").write_bytes(b"not a program")
+    with pytest.raises(ExportError, match="is a torch.export program; load it with nas.export.load_program"):
+        load_finetuned(tmp_path / "subnet.pt2")
