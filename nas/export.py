@@ -127,8 +127,9 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
     Spaces from user modules need those modules imported first.
 
     Raises:
-        ExportError: if the file is missing, is not a ``train.py`` checkpoint, has another format
-            version, or contains weights that do not fit the network its arch and gate record describe.
+        ExportError: if the file is missing, is a ``.pt2`` program or not a ``train.py`` checkpoint,
+            has another format version, has a gate record that does not rebuild, or contains weights
+            that do not fit the network its arch and gate record describe.
     """
     path = Path(path)
     if path.is_dir() and (path / "subnet.pt").is_file():
@@ -136,6 +137,9 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
     if not path.is_file():
         raise ExportError(f"{str(path)!r} not found; pass the subnet.pt in a train.py run directory "
                           "(outputs/train/<date>_<time>/subnet.pt).")
+    if path.suffix == ".pt2":
+        raise ExportError(f"{str(path)!r} is a torch.export program; load it with nas.export.load_program(path), "
+                          "or pass the subnet.pt next to it to load_finetuned.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
@@ -156,10 +160,15 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
     model = space.build_supernet().build_static(arch)
     gates = payload.get("gates")
     if gates is not None:
-        from nas.gates import apply_gates
+        from nas.gates import GateConfigError, apply_gates
 
-        model = apply_gates(model, gates["config"], input_shape=space.input_shape(arch), plan=gates)
-        model.set_mode(gates.get("mode", "skip"))
+        try:
+            model = apply_gates(model, gates["config"], input_shape=space.input_shape(arch), plan=gates)
+            model.set_mode(gates.get("mode", "skip"))
+        except (GateConfigError, KeyError, TypeError) as error:
+            raise ExportError(f"{str(path)!r} has a gate record that does not rebuild ({type(error).__name__}: "
+                              f"{error}). The file was changed after train.py wrote it; load an unchanged subnet.pt "
+                              "or run train.py again.") from error
     _check_weights(path, model, payload["state_dict"])
     model.load_state_dict(payload["state_dict"])
     return model.eval()
