@@ -137,6 +137,8 @@ def test_none_yaml_parses_to_disabled():
         ({"name": "feature", "seed": "abc"}, "gates.seed must be an integer, but got 'abc'"),
         ({"name": "feature", "schedule_epochs": True}, "gates.schedule_epochs"),
         ({"name": "feature", "batch_check": "yes"}, "gates.batch_check must be true or false"),
+        ({"name": "feature", "max_slowdown": "abc"}, "gates.max_slowdown must be a number in [0, 1], but got 'abc'"),
+        ({"name": "feature", "min_saving": "abc"}, "gates.min_saving must be a number"),
     ],
 )
 def test_config_rejects_invalid(data, fragment):

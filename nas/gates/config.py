@@ -139,9 +139,11 @@ def _reject_unknown(data: Mapping[str, Any], cls: type, where: str) -> None:
 
 
 def _check_share(value: Any, where: str, allow_zero: bool = False) -> float:
+    bound = "[0, 1]" if allow_zero else "(0, 1]"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise GateConfigError(f"{where} must be a number in {bound}, but got {value!r}.")
     low_ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value <= 1):
-        bound = "[0, 1]" if allow_zero else "(0, 1]"
+    if not (low_ok and value <= 1):
         raise GateConfigError(f"{where} must be a number in {bound}, but got {value!r}.")
     return float(value)
 
