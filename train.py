@@ -306,6 +306,10 @@ def run(cfg: DictConfig) -> None:
     epochs = cfg.finetune.epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise UsageError(f"finetune.epochs must be a whole number of epochs >= 1, but got {epochs!r}.")
+    if cfg.gates.get("name", "none") == "none" and set(cfg.gates) - {"name"}:
+        keys = ", ".join(f"gates.{key}" for key in sorted(set(cfg.gates) - {"name"}))
+        raise UsageError(f"{keys} set, but gates=none, which fine-tunes without gates. Add gates=feature to "
+                         "fine-tune with dynamic gates, or drop those settings.")
     if cfg.finetune.teacher not in TEACHERS:
         raise UsageError(f"Unknown finetune.teacher={cfg.finetune.teacher!r}; choose one of {list(TEACHERS)}.")
     # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
@@ -403,7 +407,11 @@ def run(cfg: DictConfig) -> None:
                         result["measured_latency_ms"], budget)
     result["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
     save_outputs(run_dir, model, space, arch, result)
-    tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
+    summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
+    if gates_on:
+        # Training logs each step's sampled ratio under this key; the summary keeps the deployed one.
+        summary["gates/keep_ratio"] = model.keep_ratio
+    tracker.summary(summary)
     tracker.finish()
 
     print(f"Trial {trial.number} of study {study.study_name!r}: test accuracy {100 * result['test_accuracy']:.2f}%", end="")

@@ -145,6 +145,15 @@ def test_search_with_unknown_sampler_stops_before_training(tmp_path):
     assert not (work / "supernets").exists()
 
 
+def test_train_with_gate_settings_but_no_gates_names_the_fix(tmp_path):
+    result = run("train.py", ["+gates.keep_ratio=0.3", f"paths.work_dir={tmp_path / 'work'}",
+                              f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 1
+    assert "gates.keep_ratio set, but gates=none" in result.stderr
+    assert "Add gates=feature" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_train_without_study_database_names_it(tmp_path):
     work = tmp_path / "empty-work"
     result = run("train.py", [f"paths.work_dir={work}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
