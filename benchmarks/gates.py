@@ -96,7 +96,8 @@ Z_95 = 1.959963984540054
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", type=json.loads, default=DEFAULT_ARCH, help="subnet to gate, as arch JSON")
     parser.add_argument("--epochs", type=int, default=4, help="training epochs of the ungated subnet")
     parser.add_argument("--finetune-epochs", type=int, default=8,
