@@ -208,6 +208,7 @@ def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace,
     for record in records:
         worst, bound = record["worst_slowdown"], record["max_slowdown"]
         noise = timing_noise(record)
+        times = {r: round(ms, 3) for r, ms in record["gated_ms"].items()}
         if worst > bound and (record["worst_ratio"] >= 1.0 or worst - bound <= noise):
             # At keep 1.0 no gate drops anything, and this machine's timing cannot resolve an excess within its noise.
             log.warning("gates: at batch %d the gated network ran %.1f%% slower than ungated at keep ratio %.2f "
@@ -215,15 +216,14 @@ def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace,
                         "check (two timings of the ungated subnet, and the gated network at keep 1.0, where no "
                         "gate drops anything, against ungated), so noise can explain it. Rerun the check on a "
                         "quiet machine before acting: %s", record["batch_size"], 100 * worst, record["worst_ratio"],
-                        100 * bound, 100 * noise, {r: round(ms, 3) for r, ms in record["gated_ms"].items()})
+                        100 * bound, 100 * noise, times)
         elif worst > bound:
             within = [r for r, ms in record["gated_ms"].items() if ms / record["ungated_ms"] - 1.0 <= bound]
             log.warning("gates: at batch %d the gated network ran %.1f%% slower than ungated (%.3f ms) at keep ratio "
                         "%.2f (gates.max_slowdown %.0f%%). Within the bound: keep ratios %s. Deploy at one of them "
                         "(load_finetuned(path).set_keep_ratio(R)), or lower gates.max_slowdown and fine-tune again "
                         "to drop the costliest gates. ms per keep ratio: %s", record["batch_size"], 100 * worst,
-                        record["ungated_ms"], record["worst_ratio"], 100 * bound, within or "none",
-                        {r: round(ms, 3) for r, ms in record["gated_ms"].items()})
+                        record["ungated_ms"], record["worst_ratio"], 100 * bound, within or "none", times)
         else:
             log.info("gates: at batch %d every keep ratio ran within %.0f%% of ungated (worst %+.1f%% at %.2f)",
                      record["batch_size"], 100 * bound, 100 * worst, record["worst_ratio"])
@@ -343,11 +343,11 @@ def run(cfg: DictConfig) -> None:
             model = extract_subnet(supernet, arch, datamodule, cfg.finetune.calibration_images)
         tag = "scratch" if cfg.from_scratch else "inherited"
         if gates_on:
+            from lightning.pytorch import seed_everything
+
             from nas.gates import BatchNormCalibration, KeepRatioSchedule
 
             teacher = model
-            from lightning.pytorch import seed_everything
-
             # The gates' own layers draw their initial weights from torch's global generator.
             seed_everything(cfg.seed, workers=True)
             model, gate_config = gate_subnet(teacher, space, arch, cfg)

@@ -139,11 +139,10 @@ def _reject_unknown(data: Mapping[str, Any], cls: type, where: str) -> None:
 
 
 def _check_share(value: Any, where: str, allow_zero: bool = False) -> float:
-    bound = "[0, 1]" if allow_zero else "(0, 1]"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise GateConfigError(f"{where} must be a number in {bound}, but got {value!r}.")
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value <= 1):
+    # The type is checked first, because comparing a string with a number raises TypeError.
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not is_number or not (0 <= value <= 1) or (value == 0 and not allow_zero):
+        bound = "[0, 1]" if allow_zero else "(0, 1]"
         raise GateConfigError(f"{where} must be a number in {bound}, but got {value!r}.")
     return float(value)
 

@@ -253,7 +253,7 @@ def calibrate_keep_ratios(network: GatedNetwork, batches: Iterable[Any], max_bat
             row.running_mean[index].copy_(stats[path][0])
             row.running_var[index].copy_(stats[path][1])
     network.set_batchnorm_bank(bank)
-    network.set_keep_ratio(network.keep_ratio)
+    network.set_keep_ratio(network.keep_ratio)  # loads the bank's statistics for the current ratio
     log.info("gates: BatchNorm statistics of %d of %d layers stored at keep ratios %s (%d batches each)",
              len(varying), len(norms), grid, len(inputs))
     return bank
