@@ -25,8 +25,9 @@ it existed do not reproduce with the same command. ``static`` lists
 subnets of the space whose batch-1 latency falls in the sweep's range, trained for as many
 epochs as the gated one had in total. With ``--static-recipe finetune`` (the default) they follow
 the baseline's recipe: ``--epochs`` at ``--lr``, then ``--finetune-epochs`` at half of it. That
-mirrors ``train.py``, which fine-tunes a static pick after the supernet. With ``scratch`` they get one cosine schedule
-over all epochs at ``--lr``, a different recipe from the gated network's and the baseline's.
+mirrors ``train.py``, which fine-tunes a static pick after the supernet. With ``scratch`` they get
+one cosine schedule over all epochs at ``--lr``, a different recipe from the gated network's and
+the baseline's.
 ``targets`` checks the goals (:func:`evaluate_targets`): per keep ratio the MACs and batch-1
 latency cuts and a paired test of accuracy against the ungated subnet, and the share of the gated
 curve that is at least as accurate as the static subnets.
@@ -35,7 +36,8 @@ With ``--seeds N`` all of this is trained and timed N times with training seeds 
 (:func:`average_seed_runs`): on the MNIST subset two trainings of one subnet that differ only in
 their seed can score 0.7 points apart, as much as the gaps being compared. The static subnets
 are picked once, by the first seed's latency range. The paired test takes each test image once,
-with its answers from every seed, and ``targets_per_seed`` repeats the verdict for each seed alone.
+with its predictions from every seed, and ``targets_per_seed`` repeats the verdict for each seed
+alone.
 Writes ``gates_accuracy_latency.png`` (accuracy against batch-1 latency) and ``gates.json`` to
 ``--out``. Latencies are only as quiet as the machine: run it alone.
 """
@@ -156,11 +158,11 @@ def mcnemar_p_worse(reference: np.ndarray, other: np.ndarray) -> float:
     Both are per-image correctness on the same test images: arrays of (images,), or of
     (seeds, images) for one training per seed, the rows of both paired seed by seed. The image is
     the unit: per image, the count of seeds where ``reference`` is correct minus that of ``other``.
-    Under equal accuracy each image with a difference is ``reference``'s with probability 1/2
-    (a sign test); the p-value is the chance of at least as many such images being
-    ``reference``'s as observed. With one seed this is the exact McNemar test. Counting each
-    seed's answer on an image as one more pair would treat the same test images as new ones and
-    shrink the p-value with every seed.
+    Under equal accuracy, each image with a difference favours ``reference`` with probability
+    1/2. The p-value of this sign test is the chance that at least as many images favour
+    ``reference`` as observed. With one seed this is the exact McNemar test. Counting each seed's
+    prediction on an image as one more pair would treat the same test images as new ones, so the
+    p-value would shrink with every seed.
     """
     reference, other = np.atleast_2d(reference), np.atleast_2d(other)
     if reference.shape != other.shape:

@@ -128,8 +128,8 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
 
     Raises:
         ExportError: if the file is missing, is a ``.pt2`` program or not a ``train.py`` checkpoint,
-            has another format version, has a gate record that does not rebuild, or contains weights
-            that do not fit the network its arch and gate record describe.
+            or has another format version. Also if its gate record does not rebuild, or its weights
+            do not fit the network that its arch and gate record describe.
     """
     path = Path(path)
     if path.is_dir() and (path / "subnet.pt").is_file():

@@ -28,17 +28,18 @@ def point(ratio: float, accuracy: float, latency: float, macs: int = 1000, image
             "latency_b1_ms": latency, "latency_b32_ms": 10 * latency, "accuracy_low": 0.0, "accuracy_high": 1.0}
 
 
-def test_wilson_interval_brackets_the_proportion_and_narrows_with_more_images(gates_bench: ModuleType) -> None:
+def test_wilson_interval_narrows_with_images(gates_bench: ModuleType) -> None:
     low, high = gates_bench.wilson_interval(90, 100)
     assert low < 0.9 < high
     wide = high - low
     low, high = gates_bench.wilson_interval(900, 1000)
-    assert low < 0.9 < high and high - low < wide / 2
+    assert low < 0.9 < high
+    assert high - low < wide / 2
     # Known value: 95% Wilson interval of 90/100 is about (0.826, 0.945).
     assert gates_bench.wilson_interval(90, 100) == pytest.approx((0.8256, 0.9448), abs=1e-3)
 
 
-def test_mcnemar_p_is_small_only_when_the_other_model_loses_many_discordant_images(gates_bench: ModuleType) -> None:
+def test_mcnemar_small_only_when_worse(gates_bench: ModuleType) -> None:
     reference = np.array([True] * 20 + [False] * 5)
     worse = np.array([False] * 15 + [True] * 5 + [False] * 5)
     assert gates_bench.mcnemar_p_worse(reference, worse) < 0.001
@@ -47,15 +48,15 @@ def test_mcnemar_p_is_small_only_when_the_other_model_loses_many_discordant_imag
     assert gates_bench.mcnemar_p_worse(reference, better) == 1.0
 
 
-def test_paired_test_over_seeds_counts_each_image_once(gates_bench: ModuleType) -> None:
+def test_paired_test_counts_images_once(gates_bench: ModuleType) -> None:
     rng = np.random.default_rng(0)
     reference = rng.random(200) < 0.95
     other = rng.random(200) < 0.9
     one_seed = gates_bench.mcnemar_p_worse(reference, other)
-    # The same answers from two seeds add no evidence about the test images.
+    # The same predictions from two seeds add no evidence about the test images.
     assert gates_bench.mcnemar_p_worse(np.stack([reference, reference]), np.stack([other, other])) == one_seed
-    # Per image, the seeds' correct answers: reference 2, 1, 1, 0 against other 0, 0, 2, 0 on four
-    # images gives two images for reference, one against and one tie: p = P(X >= 2 | 3 flips) = 1/2.
+    # Per image, the seeds' correct predictions: reference 2, 1, 1, 0 against other 0, 0, 2, 0. Two
+    # images favour reference, one favours other and one ties, so p = P(X >= 2 | 3 flips) = 1/2.
     reference = np.array([[1, 1, 0, 0], [1, 0, 1, 0]], dtype=bool)
     other = np.array([[0, 0, 1, 0], [0, 0, 1, 0]], dtype=bool)
     assert gates_bench.mcnemar_p_worse(reference, other) == 0.5
@@ -63,7 +64,7 @@ def test_paired_test_over_seeds_counts_each_image_once(gates_bench: ModuleType) 
         gates_bench.mcnemar_p_worse(reference, other[:1])
 
 
-def test_targets_count_the_curve_share_at_least_as_accurate_as_faster_static_subnets(gates_bench: ModuleType) -> None:
+def test_targets_static_share_and_meeting(gates_bench: ModuleType) -> None:
     hits = np.ones(100, dtype=bool)
     baseline = point(1.0, 0.98, 2.0, macs=1000)
     points = [point(1.0, 0.98, 2.0, macs=1000), point(0.5, 0.98, 1.5, macs=700), point(0.25, 0.97, 1.0, macs=300)]
@@ -87,7 +88,7 @@ def seed_run(seed: int, accuracies: list[float], baseline: float, static: float)
             "static_archs": ["a"], "gates": {}}
 
 
-def test_seed_average_means_figures_and_stacks_hits(gates_bench: ModuleType) -> None:
+def test_seed_average_means_and_stacks(gates_bench: ModuleType) -> None:
     runs = [seed_run(0, [0.98, 0.96], 0.97, 0.95), seed_run(1, [0.96, 0.94], 0.99, 0.97)]
     merged = gates_bench.average_seed_runs(runs)
     first = merged["points"][0]
@@ -100,12 +101,13 @@ def test_seed_average_means_figures_and_stacks_hits(gates_bench: ModuleType) -> 
     assert merged["baseline"]["accuracy"] == pytest.approx(0.98)
     assert merged["baseline"]["arch"] == {"widths": [8]}
     assert merged["static"][0]["accuracy"] == pytest.approx(0.96)
-    assert len(merged["hits"]) == 2 and merged["hits"][1].shape == (2, 100)
+    assert len(merged["hits"]) == 2
+    assert merged["hits"][1].shape == (2, 100)
     assert np.array_equal(merged["hits"][1][1], runs[1]["hits"][1])
     assert merged["baseline_hits"].shape == (2, 100)
 
 
-def test_seed_average_of_one_run_keeps_its_figures(gates_bench: ModuleType) -> None:
+def test_seed_average_single_run_unchanged(gates_bench: ModuleType) -> None:
     run = seed_run(0, [0.98, 0.96], 0.97, 0.95)
     merged = gates_bench.average_seed_runs([run])
     assert merged["points"][1]["accuracy"] == 0.96
@@ -114,7 +116,7 @@ def test_seed_average_of_one_run_keeps_its_figures(gates_bench: ModuleType) -> N
         gates_bench.wilson_interval(96, 100)
 
 
-def test_seed_average_refuses_runs_that_do_not_match(gates_bench: ModuleType) -> None:
+def test_seed_average_rejects_mismatched_runs(gates_bench: ModuleType) -> None:
     other = seed_run(1, [0.98, 0.96], 0.97, 0.95)
     other["points"][1]["keep_ratio"] = 0.4
     with pytest.raises(ValueError, match="same keep ratios"):
@@ -140,8 +142,7 @@ class _StubSpace:
 
 
 @pytest.mark.parametrize(("recipe", "expected"), [("finetune", [(4, 2e-3), (8, 1e-3)]), ("scratch", [(12, 2e-3)])])
-def test_static_recipe_trains_like_the_baseline_or_on_one_schedule(gates_bench: ModuleType, monkeypatch, recipe,
-                                                                   expected) -> None:
+def test_static_recipe_epochs_and_rates(gates_bench: ModuleType, monkeypatch, recipe, expected) -> None:
     from types import SimpleNamespace
 
     calls = []
@@ -150,4 +151,5 @@ def test_static_recipe_trains_like_the_baseline_or_on_one_schedule(gates_bench: 
     args = SimpleNamespace(static_recipe=recipe, epochs=4, finetune_epochs=8, lr=2e-3)
     points, models = gates_bench.train_static(_StubSpace(), [_StubArch()], None, None, None, 0, args)
     assert calls == expected
-    assert points == [{"arch": {"widths": [8]}, "accuracy": 1.0}] and list(models) == ["static0"]
+    assert points == [{"arch": {"widths": [8]}, "accuracy": 1.0}]
+    assert list(models) == ["static0"]

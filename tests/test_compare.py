@@ -247,7 +247,7 @@ def test_tracker_group_defaults_to_study(tmp_path, monkeypatch):
     assert group == "mine"
 
 
-def test_wandb_import_failure_is_a_clean_error(storage, tmp_path, monkeypatch, capsys):
+def test_wandb_missing_clean_error(storage, tmp_path, monkeypatch, capsys):
     import nas.compare
 
     def missing_wandb(*args, **kwargs):

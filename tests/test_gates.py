@@ -855,7 +855,7 @@ class _ValidatedModule(_TinyModule):
         self.in_validation.append(self.norm.running_mean.clone())
 
 
-def test_calibration_callback_validates_with_calibrated_statistics_and_restores_training_ones(subnet):
+def test_calibration_callback_validation_statistics(subnet):
     config = {**ALL, "keep_ratio": 0.5, "schedule_epochs": 0, "sample_range_after_ramp": False}
     network = apply_gates(subnet, config).train()
     norm = network.get_submodule("model.layer1.0.bn2")
@@ -894,7 +894,7 @@ class _NoisyDigits(torch.utils.data.Dataset):
         return self.images[index] + 0.01 * torch.rand(1), index // 8
 
 
-def test_validation_calibration_draws_mixed_classes_and_leaves_global_generator_and_state(subnet):
+def test_validation_calibration_images_and_state(subnet):
     from types import SimpleNamespace
 
     from nas.gates.batchnorm import batchnorm_layers
@@ -903,7 +903,8 @@ def test_validation_calibration_draws_mixed_classes_and_leaves_global_generator_
     dataset = _NoisyDigits()
     loader = torch.utils.data.DataLoader(dataset, batch_size=8)
     labels = torch.cat([y for _, y in _calibration_loader(loader, dataset, images=16, batch_size=8)])
-    assert len(labels) == 16 and len(set(labels.tolist())) >= 5  # the first 16 would be two classes
+    assert len(labels) == 16
+    assert len(set(labels.tolist())) >= 5  # the first 16 would be two classes
 
     network = apply_gates(subnet, {**ALL, "keep_ratio": 0.5}).eval()
     norms = batchnorm_layers(network.model)
@@ -914,14 +915,17 @@ def test_validation_calibration_draws_mixed_classes_and_leaves_global_generator_
     generator_state = torch.get_rng_state()
     callback.on_validation_epoch_start(trainer, network)
     assert torch.equal(torch.get_rng_state(), generator_state)
-    assert not network.training and network.keep_ratio == 0.5 and network.runtime.dropout_rate == dropout
+    assert not network.training
+    assert network.keep_ratio == 0.5
+    assert network.runtime.dropout_rate == dropout
     assert not torch.equal(norms["layer1.0.bn2"].running_mean, before["layer1.0.bn2"][0])
     # A validation that fails half-way still gets the training statistics back.
     callback.on_exception(trainer, network, RuntimeError("validation failed"))
     for name, norm in norms.items():
         mean, tracked, momentum = before[name]
         torch.testing.assert_close(norm.running_mean, mean)
-        assert torch.equal(norm.num_batches_tracked, tracked) and norm.momentum == momentum
+        assert torch.equal(norm.num_batches_tracked, tracked)
+        assert norm.momentum == momentum
     callback.on_validation_epoch_end(trainer, network)  # nothing stale left to write back
     torch.testing.assert_close(norms["layer1.0.bn2"].running_mean, before["layer1.0.bn2"][0])
 

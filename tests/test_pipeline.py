@@ -135,7 +135,7 @@ def test_corrupt_predictor_names_file(searched, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_search_with_unknown_sampler_stops_before_training(tmp_path):
+def test_search_unknown_sampler_stops_early(tmp_path):
     work = tmp_path / "work"
     result = run("search.py", ["+space=resnet", "search.sampler=foo", f"paths.work_dir={work}",
                                f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
@@ -145,7 +145,7 @@ def test_search_with_unknown_sampler_stops_before_training(tmp_path):
     assert not (work / "supernets").exists()
 
 
-def test_train_with_gate_settings_but_no_gates_names_the_fix(tmp_path):
+def test_train_gate_settings_without_gates(tmp_path):
     result = run("train.py", ["+gates.keep_ratio=0.3", f"paths.work_dir={tmp_path / 'work'}",
                               f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert result.returncode == 1
@@ -288,7 +288,7 @@ def test_checkpoint_after_finetuning_loads(resnet_space, tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
-def test_checkpoint_whose_weights_do_not_fit_names_them(resnet_space, tmp_path):
+def test_checkpoint_mismatched_weights_named(resnet_space, tmp_path):
     import torch
 
     import train
@@ -306,7 +306,7 @@ def test_checkpoint_whose_weights_do_not_fit_names_them(resnet_space, tmp_path):
         load_finetuned(tmp_path / "edited.pt")
 
 
-def test_batch_check_noise_gauge_takes_keep_one_and_the_ungated_spread():
+def test_batch_check_noise_gauge():
     import train
 
     record = {"ungated_ms": 10.0, "ungated_spread": 0.01, "gated_ms": {0.4: 10.7, 1.0: 10.4}}
@@ -317,7 +317,7 @@ def test_batch_check_noise_gauge_takes_keep_one_and_the_ungated_spread():
     assert train.timing_noise(record) == pytest.approx(0.01)
 
 
-def test_checkpoint_with_a_changed_gate_record_or_a_program_names_the_file(resnet_space, tmp_path):
+def test_checkpoint_changed_gate_record_named(resnet_space, tmp_path):
     import torch
 
     import train
