@@ -169,17 +169,6 @@ def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: di
     return measure_module(deployed, input_shape, protocol, inputs=images).median_ms
 
 
-def timing_noise(record: dict[str, Any]) -> float:
-    """Return the timing noise that a batch-check record shows, as a share of the ungated latency.
-
-    The larger of ``ungated_spread`` (two timings of the ungated subnet) and how far the gated
-    network at keep ratio 1.0, where no gate runs, measured from ungated in either direction.
-    """
-    full_keep = record["gated_ms"].get(1.0)
-    at_full_keep = abs(full_keep / record["ungated_ms"] - 1.0) if full_keep is not None else 0.0
-    return max(record["ungated_spread"], at_full_keep)
-
-
 def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace, arch: Arch, datamodule: Any,
                        hardware: dict[str, Any]) -> list[dict[str, Any]]:
     """Time the gated network against ``ungated`` at the larger batch sizes of ``gates.measure_batch_sizes``.
@@ -207,7 +196,7 @@ def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace,
                                      protocol)
     for record in records:
         worst, bound = record["worst_slowdown"], record["max_slowdown"]
-        noise = timing_noise(record)
+        noise = record["timing_noise"]
         times = {r: round(ms, 3) for r, ms in record["gated_ms"].items()}
         if worst > bound and (record["worst_ratio"] >= 1.0 or worst - bound <= noise):
             # At keep 1.0 no gate drops anything, and this machine's timing cannot resolve an excess within its noise.

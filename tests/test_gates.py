@@ -518,6 +518,16 @@ def test_measured_placement_ignores_table_steps(subnet):
     assert seen == [[*range(8, site.inner_channels, 8), site.inner_channels] for site in sites]
 
 
+@pytest.mark.parametrize(("settings", "reason"), [
+    ({"name": "none"}, "gates.name=none"),
+    ({**ALL, "channel": False, "spatial": False}, "gates.channel and gates.spatial are both false"),
+])
+def test_plan_names_why_no_gate(subnet, settings, reason):
+    plans = plan_blocks(find_block_sites(subnet, (1, 28, 28)), parse_gate_config(settings), None)
+    assert {plan.reason for plan in plans} == {reason}
+    assert not any(plan.channel or plan.spatial for plan in plans)
+
+
 def test_staircase_snaps_to_step_tops(subnet):
     site = find_block_sites(subnet, (1, 28, 28))[1]  # layer2.0: 16 -> 24 channels at 14x14
     steps, latency = channel_staircase(site, _staircase_table(subnet, step=16), tolerance=0.05)

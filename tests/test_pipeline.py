@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -307,14 +308,14 @@ def test_checkpoint_mismatched_weights_named(resnet_space, tmp_path):
 
 
 def test_batch_check_noise_gauge():
-    import train
+    from nas.gates import timing_noise
 
     record = {"ungated_ms": 10.0, "ungated_spread": 0.01, "gated_ms": {0.4: 10.7, 1.0: 10.4}}
-    assert train.timing_noise(record) == pytest.approx(0.04)  # keep 1.0 measured 4% off
+    assert timing_noise(record) == pytest.approx(0.04)  # keep 1.0 measured 4% off
     record["gated_ms"][1.0] = 9.8
-    assert train.timing_noise(record) == pytest.approx(0.02)  # off in either direction
+    assert timing_noise(record) == pytest.approx(0.02)  # off in either direction
     del record["gated_ms"][1.0]
-    assert train.timing_noise(record) == pytest.approx(0.01)
+    assert timing_noise(record) == pytest.approx(0.01)
 
 
 def test_checkpoint_changed_gate_record_named(resnet_space, tmp_path):
@@ -336,3 +337,30 @@ def test_checkpoint_changed_gate_record_named(resnet_space, tmp_path):
     (tmp_path / "subnet.pt2").write_bytes(b"not a program")
     with pytest.raises(ExportError, match="is a torch.export program; load it with nas.export.load_program"):
         load_finetuned(tmp_path / "subnet.pt2")
+
+
+@pytest.mark.parametrize(("gated_ms", "spread", "expected"), [
+    ({0.4: 10.3, 1.0: 10.1}, 0.01, "every keep ratio ran within 5%"),
+    ({0.4: 10.8, 1.0: 10.1}, 0.01, "Within the bound: keep ratios [1.0]"),
+    ({0.4: 10.6, 1.0: 10.1}, 0.02, "noise can explain it"),
+])
+def test_batch_check_warnings(subnet, monkeypatch, caplog, gated_ms, spread, expected):
+    import logging
+
+    import nas.gates
+    import train
+    from nas.gates import apply_gates, timing_noise
+
+    network = apply_gates(subnet, {"name": "feature", "placement": "all", "measure_batch_sizes": [1, 32]})
+    record = {"batch_size": 32, "ungated_ms": 10.0, "gated_ms": gated_ms, "ungated_spread": spread,
+              "max_slowdown": 0.05}
+    worst = max(gated_ms, key=gated_ms.get)
+    record.update(worst_ratio=worst, worst_slowdown=gated_ms[worst] / 10.0 - 1.0)
+    record["timing_noise"] = timing_noise(record)
+    monkeypatch.setattr(nas.gates, "measure_batch_slowdown", lambda *args, **kwargs: [dict(record)])
+    monkeypatch.setattr(train, "timing_images", lambda datamodule, count: None)
+    space = SimpleNamespace(input_shape=lambda arch: [1, 28, 28])
+    with caplog.at_level(logging.INFO, logger="tailnas.train"):
+        [saved] = train.check_gate_batches(network, subnet, space, None, None, {"device": "cpu"})
+    assert expected in caplog.text
+    assert saved["gated_ms"] == {str(ratio): ms for ratio, ms in gated_ms.items()}

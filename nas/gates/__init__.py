@@ -22,7 +22,14 @@ from nas.gates.config import GateConfig, GateConfigError, TargetedDropoutConfig,
 from nas.gates.inverted import GatedInvertedResidual
 from nas.gates.macs import executed_macs
 from nas.gates.modules import ChannelGate, ColumnGate, keep_count, top_k_indices, top_k_mask
-from nas.gates.network import FORMAT_VERSION, GatedNetwork, apply_gates, confirm_budget, measure_batch_slowdown
+from nas.gates.network import (
+    FORMAT_VERSION,
+    GatedNetwork,
+    apply_gates,
+    confirm_budget,
+    measure_batch_slowdown,
+    timing_noise,
+)
 from nas.gates.planning import BlockPlan, BlockSite, describe_layers, find_block_sites
 from nas.gates.training import (
     BatchNormCalibration,
@@ -65,6 +72,7 @@ __all__ = [
     "measure_batch_slowdown",
     "parse_gate_config",
     "register_block_layout",
+    "timing_noise",
     "top_k_indices",
     "top_k_mask",
 ]

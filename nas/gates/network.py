@@ -302,8 +302,9 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
     Returns one record per batch size: ``batch_size``, ``ungated_ms``, ``gated_ms`` (keep ratio to
     ms), ``worst_ratio``, ``worst_slowdown`` (the largest relative slowdown, negative when every
     ratio ran faster), ``max_slowdown`` (the configured bound) and ``ungated_spread``: the ungated
-    subnet is timed as two copies, and this is how much slower the slower copy measured, a gauge of
-    the machine's timing noise. ``ungated_ms`` is the faster copy's time.
+    subnet is timed as two copies, and this is how much slower the slower copy measured.
+    ``ungated_ms`` is the faster copy's time. ``timing_noise`` is the machine's timing noise in the
+    same check (:func:`timing_noise`).
 
     Raises:
         ValueError: if ``ratios`` is empty, ``rounds`` is below 1, or ``images`` contains fewer
@@ -355,10 +356,23 @@ def measure_batch_slowdown(network: GatedNetwork, ungated: nn.Module, shape: tup
         first, second = latency.pop("ungated"), latency.pop("ungated again")
         base = min(first, second)
         worst_ratio = max(latency, key=latency.get)
-        records.append({"batch_size": batch_size, "ungated_ms": base, "gated_ms": latency,
-                        "worst_ratio": worst_ratio, "worst_slowdown": latency[worst_ratio] / base - 1.0,
-                        "max_slowdown": network.config.max_slowdown, "ungated_spread": max(first, second) / base - 1.0})
+        record = {"batch_size": batch_size, "ungated_ms": base, "gated_ms": latency, "worst_ratio": worst_ratio,
+                  "worst_slowdown": latency[worst_ratio] / base - 1.0, "max_slowdown": network.config.max_slowdown,
+                  "ungated_spread": max(first, second) / base - 1.0}
+        record["timing_noise"] = timing_noise(record)
+        records.append(record)
     return records
+
+
+def timing_noise(record: dict[str, Any]) -> float:
+    """Return the timing noise that a batch-check record shows, as a share of the ungated latency.
+
+    The larger of ``ungated_spread`` (two timings of the ungated subnet) and how far the gated
+    network at keep ratio 1.0, where no gate runs, measured from ungated in either direction.
+    """
+    full_keep = record["gated_ms"].get(1.0)
+    at_full_keep = abs(full_keep / record["ungated_ms"] - 1.0) if full_keep is not None else 0.0
+    return max(record["ungated_spread"], at_full_keep)
 
 
 # Measurements per keep ratio in confirm_budget; their median counts.

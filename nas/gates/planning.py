@@ -439,7 +439,8 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
         measured: dict[str, dict[int, float]] = {}
         grouped_max, batch_costs = 0, None
         if not config.enabled:
-            channel, spatial, reason = False, False, "gates.name=none"
+            reason = "gates.name=none" if config.name == "none" else "gates.channel and gates.spatial are both false"
+            channel, spatial = False, False
         elif decisions is not None:
             (channel, spatial, grouped_max, measured_steps, measured_latency, reason, measured,
              batch_costs) = decisions[index]
