@@ -31,6 +31,13 @@ def _conv_bn(conv_cls, bn_cls, cin: int, cout: int, k: int, stride: int) -> tupl
     return conv_cls(cin, cout, k, stride, padding=k // 2, bias=False), bn_cls(cout)
 
 
+def _downsample(conv_cls, bn_cls, cin: int, cout: int, stride: int, with_downsample: bool | None) -> nn.Module | None:
+    """Return the 1x1 projection shortcut; by default only where the stride or the width changes."""
+    if with_downsample is None:
+        with_downsample = stride != 1 or cin != cout
+    return nn.Sequential(*_conv_bn(conv_cls, bn_cls, cin, cout, 1, stride)) if with_downsample else None
+
+
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with a residual connection; stride sits in the first."""
 
@@ -41,14 +48,15 @@ class BasicBlock(nn.Module):
         self.act1 = nn.ReLU(inplace=True)
         self.conv2, self.bn2 = _conv_bn(conv, bn, mid, cout, 3, 1)
         self.act2 = nn.ReLU(inplace=True)
-        if with_downsample is None:
-            with_downsample = stride != 1 or cin != cout
-        self.downsample = nn.Sequential(*_conv_bn(conv, bn, cin, cout, 1, stride)) if with_downsample else None
+        self.downsample = _downsample(conv, bn, cin, cout, stride, with_downsample)
         self.stride = stride
 
     def set_active(self, mid: int, cout: int) -> None:
         self.conv1.active_out = mid
         self.conv2.active_out = cout
+        self._set_active_out(cout)
+
+    def _set_active_out(self, cout: int) -> None:
         if self.downsample is not None:
             self.downsample[0].active_out = cout
         self.active_out = cout
@@ -91,18 +99,14 @@ class Bottleneck(BasicBlock):
         self.act2 = nn.ReLU(inplace=True)
         self.conv3, self.bn3 = _conv_bn(conv, bn, mid, cout, 1, 1)
         self.act3 = nn.ReLU(inplace=True)
-        if with_downsample is None:
-            with_downsample = stride != 1 or cin != cout
-        self.downsample = nn.Sequential(*_conv_bn(conv, bn, cin, cout, 1, stride)) if with_downsample else None
+        self.downsample = _downsample(conv, bn, cin, cout, stride, with_downsample)
         self.stride = stride
 
     def set_active(self, mid: int, cout: int) -> None:
         self.conv1.active_out = mid
         self.conv2.active_out = mid
         self.conv3.active_out = cout
-        if self.downsample is not None:
-            self.downsample[0].active_out = cout
-        self.active_out = cout
+        self._set_active_out(cout)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv1(x)))
