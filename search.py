@@ -177,6 +177,7 @@ def run(cfg: DictConfig) -> None:
     with timer.stage("data"):
         datamodule = build_datamodule(to_container(cfg.data))
         datamodule.setup()
+        datamodule.log_summary()
         space = build_space(cfg, datamodule)
     log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)

@@ -320,6 +320,7 @@ def run(cfg: DictConfig) -> None:
     with timer.stage("data"):
         datamodule = build_datamodule(record["data"])
         datamodule.setup()
+        datamodule.log_summary()
 
     result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
                               "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0]}

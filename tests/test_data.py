@@ -40,6 +40,78 @@ def test_imagefolder_reads_class_folders(tmp_path):
     assert set(y.tolist()) <= {0, 1}
 
 
+def _write_images(folder, classes, count):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in classes:
+        (folder / label).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / label / f"{i}.png")
+
+
+def _labels(dataset):
+    return sorted({int(y) for _, y in dataset})
+
+
+def test_imagefolder_train_alone_is_split(tmp_path):
+    _write_images(tmp_path / "train", ["a", "b", "c"], 10)
+    datamodule = build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": 8,
+                                   "split": [0.6, 0.2, 0.2]})
+    datamodule.setup()
+    assert datamodule.num_classes == 3
+    assert (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set)) == (18, 6, 6)
+    assert _labels(datamodule.train_set) == [0, 1, 2]  # not one class named "train"
+
+
+@pytest.mark.parametrize("with_test", [False, True])
+def test_imagefolder_train_val_test(tmp_path, with_test):
+    _write_images(tmp_path / "train", ["a", "b"], 6)
+    _write_images(tmp_path / "val", ["a", "b"], 4)
+    if with_test:
+        _write_images(tmp_path / "test", ["a", "b"], 3)
+    datamodule = build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": 8,
+                                   "max_train_samples": 5})
+    datamodule.setup()
+    sizes = (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set))
+    assert sizes == ((5, 8, 6) if with_test else (5, 4, 4))
+
+
+@pytest.mark.parametrize(("train", "held_out", "message"), [
+    (["a", "b", "c"], ["a", "c"], r"lacks \['b'\] and has \[\] besides"),
+    (["a", "b"], ["a", "b", "z"], r"lacks \[\] and has \['z'\] besides"),
+])
+def test_imagefolder_val_classes_must_match(tmp_path, train, held_out, message):
+    _write_images(tmp_path / "train", train, 1)
+    _write_images(tmp_path / "val", held_out, 1)
+    with pytest.raises(DataError, match=message):
+        build_datamodule({"name": "imagefolder", "root": str(tmp_path)})
+
+
+def test_imagefolder_test_without_val(tmp_path):
+    _write_images(tmp_path / "train", ["a", "b"], 1)
+    _write_images(tmp_path / "test", ["a", "b"], 1)
+    with pytest.raises(DataError, match="no val/ folder"):
+        build_datamodule({"name": "imagefolder", "root": str(tmp_path)})
+
+
+def test_imagefolder_empty_class_folders(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "readme.txt").write_text("no images")
+    datamodule = build_datamodule({"name": "imagefolder", "root": str(tmp_path)})
+    with pytest.raises(DataError, match="Found no valid file for the classes a, b"):
+        datamodule.setup()
+
+
+def test_summary_warns_on_small_validation(caplog):
+    datamodule = build_datamodule({"name": "synthetic", "num_samples": 100, "split": [0.8, 0.1, 0.1]})
+    with caplog.at_level(logging.INFO, logger="nas.data.base"):
+        datamodule.log_summary()
+    assert "80 / 10 / 10 train / validation / test images" in caplog.text
+    assert "holds only 10 images, so one image moves accuracy by 10.0%" in caplog.text
+
+
 def test_imagefolder_class_count_checked(tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()

@@ -65,7 +65,17 @@ class MNISTSubsetDataModule(ImageDataModule):
 
 
 class ImageFolderDataModule(ImageDataModule):
-    """Images in class folders: ``root/<class>/*.png``, or ``root/train`` and ``root/val`` with class folders."""
+    """Images in class folders: ``root/<class>/*.png``, or ``root/train``, ``root/val`` (and ``root/test``).
+
+    Layouts:
+        ``root/<class>/``: one pool, split into train, validation and test by ``split``.
+        ``root/train/<class>/`` alone: the same, with ``root/train`` as the pool.
+        ``root/train`` and ``root/val``: ``val`` is halved at random (``seed``) into validation and
+            test; ``split`` does not apply.
+        ``root/train``, ``root/val`` and ``root/test``: used as they are; ``split`` does not apply.
+
+    Every folder must hold the same class folders as the training one, so that a class has one label.
+    """
 
     def __init__(self, root: str | None = None, resolution: int = 224, in_channels: int = 3,
                  num_classes: int | None = None, **kwargs: Any) -> None:
@@ -73,18 +83,30 @@ class ImageFolderDataModule(ImageDataModule):
         self.root = _require_dir(root, "imagefolder", "one folder per class (or train/ and val/ with class folders)")
         self.resolution = int(resolution)
         self.in_channels = int(in_channels)
-        base = self.root / "train" if (self.root / "train").is_dir() else self.root
-        classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-        if len(classes) < 2:
-            raise DataError(f"data.root={str(base)!r} must contain at least two class folders, but has {classes}.")
-        if num_classes is not None and num_classes != len(classes):
-            raise DataError(f"data.num_classes={num_classes} but {str(base)!r} has {len(classes)} class folders.")
-        self.num_classes = len(classes)
+        self.folders = {name: self.root / name for name in ("train", "val", "test") if (self.root / name).is_dir()}
+        if "train" not in self.folders and self.folders:
+            raise DataError(f"data.root={str(self.root)!r} has {'/, '.join(self.folders)}/ but no train/ folder; "
+                            "add train/ with class folders, or put the class folders directly under data.root.")
+        if "test" in self.folders and "val" not in self.folders:
+            raise DataError(f"data.root={str(self.root)!r} has train/ and test/ but no val/ folder; add val/ with "
+                            "the same class folders, or rename test/ to val/ to have it halved into validation and "
+                            "test.")
+        base = self.folders.get("train", self.root)
+        self.classes = _class_folders(base)
+        if len(self.classes) < 2:
+            raise DataError(f"data.root={str(base)!r} must contain at least two class folders, but has "
+                            f"{self.classes}.")
+        for name, folder in self.folders.items():
+            _check_same_classes(folder, self.classes, base)
+        if num_classes is not None and num_classes != len(self.classes):
+            raise DataError(f"data.num_classes={num_classes} but {str(base)!r} has {len(self.classes)} class "
+                            "folders.")
+        self.num_classes = len(self.classes)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        from torchvision import datasets, transforms
+        from torchvision import transforms
 
         mode = "L" if self.in_channels == 1 else "RGB"
         transform = transforms.Compose(
@@ -95,19 +117,49 @@ class ImageFolderDataModule(ImageDataModule):
                 transforms.ToTensor(),
             ]
         )
-        if (self.root / "train").is_dir() and (self.root / "val").is_dir():
-            train = datasets.ImageFolder(str(self.root / "train"), transform=transform)
-            held_out = datasets.ImageFolder(str(self.root / "val"), transform=transform)
-            half = len(held_out) // 2
-            order = np.random.default_rng(self.seed).permutation(len(held_out))
-            self.train_set = train
-            self.val_set = Subset(held_out, order[:half].tolist())
-            self.test_set = Subset(held_out, order[half:].tolist())
-        else:
-            self._split_pool(datasets.ImageFolder(str(self.root), transform=transform))
+        if "val" not in self.folders:
+            self._split_pool(_image_folder(self.folders.get("train", self.root), transform))
+            return
+        train = _image_folder(self.folders["train"], transform)
+        held_out = _image_folder(self.folders["val"], transform)
+        if self.max_train_samples is not None:
+            order = np.random.default_rng(self.seed).permutation(len(train))[: self.max_train_samples]
+            train = Subset(train, order.tolist())
+        self.train_set = train
+        if "test" in self.folders:
+            self.val_set, self.test_set = held_out, _image_folder(self.folders["test"], transform)
+            return
+        half = len(held_out) // 2
+        order = np.random.default_rng(self.seed).permutation(len(held_out))
+        self.val_set = Subset(held_out, order[:half].tolist())
+        self.test_set = Subset(held_out, order[half:].tolist())
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "root": str(self.root), "resolution": self.resolution}
+        return {**super().describe(), "root": str(self.root), "resolution": self.resolution,
+                "layout": sorted(self.folders) or "pool"}
+
+
+def _class_folders(folder: Any) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.is_dir())
+
+
+def _check_same_classes(folder: Any, classes: list[str], base: Any) -> None:
+    found = _class_folders(folder)
+    if found == classes:
+        return
+    missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+    raise DataError(f"{str(folder)!r} must hold the same class folders as {str(base)!r}, so that each class keeps "
+                    f"one label, but it lacks {missing} and has {extra} besides. Add or remove class folders "
+                    "until they match.")
+
+
+def _image_folder(folder: Any, transform: Any) -> Any:
+    from torchvision import datasets
+
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform)
+    except FileNotFoundError as err:
+        raise DataError(f"data.root: {err} (in {str(folder)!r}); put images in every class folder.") from err
 
 
 class SyntheticDataModule(ImageDataModule):
