@@ -7,13 +7,11 @@ with ``os.replace``, so a crash never leaves a half-written file under that name
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import pickle
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nas.files import atomic_path
 from nas.spaces.base import Arch, SearchSpace, create_space
 
 __all__ = [
@@ -49,22 +48,6 @@ class ExportError(RuntimeError):
     """A subnet that cannot be exported in the requested form, or an export whose check failed."""
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``, then move it onto ``path``, or delete it if the block raises."""
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary name keeps the final suffix because torch.export.save warns about names not ending in .pt2.
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=f".tmp{final.suffix}", dir=final.parent)
-    os.close(handle)
-    tmp = Path(tmp_name)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 # -- (a) plain PyTorch weights ----------------------------------------------------------------
 def export_torch(model: nn.Module, path: str | os.PathLike[str], space: SearchSpace | None = None,
                  arch: Arch | None = None) -> Path:
@@ -83,7 +66,7 @@ def export_torch(model: nn.Module, path: str | os.PathLike[str], space: SearchSp
         metadata["space"] = json.dumps(space.raw_config, sort_keys=True, default=_plain)
         metadata["arch"] = arch.to_json()
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     log.info("Wrote %d tensors of %s to %s.", len(tensors), type(model).__name__, path)
     return Path(path)
@@ -221,7 +204,7 @@ def export_program(model: nn.Module, example_input: torch.Tensor, path: str | os
         # recompute them from the parameters on every call.
         model(trace)
         program = torch.export.export(model, (trace,), dynamic_shapes=_batch_dim(dynamic_batch))
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         torch.export.save(program, str(tmp), extra_files={_VERSION_KEY: str(EXPORT_FORMAT_VERSION)})
     log.info("Wrote torch.export program of %s to %s.", type(model).__name__, path)
     return program
@@ -256,7 +239,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
 
     model = model.eval()
     trace = _trace_input(example_input, dynamic_batch)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         kwargs: dict[str, Any] = {"input_names": ["input"], "output_names": ["output"], "opset_version": opset}
         if dynamo:
             kwargs["dynamic_shapes"] = _batch_dim(dynamic_batch)

@@ -6,15 +6,15 @@ import csv
 import io
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from nas.files import atomic_path, atomic_write_text
 
 __all__ = [
     "PARETO_COLUMNS",
@@ -36,33 +36,15 @@ MANIFEST_FORMAT_VERSION = 1
 _PACKAGES = ("torch", "torchvision", "lightning", "optuna", "hydra-core", "xgboost", "timm", "numpy", "tailnas")
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def save_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> None:
     """Save a matplotlib figure as PNG through a temporary file, then close it."""
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, format="png", **savefig_kwargs)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", **savefig_kwargs)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_pareto_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from nas.files import write_json_atomic
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import group_subnet_records, holdout_report
 from predictors.features import HardwareFacts
-from predictors.xgb import LatencyPredictor, PredictorError, PredictorVersionError, XGBParams, write_json_atomic
+from predictors.xgb import LatencyPredictor, PredictorError, PredictorVersionError, XGBParams
 
 __all__ = [
     "PredictorConfig",

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from nas.files import write_json_atomic
 from nas.spaces.layers import LayerSpec
 from predictors.fingerprint import fingerprint_id, fingerprints_match
 from predictors.profiling import Measurement
@@ -186,7 +186,7 @@ class ProfileStore:
                 )
             return
         payload = {"version": STORE_FORMAT_VERSION, "fingerprint_id": self._id, "fingerprint": self.fingerprint}
-        _write_json_atomic(path, payload)
+        write_json_atomic(path, payload, indent=2, sort_keys=True)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -340,16 +340,6 @@ def _repair_tail(handle: Any, path: Path) -> None:
         handle.truncate(len(text[:start].encode("utf-8")))
         return
     handle.write("\n")
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=path.name, suffix=".tmp",
-                                     delete=False, encoding="utf-8") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        temporary = Path(handle.name)
-    os.replace(temporary, path)
 
 
 def _load_fingerprint_file(path: Path) -> dict[str, Any]:

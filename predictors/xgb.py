@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import pandas as pd
 import xgboost as xgb
 from scipy.optimize import nnls
 
+from nas.files import write_json_atomic
 from nas.spaces.layers import LayerSpec
 from predictors.conformal import INTERVAL_METHOD, ScaleModel, fit_normalized_conformal
 from predictors.features import (
@@ -474,7 +474,7 @@ class LatencyPredictor:
         """Write the predictor to ``path`` as one JSON file, atomically (temporary file, then rename)."""
         document = {"kind": DOCUMENT_KIND, "format_version": self.format_version, **self.to_document()}
         target = Path(path)
-        write_json_atomic(target, document)
+        write_json_atomic(target, document, sync=True, separators=(",", ":"))
         logger.info("Saved latency predictor to %s.", target)
 
     @classmethod
@@ -527,21 +527,6 @@ class LatencyPredictor:
         predictor.layer_base = _LinearBase.from_dict(doc["layer_base"]) if doc["layer_base"] is not None else None
         predictor.network_model = _booster_from_json(doc["network_model"])
         return predictor
-
-
-def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
-    """Write ``document`` as JSON to ``path`` through a temporary file in the same folder and a rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            json.dump(document, handle, separators=(",", ":"))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
 
 
 def _booster_from_json(text: str) -> xgb.Booster:
