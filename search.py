@@ -30,10 +30,13 @@ from nas.search import (
     LatencyEstimate,
     SearchError,
     SearchObjective,
+    check_budget,
+    check_resume,
     create_or_load_study,
     create_sampler,
     knee_index,
     pareto_trials,
+    stored_study_attrs,
 )
 from nas.spaces import SearchSpace, create_space
 from nas.supernet.cache import load_supernet, save_supernet, supernet_key
@@ -41,6 +44,19 @@ from nas.tracking import create_tracker
 from nas.training import SubnetEvaluator
 
 log = logging.getLogger("tailnas.search")
+
+
+class _InterruptWithoutTraceback(logging.Filter):
+    """Drop the traceback from Optuna's "Trial N failed" warning when the failure is Ctrl-C."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+# Optuna logs a failed trial on this logger, with the exception's traceback.
+logging.getLogger("optuna.study._optimize").addFilter(_InterruptWithoutTraceback())
 
 
 def build_space(cfg: DictConfig, datamodule: Any) -> SearchSpace:
@@ -60,6 +76,13 @@ def training_device(trainer_cfg: DictConfig) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
+def supernet_path(cfg: DictConfig, space: SearchSpace, datamodule: Any) -> Path:
+    """Return where the supernet of this space, data, training setup and seed is cached."""
+    training = {k: v for k, v in to_container(cfg.supernet).items() if k != "trainer"}
+    key = supernet_key(space, datamodule.describe(), training, cfg.seed)
+    return Path(cfg.paths.work_dir) / "supernets" / f"{space.name}-{key}" / "supernet.pt"
+
+
 def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any, tracker: Any) -> tuple[Any, Path]:
     """Return the supernet for this space, data and training setup, training it only when no checkpoint exists.
 
@@ -68,8 +91,8 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
     import lightning.pytorch as pl
 
     training = to_container(cfg.supernet)
-    key = supernet_key(space, datamodule.describe(), {k: v for k, v in training.items() if k != "trainer"}, cfg.seed)
-    path = Path(cfg.paths.work_dir) / "supernets" / f"{space.name}-{key}" / "supernet.pt"
+    path = supernet_path(cfg, space, datamodule)
+    key = path.parent.name.removeprefix(f"{space.name}-")
     if path.is_file():
         log.info("Reusing supernet checkpoint %s", path)
         supernet, _ = load_supernet(path, space)
@@ -183,13 +206,22 @@ def run(cfg: DictConfig) -> None:
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)
     # The study name is set before the tracker starts because it is the run's default W&B group.
     study_name = cfg.search.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    budget = check_budget(cfg.search.latency_budget_ms)
+    storage = default_storage(cfg)
+    fingerprint = device_fingerprint(protocol)
+    scoring = {"space": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
+               "device_fingerprint_id": fingerprint_id(fingerprint), "hardware": protocol.to_dict(),
+               "latency_budget_ms": budget}
+    stored = stored_study_attrs(storage, study_name)
+    if stored is not None:
+        # Checked before the supernet trains, so a mismatch costs nothing.
+        check_resume(stored, scoring, study_name, storage)
     tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir),
                              default_group=study_name)
 
     with timer.stage("supernet"):
         supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
 
-    fingerprint = device_fingerprint(protocol)
     store = ProfileStore(work_dir / "profiles", fingerprint)
     with timer.stage("profile_predictor"):
         predictor, report, predictor_path = load_or_build_predictor(
@@ -215,7 +247,6 @@ def run(cfg: DictConfig) -> None:
         return LatencyEstimate(float(prediction.mean_ms[0]), float(prediction.low_ms[0]), float(prediction.high_ms[0]))
 
     search_cfg = cfg.search
-    storage = default_storage(cfg)
     device = training_device(cfg.supernet.trainer)
     with timer.stage("search"):
         evaluator = SubnetEvaluator(
@@ -223,34 +254,36 @@ def run(cfg: DictConfig) -> None:
             datamodule.val_dataloader(), device=device,
         )
         objective = SearchObjective(
-            space, evaluator.accuracy, predict, latency_budget_ms=search_cfg.latency_budget_ms,
+            space, evaluator.accuracy, predict, latency_budget_ms=budget,
             measure_fn=(lambda arch: measure(arch.to_dict())) if search_cfg.measure_uncertain else None,
             uncertainty_threshold=search_cfg.uncertainty_threshold if search_cfg.measure_uncertain else None,
         )
         record = {
-            "space": space.raw_config, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],
-            "data": to_container(cfg.data),
-            "supernet_checkpoint": str(checkpoint), "supernet": to_container(cfg.supernet),
-            "predictor_path": str(predictor_path), "hardware": protocol.to_dict(),
-            "device_fingerprint_id": fingerprint_id(fingerprint), "seed": cfg.seed,
-            "latency_budget_ms": search_cfg.latency_budget_ms, "run_dir": str(run_dir),
-            "sampler": search_cfg.sampler,
+            **scoring, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],
+            "data": to_container(cfg.data), "supernet_checkpoint": str(checkpoint),
+            "supernet": to_container(cfg.supernet), "predictor_path": str(predictor_path), "seed": cfg.seed,
+            "run_dir": str(run_dir), "sampler": search_cfg.sampler,
         }
+        # Checked before the study is created, so an impossible budget leaves no empty study behind.
+        _check_budget_feasible(space, predict, budget)
         study, _ = create_or_load_study(storage, study_name, sampler, record)
-        _check_budget_feasible(space, predict, search_cfg.latency_budget_ms)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         try:
             study.optimize(objective, n_trials=search_cfg.n_trials, timeout=search_cfg.timeout_s,
                            show_progress_bar=True, gc_after_trial=False)
         except KeyboardInterrupt:
-            log.warning("Search interrupted; writing the results of the %d finished trials.", len(study.trials))
+            finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            log.warning("Search interrupted; writing the results of the %d finished trials.", len(finished))
         supernet.cpu()
 
     front = pareto_trials(study)
     if not front:
+        finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         raise SearchError(
-            f"Study {study_name!r} has no feasible finished trial, so there is no Pareto front. "
-            f"Raise search.latency_budget_ms (now {search_cfg.latency_budget_ms}) or search.timeout_s."
+            f"Study {study_name!r} has no feasible finished trial among its {finished}, so there is no Pareto "
+            f"front. Raise search.latency_budget_ms (now {budget}), or run the same command again: it resumes "
+            f"the study and adds up to search.n_trials={search_cfg.n_trials} trials within "
+            f"search.timeout_s={search_cfg.timeout_s}."
         )
     measured: dict[int, float] = {}
     with timer.stage("remeasure"):

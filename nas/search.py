@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -20,6 +21,9 @@ __all__ = [
     "SearchObjective",
     "create_sampler",
     "create_or_load_study",
+    "check_budget",
+    "check_resume",
+    "stored_study_attrs",
     "pareto_trials",
     "knee_index",
     "latest_study_name",
@@ -72,14 +76,76 @@ def create_sampler(name: str, seed: int, population_size: int = 20) -> optuna.sa
     raise SearchError(f"Unknown search.sampler={name!r}; available samplers are {list(SAMPLERS)}.")
 
 
+def check_budget(value: Any, key: str = "search.latency_budget_ms") -> float | None:
+    """Return ``value`` as a latency budget in ms, or None; raise SearchError unless it is a positive number or null."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise SearchError(f"{key} must be a positive number of milliseconds or null, but got {value!r}.")
+    return float(value)
+
+
+# The record keys that decide a trial's scores, with the settings behind them. A resumed study keeps
+# them, so that every trial of its front is scored the same way.
+RESUME_KEYS = {
+    "space": "space.*",
+    "supernet_key": "the supernet: data.*, supernet.* and seed",
+    "device_fingerprint_id": "the device",
+    "hardware": "hardware.*",
+    "latency_budget_ms": "search.latency_budget_ms",
+}
+
+
+def stored_study_attrs(storage: str, study_name: str) -> dict[str, Any] | None:
+    """Return the user attributes of the study ``study_name`` in ``storage``, or None when there is no such study."""
+    if study_name not in optuna.get_all_study_names(storage=storage):
+        return None
+    return dict(optuna.load_study(study_name=study_name, storage=storage).user_attrs)
+
+
+def _normalised(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str, sort_keys=True))
+
+
+def _describe_change(key: str, old: Any, new: Any) -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        return f"{RESUME_KEYS[key]} (differs in {', '.join(keys)})"
+    if key in ("space", "supernet_key", "device_fingerprint_id"):
+        return RESUME_KEYS[key]
+    return f"{RESUME_KEYS[key]} ({old!r} before, {new!r} now)"
+
+
+def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_name: str, storage: str) -> None:
+    """Raise SearchError when ``record`` differs from the study's ``stored`` record in a setting that scores trials.
+
+    Studies written before ``supernet_key`` was recorded are compared by their checkpoint's folder.
+    """
+    stored = dict(stored)
+    if "supernet_key" not in stored and stored.get("supernet_checkpoint"):
+        stored["supernet_key"] = Path(stored["supernet_checkpoint"]).parent.name
+    changed = [
+        _describe_change(key, stored[key], record.get(key))
+        for key in RESUME_KEYS
+        if key in stored and _normalised(stored[key]) != _normalised(record.get(key))
+    ]
+    if changed:
+        where = f" (its last run: {stored['run_dir']})" if stored.get("run_dir") else ""
+        raise SearchError(
+            f"search.study_name={study_name!r} exists in {storage} and was searched with other settings: "
+            f"{'; '.join(changed)}. Its trials were scored with those, so new trials would not compare with them. "
+            f"Choose a new search.study_name, or resume with the settings of its manifest.json{where}."
+        )
+
+
 def create_or_load_study(
     storage: str, study_name: str, sampler: optuna.samplers.BaseSampler, record: Mapping[str, Any]
 ) -> tuple[optuna.Study, bool]:
     """Create the study, or load it to resume when ``study_name`` exists.
 
     ``record`` (space, data, supernet checkpoint, ...) is stored as study user attributes so that
-    ``train.py`` needs only the study. A resumed study must have been made for the same space.
-    Returns the study and whether it was resumed.
+    ``train.py`` needs only the study. A resumed study must have been made with the same settings
+    in :data:`RESUME_KEYS` (:func:`check_resume`). Returns the study and whether it was resumed.
     """
     existing = set(optuna.get_all_study_names(storage=storage))
     resumed = study_name in existing
@@ -91,13 +157,9 @@ def create_or_load_study(
         load_if_exists=True,
     )
     if resumed:
-        old_space = study.user_attrs.get("space")
-        if old_space is not None and old_space != record.get("space"):
-            raise SearchError(
-                f"search.study_name={study_name!r} exists in {storage} for another space configuration; "
-                "choose a new search.study_name or the same space as before."
-            )
-        log.info("Resuming study %r with %d finished trials", study_name, len(study.trials))
+        check_resume(study.user_attrs, record, study_name, storage)
+        finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        log.info("Resuming study %r with %d finished trials", study_name, finished)
     study.set_user_attr("tailnas_format_version", STUDY_FORMAT_VERSION)
     for key, value in record.items():
         study.set_user_attr(key, json.loads(json.dumps(value, default=str)))
@@ -129,8 +191,7 @@ class SearchObjective:
         measure_fn: Callable[[Arch], float] | None = None,
         uncertainty_threshold: float | None = None,
     ) -> None:
-        if latency_budget_ms is not None and not latency_budget_ms > 0:
-            raise SearchError(f"search.latency_budget_ms must be positive or null, but got {latency_budget_ms}.")
+        latency_budget_ms = check_budget(latency_budget_ms)
         if uncertainty_threshold is not None and measure_fn is None:
             raise SearchError("search.measure_uncertain=true needs a measurement function.")
         if uncertainty_threshold is not None and not uncertainty_threshold > 0:

@@ -5,6 +5,8 @@ from nas.search import (
     LatencyEstimate,
     SearchError,
     SearchObjective,
+    check_budget,
+    check_resume,
     create_or_load_study,
     create_sampler,
     knee_index,
@@ -64,9 +66,15 @@ def test_unknown_sampler_lists_choices():
         create_sampler("cma", seed=0)
 
 
-def test_invalid_budget_rejected(resnet_space):
-    with pytest.raises(SearchError, match="latency_budget_ms must be positive"):
-        SearchObjective(resnet_space, fake_accuracy(resnet_space), fake_latency(resnet_space), latency_budget_ms=-1)
+@pytest.mark.parametrize("budget", [-1, 0, "abc", True, float("nan")])
+def test_invalid_budget_rejected(resnet_space, budget):
+    with pytest.raises(SearchError, match=f"must be a positive number of milliseconds or null, but got {budget!r}"):
+        SearchObjective(resnet_space, fake_accuracy(resnet_space), fake_latency(resnet_space), latency_budget_ms=budget)
+
+
+def test_budget_accepts_numbers_and_null():
+    assert check_budget(None) is None
+    assert check_budget(2) == 2.0
 
 
 def test_study_resumes_by_name(resnet_space, tmp_path):
@@ -79,8 +87,37 @@ def test_study_resumes_by_name(resnet_space, tmp_path):
 
 def test_resume_with_other_space_rejected(resnet_space, tmp_path):
     _, storage = run_study(resnet_space, "random", tmp_path, n_trials=2, name="x")
-    with pytest.raises(SearchError, match="exists in .* for another space configuration"):
+    with pytest.raises(SearchError, match="exists in .* and was searched with other settings: space"):
         create_or_load_study(storage, "x", create_sampler("random", 0), {"space": {"family": "other"}})
+
+
+SCORING = {"space": {"family": "resnet"}, "supernet_key": "resnet-aaa", "device_fingerprint_id": "cpu1",
+           "hardware": {"device": "cpu", "batch_size": 1, "threads": 1}, "latency_budget_ms": None,
+           "run_dir": "outputs/first"}
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"supernet_key": "resnet-bbb"}, r"the supernet: data\.\*, supernet\.\* and seed\. Its trials"),
+    ({"hardware": {"device": "cpu", "batch_size": 8, "threads": 1}}, r"hardware\.\* \(differs in batch_size\)"),
+    ({"latency_budget_ms": 0.5}, r"search\.latency_budget_ms \(None before, 0\.5 now\)"),
+    ({"device_fingerprint_id": "gpu7"}, r"the device\. "),
+])
+def test_resume_with_other_scoring_rejected(change, message):
+    with pytest.raises(SearchError, match=message):
+        check_resume(SCORING, {**SCORING, **change}, "s", "sqlite:///x.db")
+
+
+def test_resume_with_same_scoring_allowed():
+    # The sampler, the run folder and the worker count may change between runs of one study.
+    check_resume(SCORING, {**SCORING, "run_dir": "outputs/second", "sampler": "tpe"}, "s", "sqlite:///x.db")
+
+
+def test_resume_of_old_study_compares_checkpoint_folder():
+    old = {key: value for key, value in SCORING.items() if key != "supernet_key"}
+    old["supernet_checkpoint"] = "/work/supernets/resnet-aaa/supernet.pt"
+    check_resume(old, SCORING, "s", "sqlite:///x.db")
+    with pytest.raises(SearchError, match="the supernet"):
+        check_resume(old, {**SCORING, "supernet_key": "resnet-bbb"}, "s", "sqlite:///x.db")
 
 
 def test_uncertain_candidates_are_measured(resnet_space, tmp_path):
