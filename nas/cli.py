@@ -125,10 +125,19 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 
 def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1."""
+    """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1.
+
+    Ctrl-C ends it with exit code 130 and a line on what is kept, instead of a traceback.
+    """
     try:
         return body(cfg)
     except _known_errors() as err:
         log.error("%s", err)
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Every store and cache in paths.work_dir is written run by run or atomically.
+        log.warning("Interrupted")
+        print("Interrupted. What finished is kept in paths.work_dir (profile store, cached supernets and "
+              "predictors, study trials); run the same command again to resume.", file=sys.stderr)
+        sys.exit(130)

@@ -25,7 +25,14 @@ from nas.files import write_json_atomic
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import group_subnet_records, holdout_report
 from predictors.features import HardwareFacts
-from predictors.xgb import LatencyPredictor, PredictorError, PredictorVersionError, XGBParams
+from predictors.xgb import (
+    REBUILD_HINT,
+    LatencyPredictor,
+    PredictorError,
+    PredictorNotFoundError,
+    PredictorVersionError,
+    XGBParams,
+)
 
 __all__ = [
     "PredictorConfig",
@@ -48,7 +55,7 @@ class PredictorConfig:
     """The ``predictor`` config group (``conf/predictor/xgb.yaml``); see that file for each key."""
 
     name: str = "xgb"
-    n_subnets: int = 120
+    n_subnets: int = 240
     passes: int = 2
     width_step: int = 8
     holdout_fraction: float = 0.25
@@ -73,6 +80,8 @@ class PredictorConfig:
             raise PredictorError(f"predictor.holdout_fraction must be in (0, 1), for example 0.25, but got {config.holdout_fraction}.")
         if config.n_subnets < 2:
             raise PredictorError(f"predictor.n_subnets must be >= 2 to train and hold out subnets, but got {config.n_subnets}.")
+        if not 0.0 < config.interval < 1.0:
+            raise PredictorError(f"predictor.interval must be in (0, 1), for example 0.9, but got {config.interval}.")
         XGBParams.from_mapping(config.layer_model, "predictor.layer_model")
         XGBParams.from_mapping(config.network_model, "predictor.network_model")
         return config
@@ -142,6 +151,39 @@ def _load_cached(
     return predictor, report
 
 
+# What fixes a broken file given as predictor.path: rebuilding never touches that file.
+PATH_HINT = "fix the file, or unset predictor.path to build or reuse this space's own predictor"
+
+
+def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorConfig, space: SearchSpace,
+                protocol: Any) -> LatencyPredictor:
+    """Load the file named by ``predictor.path`` and check that it predicts under this measurement protocol.
+
+    A predictor of another protocol (batch size, threads, runtime, dtype) predicts other latencies,
+    so that is an error. One of another space can still predict this space's layers; that is a warning.
+    """
+    try:
+        predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)
+    except PredictorNotFoundError:
+        raise
+    except PredictorError as err:
+        raise PredictorError(str(err).replace(REBUILD_HINT, PATH_HINT)) from err
+    stored = predictor.metadata.get("protocol")
+    current = protocol.to_dict()
+    if isinstance(stored, Mapping) and stored != current:
+        differing = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+        raise PredictorError(
+            f"predictor.path={str(path)!r} was built for other measurement settings: "
+            + ", ".join(f"hardware.{key} {stored.get(key)!r} there, {current.get(key)!r} here" for key in differing)
+            + f". Run with those settings, or {PATH_HINT}."
+        )
+    if predictor.metadata.get("space_hash") not in (None, space.config_hash()):
+        logger.warning("predictor.path=%s was built for space %r with another configuration than this %r space; "
+                       "it predicts this space's layers, but was checked on its own subnets only.", path,
+                       predictor.metadata.get("space"), space.name)
+    return predictor
+
+
 def load_or_build_predictor(
     space: SearchSpace,
     protocol: Any,
@@ -176,7 +218,7 @@ def load_or_build_predictor(
     fingerprint = device_fingerprint(protocol)
     if config.path is not None:
         path = Path(config.path)
-        predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)
+        predictor = _load_given(path, fingerprint, config, space, protocol)
         report_path = _report_path(path)
         return predictor, json.loads(report_path.read_text()) if report_path.is_file() else {}, path
 
@@ -200,8 +242,8 @@ def build_predictor(
     progress: bool = True,
 ) -> tuple[LatencyPredictor, dict[str, Any]]:
     """Profile ``space`` into ``work_dir/profiles``, train on the training subnets and evaluate on the held-out ones."""
-    from predictors.profiling import profile_space
-    from predictors.store import ProfileStore
+    from predictors.profiling import profile_space, sample_subnets
+    from predictors.store import ProfileStore, arch_key
 
     started = time.perf_counter()
     store = ProfileStore(work_dir / "profiles", dict(fingerprint))
@@ -209,7 +251,11 @@ def build_predictor(
     profile_s = time.perf_counter() - started
 
     batch_size = protocol.batch_size
-    subnet_records = store.subnet_records(space.config_hash(), batch_size, source="profile")
+    # The subnets of this n_subnets and seed only, so that the predictor does not depend on what
+    # other runs left in the store.
+    wanted = {arch_key(arch.to_dict()) for arch in sample_subnets(space, config.n_subnets, seed)}
+    subnet_records = [r for r in store.subnet_records(space.config_hash(), batch_size, source="profile")
+                      if r["key"] in wanted]
     train_keys, test_keys = split_holdout(sorted({r["key"] for r in subnet_records}), config.holdout_fraction, seed)
     metadata = {
         "fingerprint": dict(fingerprint),
@@ -217,7 +263,7 @@ def build_predictor(
         "space": space.name,
         "space_hash": space.config_hash(),
         "training": {"config_hash": config.training_hash(), "config": dataclasses.asdict(config), "seed": seed,
-                     "holdout_keys": sorted(test_keys)},
+                     "holdout_keys": sorted(test_keys), "train_keys": sorted(train_keys)},
     }
     predictor = LatencyPredictor(
         XGBParams.from_mapping(config.layer_model, "predictor.layer_model"),

@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from nas.files import write_json_atomic
 from nas.spaces.layers import LayerSpec
+from predictors.xgb import PredictorError
 
 __all__ = [
     "evaluate_predictions",
@@ -225,11 +227,14 @@ def store_split(predictor: Any, store: Any, space: Any, batch_size: int) -> tupl
     is tested on every subnet of the space in the store.
     """
     records = store.subnet_records(space.config_hash(), batch_size)
-    holdout = set(predictor.metadata.get("training", {}).get("holdout_keys") or [])
+    training = predictor.metadata.get("training", {})
+    holdout = set(training.get("holdout_keys") or [])
     if not holdout:
         return [], group_subnet_records(records)
     profiled = {r["key"] for r in records if r.get("source") == "profile"}
-    trained = profiled - holdout
+    # Predictors that list their training subnets use only those; older ones trained on every
+    # profiled subnet outside the held-out set.
+    trained = set(training["train_keys"]) if "train_keys" in training else profiled - holdout
     grouped = group_subnet_records(records)
     return [s for s in grouped if s["key"] in trained], [s for s in grouped if s["key"] not in trained]
 
@@ -247,7 +252,7 @@ def print_report(report: Mapping[str, Any], title: str) -> None:
 
     table = Table(title=title)
     for column in ("model", "within 10%", "within 5%", "MAPE %", "Kendall tau", "interval coverage", "subnets"):
-        table.add_column(column, justify="left" if column == "model" else "right")
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=column == "model")
     rows = [("XGBoost predictor", report), *report.get("baselines", {}).items()]
     noise = report.get("noise_floor") or {}
     for name, metrics in rows:
@@ -260,7 +265,9 @@ def print_report(report: Mapping[str, Any], title: str) -> None:
         "noise floor (pass vs pass)", _format(noise.get("within_10pct"), True), _format(noise.get("within_5pct"), True),
         "-", _format(noise.get("kendall_tau"), False), "-", str(noise.get("n", "-")),
     )
-    Console().print(table)
+    console = Console()
+    # A log file or pipe gets the width the table needs instead of 80 columns.
+    (console if console.is_terminal else Console(width=160)).print(table)
     if report.get("interval_width_median") is not None:
         widths = [_format(report[f"interval_width_{name}"], True) for name in ("p10", "median", "p90")]
         print(
@@ -311,17 +318,44 @@ def run(cfg: Any) -> dict[str, Any]:
     store = ProfileStore(work_dir / "profiles", device_fingerprint(protocol))
     train, test = store_split(predictor, store, space, protocol.batch_size)
     if not test:
-        raise ValueError(f"The profile store {store.directory} has no measured subnet of space {space.name!r} to evaluate on.")
+        raise PredictorError(
+            f"The profile store {store.directory} has no measured subnet of space {space.name!r} outside the "
+            f"predictor's training set to evaluate on. Profile the space first (python -m predictors.profile "
+            f"+space=NAME), or unset predictor.path to build a predictor for it."
+        )
     table = store.layer_table(protocol.batch_size)
     report = holdout_report(predictor, train, test, table, store.noise_floor(space.config_hash(), protocol.batch_size))
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     print_report(report, f"Latency predictor {path.name} on {len(test)} held-out subnets")
-    for written in write_plots(run_dir, predictor, train, test, table):
+    warn_if_miscalibrated(report)
+    metrics = {"predictor": str(path), "space": space.name, "protocol": protocol.to_dict(), **report}
+    write_json_atomic(run_dir / "metrics.json", metrics, indent=2, default=str)
+    for written in [run_dir / "metrics.json", *write_plots(run_dir, predictor, train, test, table)]:
         print(f"Wrote {written}")
     if build_report.get("build_s") is not None:
-        print(f"Predictor built in {build_report['build_s']:.1f} s (profiling {build_report.get('profile_s', 0.0):.1f} s).")
+        print(f"Building {path.name} took {build_report['build_s']:.1f} s, {build_report.get('profile_s', 0.0):.1f} s "
+              "of it profiling.")
     return report
+
+
+# How far the held-out interval coverage may fall below its nominal level before the report warns.
+COVERAGE_SLACK = 0.1
+
+
+def warn_if_miscalibrated(report: Mapping[str, Any]) -> None:
+    """Print a warning when the held-out interval coverage lies well below nominal, or a baseline beats the predictor."""
+    coverage, nominal = report.get("interval_coverage_90"), report.get("interval")
+    if coverage is not None and nominal is not None and coverage < nominal - COVERAGE_SLACK:
+        print(f"Warning: the intervals covered {100 * coverage:.0f}% of held-out measurements, against a nominal "
+              f"{100 * nominal:.0f}%. On a busy machine measurements spread more than in profiling: profile on a "
+              "quiet machine and rebuild with predictor.rebuild=true.")
+    ours = report.get("within_10pct")
+    for name, metrics in (report.get("baselines") or {}).items():
+        theirs = metrics.get("within_10pct") if isinstance(metrics, Mapping) else None
+        if ours is not None and theirs is not None and theirs > ours:
+            print(f"Warning: the {name} baseline predicts more held-out subnets within 10% ({100 * theirs:.0f}%) "
+                  f"than the predictor ({100 * ours:.0f}%).")
 
 
 def main() -> None:

@@ -52,7 +52,7 @@ __all__ = ["LatencyPredictor", "Prediction", "PredictorError", "PredictorNotFoun
 
 logger = logging.getLogger(__name__)
 
-REBUILD_HINT = "delete it, or run python search.py +space=<space> predictor.rebuild=true to rebuild it"
+REBUILD_HINT = "delete it to have it rebuilt, or add predictor.rebuild=true to the command"
 DOCUMENT_KIND = "tailnas.latency_predictor"
 # Metadata keys stored at the top level of the predictor file.
 METADATA_KEYS = ("fingerprint", "protocol", "space", "space_hash", "training")

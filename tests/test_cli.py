@@ -76,3 +76,15 @@ def test_train_checks_hardware_before_training(tmp_path):
     assert "hardware=cuda was requested but torch.cuda.is_available() is False" in result.stderr
     assert "No TailNAS study found" not in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_interrupt_ends_without_traceback(capsys):
+    from nas.cli import run_cli
+
+    def body(cfg):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(body, None)
+    assert exited.value.code == 130
+    assert "run the same command again to resume" in capsys.readouterr().err

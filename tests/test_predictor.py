@@ -342,3 +342,54 @@ def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
     path.write_text(json.dumps(document))
     with pytest.raises(PredictorError, match="format_version"):
         load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+
+
+def test_given_predictor_checked_against_protocol_and_space(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from predictors.build import load_or_build_predictor
+    from predictors.protocol import MeasurementProtocol
+
+    space = create_space(TINY_SPACE)
+    settings = {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": 1, "dtype": "float32", "warmup": 1,
+                "repeats": 3}
+    protocol = MeasurementProtocol.from_config(settings)
+    # More subnets in the store than this build asks for: the predictor trains on its own 14 only.
+    load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "n_subnets": 20}, tmp_path, seed=0, progress=False)
+    predictor, report, path = load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "n_subnets": 14}, tmp_path,
+                                                      seed=0, progress=False)
+    assert (report["n_train"], report["n_test"]) == (10, 4)
+    assert len(predictor.metadata["training"]["train_keys"]) == 10
+
+    given = {**TINY_PREDICTOR, "path": str(path)}
+    batch8 = MeasurementProtocol.from_config({**settings, "batch_size": 8})
+    with pytest.raises(PredictorError, match=r"built for other measurement settings: hardware.batch_size 1 there, 8 here"):
+        load_or_build_predictor(space, batch8, given, tmp_path, seed=0)
+
+    other = create_space({**TINY_SPACE, "num_classes": 5})
+    with caplog.at_level(logging.WARNING, logger="predictors.build"):
+        load_or_build_predictor(other, protocol, given, tmp_path, seed=0)
+    assert "was built for space 'resnet_tiny' with another configuration" in caplog.text
+
+    path.write_text('{"kind": "tailnas.latency_pred')
+    with pytest.raises(PredictorError, match="not valid JSON .*; fix the file, or unset predictor.path") as raised:
+        load_or_build_predictor(space, protocol, given, tmp_path, seed=0)
+    assert "predictor.rebuild" not in str(raised.value)
+
+
+def test_interval_checked_before_profiling(tmp_path: Path) -> None:
+    from predictors.build import PredictorConfig
+
+    with pytest.raises(PredictorError, match=r"predictor.interval must be in \(0, 1\), for example 0.9, but got 1.5"):
+        PredictorConfig.from_mapping({"interval": 1.5})
+
+
+def test_evaluate_warns_on_low_coverage_and_better_baseline(capsys: pytest.CaptureFixture) -> None:
+    from predictors.evaluate import warn_if_miscalibrated
+
+    warn_if_miscalibrated({"interval_coverage_90": 0.85, "interval": 0.9, "within_10pct": 0.9,
+                           "baselines": {"lut_sum": {"within_10pct": 0.8}}})
+    assert capsys.readouterr().out == ""
+    warn_if_miscalibrated({"interval_coverage_90": 0.62, "interval": 0.9, "within_10pct": 0.6,
+                           "baselines": {"lut_calibrated": {"within_10pct": 0.72}}})
+    out = capsys.readouterr().out
+    assert "covered 62% of held-out measurements, against a nominal 90%" in out
+    assert "the lut_calibrated baseline predicts more held-out subnets within 10% (72%)" in out
