@@ -65,15 +65,21 @@ def _latency(trial: optuna.trial.FrozenTrial, measured: dict[str, float]) -> flo
 def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial:
     """Return the trial that ``trial=N`` or ``pick=...`` selects; latencies are the measured ones where known."""
     if cfg.trial is not None:
-        matches = [t for t in study.trials if t.number == int(cfg.trial)]
+        front_numbers = [t.number for t in pareto_trials(study)]
+        if isinstance(cfg.trial, bool) or not isinstance(cfg.trial, int):
+            raise UsageError(f"trial must be a trial number of study {study.study_name!r}, but got {cfg.trial!r}; "
+                             f"its Pareto trials are {front_numbers}.")
+        matches = [t for t in study.trials if t.number == cfg.trial]
         if not matches or matches[0].state != optuna.trial.TrialState.COMPLETE:
-            raise UsageError(f"trial={cfg.trial} is not a finished trial of study {study.study_name!r}.")
+            raise UsageError(f"trial={cfg.trial} is not a finished trial of study {study.study_name!r}; its Pareto "
+                             f"trials are {front_numbers}.")
         if matches[0].user_attrs.get("accuracy_skipped"):
             raise UsageError(f"trial={cfg.trial} exceeded the latency budget, so its accuracy was never measured.")
         return matches[0]
     front = pareto_trials(study)
     if not front:
-        raise SearchError(f"Study {study.study_name!r} has no feasible finished trial to pick from.")
+        raise SearchError(f"Study {study.study_name!r} has no feasible finished trial to pick from. Name a study "
+                          "with a Pareto front with search.study_name=NAME (python -m nas.compare --all lists them).")
     measured = study.user_attrs.get("measured_latency_ms", {})
     if cfg.pick == "most_accurate":
         return max(front, key=lambda t: (t.values[0], -_latency(t, measured)))

@@ -148,3 +148,28 @@ def test_knee_of_short_front_is_most_accurate():
     assert knee_index([0.9, 0.95], [1.0, 2.0]) == 1
     with pytest.raises(SearchError, match="empty"):
         knee_index([], [])
+
+
+def _study_with_front():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for number, (accuracy, latency) in enumerate([(0.9, 1.0), (0.8, 0.5), (0.7, 0.9)]):
+        trial = optuna.trial.create_trial(values=[accuracy, latency], user_attrs={"arch": {"n": number}},
+                                          system_attrs={"constraints": [0.0]})
+        study.add_trial(trial)
+    return study
+
+
+@pytest.mark.parametrize(("trial", "message"), [
+    ("abc", r"trial must be a trial number of study .*, but got 'abc'; its Pareto trials are \[1, 0\]"),
+    (99, r"trial=99 is not a finished trial of study .*; its Pareto trials are \[1, 0\]"),
+])
+def test_train_pick_names_pareto_trials(trial, message):
+    from omegaconf import OmegaConf
+
+    import train
+    from nas.cli import UsageError
+
+    cfg = OmegaConf.create({"trial": trial, "pick": "knee", "budget_ms": None})
+    with pytest.raises(UsageError, match=message):
+        train.pick_trial(_study_with_front(), cfg)
+    assert train.pick_trial(_study_with_front(), OmegaConf.create({**cfg, "trial": 2})).number == 2
