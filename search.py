@@ -36,7 +36,8 @@ from nas.search import (
     create_sampler,
     knee_index,
     pareto_trials,
-    stored_study_attrs,
+    existing_study,
+    sampler_seed,
 )
 from nas.spaces import SearchSpace, create_space
 from nas.supernet.cache import load_supernet, save_supernet, supernet_key
@@ -212,10 +213,16 @@ def run(cfg: DictConfig) -> None:
     scoring = {"space": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
                "device_fingerprint_id": fingerprint_id(fingerprint), "hardware": protocol.to_dict(),
                "latency_budget_ms": budget}
-    stored = stored_study_attrs(storage, study_name)
+    stored = existing_study(storage, study_name)
     if stored is not None:
         # Checked before the supernet trains, so a mismatch costs nothing.
-        check_resume(stored, scoring, study_name, storage)
+        check_resume(stored.user_attrs, scoring, study_name, storage)
+    trials_before = len(stored.trials) if stored is not None else 0
+    seed = sampler_seed(cfg.seed, cfg.search.get("worker", 0), trials_before)
+    if seed != cfg.seed:
+        log.info("Sampler seed %d (from seed %d, search.worker %s and the study's %d earlier trials)", seed, cfg.seed,
+                 cfg.search.get("worker", 0), trials_before)
+        sampler = create_sampler(cfg.search.sampler, seed, cfg.search.population_size)
     tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir),
                              default_group=study_name)
 

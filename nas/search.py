@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 
 from nas.spaces.base import Arch, SearchSpace
@@ -23,7 +24,8 @@ __all__ = [
     "create_or_load_study",
     "check_budget",
     "check_resume",
-    "stored_study_attrs",
+    "existing_study",
+    "sampler_seed",
     "pareto_trials",
     "knee_index",
     "latest_study_name",
@@ -96,11 +98,25 @@ RESUME_KEYS = {
 }
 
 
-def stored_study_attrs(storage: str, study_name: str) -> dict[str, Any] | None:
-    """Return the user attributes of the study ``study_name`` in ``storage``, or None when there is no such study."""
+def existing_study(storage: str, study_name: str) -> optuna.Study | None:
+    """Return the study ``study_name`` in ``storage``, or None when there is no such study."""
     if study_name not in optuna.get_all_study_names(storage=storage):
         return None
-    return dict(optuna.load_study(study_name=study_name, storage=storage).user_attrs)
+    return optuna.load_study(study_name=study_name, storage=storage)
+
+
+def sampler_seed(seed: int, worker: Any = 0, trials_before: int = 0) -> int:
+    """Return the sampler seed of a run: ``seed`` for worker 0 of a new study, otherwise one drawn from all three.
+
+    A seeded sampler draws the same architectures in every run. So a run that resumes a study
+    (``trials_before`` > 0) or a second worker on it (another ``worker`` index) gets a seed of its
+    own, and explores new architectures instead of repeating the first run's.
+    """
+    if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+        raise SearchError(f"search.worker must be a whole number >= 0, one per worker on a study, but got {worker!r}.")
+    if worker == 0 and trials_before == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, worker, trials_before]).generate_state(1)[0])
 
 
 def _normalised(value: Any) -> Any:

@@ -1,3 +1,5 @@
+import json
+
 import optuna
 import pytest
 
@@ -10,6 +12,7 @@ from nas.search import (
     create_or_load_study,
     create_sampler,
     knee_index,
+    sampler_seed,
     latest_study_name,
     pareto_trials,
 )
@@ -30,9 +33,9 @@ def fake_accuracy(space):
     return lambda arch: 0.5 + 0.4 * space.macs(arch) / largest
 
 
-def run_study(space, sampler_name, tmp_path, budget=None, n_trials=24, name="s"):
+def run_study(space, sampler_name, tmp_path, budget=None, n_trials=24, name="s", seed=0):
     storage = f"sqlite:///{tmp_path / 'studies.db'}"
-    sampler = create_sampler(sampler_name, seed=0, population_size=8)
+    sampler = create_sampler(sampler_name, seed=seed, population_size=8)
     study, _ = create_or_load_study(storage, name, sampler, {"space": space.raw_config})
     objective = SearchObjective(space, fake_accuracy(space), fake_latency(space), latency_budget_ms=budget)
     study.optimize(objective, n_trials=n_trials)
@@ -173,3 +176,19 @@ def test_train_pick_names_pareto_trials(trial, message):
     with pytest.raises(UsageError, match=message):
         train.pick_trial(_study_with_front(), cfg)
     assert train.pick_trial(_study_with_front(), OmegaConf.create({**cfg, "trial": 2})).number == 2
+
+
+@pytest.mark.parametrize("worker", [0, 1])
+def test_resumed_or_second_worker_draws_new_architectures(resnet_space, tmp_path, worker):
+    first, _ = run_study(resnet_space, "random", tmp_path, n_trials=4, name="shared")
+    before = len(first.trials) if worker == 0 else 0  # worker 1 starts at the same time as worker 0
+    again, _ = run_study(resnet_space, "random", tmp_path, n_trials=4, name="shared", seed=sampler_seed(0, worker, before))
+    archs = [json.dumps(t.user_attrs["arch"], sort_keys=True) for t in again.trials]
+    assert not set(archs[4:]) & set(archs[:4])
+
+
+def test_sampler_seed():
+    assert sampler_seed(7) == 7  # a new study's first worker keeps the seed, as before workers counted
+    assert len({sampler_seed(7, 0, 4), sampler_seed(7, 1, 0), sampler_seed(7, 1, 4)}) == 3
+    with pytest.raises(SearchError, match="search.worker must be a whole number >= 0, .* but got -1"):
+        sampler_seed(7, -1)
