@@ -364,3 +364,18 @@ def test_batch_check_warnings(subnet, monkeypatch, caplog, gated_ms, spread, exp
         [saved] = train.check_gate_batches(network, subnet, space, None, None, {"device": "cpu"})
     assert expected in caplog.text
     assert saved["gated_ms"] == {str(ratio): ms for ratio, ms in gated_ms.items()}
+
+
+def test_two_workers_through_submitit_share_one_study(searched):
+    import optuna
+
+    tmp, _, _ = searched
+    args = ["-m", *TINY[:-1], "search.study_name=tiny-workers", f"paths.work_dir={tmp / 'work'}",
+            "hydra/launcher=submitit_local", "search.worker=0,1", f"hydra.sweep.dir={tmp / 'workers'}"]
+    result = run("search.py", args, tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for job in ("0", "1"):
+        assert (tmp / "workers" / job / "pareto.csv").is_file()
+    study = optuna.load_study(study_name="tiny-workers", storage=f"sqlite:///{tmp / 'work' / 'studies.db'}")
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.COMPLETE] * 12  # search.n_trials=6 from each worker
