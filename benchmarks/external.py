@@ -1,11 +1,16 @@
 """Train the predictor on external GPU latencies and print held-out accuracy as one JSON line.
 
-Usage: python benchmarks/external.py [--csv PATH] [--n-train 1000] [--seed 0] [--max-test N]
+Usage: python benchmarks/external.py [--csv PATH] [--space YAML] [--n-train 1000] [--seed 0] [--max-test N]
+       python benchmarks/external.py --csv tests/data/ofa_mbv3_sample.csv --n-train 150
 
 Reads a CSV of measured subnets (columns arch, latency_ms, device, batch_size; see
 ``predictors/external.py``), trains on ``--n-train`` rows per device and evaluates on the rest,
 next to a MACs-linear fit on the same rows. The default CSV is the Once-for-All MobileNetV3 data
-set at ``../shared/data/ofa_mbv3_w1.0_gpu_b64.csv`` beside the repository, when it is there.
+set at ``../shared/data/ofa_mbv3_w1.0_gpu_b64.csv`` beside the repository, when it is there; the
+bundled sample ``tests/data/ofa_mbv3_sample.csv`` has 200 rows per device, so ``--n-train`` must
+be below 200 with it. In the space YAML, ``${data.in_channels}``, ``${data.num_classes}`` and
+``${data.resolution}`` take ImageNet's values (:data:`SPACE_DATA`). Unusable input ends the
+script with one ``error:`` line and exit status 1.
 
 Keys of the JSON line: ``devices`` maps each device to ``within_10pct``, ``within_5pct`` and
 ``kendall_tau`` of the predictor, the same under ``macs_linear``, and ``n_train``/``n_test``;
@@ -20,41 +25,92 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any, NoReturn
 
-import yaml
+import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from nas.spaces import create_space  # noqa: E402
-from predictors.external import evaluate_external, read_external_csv  # noqa: E402
+from nas.spaces import SearchSpace, SpaceError, create_space, load_space_config  # noqa: E402
+from predictors.external import ExternalDataError, evaluate_external, read_external_csv  # noqa: E402
 
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "ofa_mbv3_w1.0_gpu_b64.csv"
 DEFAULT_SPACE = ROOT / "conf" / "space" / "mobilenet_imagenet.yaml"
+SAMPLE_COMMAND = "python benchmarks/external.py --csv tests/data/ofa_mbv3_sample.csv --n-train 150"
+# Values for a space YAML's ${data.*} keys. They are ImageNet's because external latency data sets,
+# such as Once-for-All's MobileNetV3 measurements, time networks built for ImageNet.
+SPACE_DATA = {"in_channels": 3, "num_classes": 1000, "resolution": 224}
 KEYS = ("within_10pct", "within_5pct", "kendall_tau")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--csv", type=Path, default=DEFAULT_CSV, help="external latency CSV (default: %(default)s)")
-    parser.add_argument("--space", type=Path, default=DEFAULT_SPACE, help="space YAML whose encoding the arch column uses")
-    parser.add_argument("--n-train", type=int, default=1000, help="training rows per device (default: %(default)s)")
+    parser.add_argument("--space", type=Path, default=DEFAULT_SPACE,
+                        help="space YAML whose encoding the arch column uses (default: %(default)s)")
+    parser.add_argument("--n-train", type=int, default=1000,
+                        help="training rows per device, below the device's row count (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the models (default: %(default)s)")
-    parser.add_argument("--max-test", type=int, default=None, help="evaluate on at most this many rows per device")
-    return parser.parse_args()
+    parser.add_argument("--max-test", type=int, default=None,
+                        help="evaluate on at most this many rows per device (default: all held-out rows)")
+    return parser.parse_args(argv)
 
 
-def main() -> None:
-    args = parse_args()
+def fail(message: str) -> NoReturn:
+    """End the script with one ``error:`` line on stderr and exit status 1."""
+    raise SystemExit(f"error: {message}")
+
+
+def missing_csv_message(path: Path) -> str:
+    if path == DEFAULT_CSV:
+        return (f"the default external latency CSV {path} is not there. Pass --csv PATH, or run on the bundled "
+                f"sample (200 subnets per GPU) from the repository root: {SAMPLE_COMMAND}")
+    return (f"external latency CSV {path} not found. Pass --csv PATH with columns arch, latency_ms, device and "
+            f"batch_size, for example the bundled sample: {SAMPLE_COMMAND}")
+
+
+def load_space(path: Path) -> SearchSpace:
+    """Build the space of a YAML, filling its ``${data.*}`` keys from :data:`SPACE_DATA`."""
+    try:
+        config: dict[str, Any] = load_space_config(path, SPACE_DATA)
+    except SpaceError as err:
+        cause = err.__cause__
+        if cause is None:
+            fail(str(err))
+        filled = ", ".join(f"data.{key}={value}" for key, value in SPACE_DATA.items())
+        fail(f"space YAML {path} has a key that cannot be resolved: {str(cause).splitlines()[0]} "
+             f"(at {getattr(cause, 'key', '?')}). This script fills only {filled}; pass a space YAML whose "
+             "other keys are literal values.")
+    try:
+        return create_space(config)
+    except ValueError as err:
+        fail(f"space YAML {path} does not build a space: {err}")
+
+
+def check_n_train(frame: pd.DataFrame, n_train: int, csv: Path) -> None:
+    """Stop with the range of ``--n-train`` that the device with the fewest rows allows."""
+    rows = frame.groupby("device", sort=False).size()
+    device, count = rows.idxmin(), int(rows.min())
+    # With 10 rows or fewer no value fits, so evaluate_external raises its own error.
+    if count > 10 and not 10 <= n_train < count:
+        fail(f"--n-train {n_train} does not fit {csv}: device {device!r} has {count} rows, so --n-train must be "
+             f"in [10, {count - 1}] to leave rows for testing.")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if not args.csv.is_file():
-        raise SystemExit(
-            f"External latency CSV {args.csv} not found. Pass --csv PATH with columns arch, latency_ms, device "
-            "and batch_size (for example the Once-for-All MobileNetV3 data set ofa_mbv3_w1.0_gpu_b64.csv)."
-        )
+        fail(missing_csv_message(args.csv))
     start = time.perf_counter()
-    space = create_space(yaml.safe_load(args.space.read_text()))
-    results = evaluate_external(space, read_external_csv(args.csv), args.n_train, args.seed, max_test=args.max_test)
+    space = load_space(args.space)
+    try:
+        frame = read_external_csv(args.csv)
+        check_n_train(frame, args.n_train, args.csv)
+        results = evaluate_external(space, frame, args.n_train, args.seed, max_test=args.max_test)
+    except ExternalDataError as err:
+        fail(str(err))
     devices = {}
     for result in results:
         devices[result.device] = {

@@ -45,7 +45,8 @@ from predictors.protocol import MeasurementProtocol  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--arch", type=json.loads, default=DEFAULT_ARCH, help="subnet to gate, as arch JSON")
     parser.add_argument("--keep-ratio", type=float, default=0.4, help="keep ratio of the gated network")
     parser.add_argument("--placement", default="measure", help="gates.placement: measure (as train.py) or all")

@@ -77,10 +77,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=30, help="timed passes per measurement (%(default)s)")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads (%(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds timing the network (%(default)s)")
-    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0])
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0],
+                        help="keep ratios at which the network check predicts and measures latency (%(default)s)")
     parser.add_argument("--arch", type=json.loads, default=DEFAULT_ARCH, help="subnet of the network check (JSON)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("benchmark-gated-latency"))
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the subnets, the held-out split and the network's weights (%(default)s)")
+    parser.add_argument("--out", type=Path, default=Path("benchmark-gated-latency"),
+                        help="folder for gated_latency.json and the plots, created if missing (%(default)s)")
     return parser.parse_args()
 
 

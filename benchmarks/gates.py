@@ -106,7 +106,8 @@ def parse_args() -> argparse.Namespace:
                         help="fine-tuning epochs of the gated subnet, and of the ungated baseline")
     parser.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25],
                         help="keep ratios to sweep, inside gates.keep_ratio_range")
-    parser.add_argument("--keep-ratio", type=float, default=None, help="gates.keep_ratio (default: feature.yaml)")
+    parser.add_argument("--keep-ratio", type=float, default=None,
+                        help="gates.keep_ratio; %(default)s keeps the keep_ratio of conf/gates/feature.yaml")
     parser.add_argument("--placement", default="measure", help="gates.placement: measure, table or all")
     parser.add_argument("--gates", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more conf/gates/feature.yaml overrides, values in YAML (spatial=false)")

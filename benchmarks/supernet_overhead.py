@@ -40,7 +40,8 @@ from nas.spaces import create_space, load_space_config  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--space", default="resnet", help="space variant (conf/space/NAME.yaml)")
     parser.add_argument("--in-channels", type=int, default=1,
                         help="input channels where the space YAML takes them from the data (MNIST: 1)")
@@ -49,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64, help="images per training step")
     parser.add_argument("--steps", type=int, default=30, help="timed steps of each model")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps of each model before timing")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; default keeps torch's")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; %(default)s keeps torch's")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights, batch and labels")
     args = parser.parse_args(argv)
     for name in ("batch_size", "steps"):

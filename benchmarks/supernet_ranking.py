@@ -73,24 +73,25 @@ log = logging.getLogger("tailnas.benchmarks.supernet_ranking")
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--space", default="resnet", help="space variant, as in +space=NAME (conf/space/NAME.yaml)")
     parser.add_argument("--schedule", default="sandwich", choices=["sandwich", "progressive"],
                         help="supernet training schedule (conf/supernet/NAME.yaml)")
     parser.add_argument("--epochs", type=int, default=None,
-                        help="supernet epochs, and so standalone epochs; default: supernet.epochs of the config "
-                             "(5). Sandwich only: for progressive set supernet.phases.* overrides, and the "
+                        help="supernet epochs, and so standalone epochs; %(default)s keeps supernet.epochs of the "
+                             "config (5). Sandwich only: for progressive set supernet.phases.* overrides, and the "
                              "standalone runs take their sum")
     parser.add_argument("--subnets", type=int, default=16, help="subnets to compare, at least 4")
     parser.add_argument("--data", default="mnist", choices=["mnist", "cifar10"], help="dataset (conf/data/NAME.yaml)")
-    parser.add_argument("--root", default=None, help="CIFAR-10 folder that contains cifar-10-batches-py/")
+    parser.add_argument("--root", default=None, help="with --data cifar10: the folder that contains cifar-10-batches-py/")
     parser.add_argument("--work-dir", default=os.environ.get("TAILNAS_WORK_DIR", str(ROOT / "work")),
                         help="work directory whose supernet cache is read and filled (search.py's default)")
     parser.add_argument("--seed", type=int, default=0, help="seed of training, subnet choice and the bootstrap")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; default keeps torch's")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; %(default)s keeps torch's")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the tau interval")
     parser.add_argument("--eval-split", default="val+test", choices=["val", "val+test"],
-                        help="images both accuracies are measured on (default: %(default)s, twice the images of val)")
+                        help="images both accuracies are measured on; val+test has twice the images of val")
     parser.add_argument("--seeds", type=int, default=2,
                         help="standalone runs per subnet, seeds seed..seed+N-1; their mean accuracy counts")
     parser.add_argument("--candidates", type=int, default=2000,

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pickle
+import zipfile
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -210,10 +211,49 @@ def export_program(model: nn.Module, example_input: torch.Tensor, path: str | os
     return program
 
 
+def _archive_entries(path: Path) -> set[str] | None:
+    """Return the entry names below the zip archive's top folder, or None if ``path`` is not a zip archive."""
+    if not zipfile.is_zipfile(path):
+        return None
+    with zipfile.ZipFile(path) as archive:
+        return {name.split("/", 1)[1] for name in archive.namelist() if "/" in name}
+
+
+def _check_program_file(path: Path) -> None:
+    """Raise ExportError for a ``path`` that cannot be a torch.export program, before torch logs a traceback for it."""
+    if path.is_dir():
+        raise ExportError(f"{str(path)!r} is a directory; pass the .pt2 file in it that export_program wrote.")
+    if not path.is_file():
+        raise ExportError(f"{str(path)!r} not found; pass the .pt2 file that export_program wrote "
+                          "(train.py writes subnet.pt2 next to subnet.pt).")
+    entries = _archive_entries(path)
+    # torch.save writes a zip archive with data.pkl; a torch.export program has archive_format instead.
+    if path.suffix == ".pt" or (entries is not None and "data.pkl" in entries and "archive_format" not in entries):
+        raise ExportError(f"{str(path)!r} is a checkpoint (.pt, torch.save), not a torch.export program; use "
+                          "nas.export.load_finetuned(path) for the subnet.pt that train.py writes, or pass the "
+                          ".pt2 file next to it to load_program.")
+    if entries is None:
+        raise ExportError(f"{str(path)!r} is not a torch.export program (not a zip archive); pass the .pt2 file "
+                          "that export_program wrote.")
+
+
 def load_program(path: str | os.PathLike[str]) -> torch.export.ExportedProgram:
-    """Load a program written by :func:`export_program`, checking its format version."""
+    """Load a program written by :func:`export_program`, checking its format version.
+
+    Raises:
+        ExportError: if ``path`` is missing, a directory, a ``torch.save`` checkpoint such as
+            ``subnet.pt`` (load that with :func:`load_finetuned`), not a program that torch can
+            read, or has another format version.
+    """
+    path = Path(path)
+    _check_program_file(path)
     extra = {_VERSION_KEY: ""}
-    program = torch.export.load(str(path), extra_files=extra)
+    try:
+        program = torch.export.load(str(path), extra_files=extra)
+    except (RuntimeError, ValueError, KeyError, zipfile.BadZipFile) as error:
+        reason = str(error).split("\n")[0]
+        raise ExportError(f"{str(path)!r} is not a torch.export program that this torch can read "
+                          f"({type(error).__name__}: {reason}). Pass the .pt2 file that export_program wrote.") from error
     if extra[_VERSION_KEY] != str(EXPORT_FORMAT_VERSION):
         raise ExportError(
             f"{str(path)!r} has export format version {extra[_VERSION_KEY]!r}; "

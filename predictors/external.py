@@ -85,10 +85,16 @@ def read_external_csv(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise ExternalDataError(f"External latency CSV {path} not found; pass the path of an existing file.")
-    frame = pd.read_csv(path)
+    try:
+        frame = pd.read_csv(path)
+    except pd.errors.EmptyDataError as err:
+        raise ExternalDataError(f"{path} is empty; expected a header with columns {list(EXTERNAL_COLUMNS)} "
+                                "and one row per measured subnet.") from err
     missing = [column for column in EXTERNAL_COLUMNS if column not in frame.columns]
     if missing:
         raise ExternalDataError(f"{path} is missing columns {missing}; expected columns {list(EXTERNAL_COLUMNS)}.")
+    if frame.empty:
+        raise ExternalDataError(f"{path} has a header but no rows; add one row per measured subnet.")
     latencies = pd.to_numeric(frame["latency_ms"], errors="coerce")
     bad = frame.index[~(latencies > 0)].tolist()
     if bad:
@@ -117,7 +123,8 @@ def layer_lists_for(space: SearchSpace, arch_texts: Sequence[str]) -> list[list[
             try:
                 arch = space.arch_from_dict(json.loads(text))
             except (json.JSONDecodeError, ValueError) as err:
-                raise ExternalDataError(f"Row {row}: arch {text[:120]!r} is not valid for space {space.name!r}: {err}") from err
+                raise ExternalDataError(f"Row {row}: arch {text[:120]!r} is not valid for space {space.name!r}: "
+                                        f"{str(err).rstrip('.')}. Pass the space whose encoding the arch column uses.") from err
             cache[text] = space.layers(arch)
         out.append(cache[text])
     return out
@@ -170,6 +177,8 @@ def evaluate_external(
     Returns:
         One :class:`ExternalResult` per device, in order of first appearance.
     """
+    if frame.empty:
+        raise ExternalDataError("The external latency frame has no rows; read a CSV with measured subnets first.")
     results = []
     for device, rows in frame.groupby("device", sort=False):
         batch_sizes = rows["batch_size"].unique()

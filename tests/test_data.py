@@ -346,3 +346,33 @@ def test_cifar10_writer_folder_permissions(tmp_path):
     reference = tmp_path / "reference"
     reference.mkdir()
     assert folder.stat().st_mode == reference.stat().st_mode
+
+
+@pytest.mark.parametrize("root", [None, "???"])
+def test_cifar10_missing_root_message(root):
+    with pytest.raises(DataError) as excinfo:
+        build_datamodule({"name": "cifar10", "root": root})
+    assert str(excinfo.value) == (
+        "data.root is missing: data=cifar10 needs data.root=PATH, the folder that contains 'cifar-10-batches-py' "
+        "(where cifar-10-python.tar.gz was extracted). Nothing is downloaded.")
+
+
+def test_cifar10_root_at_batches_folder(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    folder = tmp_path / CIFAR10_FOLDER
+    with pytest.raises(DataError) as excinfo:
+        build_datamodule({"name": "cifar10", "root": str(folder)})
+    assert str(excinfo.value) == (
+        f"data.root={str(folder)!r} is the CIFAR-10 batches folder itself, but data.root must be the folder that "
+        f"contains 'cifar-10-batches-py'; point data.root at its parent folder {str(tmp_path.resolve())!r}.")
+    assert _cifar10_module(tmp_path).root == tmp_path
+
+
+def test_cifar10_renamed_batches_folder(tmp_path):
+    _write_tiny_cifar10(tmp_path)
+    renamed = tmp_path / "cifar10-batches"
+    (tmp_path / CIFAR10_FOLDER).rename(renamed)
+    with pytest.raises(DataError) as excinfo:
+        build_datamodule({"name": "cifar10", "root": str(renamed)})
+    assert str(excinfo.value).endswith(
+        f"rename it to 'cifar-10-batches-py' and point data.root at its parent folder {str(tmp_path.resolve())!r}.")

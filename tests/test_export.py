@@ -232,3 +232,44 @@ def test_timm_unknown_family_rejected():
     with pytest.raises(ExportError) as err:
         to_timm(space, space.smallest(), torch.nn.Module())
     assert "'separable' has no timm counterpart" in str(err.value)
+
+
+# -- load_program on files that are not programs --------------------------------------------------
+def test_load_program_rejects_checkpoint(tmp_path, capfd):
+    path = tmp_path / "subnet.pt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    with pytest.raises(ExportError) as excinfo:
+        load_program(path)
+    assert str(excinfo.value) == (
+        f"{str(path)!r} is a checkpoint (.pt, torch.save), not a torch.export program; use "
+        "nas.export.load_finetuned(path) for the subnet.pt that train.py writes, or pass the .pt2 file next to it "
+        "to load_program.")
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_load_program_rejects_renamed_checkpoint(tmp_path, capfd):
+    path = tmp_path / "subnet.pt2"
+    torch.save({"w": torch.zeros(2)}, path)
+    with pytest.raises(ExportError, match=r"is a checkpoint \(\.pt, torch\.save\), not a torch\.export program"):
+        load_program(path)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_load_program_missing_path(tmp_path, capfd):
+    path = tmp_path / "nowhere.pt2"
+    with pytest.raises(ExportError) as excinfo:
+        load_program(path)
+    assert str(excinfo.value) == (f"{str(path)!r} not found; pass the .pt2 file that export_program wrote "
+                                  "(train.py writes subnet.pt2 next to subnet.pt).")
+    assert capfd.readouterr().err == ""
+
+
+def test_load_program_rejects_directory_and_text(tmp_path):
+    with pytest.raises(ExportError, match="is a directory; pass the .pt2 file in it"):
+        load_program(tmp_path)
+    path = tmp_path / "text.pt2"
+    path.write_text("not a program")
+    with pytest.raises(ExportError) as excinfo:
+        load_program(path)
+    assert str(excinfo.value) == (f"{str(path)!r} is not a torch.export program (not a zip archive); pass the .pt2 "
+                                  "file that export_program wrote.")

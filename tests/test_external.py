@@ -130,3 +130,94 @@ def test_n_train_out_of_range(tmp_path: Path) -> None:
     synthetic_csv(path, 20, seed=1)
     with pytest.raises(ExternalDataError, match="n_train must be in"):
         evaluate_external(resnet_space(), read_external_csv(path), n_train=20, sm_counts={"Fake GPU": 20})
+
+
+# -- benchmarks/external.py: its space loading and its one-line errors ---------------------------
+@pytest.fixture(scope="module")
+def external_bench():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("external_benchmark_under_test", ROOT / "benchmarks" / "external.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench_error(module, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as excinfo:
+        module.main(argv)
+    assert isinstance(excinfo.value.code, str), excinfo.value.code
+    return excinfo.value.code
+
+
+@pytest.mark.parametrize("variant", ["mobilenet", "resnet"])
+def test_bench_fills_space_data_keys(external_bench, variant: str) -> None:
+    space = external_bench.load_space(ROOT / f"conf/space/{variant}.yaml")
+    assert space.name == variant
+    assert space.raw_config["in_channels"] == 3
+    assert space.raw_config["num_classes"] == 1000
+    assert space.input_shape(space.largest())[0] == 3
+
+
+def test_bench_wrong_space_encoding(external_bench) -> None:
+    message = bench_error(external_bench, ["--csv", str(SAMPLE), "--space", str(ROOT / "conf/space/mobilenet.yaml"),
+                                           "--n-train", "50"])
+    assert message.startswith("error: Row 0: arch ")
+    assert "arch.r=224 is not allowed; allowed values are [28]. Pass the space whose encoding the arch column uses." in message
+
+
+def test_bench_unresolvable_space_key_named(external_bench, tmp_path: Path) -> None:
+    space = tmp_path / "odd.yaml"
+    space.write_text("name: odd\nfamily: resnet\nwidth: ${data.width}\n")
+    message = bench_error(external_bench, ["--csv", str(SAMPLE), "--space", str(space)])
+    assert message == (f"error: space YAML {space} has a key that cannot be resolved: Interpolation key 'data.width' "
+                       "not found (at width). This script fills only data.in_channels=3, data.num_classes=1000, "
+                       "data.resolution=224; pass a space YAML whose other keys are literal values.")
+
+
+def test_bench_n_train_too_large(external_bench) -> None:
+    message = bench_error(external_bench, ["--csv", str(SAMPLE)])
+    assert message == (f"error: --n-train 1000 does not fit {SAMPLE}: device 'NVIDIA GeForce RTX 2080 Ti' has 200 rows, "
+                       "so --n-train must be in [10, 199] to leave rows for testing.")
+
+
+def test_bench_missing_default_csv(external_bench, monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(external_bench, "DEFAULT_CSV", tmp_path / "absent.csv")
+    message = bench_error(external_bench, [])
+    assert message.startswith(f"error: the default external latency CSV {tmp_path / 'absent.csv'} is not there.")
+    assert message.endswith("python benchmarks/external.py --csv tests/data/ofa_mbv3_sample.csv --n-train 150")
+
+
+def test_bench_sample_command_is_valid(external_bench) -> None:
+    args = external_bench.parse_args(external_bench.SAMPLE_COMMAND.split()[2:])
+    assert (ROOT / args.csv).is_file()
+    assert 10 <= args.n_train < len(read_external_csv(ROOT / args.csv).query("device == 'NVIDIA Tesla P40'"))
+
+
+def test_header_only_csv_rejected(external_bench, tmp_path: Path) -> None:
+    path = tmp_path / "header.csv"
+    path.write_text("device,batch_size,arch,latency_ms\n")
+    with pytest.raises(ExternalDataError, match="has a header but no rows; add one row per measured subnet"):
+        read_external_csv(path)
+    assert bench_error(external_bench, ["--csv", str(path)]) == (
+        f"error: {path} has a header but no rows; add one row per measured subnet.")
+
+
+def test_empty_csv_rejected(external_bench, tmp_path: Path) -> None:
+    path = tmp_path / "empty.csv"
+    path.write_text("")
+    expected = (f"{path} is empty; expected a header with columns ['arch', 'latency_ms', 'device', 'batch_size'] "
+                "and one row per measured subnet.")
+    with pytest.raises(ExternalDataError) as excinfo:
+        read_external_csv(path)
+    assert str(excinfo.value) == expected
+    assert bench_error(external_bench, ["--csv", str(path)]) == f"error: {expected}"
+
+
+def test_empty_frame_rejected() -> None:
+    frame = pd.DataFrame(columns=["device", "batch_size", "arch", "latency_ms"])
+    with pytest.raises(ExternalDataError, match="frame has no rows"):
+        evaluate_external(resnet_space(), frame, n_train=10)

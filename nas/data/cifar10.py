@@ -284,6 +284,22 @@ class ImageArrayDataset(Dataset):
         return self.transform(Image.fromarray(self.images[index])), int(self.labels[index])
 
 
+def _cifar10_root(root: str | None) -> Path:
+    """Return ``data.root``, the folder that contains ``cifar-10-batches-py``, or raise DataError with the fix."""
+    if root is None or str(root) in ("", "???"):
+        raise DataError(f"data.root is missing: data=cifar10 needs data.root=PATH, the folder that contains "
+                        f"'{CIFAR10_FOLDER}' (where cifar-10-python.tar.gz was extracted). Nothing is downloaded.")
+    path = _require_dir(root, "cifar10", f"the folder '{CIFAR10_FOLDER}' from the CIFAR-10 python archive")
+    if (path / CIFAR10_FOLDER).is_dir():
+        return path
+    if path.name == CIFAR10_FOLDER or (path / CIFAR10_TRAIN_FILES[0]).is_file():
+        rename = "" if path.name == CIFAR10_FOLDER else f"rename it to '{CIFAR10_FOLDER}' and "
+        raise DataError(f"data.root={str(path)!r} is the CIFAR-10 batches folder itself, but data.root must be the "
+                        f"folder that contains '{CIFAR10_FOLDER}'; {rename}point data.root at its parent folder "
+                        f"{str(path.resolve().parent)!r}.")
+    raise DataError(f"data.root={str(path)!r} has no '{CIFAR10_FOLDER}' folder; extract cifar-10-python.tar.gz there.")
+
+
 class CIFAR10DataModule(ImageDataModule):
     """CIFAR-10 from a local copy in the python format (``cifar-10-batches-py``), never downloaded.
 
@@ -297,11 +313,7 @@ class CIFAR10DataModule(ImageDataModule):
 
     def __init__(self, root: str | None = None, augment: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.root = _require_dir(root, "cifar10", f"the folder '{CIFAR10_FOLDER}' from the CIFAR-10 python archive")
-        if not (self.root / CIFAR10_FOLDER).is_dir():
-            raise DataError(
-                f"data.root={str(self.root)!r} has no '{CIFAR10_FOLDER}' folder; extract cifar-10-python.tar.gz there."
-            )
+        self.root = _cifar10_root(root)
         self.augment = augment
 
     def setup(self, stage: str | None = None) -> None:
