@@ -299,7 +299,8 @@ def build_predictor(
     logger.info(
         "Latency predictor for %s: within 10%% %.3f, within 5%% %.3f, Kendall tau %s on %d held-out subnets "
         "(MACs-linear within 10%% %.3f); built in %.1f s.",
-        space.name, report["within_10pct"], report["within_5pct"], report["kendall_tau"], report["n_test"],
+        space.name, report["within_10pct"], report["within_5pct"],
+        "-" if report["kendall_tau"] is None else f"{report['kendall_tau']:.3f}", report["n_test"],
         report["macs_within_10pct"], report["build_s"],
     )
     return predictor, report

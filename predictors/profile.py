@@ -27,7 +27,7 @@ def run(cfg: DictConfig) -> None:
     require_space(cfg, COMMAND)
     from nas.spaces import create_space
     from predictors.fingerprint import device_fingerprint
-    from predictors.profiling import MeasurementProtocol, profile_space
+    from predictors.profiling import MeasurementProtocol, busy_advice, profile_space
     from predictors.store import ProfileStore
 
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
@@ -90,9 +90,10 @@ def run(cfg: DictConfig) -> None:
     else:
         print("Noise floor: needs profile.passes >= 2 and profile.n_subnets >= 1.")
     if summary.busy_runs:
-        print(f"Warning: {summary.busy_runs} runs were measured while the load average exceeded the CPU count, "
-              f"so their latencies may include waiting for a core. Move {summary.store_dir} away and profile "
-              "again on a quiet machine.")
+        runs = summary.layers_measured + summary.subnets_measured
+        print(f"Warning: {summary.busy_runs} of {runs} runs were measured while the load average exceeded the CPU "
+              f"count, so their latencies may include waiting for a core. "
+              f"{busy_advice(summary.busy_runs, runs, summary.store_dir)}")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="profile")

@@ -307,10 +307,22 @@ def profile_space(
     if busy_runs:
         logger.warning(
             "%d of %d runs were measured while the load average exceeded the %s logical cores, so other "
-            "processes competed for the CPU. Move %s away and profile again on a quiet machine.",
-            busy_runs, len(pending), os.cpu_count(), store.directory,
+            "processes competed for the CPU. %s", busy_runs, len(pending), os.cpu_count(),
+            busy_advice(busy_runs, len(pending), store.directory),
         )
     return summary
+
+
+# Above this share of busy runs, profiling again on a quiet machine is the advice.
+BUSY_SHARE_TO_REPROFILE = 0.1
+
+
+def busy_advice(busy_runs: int, runs: int, store_dir: Any) -> str:
+    """Return what to do about ``busy_runs`` of ``runs`` measured on a busy machine."""
+    if busy_runs > BUSY_SHARE_TO_REPROFILE * runs:
+        return f"Move {store_dir} away and profile again on a quiet machine."
+    return ("So few runs are unlikely to matter; the noise floor and the predictor's held-out accuracy show "
+            "whether they did.")
 
 
 def _run_pending(

@@ -438,3 +438,10 @@ def test_profile_space_rejects_other_thread_count(tmp_path):
     store = ProfileStore(tmp_path, device_fingerprint(MeasurementProtocol(threads=2)))
     with pytest.raises(ValueError, match="threads=2 but the protocol uses threads=1"):
         profile_space(space, store, FAST, n_subnets=2, seed=0, progress=False)
+
+
+def test_busy_advice_depends_on_share():
+    from predictors.profiling import busy_advice
+
+    assert busy_advice(2, 966, "store").startswith("So few runs are unlikely to matter")
+    assert busy_advice(200, 966, "store") == "Move store away and profile again on a quiet machine."
