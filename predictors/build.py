@@ -101,9 +101,17 @@ def hardware_facts_from_fingerprint(fingerprint: Mapping[str, Any]) -> HardwareF
     return HardwareFacts(device="cpu", simd_width=simd_width_floats(dict(fingerprint)), threads=int(fingerprint.get("threads") or 1))
 
 
-def predictor_path(work_dir: Path, fingerprint_id: str, space: SearchSpace, batch_size: int) -> Path:
-    """Return where the predictor for ``space`` on a device at ``batch_size`` is cached."""
-    return Path(work_dir) / "predictors" / fingerprint_id / f"{space.name}-{space.config_hash()}-b{batch_size}.json"
+def predictor_path(work_dir: Path, fingerprint_id: str, space: SearchSpace, protocol: Any,
+                   config: PredictorConfig) -> Path:
+    """Return where the predictor for ``space`` under ``protocol``, built with ``config``, is cached.
+
+    The name ends with a hash of the measurement settings and the training settings, so
+    predictors built with other settings sit side by side instead of replacing each other.
+    """
+    settings = json.dumps({"protocol": protocol.to_dict(), "training": config.training_hash()}, sort_keys=True)
+    digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
+    name = f"{space.name}-{space.config_hash()}-b{protocol.batch_size}-{digest}.json"
+    return Path(work_dir) / "predictors" / fingerprint_id / name
 
 
 def _report_path(path: Path) -> Path:
@@ -222,7 +230,7 @@ def load_or_build_predictor(
         report_path = _report_path(path)
         return predictor, json.loads(report_path.read_text()) if report_path.is_file() else {}, path
 
-    path = predictor_path(Path(work_dir), fingerprint_id(fingerprint), space, protocol.batch_size)
+    path = predictor_path(Path(work_dir), fingerprint_id(fingerprint), space, protocol, config)
     cached = _load_cached(path, fingerprint, config, space, protocol)
     if cached is not None:
         return cached[0], cached[1], path
