@@ -60,12 +60,18 @@ def plot_predicted_vs_measured(
     ax.fill_between(line, line * 0.9, line * 1.1, color="tab:green", alpha=0.12, label="±10%")
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (ms)",
            ylabel="predicted latency (ms)", title=title)
+    # Plain numbers at major and minor ticks: a range within one decade would otherwise show only 10^0.
+    from matplotlib.ticker import FormatStrFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_formatter(FormatStrFormatter("%g"))
+        axis.set_minor_formatter(FormatStrFormatter("%g"))
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, plt, path)
 
 
 def staircase_from_table(table: Mapping[str, float], min_points: int = 4) -> tuple[LayerSpec, dict[int, float]] | None:
-    """Pick the representative staircase of a layer table: the ungrouped conv shape with the most output widths.
+    """Pick the representative staircase of a layer table: the ungrouped conv shape whose steps show most plainly.
 
     Args:
         table: ``LayerSpec.key()`` to measured latency in ms (a profile store's ``layer_table``).
@@ -73,7 +79,8 @@ def staircase_from_table(table: Mapping[str, float], min_points: int = 4) -> tup
 
     Returns:
         The widest layer of that shape and its latency per output-channel count, or ``None`` when no
-        shape has ``min_points`` widths. Ties go to the shape with the most MACs.
+        shape has ``min_points`` widths. Shapes are ranked by :func:`_step_score`, then by their
+        number of widths, then by MACs.
     """
     shapes: dict[tuple[Any, ...], dict[int, float]] = {}
     widest: dict[tuple[Any, ...], LayerSpec] = {}
@@ -88,8 +95,24 @@ def staircase_from_table(table: Mapping[str, float], min_points: int = 4) -> tup
     candidates = [s for s in shapes if len(shapes[s]) >= min_points]
     if not candidates:
         return None
-    best = max(candidates, key=lambda s: (len(shapes[s]), widest[s].macs))
+    best = max(candidates, key=lambda s: (_step_score(shapes[s]), len(shapes[s]), widest[s].macs))
     return widest[best], dict(sorted(shapes[best].items()))
+
+
+# Between neighbouring widths, a latency change below FLAT is a step's tread, one above RISE its riser.
+FLAT, RISE = 0.03, 0.08
+
+
+def _step_score(latency_by_width: Mapping[int, float]) -> int:
+    """Return how plainly a curve is a staircase: the smaller of its count of treads and of risers.
+
+    A straight ramp has no treads and a flat curve no risers, so both score 0.
+    """
+    latencies = [latency_by_width[w] for w in sorted(latency_by_width)]
+    changes = [b / a - 1.0 for a, b in zip(latencies, latencies[1:]) if a > 0]
+    treads = sum(abs(change) < FLAT for change in changes)
+    risers = sum(change > RISE for change in changes)
+    return min(treads, risers)
 
 
 def plot_staircase(

@@ -393,3 +393,18 @@ def test_evaluate_warns_on_low_coverage_and_better_baseline(capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "covered 62% of held-out measurements, against a nominal 90%" in out
     assert "the lut_calibrated baseline predicts more held-out subnets within 10% (72%)" in out
+
+
+def test_staircase_plot_prefers_steps_to_ramp() -> None:
+    from nas.spaces.layers import LayerSpec
+    from predictors.plots import staircase_from_table
+
+    def conv(cin: int, cout: int) -> str:
+        return LayerSpec(op="conv", in_channels=cin, out_channels=cout, in_size=28, kernel_size=3, stride=1,
+                         groups=1, act="relu", bias=True).key()
+
+    table = {conv(128, c): 0.01 * c for c in range(8, 129, 8)}  # a ramp with 16 widths
+    table.update({conv(64, c): 0.1 * (1 + (c - 1) // 16) for c in range(8, 65, 8)})  # steps of 16, 8 widths
+    layer, measured = staircase_from_table(table)
+    assert layer.in_channels == 64
+    assert sorted(measured) == list(range(8, 65, 8))
