@@ -99,23 +99,58 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
         supernet, _ = load_supernet(path, space)
         return supernet, path
 
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
     pl.seed_everything(cfg.seed, workers=True)
     supernet = space.build_supernet()
     try:
         module, epochs = create_supernet_module(supernet, training, seed=cfg.seed)
     except ProgressiveError as err:
         raise SearchError(str(err)) from err
+    # Each finished epoch is kept in resume.ckpt, so an interrupted training resumes where it stopped.
+    resume = path.with_name(f"{RESUME_NAME}.ckpt")
+    keep_epochs = ModelCheckpoint(dirpath=path.parent, filename=RESUME_NAME, save_top_k=1, every_n_epochs=1,
+                                  enable_version_counter=False)
     trainer_cfg = training["trainer"]
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator=trainer_cfg["accelerator"], devices=trainer_cfg["devices"],
         strategy=trainer_cfg["strategy"], precision=trainer_cfg["precision"], logger=tracker.lightning_logger(),
-        enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
+        callbacks=[keep_epochs], enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.work_dir,
     )
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    ckpt_path = str(resume) if _readable_checkpoint(resume) else None
+    if ckpt_path is not None:
+        log.info("Resuming supernet training from %s", resume)
+    try:
+        trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=ckpt_path)
+    except SystemExit:
+        # Lightning ends fit with SystemExit on Ctrl-C, after its own message.
+        if trainer.interrupted:
+            log.warning("Supernet training interrupted in epoch %d; %s", trainer.current_epoch + 1,
+                        f"the finished epochs are in {resume}, and the next run resumes from them."
+                        if resume.is_file() else "no epoch had finished, so the next run starts again.")
+        raise
     if trainer.is_global_zero:
         save_supernet(supernet.cpu(), path, {"key": key, "data": datamodule.describe(), "training": training})
+        resume.unlink(missing_ok=True)
     return supernet, path
+
+
+RESUME_NAME = "resume"
+
+
+def _readable_checkpoint(path: Path) -> bool:
+    """Return whether ``path`` is a checkpoint torch can read; an unreadable one is moved aside with a warning."""
+    if not path.is_file():
+        return False
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure to read means: train from the start
+        aside = path.with_suffix(".unreadable")
+        path.replace(aside)
+        log.warning("Cannot read %s (%s); moved it to %s and training the supernet from the start.", path, err, aside)
+        return False
+    return True
 
 
 def calibration_batches(datamodule: Any, images: int, seed: int) -> list[torch.Tensor]:

@@ -85,12 +85,20 @@ class StageTimer:
     def stage(self, name: str) -> Iterator[None]:
         log.info("Stage %s: started", name)
         start = time.perf_counter()
+        outcome = "finished"
         try:
             yield
+        except (KeyboardInterrupt, SystemExit):
+            # Lightning turns Ctrl-C during fit into SystemExit.
+            outcome = "interrupted"
+            raise
+        except BaseException:
+            outcome = "failed"
+            raise
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-            log.info("Stage %s: finished in %.1f s", name, elapsed)
+            log.info("Stage %s: %s after %.1f s", name, outcome, elapsed)
 
     def total(self) -> float:
         return time.perf_counter() - self._start

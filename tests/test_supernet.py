@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from nas.supernet import recalibrate_batchnorm
@@ -61,3 +62,58 @@ def test_supernet_cache_key_follows_schedule_version(resnet_space, monkeypatch):
     monkeypatch.setitem(cache.SCHEDULE_VERSIONS, "progressive", cache.SCHEDULE_VERSIONS["progressive"] + 1)
     assert cache.supernet_key(resnet_space, data, {"schedule": "progressive", "epochs": 1}, seed=0) != progressive
     assert cache.supernet_key(resnet_space, data, {"schedule": "sandwich", "epochs": 1}, seed=0) == sandwich
+
+
+def test_interrupted_supernet_training_resumes(tmp_path, monkeypatch, caplog):
+    import logging
+    import signal
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    import lightning.pytorch as pl
+    import yaml
+    from omegaconf import OmegaConf
+
+    import search
+    from nas.data import build_datamodule
+    from nas.spaces import create_space
+    from tests.conftest import load_space_config
+
+    config = load_space_config("resnet")
+    config["stages"] = [{"depths": [1], "widths": [8], "stride": 1}, {"depths": [1], "widths": [8, 16], "stride": 2}]
+    space = create_space(config)
+    conf = Path(search.__file__).resolve().parent / "conf"
+    training = yaml.safe_load((conf / "supernet" / "sandwich.yaml").read_text())
+    cfg = OmegaConf.create({"seed": 0, "paths": {"work_dir": str(tmp_path)}, "supernet": {**training, "epochs": 3}})
+    datamodule = build_datamodule({"name": "synthetic", "num_samples": 40, "batch_size": 8})
+    datamodule.setup()
+    tracker = SimpleNamespace(lightning_logger=lambda: False)
+
+    class StopInSecondEpoch(pl.Callback):
+        def on_train_epoch_start(self, trainer, module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    original_trainer = pl.Trainer
+
+    def trainer_with_stop(*args, **kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), StopInSecondEpoch()]
+        return original_trainer(*args, **kwargs)
+
+    monkeypatch.setattr(pl, "Trainer", trainer_with_stop)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            search.train_or_load_supernet(cfg, space, datamodule, tracker)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from its shutdown on
+    path = search.supernet_path(cfg, space, datamodule)
+    assert (path.parent / "resume.ckpt").is_file()
+    assert not path.is_file()
+
+    monkeypatch.setattr(pl, "Trainer", original_trainer)
+    with caplog.at_level(logging.INFO, logger="tailnas.search"):
+        search.train_or_load_supernet(cfg, space, datamodule, tracker)
+    assert "Resuming supernet training from" in caplog.text
+    assert path.is_file()
+    assert not (path.parent / "resume.ckpt").exists()
