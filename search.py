@@ -32,6 +32,7 @@ from nas.search import (
     SearchObjective,
     check_budget,
     check_resume,
+    check_run_length,
     create_or_load_study,
     create_sampler,
     knee_index,
@@ -232,6 +233,7 @@ def run(cfg: DictConfig) -> None:
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
     # Built before the supernet trains, so an unknown search.sampler stops the run at once.
     sampler = create_sampler(cfg.search.sampler, cfg.seed, cfg.search.population_size)
+    check_run_length(cfg.search.n_trials, cfg.search.timeout_s)
 
     with timer.stage("data"):
         datamodule = build_datamodule(to_container(cfg.data))

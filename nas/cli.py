@@ -20,6 +20,7 @@ __all__ = [
     "available_spaces",
     "require_space",
     "default_storage",
+    "check_storage_url",
     "import_user_modules",
     "run_cli",
     "to_container",
@@ -61,10 +62,33 @@ def default_storage(cfg: DictConfig) -> str:
     """Return ``search.storage``, or the SQLite file in the work directory when it is null."""
     storage = cfg.search.get("storage")
     if storage:
-        return str(storage)
+        return check_storage_url(str(storage))
     work_dir = Path(cfg.paths.work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{work_dir / 'studies.db'}"
+
+
+def check_storage_url(url: str) -> str:
+    """Return ``url`` when it names an Optuna RDB storage that can open, creating a SQLite file's folder.
+
+    Raises:
+        UsageError: for text that is not a database URL, or a database driver that is not installed.
+    """
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    forms = "sqlite:////ABSOLUTE/PATH.db or postgresql+psycopg2://USER:PASSWORD@HOST/DB"
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect()
+    except sqlalchemy.exc.ArgumentError as err:
+        raise UsageError(f"search.storage={url!r} is not a database URL ({err}); use {forms}.") from err
+    except sqlalchemy.exc.NoSuchModuleError as err:
+        raise UsageError(f"search.storage={url!r} names a database this installation cannot open ({err}); use "
+                         f"{forms}.") from err
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+    return url
 
 
 def to_container(node: Any) -> Any:

@@ -23,6 +23,7 @@ __all__ = [
     "create_sampler",
     "create_or_load_study",
     "check_budget",
+    "check_run_length",
     "check_resume",
     "existing_study",
     "sampler_seed",
@@ -70,12 +71,27 @@ def create_sampler(name: str, seed: int, population_size: int = 20) -> optuna.sa
     random sampler does not, so for it the budget is enforced by the Pareto extraction alone.
     """
     if name == "nsga2":
+        if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
+            raise SearchError(f"search.population_size must be a whole number >= 2, but got {population_size!r}.")
         return optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
     if name == "tpe":
         return optuna.samplers.TPESampler(seed=seed, multivariate=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise SearchError(f"Unknown search.sampler={name!r}; available samplers are {list(SAMPLERS)}.")
+
+
+def check_run_length(n_trials: Any, timeout_s: Any) -> None:
+    """Raise SearchError unless ``n_trials`` is a whole number >= 1 and ``timeout_s`` a positive number, each or null."""
+    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+        raise SearchError(f"search.n_trials must be a whole number >= 1 or null (no limit), but got {n_trials!r}.")
+    if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                  or not timeout_s > 0):
+        raise SearchError(f"search.timeout_s must be a positive number of seconds or null (no limit), but got "
+                          f"{timeout_s!r}.")
+    if n_trials is None and timeout_s is None:
+        raise SearchError("search.n_trials and search.timeout_s are both null, so the search would never end; "
+                          "set at least one of them.")
 
 
 def check_budget(value: Any, key: str = "search.latency_budget_ms") -> float | None:

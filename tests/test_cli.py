@@ -88,3 +88,19 @@ def test_interrupt_ends_without_traceback(capsys):
         run_cli(body, None)
     assert exited.value.code == 130
     assert "run the same command again to resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("url", ["foo://bar", "/data/studies.db", "journal:///data/journal.log"])
+def test_storage_url_checked(url):
+    from nas.cli import UsageError, check_storage_url
+
+    with pytest.raises(UsageError, match=f"search.storage='{url}' is not a database URL .*; use sqlite:////"):
+        check_storage_url(url)
+
+
+def test_sqlite_storage_folder_created(tmp_path):
+    from nas.cli import check_storage_url
+
+    url = f"sqlite:///{tmp_path / 'new' / 'studies.db'}"
+    assert check_storage_url(url) == url
+    assert (tmp_path / "new").is_dir()

@@ -9,6 +9,7 @@ from nas.search import (
     SearchObjective,
     check_budget,
     check_resume,
+    check_run_length,
     create_or_load_study,
     create_sampler,
     knee_index,
@@ -192,3 +193,20 @@ def test_sampler_seed():
     assert len({sampler_seed(7, 0, 4), sampler_seed(7, 1, 0), sampler_seed(7, 1, 4)}) == 3
     with pytest.raises(SearchError, match="search.worker must be a whole number >= 0, .* but got -1"):
         sampler_seed(7, -1)
+
+
+@pytest.mark.parametrize(("n_trials", "timeout_s", "message"), [
+    (0, 120, r"search.n_trials must be a whole number >= 1 or null \(no limit\), but got 0"),
+    ("abc", 120, r"search.n_trials must be .* but got 'abc'"),
+    (10, 0, r"search.timeout_s must be a positive number of seconds or null \(no limit\), but got 0"),
+    (None, None, "both null, so the search would never end"),
+])
+def test_run_length_checked(n_trials, timeout_s, message):
+    with pytest.raises(SearchError, match=message):
+        check_run_length(n_trials, timeout_s)
+    check_run_length(10, None)
+
+
+def test_population_size_checked():
+    with pytest.raises(SearchError, match="search.population_size must be a whole number >= 2, but got 1"):
+        create_sampler("nsga2", seed=0, population_size=1)
