@@ -207,7 +207,7 @@ def front_rows(front: list[optuna.trial.FrozenTrial], measured: dict[int, float]
 
 
 def print_front(rows: list[dict[str, Any]], knee: int, study_name: str) -> None:
-    from rich.console import Console
+    from nas.report import print_table
     from rich.table import Table
 
     table = Table(title=f"Pareto front of study {study_name!r}")
@@ -218,7 +218,7 @@ def print_front(rows: list[dict[str, Any]], knee: int, study_name: str) -> None:
         marker = " (knee)" if i == knee else ""
         table.add_row(f"{r['trial']}{marker}", f"{100 * r['accuracy']:.2f}", f"{r['predicted_latency_ms']:.3f}", measured,
                       f"{r['macs'] / 1e6:.2f}", f"{r['params']:,}")
-    Console().print(table)
+    print_table(table)
     print(f"Knee architecture: {json.dumps(rows[knee]['arch'], separators=(',', ':'))}")
 
 
@@ -247,7 +247,7 @@ def run(cfg: DictConfig) -> None:
     budget = check_budget(cfg.search.latency_budget_ms)
     storage = default_storage(cfg)
     fingerprint = device_fingerprint(protocol)
-    scoring = {"space": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
+    scoring = {"space_config": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
                "device_fingerprint_id": fingerprint_id(fingerprint), "hardware": protocol.to_dict(),
                "latency_budget_ms": budget}
     stored = existing_study(storage, study_name)
@@ -303,7 +303,7 @@ def run(cfg: DictConfig) -> None:
             uncertainty_threshold=search_cfg.uncertainty_threshold if search_cfg.measure_uncertain else None,
         )
         record = {
-            **scoring, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],
+            **scoring, "space": space.raw_config, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],
             "data": to_container(cfg.data), "supernet_checkpoint": str(checkpoint),
             "supernet": to_container(cfg.supernet), "predictor_path": str(predictor_path), "seed": cfg.seed,
             "run_dir": str(run_dir), "sampler": search_cfg.sampler,

@@ -105,7 +105,7 @@ def log_to_wandb(out_dir: Path, rows: list[dict[str, Any]], fronts: list[dict[st
 
 
 def print_table(rows: Sequence[Mapping[str, Any]], budgets_ms: Sequence[float], reference_ms: float | None) -> None:
-    from rich.console import Console
+    from nas.report import print_table
     from rich.table import Table
 
     def percent(value: float | None) -> str:
@@ -123,7 +123,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], budgets_ms: Sequence[float], 
         table.add_row(r["study"], r["sampler"], r["space"], str(r["trials_finished"]), str(r["pareto_size"]),
                       percent(r["best_accuracy"]), fastest, r["fastest_latency_source"] or "-", area,
                       *(percent(r[budget_column(b)]) for b in budgets_ms))
-    Console().print(table)
+    print_table(table)
     if reference_ms is not None:
         print(f"Hypervolume: area in accuracy x ms above accuracy 0 and left of {reference_ms:.4g} ms, "
               "the same reference for every study.")

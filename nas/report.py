@@ -21,6 +21,7 @@ __all__ = [
     "MANIFEST_FORMAT_VERSION",
     "atomic_write_text",
     "save_figure",
+    "print_table",
     "write_pareto_csv",
     "read_pareto_csv",
     "plot_pareto",
@@ -34,6 +35,16 @@ log = logging.getLogger(__name__)
 PARETO_COLUMNS = ("trial", "arch", "accuracy", "predicted_latency_ms", "measured_latency_ms", "macs", "params")
 MANIFEST_FORMAT_VERSION = 1
 _PACKAGES = ("torch", "torchvision", "lightning", "optuna", "hydra-core", "xgboost", "timm", "numpy", "tailnas")
+
+
+def print_table(table: Any) -> None:
+    """Print a rich table in full: numbers wrap instead of being cut, and a pipe or log file gets 200 columns."""
+    from rich.console import Console
+
+    for column in table.columns:
+        column.overflow = "fold"
+    console = Console()
+    (console if console.is_terminal else Console(width=200)).print(table)
 
 
 def save_figure(fig: Any, path: Path, **savefig_kwargs: Any) -> None:

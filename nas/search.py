@@ -106,7 +106,7 @@ def check_budget(value: Any, key: str = "search.latency_budget_ms") -> float | N
 # The record keys that decide a trial's scores, with the settings behind them. A resumed study keeps
 # them, so that every trial of its front is scored the same way.
 RESUME_KEYS = {
-    "space": "space.*",
+    "space_config": "space.*",
     "supernet_key": "the supernet: data.*, supernet.* and seed",
     "device_fingerprint_id": "the device",
     "hardware": "hardware.*",
@@ -140,26 +140,33 @@ def _normalised(value: Any) -> Any:
 
 
 def _describe_change(key: str, old: Any, new: Any) -> str:
+    label = RESUME_KEYS.get(key, "space.*")  # "space": the searched space of older studies
     if isinstance(old, dict) and isinstance(new, dict):
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        return f"{RESUME_KEYS[key]} (differs in {', '.join(keys)})"
-    if key in ("space", "supernet_key", "device_fingerprint_id"):
-        return RESUME_KEYS[key]
-    return f"{RESUME_KEYS[key]} ({old!r} before, {new!r} now)"
+        return f"{label} (differs in {', '.join(keys)})"
+    if key in ("space", "space_config", "supernet_key", "device_fingerprint_id"):
+        return label
+    return f"{label} ({old!r} before, {new!r} now)"
 
 
 def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_name: str, storage: str) -> None:
     """Raise SearchError when ``record`` differs from the study's ``stored`` record in a setting that scores trials.
 
-    Studies written before ``supernet_key`` was recorded are compared by their checkpoint's folder.
+    ``space_config`` is the space as configured, before ``space.tail_aware`` moves its widths.
+    Studies written before ``supernet_key`` or ``space_config`` were recorded are compared by their
+    checkpoint's folder and by the searched space. A key missing from either side is not compared.
     """
     stored = dict(stored)
     if "supernet_key" not in stored and stored.get("supernet_checkpoint"):
         stored["supernet_key"] = Path(stored["supernet_checkpoint"]).parent.name
+    keys = list(RESUME_KEYS)
+    if "space_config" not in stored:
+        # Older studies recorded only the searched space, which the tail-aware step may have changed.
+        keys = ["space" if key == "space_config" else key for key in keys]
     changed = [
-        _describe_change(key, stored[key], record.get(key))
-        for key in RESUME_KEYS
-        if key in stored and _normalised(stored[key]) != _normalised(record.get(key))
+        _describe_change(key, stored[key], record[key])
+        for key in keys
+        if key in stored and key in record and _normalised(stored[key]) != _normalised(record[key])
     ]
     if changed:
         where = f" (its last run: {stored['run_dir']})" if stored.get("run_dir") else ""

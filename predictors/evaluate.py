@@ -247,8 +247,9 @@ def _format(value: Any, percent: bool) -> str:
 
 def print_report(report: Mapping[str, Any], title: str) -> None:
     """Print the predictor, the baselines and the noise floor as one table."""
-    from rich.console import Console
     from rich.table import Table
+
+    from nas.report import print_table
 
     table = Table(title=title)
     for column in ("model", "within 10%", "within 5%", "MAPE %", "Kendall tau", "interval coverage", "subnets"):
@@ -265,9 +266,7 @@ def print_report(report: Mapping[str, Any], title: str) -> None:
         "noise floor (pass vs pass)", _format(noise.get("within_10pct"), True), _format(noise.get("within_5pct"), True),
         "-", _format(noise.get("kendall_tau"), False), "-", str(noise.get("n", "-")),
     )
-    console = Console()
-    # A log file or pipe gets the width the table needs instead of 80 columns.
-    (console if console.is_terminal else Console(width=160)).print(table)
+    print_table(table)
     if report.get("interval_width_median") is not None:
         widths = [_format(report[f"interval_width_{name}"], True) for name in ("p10", "median", "p90")]
         print(

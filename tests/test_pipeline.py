@@ -379,3 +379,22 @@ def test_two_workers_through_submitit_share_one_study(searched):
     study = optuna.load_study(study_name="tiny-workers", storage=f"sqlite:///{tmp / 'work' / 'studies.db'}")
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 12  # search.n_trials=6 from each worker
+
+
+def test_tail_aware_study_records_searched_space(searched):
+    import re
+
+    import optuna
+
+    tmp, _, _ = searched
+    result = run("search.py", [*TINY[:-1], "search.study_name=tiny-tail", "space.tail_aware=true",
+                               f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={tmp / 'tail-run'}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    moved = re.findall(r"Tail-aware width_(\d): \[[\d, ]+\] -> \[([\d, ]+)\]$", result.stdout + result.stderr, re.M)
+    assert moved
+    study = optuna.load_study(study_name="tiny-tail", storage=f"sqlite:///{tmp / 'work' / 'studies.db'}")
+    searched_stages = study.user_attrs["space"]["stages"]
+    configured_stages = study.user_attrs["space_config"]["stages"]
+    for stage, widths in moved:
+        assert searched_stages[int(stage)]["widths"] == [int(w) for w in widths.split(", ")]
+        assert configured_stages[int(stage)]["widths"] == [[8, 16, 24], [16, 24, 32]][int(stage)]  # TINY_STAGES

@@ -95,7 +95,7 @@ def test_resume_with_other_space_rejected(resnet_space, tmp_path):
         create_or_load_study(storage, "x", create_sampler("random", 0), {"space": {"family": "other"}})
 
 
-SCORING = {"space": {"family": "resnet"}, "supernet_key": "resnet-aaa", "device_fingerprint_id": "cpu1",
+SCORING = {"space_config": {"family": "resnet"}, "supernet_key": "resnet-aaa", "device_fingerprint_id": "cpu1",
            "hardware": {"device": "cpu", "batch_size": 1, "threads": 1}, "latency_budget_ms": None,
            "run_dir": "outputs/first"}
 
@@ -114,6 +114,15 @@ def test_resume_with_other_scoring_rejected(change, message):
 def test_resume_with_same_scoring_allowed():
     # The sampler, the run folder and the worker count may change between runs of one study.
     check_resume(SCORING, {**SCORING, "run_dir": "outputs/second", "sampler": "tpe"}, "s", "sqlite:///x.db")
+
+
+def test_resume_of_tail_aware_study():
+    # The study records the configured space and the searched one, whose widths the tail-aware step moved.
+    stored = {**SCORING, "space": {"family": "resnet", "widths": [12]}}
+    check_resume(stored, SCORING, "s", "sqlite:///x.db")  # before the search: only the configured space is known
+    check_resume(stored, {**SCORING, "space": {"family": "resnet", "widths": [12]}}, "s", "sqlite:///x.db")
+    with pytest.raises(SearchError, match=r"other settings: space\.\* \(differs in widths\)"):
+        check_resume(stored, {**SCORING, "space_config": {"family": "resnet", "widths": [8]}}, "s", "sqlite:///x.db")
 
 
 def test_resume_of_old_study_compares_checkpoint_folder():

@@ -135,8 +135,7 @@ class ImageFolderDataModule(ImageDataModule):
         self.test_set = Subset(held_out, order[half:].tolist())
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "root": str(self.root), "resolution": self.resolution,
-                "layout": sorted(self.folders) or "pool"}
+        return {**super().describe(), "root": str(self.root), "resolution": self.resolution}
 
 
 def _class_folders(folder: Any) -> list[str]:
