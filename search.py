@@ -126,11 +126,12 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
         trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=ckpt_path)
     except SystemExit:
         # Lightning ends fit with SystemExit on Ctrl-C, after its own message.
-        if trainer.interrupted:
-            log.warning("Supernet training interrupted in epoch %d; %s", trainer.current_epoch + 1,
-                        f"the finished epochs are in {resume}, and the next run resumes from them."
-                        if resume.is_file() else "no epoch had finished, so the next run starts again.")
-        raise
+        if not trainer.interrupted:
+            raise
+        log.warning("Supernet training interrupted in epoch %d; %s", trainer.current_epoch + 1,
+                    f"the finished epochs are in {resume}, and the next run with these settings resumes from them."
+                    if resume.is_file() else "no epoch had finished, so the next run starts again.")
+        raise KeyboardInterrupt from None
     if trainer.is_global_zero:
         save_supernet(supernet.cpu(), path, {"key": key, "data": datamodule.describe(), "training": training})
         resume.unlink(missing_ok=True)
@@ -317,7 +318,8 @@ def run(cfg: DictConfig) -> None:
                            show_progress_bar=True, gc_after_trial=False)
         except KeyboardInterrupt:
             finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            log.warning("Search interrupted; writing the results of the %d finished trials.", len(finished))
+            log.warning("Search interrupted; writing the results of the %d finished trials. Add search.study_name=%s "
+                        "to resume the study.", len(finished), study_name)
         supernet.cpu()
 
     front = pareto_trials(study)
@@ -325,9 +327,10 @@ def run(cfg: DictConfig) -> None:
         finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
         raise SearchError(
             f"Study {study_name!r} has no feasible finished trial among its {finished}, so there is no Pareto "
-            f"front. Raise search.latency_budget_ms (now {budget}), or run the same command again: it resumes "
-            f"the study and adds up to search.n_trials={search_cfg.n_trials} trials within "
-            f"search.timeout_s={search_cfg.timeout_s}."
+            f"front. Add trials with search.study_name={study_name} (up to search.n_trials="
+            f"{search_cfg.n_trials} per run, within search.timeout_s={search_cfg.timeout_s}), or start a study "
+            f"under a new search.study_name with a higher search.latency_budget_ms (now {budget}): a study keeps "
+            "the budget its trials were scored with."
         )
     measured: dict[int, float] = {}
     with timer.stage("remeasure"):

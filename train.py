@@ -25,7 +25,7 @@ from nas.cli import StageTimer, UsageError, default_storage, import_user_modules
 from nas.data import build_datamodule
 from nas.export import FINETUNE_FORMAT_VERSION
 from nas.report import atomic_write_text
-from nas.search import SearchError, knee_index, latest_study_name, pareto_trials
+from nas.search import SearchError, check_budget, knee_index, latest_study_name, pareto_trials
 from nas.spaces import Arch, SearchSpace, create_space
 from nas.supernet.cache import load_supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
@@ -85,7 +85,9 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
         return max(front, key=lambda t: (t.values[0], -_latency(t, measured)))
     if cfg.pick == "knee":
         return front[knee_index([t.values[0] for t in front], [_latency(t, measured) for t in front])]
-    budget = cfg.budget_ms if cfg.budget_ms is not None else study.user_attrs.get("latency_budget_ms")
+    budget = check_budget(cfg.budget_ms, "budget_ms")
+    if budget is None:
+        budget = study.user_attrs.get("latency_budget_ms")
     if budget is None:
         raise UsageError("pick=fastest_under_budget needs budget_ms=<milliseconds> (the study has no latency budget).")
     within = [t for t in front if _latency(t, measured) <= budget]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import sys
 import time
@@ -13,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from nas.files import write_json_atomic
 
 __all__ = [
     "UsageError",
@@ -130,7 +131,7 @@ class StageTimer:
     def write(self, path: Path) -> None:
         data = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
         data["total_s"] = round(self.total(), 3)
-        path.write_text(json.dumps(data) + "\n", encoding="utf-8")
+        write_json_atomic(path, data)
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
@@ -159,7 +160,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1.
 
-    Ctrl-C ends it with exit code 130 and a line on what is kept, instead of a traceback.
+    Ctrl-C ends it with exit code 130 and a line on what is kept, instead of a traceback. During
+    Lightning's fit in ``train.py``, Lightning handles Ctrl-C itself and exits with code 1.
     """
     try:
         return body(cfg)
@@ -170,6 +172,7 @@ def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except KeyboardInterrupt:
         # Every store and cache in paths.work_dir is written run by run or atomically.
         log.warning("Interrupted")
-        print("Interrupted. What finished is kept in paths.work_dir (profile store, cached supernets and "
-              "predictors, study trials); run the same command again to resume.", file=sys.stderr)
+        print("Interrupted. What finished is kept in paths.work_dir: the profile store, cached supernets and "
+              "predictors, a supernet's finished epochs and a study's finished trials, so a rerun with the same "
+              "settings (and search.study_name) picks them up.", file=sys.stderr)
         sys.exit(130)

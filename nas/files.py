@@ -18,11 +18,23 @@ from typing import Any
 __all__ = ["atomic_path", "atomic_write_text", "write_json_atomic"]
 
 
-def _default_mode() -> int:
-    # os.umask can only be read by setting it; it is set straight back.
+def _umask() -> int:
+    # Linux shows the umask in /proc; elsewhere os.umask reads it only by setting it, which another
+    # thread creating a file at that moment would see.
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def _default_mode() -> int:
+    return 0o666 & ~_umask()
 
 
 @contextlib.contextmanager
@@ -38,7 +50,10 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        os.chmod(tmp, _default_mode())
+        try:
+            os.chmod(tmp, _default_mode())
+        except OSError:
+            pass  # file systems such as FAT fix modes at mount time; the file keeps the one it has
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,8 +1,8 @@
 """Profile a space on this device, train the latency predictor, evaluate it and cache it on disk.
 
-The predictor for a space, device and protocol lives at
-``<work_dir>/predictors/<fingerprint_id>/<space.name>-<space.config_hash()>-b<batch_size>.json``,
-with its evaluation report beside it (same name, ``.report.json``). A seeded share of the measured
+The predictor for a space, device, protocol and predictor config lives at
+``<work_dir>/predictors/<fingerprint_id>/<space.name>-<space.config_hash()>-b<batch_size>-<settings>.json``
+(:func:`predictor_path`), with its evaluation report beside it (same name, ``.report.json``). A seeded share of the measured
 subnets (``predictor.holdout_fraction``) is held out: it is never used in training, and the report
 compares the predictor and the baselines on it.
 """
@@ -160,26 +160,40 @@ def _load_cached(
 
 
 # What fixes a broken file given as predictor.path: rebuilding never touches that file.
-PATH_HINT = "fix the file, or unset predictor.path to build or reuse this space's own predictor"
+PATH_HINT = "unset predictor.path to build or reuse this space's own predictor, or name a valid file"
+
+
+# The measurement settings that change what a latency is; warm-up and repeat counts do not.
+PREDICTIVE_PROTOCOL_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
+
+
+def _protocol_value(protocol: Mapping[str, Any], key: str) -> Any:
+    value = protocol.get(key)
+    # "cuda" and "cuda:0" name the same kind of device.
+    return str(value).split(":")[0] if key == "device" and value is not None else value
 
 
 def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorConfig, space: SearchSpace,
                 protocol: Any) -> LatencyPredictor:
     """Load the file named by ``predictor.path`` and check that it predicts under this measurement protocol.
 
-    A predictor of another protocol (batch size, threads, runtime, dtype) predicts other latencies,
-    so that is an error. One of another space can still predict this space's layers; that is a warning.
+    A predictor of other :data:`PREDICTIVE_PROTOCOL_KEYS` (device type, runtime, batch size,
+    threads, dtype) predicts other latencies, so that is an error. One of another space can still predict this space's layers; that is a warning.
     """
     try:
         predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)
     except PredictorNotFoundError:
         raise
+    except PredictorVersionError as err:
+        raise PredictorVersionError(str(err).replace(REBUILD_HINT, PATH_HINT), err.found) from err
     except PredictorError as err:
         raise PredictorError(str(err).replace(REBUILD_HINT, PATH_HINT)) from err
     stored = predictor.metadata.get("protocol")
     current = protocol.to_dict()
-    if isinstance(stored, Mapping) and stored != current:
-        differing = sorted(key for key in set(stored) | set(current) if stored.get(key) != current.get(key))
+    differing = [] if not isinstance(stored, Mapping) else [
+        key for key in PREDICTIVE_PROTOCOL_KEYS if _protocol_value(stored, key) != _protocol_value(current, key)
+    ]
+    if differing:
         raise PredictorError(
             f"predictor.path={str(path)!r} was built for other measurement settings: "
             + ", ".join(f"hardware.{key} {stored.get(key)!r} there, {current.get(key)!r} here" for key in differing)

@@ -571,7 +571,7 @@ def _check_fingerprint(path: Path, stored: Any, current: Mapping[str, Any], allo
         logger.warning("%s Using it anyway because predictor.allow_fingerprint_mismatch=true.", message)
         return
     raise PredictorError(
-        f"{message} Rebuild it on this device ({REBUILD_HINT}), or set predictor.allow_fingerprint_mismatch=true "
+        f"{message} Build one on this device ({REBUILD_HINT}), or set predictor.allow_fingerprint_mismatch=true "
         "to use it anyway."
     )
 

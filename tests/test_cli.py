@@ -87,7 +87,7 @@ def test_interrupt_ends_without_traceback(capsys):
     with pytest.raises(SystemExit) as exited:
         run_cli(body, None)
     assert exited.value.code == 130
-    assert "run the same command again to resume" in capsys.readouterr().err
+    assert "a rerun with the same settings (and search.study_name) picks them up" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("url", ["foo://bar", "/data/studies.db", "journal:///data/journal.log"])

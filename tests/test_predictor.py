@@ -364,13 +364,18 @@ def test_given_predictor_checked_against_protocol_and_space(tmp_path: Path, capl
     with pytest.raises(PredictorError, match=r"built for other measurement settings: hardware.batch_size 1 there, 8 here"):
         load_or_build_predictor(space, batch8, given, tmp_path, seed=0)
 
+    # Warm-up and repeat counts do not change what a latency is, so they may differ.
+    steadier = MeasurementProtocol.from_config({**settings, "warmup": 5, "repeats": 50})
+    load_or_build_predictor(space, steadier, given, tmp_path, seed=0)
+
     other = create_space({**TINY_SPACE, "num_classes": 5})
     with caplog.at_level(logging.WARNING, logger="predictors.build"):
         load_or_build_predictor(other, protocol, given, tmp_path, seed=0)
     assert "was built for space 'resnet_tiny' with another configuration" in caplog.text
 
     path.write_text('{"kind": "tailnas.latency_pred')
-    with pytest.raises(PredictorError, match="not valid JSON .*; fix the file, or unset predictor.path") as raised:
+    hint = "not valid JSON .*; unset predictor.path to build or reuse this space.s own predictor, or name a valid file"
+    with pytest.raises(PredictorError, match=hint) as raised:
         load_or_build_predictor(space, protocol, given, tmp_path, seed=0)
     assert "predictor.rebuild" not in str(raised.value)
 

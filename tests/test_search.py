@@ -219,3 +219,13 @@ def test_run_length_checked(n_trials, timeout_s, message):
 def test_population_size_checked():
     with pytest.raises(SearchError, match="search.population_size must be a whole number >= 2, but got 1"):
         create_sampler("nsga2", seed=0, population_size=1)
+
+
+def test_train_budget_checked():
+    from omegaconf import OmegaConf
+
+    import train
+
+    cfg = OmegaConf.create({"trial": None, "pick": "fastest_under_budget", "budget_ms": "abc"})
+    with pytest.raises(SearchError, match="budget_ms must be a positive number of milliseconds or null, but got 'abc'"):
+        train.pick_trial(_study_with_front(), cfg)

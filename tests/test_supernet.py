@@ -103,7 +103,7 @@ def test_interrupted_supernet_training_resumes(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(pl, "Trainer", trainer_with_stop)
     handler = signal.getsignal(signal.SIGINT)
     try:
-        with pytest.raises(SystemExit):
+        with pytest.raises(KeyboardInterrupt):
             search.train_or_load_supernet(cfg, space, datamodule, tracker)
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from its shutdown on
