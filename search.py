@@ -172,9 +172,11 @@ def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: An
                      run_dir: Path) -> SearchSpace:
     """Move each width choice to the right edge of its latency step on this device; writes staircase.png."""
     from predictors.plots import write_staircase
+    from predictors.profiling import enumerate_layers
     from predictors.tail_aware import tail_aware_widths
 
-    write_staircase(run_dir / "staircase.png", predictor, store.layer_table(protocol.batch_size))
+    write_staircase(run_dir / "staircase.png", predictor, store.layer_table(protocol.batch_size),
+                    layers=enumerate_layers(space, seed=0))
     widths = tail_aware_widths(space, store, protocol)
     for key, values in widths.items():
         log.info("Tail-aware %s: %s -> %s", key, space.width_choices()[key], values)

@@ -291,7 +291,9 @@ def write_plots(run_dir: Path, predictor: Any, train: Sequence[Mapping[str, Any]
         title=f"Held-out subnets ({len(test)})", baseline_ms=baseline,
     ))
 
-    staircase = write_staircase(run_dir / "staircase.png", predictor, table)
+    # The store may hold other spaces' layers too; the plot shows one of this space's.
+    layers = [layer for subnet in (*train, *test) for layer in subnet["layers"]]
+    staircase = write_staircase(run_dir / "staircase.png", predictor, table, layers=layers)
     if staircase is not None:
         written.append(staircase)
     return written

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,12 +71,15 @@ def plot_predicted_vs_measured(
     return _save(fig, plt, path)
 
 
-def staircase_from_table(table: Mapping[str, float], min_points: int = 4) -> tuple[LayerSpec, dict[int, float]] | None:
+def staircase_from_table(table: Mapping[str, float], min_points: int = 4,
+                         layers: Iterable[LayerSpec] | None = None) -> tuple[LayerSpec, dict[int, float]] | None:
     """Pick the representative staircase of a layer table: the ungrouped conv shape whose steps show most plainly.
 
     Args:
         table: ``LayerSpec.key()`` to measured latency in ms (a profile store's ``layer_table``).
         min_points: the fewest widths a staircase needs.
+        layers: when given, only conv shapes (input channels, size, kernel, stride) of these layers
+            count, so that a store shared by several spaces plots a layer of the space at hand.
 
     Returns:
         The widest layer of that shape and its latency per output-channel count, or ``None`` when no
@@ -85,11 +88,14 @@ def staircase_from_table(table: Mapping[str, float], min_points: int = 4) -> tup
     """
     shapes: dict[tuple[Any, ...], dict[int, float]] = {}
     widest: dict[tuple[Any, ...], LayerSpec] = {}
+    wanted = None if layers is None else {_shape(layer) for layer in layers}
     for key, latency in table.items():
         layer = LayerSpec.from_dict(json.loads(key))
         if layer.op != "conv" or layer.groups != 1:
             continue
-        shape = (layer.in_channels, layer.in_size, layer.kernel_size, layer.stride, layer.act)
+        shape = _shape(layer)
+        if wanted is not None and shape not in wanted:
+            continue
         shapes.setdefault(shape, {})[layer.out_channels] = latency
         if shape not in widest or layer.out_channels > widest[shape].out_channels:
             widest[shape] = layer
@@ -98,6 +104,10 @@ def staircase_from_table(table: Mapping[str, float], min_points: int = 4) -> tup
         return None
     best = max(candidates, key=lambda s: (_step_score(shapes[s]), len(shapes[s]), widest[s].macs))
     return widest[best], dict(sorted(shapes[best].items()))
+
+
+def _shape(layer: LayerSpec) -> tuple[Any, ...]:
+    return (layer.in_channels, layer.in_size, layer.kernel_size, layer.stride, layer.act)
 
 
 # Between neighbouring widths, a latency change below FLAT is a step's tread, one above RISE its riser.
@@ -147,12 +157,14 @@ def plot_staircase(
     return _save(fig, plt, path)
 
 
-def write_staircase(path: str | Path, predictor: Any, table: Mapping[str, float]) -> Path | None:
+def write_staircase(path: str | Path, predictor: Any, table: Mapping[str, float],
+                    layers: Iterable[LayerSpec] | None = None) -> Path | None:
     """Plot the representative staircase of ``table`` with the predictor's layer model beside it.
 
+    ``layers`` limits the choice to conv shapes of these layers (:func:`staircase_from_table`).
     Returns the written path, or ``None`` (with a warning) when the table has no width sweep.
     """
-    staircase = staircase_from_table(table)
+    staircase = staircase_from_table(table, layers=layers)
     if staircase is None:
         logger.warning("The profile store has no width sweep with 4 or more widths, so %s is not written.", path)
         return None

@@ -413,3 +413,17 @@ def test_staircase_plot_prefers_steps_to_ramp() -> None:
     layer, measured = staircase_from_table(table)
     assert layer.in_channels == 64
     assert sorted(measured) == list(range(8, 65, 8))
+
+
+def test_staircase_plot_limited_to_given_layers() -> None:
+    from nas.spaces.layers import LayerSpec
+    from predictors.plots import staircase_from_table
+
+    def conv(cin: int, cout: int) -> LayerSpec:
+        return LayerSpec(op="conv", in_channels=cin, out_channels=cout, in_size=28, kernel_size=3, stride=1,
+                         groups=1, act="relu", bias=True)
+
+    table = {conv(64, c).key(): 0.1 * (1 + (c - 1) // 16) for c in range(8, 65, 8)}  # another space's staircase
+    table.update({conv(32, c).key(): 0.01 * c for c in range(8, 33, 8)})
+    layer, _ = staircase_from_table(table, layers=[conv(32, 16)])
+    assert layer.in_channels == 32
