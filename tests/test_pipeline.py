@@ -194,6 +194,8 @@ def test_train_with_gates_records_them(searched):
     assert "0.4" in batch_check["gated_ms"]
     assert "1.0" in batch_check["gated_ms"]
     assert batch_check["ungated_ms"] > 0
+    assert report["ungated_latency_ms"] > 0
+    assert "ungated " in result.stdout
 
 
 def test_train_with_gate_budget_profiles_blocks(searched):
