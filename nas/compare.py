@@ -202,8 +202,12 @@ def select_study_names(storage: str, names: Sequence[str], all_studies: bool) ->
 
     unknown = [name for name in names if name not in existing]
     if unknown:
+        hint = ""
+        if "=" in unknown[0]:
+            hint = (" nas.compare takes study names and options such as --storage and --wandb, not Hydra "
+                    "overrides like search.py's.")
         raise CompareError(
-            f"Study {unknown[0]!r} not found in {display_url(storage)}. Studies there: {sorted(existing)}."
+            f"Study {unknown[0]!r} not found in {display_url(storage)}. Studies there: {sorted(existing)}.{hint}"
         )
     return list(dict.fromkeys(names))
 
@@ -343,7 +347,17 @@ def warn_mixed_sources(summaries: Sequence[StudySummary]) -> None:
         )
 
 
-# -- outputs -----------------------------------------------------------------------------------
+def warn_incomparable(summaries: Sequence[StudySummary], reference_ms: float | None) -> None:
+    """Warn when the studies searched different spaces, or the reference lies left of every front."""
+    spaces = {s.name: s.space for s in summaries}
+    if len(set(spaces.values())) > 1:
+        log.warning("The studies searched different spaces (%s), so their accuracies and latencies belong to "
+                    "different networks; compare studies of one space to compare search settings.",
+                    ", ".join(f"{name}: {space}" for name, space in spaces.items()))
+    fastest = [s.fastest.latency_ms for s in summaries if s.fastest is not None]
+    if reference_ms is not None and fastest and reference_ms <= min(fastest):
+        log.warning("The hypervolume reference of %.4f ms lies left of every front (fastest subnet %.4f ms), so "
+                    "every hypervolume is 0. Raise --reference-ms or leave it out.", reference_ms, min(fastest))
 
 
 # -- command line ------------------------------------------------------------------------------
@@ -395,6 +409,7 @@ def run(args: argparse.Namespace) -> Path:
     summaries = load_summaries(storage, names)
     reference_ms = shared_reference_latency(summaries, args.reference_ms)
     warn_mixed_sources(summaries)
+    warn_incomparable(summaries, reference_ms)
     rows = comparison_rows(summaries, reference_ms, budgets_ms)
     fronts = front_rows(summaries)
 

@@ -126,7 +126,7 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
                           "or pass the subnet.pt next to it to load_finetuned.")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError, IndexError) as error:
         # torch's unpickling message suggests weights_only=False, which would run code from the file.
         if isinstance(error, pickle.UnpicklingError):
             reason = "not a file of tensors"

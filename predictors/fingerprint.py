@@ -92,7 +92,8 @@ def _display_name(fp: dict[str, Any]) -> str:
     """Return a short human-readable device name for plots and reports, such as ``"NVIDIA H100 (cuda)"``."""
     if fp.get("gpu_name"):
         return f"{fp['gpu_name']} (cuda)"
-    return f"{fp.get('cpu_model') or 'unknown CPU'} ({fp.get('threads')} threads)"
+    threads = fp.get("threads")
+    return f"{fp.get('cpu_model') or 'unknown CPU'} ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def fingerprint_id(fp: dict[str, Any]) -> str:

@@ -258,3 +258,22 @@ def test_wandb_missing_clean_error(storage, tmp_path, monkeypatch, capsys):
     assert run_compare(storage, out, "plain", "--wandb") == 1
     assert "--wandb requires the wandb package" in capsys.readouterr().err
     assert (out / "compare.csv").is_file()  # the files written before the W&B step stay
+
+
+def test_hydra_override_as_study_name_gets_hint(storage, tmp_path, capsys):
+    assert run_compare(storage, tmp_path / "out", "plain", "logger=wandb") == 1
+    assert "not Hydra overrides like search.py's" in capsys.readouterr().err
+
+
+def test_reference_left_of_fronts_warned(storage, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
+        assert run_compare(storage, tmp_path / "out", "plain", "tail", "--reference-ms", "0.001") == 0
+    assert "lies left of every front" in caplog.text
+
+
+def test_other_spaces_warned(storage, tmp_path, caplog):
+    study = optuna.load_study(study_name="tail", storage=storage)
+    study.set_user_attr("space_name", "mobilenet")
+    with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
+        assert run_compare(storage, tmp_path / "out", "plain", "tail") == 0
+    assert "searched different spaces (plain: resnet, tail: mobilenet)" in caplog.text

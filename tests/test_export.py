@@ -273,3 +273,12 @@ def test_load_program_rejects_directory_and_text(tmp_path):
         load_program(path)
     assert str(excinfo.value) == (f"{str(path)!r} is not a torch.export program (not a zip archive); pass the .pt2 "
                                   "file that export_program wrote.")
+
+
+def test_load_finetuned_random_bytes(tmp_path):
+    from nas.export import ExportError, load_finetuned
+
+    path = tmp_path / "junk.pt"
+    path.write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ExportError, match="is not a train.py checkpoint or is damaged"):
+        load_finetuned(path)
