@@ -108,6 +108,6 @@ def choose_keep_ratio(base_ms: float, sites: Sequence[BlockSite], plans: Sequenc
             return float(ratio)
     raise GateConfigError(
         f"gates.latency_budget_ms={budget} is below the predicted {latency:.4f} ms at the lowest keep ratio {low} "
-        f"(ungated {base_ms:.4f} ms); raise the budget, lower keep_ratio_range[0] and fine-tune again, or pick a "
+        f"(ungated {base_ms:.4f} ms); raise the budget, lower gates.keep_ratio_range[0], or pick a "
         "smaller subnet."
     )

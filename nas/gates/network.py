@@ -449,7 +449,7 @@ def confirm_budget(network: GatedNetwork, shape: tuple[int, ...], protocol: Any 
         if lower is None:
             raise GateConfigError(
                 f"gates.latency_budget_ms={budget} is below the measured {measured:.4f} ms at the lowest keep ratio "
-                f"{low}; raise the budget, lower keep_ratio_range[0] and fine-tune again, or pick a smaller subnet."
+                f"{low}; raise the budget, lower gates.keep_ratio_range[0], or pick a smaller subnet."
             )
         log.info("gates: keep ratio %.2f measured %.4f ms, over latency_budget_ms %.4f; trying %.2f", previous,
                  measured, budget, lower)
