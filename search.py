@@ -304,6 +304,7 @@ def run(cfg: DictConfig) -> None:
             space, evaluator.accuracy, predict, latency_budget_ms=budget,
             measure_fn=(lambda arch: measure(arch.to_dict())) if search_cfg.measure_uncertain else None,
             uncertainty_threshold=search_cfg.uncertainty_threshold if search_cfg.measure_uncertain else None,
+            worker=search_cfg.get("worker", 0),
         )
         record = {
             **scoring, "space": space.raw_config, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],

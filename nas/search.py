@@ -219,6 +219,7 @@ class SearchObjective:
             (:attr:`LatencyEstimate.relative_width`) is measured, and the measurement replaces the
             prediction for that trial. The predictor's interval widths differ per architecture, so
             a threshold inside their range measures only the least certain candidates.
+        worker: when set, stored as each trial's ``worker`` attribute (``search.worker``).
     """
 
     def __init__(
@@ -229,6 +230,7 @@ class SearchObjective:
         latency_budget_ms: float | None = None,
         measure_fn: Callable[[Arch], float] | None = None,
         uncertainty_threshold: float | None = None,
+        worker: int | None = None,
     ) -> None:
         latency_budget_ms = check_budget(latency_budget_ms)
         if uncertainty_threshold is not None and measure_fn is None:
@@ -245,6 +247,7 @@ class SearchObjective:
         self.latency_budget_ms = latency_budget_ms
         self.measure_fn = measure_fn
         self.uncertainty_threshold = uncertainty_threshold
+        self.worker = worker
 
     def suggest_arch(self, trial: optuna.Trial) -> Arch:
         values = {key: trial.suggest_categorical(key, options) for key, options in self.choices.items()}
@@ -271,6 +274,8 @@ class SearchObjective:
         trial.set_user_attr("latency_source", estimate.source)
         trial.set_user_attr("macs", self.space.macs(arch))
         trial.set_user_attr("params", self.space.params(arch))
+        if self.worker is not None:
+            trial.set_user_attr("worker", self.worker)
 
         excess = 0.0 if self.latency_budget_ms is None else estimate.latency_ms - self.latency_budget_ms
         trial.set_constraint(CONSTRAINT_KEY, excess)

@@ -20,20 +20,23 @@ SHOW_DEFAULTS = ("external", "gated_export", "gates", "supernet_overhead", "supe
 OPTION = re.compile(r"^  (-\S+(?: \S+)*)(?: {2,}(\S.*))?$")
 
 
+# Scripts run at once: each spends a few seconds importing torch, and a small CI machine has two cores.
+PARALLEL = 2
+
+
 @pytest.fixture(scope="module")
 def help_outputs() -> dict[str, subprocess.CompletedProcess]:
-    """Run every script's --help in parallel, because each one spends a few seconds importing torch."""
+    """Run every script's --help, PARALLEL at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     env = {**os.environ, "COLUMNS": "200"}
-    running = {
-        name: subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"], cwd=ROOT,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for name in SCRIPTS
-    }
-    results = {}
-    for name, process in running.items():
-        stdout, stderr = process.communicate(timeout=240)
-        results[name] = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-    return results
+
+    def run_help(name: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{name}.py"), "--help"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=240)
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        return dict(zip(SCRIPTS, pool.map(run_help, SCRIPTS)))
 
 
 def option_help(text: str) -> dict[str, str]:

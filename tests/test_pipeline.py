@@ -373,7 +373,8 @@ def test_two_workers_through_submitit_share_one_study(searched):
 
     tmp, _, _ = searched
     args = ["-m", *TINY[:-1], "search.study_name=tiny-workers", f"paths.work_dir={tmp / 'work'}",
-            "hydra/launcher=submitit_local", "search.worker=0,1", f"hydra.sweep.dir={tmp / 'workers'}"]
+            "hydra/launcher=submitit_local", "search.worker=0,1", "search.sampler=random",
+            f"hydra.sweep.dir={tmp / 'workers'}"]
     result = run("search.py", args, tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for job in ("0", "1"):
@@ -381,6 +382,10 @@ def test_two_workers_through_submitit_share_one_study(searched):
     study = optuna.load_study(study_name="tiny-workers", storage=f"sqlite:///{tmp / 'work' / 'studies.db'}")
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 12  # search.n_trials=6 from each worker
+    draws = {worker: [json.dumps(t.user_attrs["arch"], sort_keys=True) for t in study.trials
+                      if t.user_attrs["worker"] == worker] for worker in (0, 1)}
+    assert len(draws[0]) == len(draws[1]) == 6
+    assert draws[0] != draws[1]  # a seeded random sampler repeats its draws unless each worker has its own seed
 
 
 def test_tail_aware_study_records_searched_space(searched):
