@@ -1,7 +1,7 @@
 """Hardware-aware architecture search: ``python search.py +space=resnet``.
 
-Stages: data, supernet (trained once and cached), profiling and latency predictor (cached per
-device), an Optuna study, re-measurement of the Pareto front on the device, and the outputs
+Stages: data, profiling and latency predictor (cached per device), supernet (trained once and
+cached), an Optuna study, re-measurement of the Pareto front on the device, and the outputs
 (pareto.csv, pareto.png, manifest.json) in Hydra's run directory.
 """
 
@@ -266,9 +266,8 @@ def run(cfg: DictConfig) -> None:
     tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir),
                              default_group=study_name)
 
-    with timer.stage("supernet"):
-        supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
-
+    # The predictor comes before the supernet: it does not need it, and an impossible latency budget
+    # then stops the run before the long training.
     store = ProfileStore(work_dir / "profiles", fingerprint)
     with timer.stage("profile_predictor"):
         predictor, report, predictor_path = load_or_build_predictor(
@@ -278,6 +277,11 @@ def run(cfg: DictConfig) -> None:
     timer.seconds["predictor"] = timer.seconds["profile_predictor"] - timer.seconds["profile"]
     log.info("Predictor %s: %s", predictor_path, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
     tracker.summary({f"predictor/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
+    if not cfg.space.get("tail_aware", False):
+        _check_budget_feasible(space, lambda arch: _predict(predictor, space, arch), budget)
+
+    with timer.stage("supernet"):
+        supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
 
     if cfg.space.get("tail_aware", False):
         space = tail_aware_space(space, store, protocol, supernet, predictor, run_dir)
@@ -290,8 +294,7 @@ def run(cfg: DictConfig) -> None:
         return measurement.median_ms
 
     def predict(arch: Any) -> LatencyEstimate:
-        prediction = predictor.predict([space.layers(arch)])
-        return LatencyEstimate(float(prediction.mean_ms[0]), float(prediction.low_ms[0]), float(prediction.high_ms[0]))
+        return _predict(predictor, space, arch)
 
     search_cfg = cfg.search
     device = training_device(cfg.supernet.trainer)
@@ -364,6 +367,11 @@ def _work_dir_arg(cfg: DictConfig) -> str:
     default = os.environ.get("TAILNAS_WORK_DIR") or str(Path(HydraConfig.get().runtime.cwd) / "work")
     work_dir = str(cfg.paths.work_dir)
     return "" if Path(work_dir).resolve() == Path(default).resolve() else f" paths.work_dir='{work_dir}'"
+
+
+def _predict(predictor: Any, space: SearchSpace, arch: Any) -> LatencyEstimate:
+    prediction = predictor.predict([space.layers(arch)])
+    return LatencyEstimate(float(prediction.mean_ms[0]), float(prediction.low_ms[0]), float(prediction.high_ms[0]))
 
 
 def _check_budget_feasible(space: SearchSpace, predict: Any, budget: float | None) -> None:

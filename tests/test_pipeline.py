@@ -405,3 +405,13 @@ def test_tail_aware_study_records_searched_space(searched):
     for stage, widths in moved:
         assert searched_stages[int(stage)]["widths"] == [int(w) for w in widths.split(", ")]
         assert configured_stages[int(stage)]["widths"] == [[8, 16, 24], [16, 24, 32]][int(stage)]  # TINY_STAGES
+
+
+def test_impossible_budget_stops_before_supernet(tmp_path):
+    result = run("search.py", [*TINY[:-1], "search.study_name=too-fast", "search.latency_budget_ms=0.0001",
+                               f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "search.latency_budget_ms=0.0001 is below the predicted latency of the smallest subnet" in output
+    assert "Stage supernet" not in output
+    assert not (tmp_path / "work" / "supernets").exists()
