@@ -104,3 +104,25 @@ def test_sqlite_storage_folder_created(tmp_path):
     url = f"sqlite:///{tmp_path / 'new' / 'studies.db'}"
     assert check_storage_url(url) == url
     assert (tmp_path / "new").is_dir()
+
+
+def test_optuna_interrupt_warning_without_traceback():
+    import logging
+
+    import search
+
+    try:
+        raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        interrupted = logging.LogRecord("optuna.study._optimize", logging.WARNING, __file__, 1, "Trial 1 failed",
+                                        None, sys.exc_info())
+    try:
+        raise ValueError("bug")
+    except ValueError:
+        failed = logging.LogRecord("optuna.study._optimize", logging.WARNING, __file__, 1, "Trial 2 failed", None,
+                                   sys.exc_info())
+    drop = search._InterruptWithoutTraceback()
+    assert drop.filter(interrupted)
+    assert interrupted.exc_info is None
+    assert drop.filter(failed)
+    assert failed.exc_info is not None  # other failures keep their traceback

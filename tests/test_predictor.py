@@ -427,3 +427,25 @@ def test_staircase_plot_limited_to_given_layers() -> None:
     table.update({conv(32, c).key(): 0.01 * c for c in range(8, 33, 8)})
     layer, _ = staircase_from_table(table, layers=[conv(32, 16)])
     assert layer.in_channels == 32
+
+
+@pytest.mark.parametrize("training", [
+    {"holdout_keys": ["c"]},  # files written before train_keys: every other profiled subnet trained it
+    {"holdout_keys": ["c"], "train_keys": ["a"]},
+])
+def test_store_split_old_and_new_predictor_files(training: dict) -> None:
+    from types import SimpleNamespace
+
+    from predictors.evaluate import store_split
+
+    layer = {"op": "conv", "in_channels": 8, "out_channels": 8, "in_size": 8, "kernel_size": 3, "stride": 1,
+             "groups": 1, "act": "relu", "bias": True}
+    records = [{"key": key, "layers": [layer], "latency_ms": 1.0, "source": source}
+               for key, source in (("a", "profile"), ("b", "profile"), ("c", "profile"), ("d", "search"))]
+    store = SimpleNamespace(subnet_records=lambda space_hash, batch_size: records)
+    space = SimpleNamespace(config_hash=lambda: "h")
+    predictor = SimpleNamespace(metadata={"training": training})
+    train, test = store_split(predictor, store, space, 1)
+    expected_train = training.get("train_keys", ["a", "b"])
+    assert [s["key"] for s in train] == expected_train
+    assert [s["key"] for s in test] == sorted({"a", "b", "c", "d"} - set(expected_train))
