@@ -275,9 +275,9 @@ def build_predictor(
     batch_size = protocol.batch_size
     # The subnets of this n_subnets and seed only, so that the predictor does not depend on what
     # other runs left in the store.
-    wanted = {arch_key(arch.to_dict()) for arch in sample_subnets(space, config.n_subnets, seed)}
+    sampled = {arch_key(arch.to_dict()) for arch in sample_subnets(space, config.n_subnets, seed)}
     subnet_records = [r for r in store.subnet_records(space.config_hash(), batch_size, source="profile")
-                      if r["key"] in wanted]
+                      if r["key"] in sampled]
     train_keys, test_keys = split_holdout(sorted({r["key"] for r in subnet_records}), config.holdout_fraction, seed)
     metadata = {
         "fingerprint": dict(fingerprint),

@@ -109,7 +109,7 @@ def test_summary_warns_on_small_validation(caplog):
     with caplog.at_level(logging.INFO, logger="nas.data.base"):
         datamodule.log_summary()
     assert "80 / 10 / 10 train / validation / test images" in caplog.text
-    assert "holds only 10 images, so one image moves accuracy by 10.0%" in caplog.text
+    assert "contains only 10 images, so one image moves accuracy by 10.0%" in caplog.text
 
 
 def test_imagefolder_class_count_checked(tmp_path):

@@ -147,7 +147,7 @@ def _check_same_classes(folder: Any, classes: list[str], base: Any) -> None:
     if found == classes:
         return
     missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-    raise DataError(f"{str(folder)!r} must hold the same class folders as {str(base)!r}, so that each class keeps "
+    raise DataError(f"{str(folder)!r} must contain the same class folders as {str(base)!r}, so that each class keeps "
                     f"one label, but it lacks {missing} and has {extra} besides. Add or remove class folders "
                     "until they match.")
 

@@ -82,7 +82,7 @@ class ImageDataModule(pl.LightningDataModule):
         log.info("Data %s: %d classes, %dx%dx%d inputs, %d / %d / %d train / validation / test images",
                  type(self).__name__, self.num_classes, self.in_channels, self.resolution, self.resolution, *sizes)
         if 0 < sizes[1] < FEW_VALIDATION_IMAGES:
-            log.warning("The validation split holds only %d images, so one image moves accuracy by %.1f%% and the "
+            log.warning("The validation split contains only %d images, so one image moves accuracy by %.1f%% and the "
                         "search cannot tell similar subnets apart. Add images or raise the validation share of "
                         "data.split.", sizes[1], 100 / sizes[1])
 
