@@ -210,7 +210,7 @@ def test_train_with_gate_budget_profiles_blocks(searched):
     assert report["gates"]["keep_ratio"] == 1.0  # 1000 ms fits every keep ratio, so the largest is chosen
     assert report["latency_budget_ms"] == 1000
     assert "gates_batch_slowdown" not in report
-    assert "(budget 1000 ms)" in result.stdout
+    assert "(budget 1000 ms; ungated " in result.stdout
     stores = list((tmp / "work" / "profiles").glob("*/gated_blocks.jsonl"))
     assert len(stores) == 1
     records = [json.loads(line) for line in stores[0].read_text().splitlines()]
