@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,38 @@ from nas.tracking import create_tracker
 from nas.training import SubnetEvaluator
 
 log = logging.getLogger("tailnas.search")
+
+
+class StopOnInterrupt:
+    """While active, a first Ctrl-C stops the study after its running trials; a second one stops at once.
+
+    Stopping between trials keeps the study's last trial complete, and a signal handler sees Ctrl-C
+    wherever it lands (an exception raised inside a garbage-collection callback is only printed).
+    """
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.study = study
+        self.stopped = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.stopped:
+            raise KeyboardInterrupt
+        self.stopped = True
+        log.warning("Ctrl-C: the search stops after the running trial; press Ctrl-C again to stop at once.")
+        try:
+            self.study.stop()
+        except RuntimeError:  # outside the optimisation loop: nothing runs that could finish first
+            raise KeyboardInterrupt from None
+
+    def __enter__(self) -> StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
 
 
 class _InterruptWithoutTraceback(logging.Filter):
@@ -246,6 +280,9 @@ def run(cfg: DictConfig) -> None:
     log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)
     # The study name is set before the tracker starts because it is the run's default W&B group.
+    if cfg.search.get("worker", 0) and not cfg.search.study_name:
+        raise SearchError(f"search.worker={cfg.search.worker} needs search.study_name=NAME, the same for every "
+                          "worker, so that the workers share one study.")
     study_name = cfg.search.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     budget = check_budget(cfg.search.latency_budget_ms)
     storage = default_storage(cfg)
@@ -256,7 +293,8 @@ def run(cfg: DictConfig) -> None:
     stored = existing_study(storage, study_name)
     if stored is not None:
         # Checked before the supernet trains, so a mismatch costs nothing.
-        check_resume(stored.user_attrs, scoring, study_name, storage)
+        settings = {"data": to_container(cfg.data), "supernet": to_container(cfg.supernet), "seed": cfg.seed}
+        check_resume(stored.user_attrs, {**scoring, **settings}, study_name, storage)
     trials_before = len(stored.trials) if stored is not None else 0
     seed = sampler_seed(cfg.seed, cfg.search.get("worker", 0), trials_before)
     if seed != cfg.seed:
@@ -319,10 +357,15 @@ def run(cfg: DictConfig) -> None:
         _check_budget_feasible(space, predict, budget)
         study, _ = create_or_load_study(storage, study_name, sampler, record)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        interrupted = False
         try:
-            study.optimize(objective, n_trials=search_cfg.n_trials, timeout=search_cfg.timeout_s,
-                           show_progress_bar=True, gc_after_trial=False)
+            with StopOnInterrupt(study) as stopper:
+                study.optimize(objective, n_trials=search_cfg.n_trials, timeout=search_cfg.timeout_s,
+                               show_progress_bar=True, gc_after_trial=False)
+            interrupted = stopper.stopped
         except KeyboardInterrupt:
+            interrupted = True
+        if interrupted:
             finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             log.warning("Search interrupted; writing the results of the %d finished trials. Add search.study_name=%s "
                         "to resume the study.", len(finished), study_name)
@@ -360,6 +403,9 @@ def run(cfg: DictConfig) -> None:
     print(f"Knee subnet: trial {rows[knee]['trial']}, accuracy {100 * rows[knee]['accuracy']:.2f}%, "
           f"{latencies[knee]:.3f} ms. Fine-tune it with:")
     print(f"  python train.py search.study_name={study_name}{location_arg} trial={rows[knee]['trial']}")
+    if interrupted:
+        # The outputs are written; the exit status still tells a calling script that the search was cut short.
+        raise KeyboardInterrupt
 
 
 def _work_dir_arg(cfg: DictConfig) -> str:

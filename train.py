@@ -98,6 +98,10 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
     return max(within, key=lambda t: (_latency(t, measured), t.values[0]))
 
 
+INTERRUPTED = ("Interrupted. A network whose fine-tuning had finished is in the run folder (subnet.pt, and "
+               "finetune.json with \"complete\": false); an interrupted fine-tuning keeps nothing.")
+
+
 def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: Any, tag: str,
              teacher: torch.nn.Module | None = None, kd_weight: float = 0.0, callbacks: list | None = None,
              lr: float | None = None, full_keep_weight: float = 0.0) -> float:
@@ -120,8 +124,14 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
         if teacher is not None:
             # The distillation teacher stays in eval mode on purpose; Lightning would warn about its modules.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader(),
-                    val_dataloaders=datamodule.val_dataloader())
+        try:
+            trainer.fit(module, train_dataloaders=datamodule.train_dataloader(),
+                        val_dataloaders=datamodule.val_dataloader())
+        except SystemExit:
+            # Lightning ends fit with SystemExit on Ctrl-C; run_cli then says what was kept.
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
     results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
     accuracy = float(results[0]["test/accuracy"])
     log.info("Test accuracy (%s): %.4f", tag, accuracy)
@@ -431,7 +441,7 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    run_cli(run, cfg)
+    run_cli(run, cfg, interrupted=INTERRUPTED)
 
 
 if __name__ == "__main__":

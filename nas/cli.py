@@ -157,11 +157,17 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+# What run_cli prints on Ctrl-C unless the entry point gives its own text.
+INTERRUPTED = ("Interrupted. What finished is kept in paths.work_dir: the profile store, cached supernets and "
+               "predictors, a supernet's finished epochs and a study's finished trials, so a rerun with the same "
+               "settings (and search.study_name) picks them up.")
+
+
+def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig, interrupted: str = INTERRUPTED) -> Any:
     """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1.
 
-    Ctrl-C ends it with exit code 130 and a line on what is kept, instead of a traceback. During
-    Lightning's fit in ``train.py``, Lightning handles Ctrl-C itself and exits with code 1.
+    Ctrl-C ends it with exit code 130 and ``interrupted``, a line on what is kept, instead of a
+    traceback. Entry points turn Lightning's own exit on Ctrl-C into KeyboardInterrupt for this.
     """
     try:
         return body(cfg)
@@ -172,7 +178,5 @@ def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     except KeyboardInterrupt:
         # Every store and cache in paths.work_dir is written run by run or atomically.
         log.warning("Interrupted")
-        print("Interrupted. What finished is kept in paths.work_dir: the profile store, cached supernets and "
-              "predictors, a supernet's finished epochs and a study's finished trials, so a rerun with the same "
-              "settings (and search.study_name) picks them up.", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         sys.exit(130)

@@ -139,20 +139,45 @@ def _normalised(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str, sort_keys=True))
 
 
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else repr(value)
+
+
+def _differing(old: Mapping[str, Any], new: Mapping[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if k not in ignore and old.get(k) != new.get(k))
+
+
+# Settings that do not enter the supernet's key, left out when a changed key is explained.
+_NOT_IN_SUPERNET_KEY = {"data": ("num_workers", "eval_batch_size"), "supernet": ("trainer",)}
+
+
+def _supernet_change(stored: Mapping[str, Any], record: Mapping[str, Any]) -> str:
+    """Name what changed the supernet key: data.X, supernet.X or seed, from the records' settings where both have them."""
+    named = []
+    for group in ("data", "supernet"):
+        old, new = stored.get(group), record.get(group)
+        if isinstance(old, dict) and isinstance(new, dict):
+            named += [f"{group}.{key}" for key in _differing(old, new, _NOT_IN_SUPERNET_KEY[group])]
+    if "seed" in stored and "seed" in record and stored["seed"] != record["seed"]:
+        named.append(f"seed ({_yaml_value(stored['seed'])} before, {_yaml_value(record['seed'])} now)")
+    return f"{RESUME_KEYS['supernet_key']} ({', '.join(named)})" if named else RESUME_KEYS["supernet_key"]
+
+
 def _describe_change(key: str, old: Any, new: Any) -> str:
     label = RESUME_KEYS.get(key, "space.*")  # "space": the searched space of older studies
     if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-        return f"{label} (differs in {', '.join(keys)})"
-    if key in ("space", "space_config", "supernet_key", "device_fingerprint_id"):
+        return f"{label} (differs in {', '.join(_differing(old, new))})"
+    if key in ("space", "space_config", "device_fingerprint_id"):
         return label
-    return f"{label} ({old!r} before, {new!r} now)"
+    return f"{label} ({_yaml_value(old)} before, {_yaml_value(new)} now)"
 
 
 def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_name: str, storage: str) -> None:
     """Raise SearchError when ``record`` differs from the study's ``stored`` record in a setting that scores trials.
 
     ``space_config`` is the space as configured, before ``space.tail_aware`` moves its widths.
+    ``data``, ``supernet`` and ``seed``, where both records have them, name what changed the
+    supernet's key.
     Studies written before ``supernet_key`` or ``space_config`` were recorded are compared by their
     checkpoint's folder and by the searched space. A key missing from either side is not compared.
     """
@@ -163,11 +188,12 @@ def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_nam
     if "space_config" not in stored:
         # Older studies recorded only the searched space, which the tail-aware step may have changed.
         keys = ["space" if key == "space_config" else key for key in keys]
-    changed = [
-        _describe_change(key, stored[key], record[key])
-        for key in keys
-        if key in stored and key in record and _normalised(stored[key]) != _normalised(record[key])
-    ]
+    changed_keys = [key for key in keys
+                    if key in stored and key in record and _normalised(stored[key]) != _normalised(record[key])]
+    if "supernet_key" in changed_keys and {"space", "space_config"} & set(changed_keys):
+        changed_keys.remove("supernet_key")  # the supernet's key contains the space
+    changed = [_supernet_change(stored, record) if key == "supernet_key"
+               else _describe_change(key, stored[key], record[key]) for key in changed_keys]
     if changed:
         where = f" (its last run: {stored['run_dir']})" if stored.get("run_dir") else ""
         raise SearchError(

@@ -103,12 +103,28 @@ SCORING = {"space_config": {"family": "resnet"}, "supernet_key": "resnet-aaa", "
 @pytest.mark.parametrize(("change", "message"), [
     ({"supernet_key": "resnet-bbb"}, r"the supernet: data\.\*, supernet\.\* and seed\. Its trials"),
     ({"hardware": {"device": "cpu", "batch_size": 8, "threads": 1}}, r"hardware\.\* \(differs in batch_size\)"),
-    ({"latency_budget_ms": 0.5}, r"search\.latency_budget_ms \(None before, 0\.5 now\)"),
+    ({"latency_budget_ms": 0.5}, r"search\.latency_budget_ms \(null before, 0\.5 now\)"),
     ({"device_fingerprint_id": "gpu7"}, r"the device\. "),
 ])
 def test_resume_with_other_scoring_rejected(change, message):
     with pytest.raises(SearchError, match=message):
         check_resume(SCORING, {**SCORING, **change}, "s", "sqlite:///x.db")
+
+
+def test_resume_names_supernet_settings():
+    settings = {"data": {"name": "mnist", "num_workers": 0}, "supernet": {"epochs": 5, "trainer": {}}, "seed": 0}
+    stored = {**SCORING, **settings}
+    changed = {**SCORING, "supernet_key": "resnet-bbb", "data": {"name": "mnist", "num_workers": 4},
+               "supernet": {"epochs": 2, "trainer": {"devices": 2}}, "seed": 1}
+    with pytest.raises(SearchError, match=r"and seed \(supernet.epochs, seed \(0 before, 1 now\)\)\. Its"):
+        check_resume(stored, changed, "s", "sqlite:///x.db")
+
+
+def test_resume_space_change_named_once():
+    changed = {**SCORING, "space_config": {"family": "resnet", "tail_aware": True}, "supernet_key": "resnet-bbb"}
+    with pytest.raises(SearchError, match=r"other settings: space\.\* \(differs in tail_aware\)\. Its") as raised:
+        check_resume(SCORING, changed, "s", "sqlite:///x.db")
+    assert "the supernet" not in str(raised.value)
 
 
 def test_resume_with_same_scoring_allowed():
@@ -229,3 +245,24 @@ def test_train_budget_checked():
     cfg = OmegaConf.create({"trial": None, "pick": "fastest_under_budget", "budget_ms": "abc"})
     with pytest.raises(SearchError, match="budget_ms must be a positive number of milliseconds or null, but got 'abc'"):
         train.pick_trial(_study_with_front(), cfg)
+
+
+def test_ctrl_c_stops_study_after_running_trial():
+    import os
+    import signal
+
+    import search
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+
+    def objective(trial):
+        if trial.number == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while this trial runs
+        return 0.5, 1.0
+
+    handler = signal.getsignal(signal.SIGINT)
+    with search.StopOnInterrupt(study) as stopper:
+        study.optimize(objective, n_trials=10)
+    assert stopper.stopped
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert signal.getsignal(signal.SIGINT) is handler
