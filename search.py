@@ -35,6 +35,7 @@ from nas.search import (
     check_budget,
     check_resume,
     check_run_length,
+    check_storage_opens,
     create_or_load_study,
     create_sampler,
     knee_index,
@@ -271,6 +272,12 @@ def run(cfg: DictConfig) -> None:
     # Built before the supernet trains, so an unknown search.sampler stops the run at once.
     sampler = create_sampler(cfg.search.sampler, cfg.seed, cfg.search.population_size)
     check_run_length(cfg.search.n_trials, cfg.search.timeout_s)
+    budget = check_budget(cfg.search.latency_budget_ms)
+    if cfg.search.get("worker", 0) and not cfg.search.study_name:
+        raise SearchError(f"search.worker={cfg.search.worker} needs search.study_name=NAME, the same for every "
+                          "worker, so that the workers share one study.")
+    storage = default_storage(cfg)
+    check_storage_opens(storage)
 
     with timer.stage("data"):
         datamodule = build_datamodule(to_container(cfg.data))
@@ -280,12 +287,7 @@ def run(cfg: DictConfig) -> None:
     log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)
     # The study name is set before the tracker starts because it is the run's default W&B group.
-    if cfg.search.get("worker", 0) and not cfg.search.study_name:
-        raise SearchError(f"search.worker={cfg.search.worker} needs search.study_name=NAME, the same for every "
-                          "worker, so that the workers share one study.")
     study_name = cfg.search.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    budget = check_budget(cfg.search.latency_budget_ms)
-    storage = default_storage(cfg)
     fingerprint = device_fingerprint(protocol)
     scoring = {"space_config": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
                "device_fingerprint_id": fingerprint_id(fingerprint), "hardware": protocol.to_dict(),

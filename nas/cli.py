@@ -88,7 +88,12 @@ def check_storage_url(url: str) -> str:
         raise UsageError(f"search.storage={url!r} names a database this installation cannot open ({err}); use "
                          f"{forms}.") from err
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(parsed.database).expanduser().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UsageError(f"search.storage={url!r}: cannot create the folder {str(folder)!r} ({err}); use a "
+                             "path in a folder you can write.") from err
     return url
 
 

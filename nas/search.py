@@ -24,6 +24,7 @@ __all__ = [
     "create_or_load_study",
     "check_budget",
     "check_run_length",
+    "check_storage_opens",
     "check_resume",
     "existing_study",
     "sampler_seed",
@@ -112,6 +113,28 @@ RESUME_KEYS = {
     "hardware": "hardware.*",
     "latency_budget_ms": "search.latency_budget_ms",
 }
+
+
+def check_storage_opens(storage: str) -> None:
+    """Open ``storage`` once, so that an unreachable server or a missing driver stops a run before any work."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    url = make_url(storage)
+    if url.get_backend_name() == "sqlite":
+        if url.database in (None, "", ":memory:"):
+            raise SearchError(f"search.storage={storage!r} is an in-memory database, which keeps no study after "
+                              "the run; use sqlite:////ABSOLUTE/PATH.db or leave search.storage null.")
+        # Made here, because SQLite creates a new file with mode 0644 whatever the umask, which would
+        # keep a group that shares paths.work_dir from writing the study.
+        Path(url.database).expanduser().touch(exist_ok=True)
+    try:
+        optuna.get_all_study_names(storage=storage)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise SearchError(f"search.storage={storage!r} cannot be opened ({type(err).__name__}: {reason}); check "
+                          "the URL, that the database server runs and accepts this user, and that its Python "
+                          "driver is installed.") from err
 
 
 def existing_study(storage: str, study_name: str) -> optuna.Study | None:

@@ -266,3 +266,28 @@ def test_ctrl_c_stops_study_after_running_trial():
     assert stopper.stopped
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
     assert signal.getsignal(signal.SIGINT) is handler
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("sqlite://", "is an in-memory database, which keeps no study"),
+    ("postgresql+psycopg2://user:secret@127.0.0.1:1/db", r"cannot be opened \(OperationalError"),
+])
+def test_storage_must_open(url, message):
+    from nas.search import check_storage_opens
+
+    with pytest.raises(SearchError, match=message):
+        check_storage_opens(url)
+
+
+def test_new_sqlite_storage_follows_umask(tmp_path):
+    import os
+    import stat
+
+    from nas.search import check_storage_opens
+
+    previous = os.umask(0o002)
+    try:
+        check_storage_opens(f"sqlite:///{tmp_path / 'studies.db'}")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "studies.db").stat().st_mode) == 0o664
