@@ -60,13 +60,14 @@ def plot_predicted_vs_measured(
     ax.fill_between(line, line * 0.9, line * 1.1, color="tab:green", alpha=0.12, label="±10%")
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (ms)",
            ylabel="predicted latency (ms)", title=title)
-    # Plain numbers at the ticks. Within one decade, the minor ticks carry labels too, because a
-    # log axis would otherwise show only 10^0 there; over wider ranges their labels would overlap.
-    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+    # Plain numbers at 1, 2 and 5 times each power of ten, so that a range of less than a decade
+    # still gets several labels; over a narrow range the other minor ticks are labelled too.
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         axis.set_major_formatter(FormatStrFormatter("%g"))
-        axis.set_minor_formatter(FormatStrFormatter("%g") if hi / lo < 10 else NullFormatter())
+        axis.set_minor_formatter(FormatStrFormatter("%g") if hi / lo < 3 else NullFormatter())
     ax.legend(loc="upper left", fontsize=8)
     return _save(fig, plt, path)
 
