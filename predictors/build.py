@@ -26,6 +26,7 @@ from nas.spaces.base import SearchSpace
 from predictors.evaluate import group_subnet_records, holdout_report
 from predictors.features import HardwareFacts
 from predictors.xgb import (
+    MIN_TRAIN_SUBNETS,
     REBUILD_HINT,
     LatencyPredictor,
     PredictorError,
@@ -78,8 +79,13 @@ class PredictorConfig:
             raise PredictorError(f"predictor.name must be 'xgb', the only predictor, but got {config.name!r}.")
         if not 0.0 < config.holdout_fraction < 1.0:
             raise PredictorError(f"predictor.holdout_fraction must be in (0, 1), for example 0.25, but got {config.holdout_fraction}.")
-        if config.n_subnets < 2:
-            raise PredictorError(f"predictor.n_subnets must be >= 2 to train and hold out subnets, but got {config.n_subnets}.")
+        smallest = smallest_n_subnets(config.holdout_fraction)
+        if isinstance(config.n_subnets, bool) or not isinstance(config.n_subnets, int) or config.n_subnets < smallest:
+            raise PredictorError(
+                f"predictor.n_subnets must be a whole number >= {smallest}, so that {MIN_TRAIN_SUBNETS} subnets train "
+                f"the predictor after predictor.holdout_fraction={config.holdout_fraction} is held out, but got "
+                f"{config.n_subnets!r}."
+            )
         if not 0.0 < config.interval < 1.0:
             raise PredictorError(f"predictor.interval must be in (0, 1), for example 0.9, but got {config.interval}.")
         XGBParams.from_mapping(config.layer_model, "predictor.layer_model")
@@ -90,6 +96,14 @@ class PredictorConfig:
         """Return a hash of the keys that change the trained model (not ``rebuild``, ``path`` or the override)."""
         relevant = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rebuild", "path", "allow_fingerprint_mismatch")}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def smallest_n_subnets(holdout_fraction: float) -> int:
+    """Return the fewest subnets that leave MIN_TRAIN_SUBNETS for training after :func:`split_holdout`."""
+    n = MIN_TRAIN_SUBNETS + 1
+    while n - min(n - 1, max(1, int(round(holdout_fraction * n)))) < MIN_TRAIN_SUBNETS:
+        n += 1
+    return n
 
 
 def hardware_facts_from_fingerprint(fingerprint: Mapping[str, Any]) -> HardwareFacts:

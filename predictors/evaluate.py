@@ -322,7 +322,8 @@ def run(cfg: Any) -> dict[str, Any]:
         raise PredictorError(
             f"The profile store {store.directory} has no measured subnet of space {space.name!r} outside the "
             f"predictor's training set to evaluate on. Profile the space first (python -m predictors.profile "
-            f"+space=NAME), or unset predictor.path to build a predictor for it."
+            f"with this command's +space and space.* overrides), or unset predictor.path to build a predictor "
+            f"for it."
         )
     table = store.layer_table(protocol.batch_size)
     report = holdout_report(predictor, train, test, table, store.noise_floor(space.config_hash(), protocol.batch_size))
@@ -330,13 +331,18 @@ def run(cfg: Any) -> dict[str, Any]:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     print_report(report, f"Latency predictor {path.name} on {len(test)} held-out subnets")
     warn_if_miscalibrated(report)
-    metrics = {"predictor": str(path), "space": space.name, "protocol": protocol.to_dict(), **report}
+    if not report["baselines"]:
+        print(f"No baselines: they are fitted on the predictor's training subnets of this space in the store, and "
+              f"{len(train)} are there (at least {MIN_BASELINE_TRAIN} needed).")
+    metrics = {"predictor": str(path), "space": space.name, "space_hash": space.config_hash(),
+               "protocol": protocol.to_dict(), "predictor_config": predictor.metadata.get("training", {}).get("config"),
+               **report}
     write_json_atomic(run_dir / "metrics.json", metrics, indent=2, default=str)
     for written in [run_dir / "metrics.json", *write_plots(run_dir, predictor, train, test, table)]:
         print(f"Wrote {written}")
     if build_report.get("build_s") is not None:
         print(f"Building {path.name} took {build_report['build_s']:.1f} s, {build_report.get('profile_s', 0.0):.1f} s "
-              "of it profiling.")
+              "of it profiling (when it was built; a reused or given file is not built again).")
     return report
 
 

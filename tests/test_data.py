@@ -78,8 +78,8 @@ def test_imagefolder_train_val_test(tmp_path, with_test):
 
 
 @pytest.mark.parametrize(("train", "held_out", "message"), [
-    (["a", "b", "c"], ["a", "c"], r"lacks \['b'\] and has \[\] besides"),
-    (["a", "b"], ["a", "b", "z"], r"lacks \[\] and has \['z'\] besides"),
+    (["a", "b", "c"], ["a", "c"], r"but it lacks \['b'\]\. Add"),
+    (["a", "b"], ["a", "b", "z"], r"but it has \['z'\] besides\. Add"),
 ])
 def test_imagefolder_val_classes_must_match(tmp_path, train, held_out, message):
     _write_images(tmp_path / "train", train, 1)
@@ -376,3 +376,14 @@ def test_cifar10_renamed_batches_folder(tmp_path):
         build_datamodule({"name": "cifar10", "root": str(renamed)})
     assert str(excinfo.value).endswith(
         f"rename it to 'cifar-10-batches-py' and point data.root at its parent folder {str(tmp_path.resolve())!r}.")
+
+
+def test_imagefolder_layout_logged_and_stray_folders_warned(tmp_path, caplog):
+    _write_images(tmp_path / "train", ["a", "b"], 4)
+    _write_images(tmp_path / "val", ["a", "b"], 2)
+    (tmp_path / "stray").mkdir()
+    with caplog.at_level(logging.INFO, logger="nas.data"):
+        datamodule = build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": 8})
+        datamodule.log_summary()
+    assert "the folders ['stray'], which are not read" in caplog.text
+    assert "train/, and val/ halved into validation and test" in caplog.text

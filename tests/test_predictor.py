@@ -449,3 +449,12 @@ def test_store_split_old_and_new_predictor_files(training: dict) -> None:
     expected_train = training.get("train_keys", ["a", "b"])
     assert [s["key"] for s in train] == expected_train
     assert [s["key"] for s in test] == sorted({"a", "b", "c", "d"} - set(expected_train))
+
+
+@pytest.mark.parametrize("n_subnets", [12, "abc"])
+def test_n_subnets_names_smallest_working_value(n_subnets) -> None:
+    from predictors.build import PredictorConfig
+
+    with pytest.raises(PredictorError, match=r"predictor.n_subnets must be a whole number >= 13, so that 10 subnets"):
+        PredictorConfig.from_mapping({"n_subnets": n_subnets})
+    PredictorConfig.from_mapping({"n_subnets": 13})

@@ -8,6 +8,7 @@ and :class:`DataError` live in :mod:`nas.data.base`, CIFAR-10's file format and 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,8 @@ from nas.data.cifar10 import (
     read_cifar10_format,
     write_cifar10_format,
 )
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DataError",
@@ -92,6 +95,11 @@ class ImageFolderDataModule(ImageDataModule):
                             "the same class folders, or rename test/ to val/ to have it halved into validation and "
                             "test.")
         base = self.folders.get("train", self.root)
+        if self.folders:
+            stray = sorted(set(_class_folders(self.root)) - set(self.folders))
+            if stray:
+                log.warning("data.root=%r has train/ and also the folders %s, which are not read; move them into "
+                            "train/ or out of data.root.", str(self.root), stray)
         self.classes = _class_folders(base)
         if len(self.classes) < 2:
             raise DataError(f"data.root={str(base)!r} must contain at least two class folders, but has "
@@ -134,6 +142,19 @@ class ImageFolderDataModule(ImageDataModule):
         self.val_set = Subset(held_out, order[:half].tolist())
         self.test_set = Subset(held_out, order[half:].tolist())
 
+    def layout(self) -> str:
+        """Describe how the folders were split, for the run's log."""
+        if "val" not in self.folders:
+            where = "train/" if "train" in self.folders else "class folders"
+            return f"{where} split by data.split"
+        if "test" in self.folders:
+            return "train/, val/ and test/ as they are"
+        return "train/, and val/ halved into validation and test"
+
+    def log_summary(self) -> None:
+        super().log_summary()
+        log.info("Image folders under %s: %s", self.root, self.layout())
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "root": str(self.root), "resolution": self.resolution}
 
@@ -147,9 +168,9 @@ def _check_same_classes(folder: Any, classes: list[str], base: Any) -> None:
     if found == classes:
         return
     missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
+    differences = ([f"it lacks {missing}"] if missing else []) + ([f"it has {extra} besides"] if extra else [])
     raise DataError(f"{str(folder)!r} must contain the same class folders as {str(base)!r}, so that each class keeps "
-                    f"one label, but it lacks {missing} and has {extra} besides. Add or remove class folders "
-                    "until they match.")
+                    f"one label, but {' and '.join(differences)}. Add or remove class folders until they match.")
 
 
 def _image_folder(folder: Any, transform: Any) -> Any:
