@@ -27,6 +27,7 @@ Outputs in ``--out`` (default ``outputs/compare/<date>_<time>``): ``compare.csv`
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -108,6 +109,8 @@ class StudySummary:
     space: str
     trials_finished: int
     front: tuple[FrontPoint, ...]
+    # The space as configured, without its tail_aware switch: the part that comparable studies share.
+    space_config: str = ""
 
     @property
     def best_accuracy(self) -> float | None:
@@ -277,7 +280,15 @@ def summarize_study(study: optuna.Study) -> StudySummary | None:
     return StudySummary(
         name=study.study_name, sampler=study_sampler(study), space=_space_name(record),
         trials_finished=len(finished), front=tuple(sorted(front, key=lambda p: (p.latency_ms, -p.accuracy))),
+        space_config=_space_config_key(record),
     )
+
+
+def _space_config_key(record: Mapping[str, Any]) -> str:
+    config = record.get("space_config", record.get("space"))
+    if not isinstance(config, Mapping):
+        return ""
+    return json.dumps({k: v for k, v in config.items() if k != "tail_aware"}, sort_keys=True, default=str)
 
 
 def load_summaries(storage: str, names: Sequence[str]) -> list[StudySummary]:
@@ -354,6 +365,9 @@ def warn_incomparable(summaries: Sequence[StudySummary], reference_ms: float | N
         log.warning("The studies searched different spaces (%s), so their accuracies and latencies belong to "
                     "different networks; compare studies of one space to compare search settings.",
                     ", ".join(f"{name}: {space}" for name, space in spaces.items()))
+    elif len({s.space_config for s in summaries if s.space_config}) > 1:
+        log.warning("The studies searched the %s space with different settings (stages, resolutions or others "
+                    "besides tail_aware), so their fronts cover different networks.", summaries[0].space)
     fastest = [s.fastest.latency_ms for s in summaries if s.fastest is not None]
     if reference_ms is not None and fastest and reference_ms <= min(fastest):
         log.warning("The hypervolume reference of %.4f ms lies left of every front (fastest subnet %.4f ms), so "

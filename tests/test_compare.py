@@ -277,3 +277,11 @@ def test_other_spaces_warned(storage, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
         assert run_compare(storage, tmp_path / "out", "plain", "tail") == 0
     assert "searched different spaces (plain: resnet, tail: mobilenet)" in caplog.text
+
+
+def test_other_space_settings_warned(storage, tmp_path, caplog):
+    study = optuna.load_study(study_name="tail", storage=storage)
+    study.set_user_attr("space", {"name": "resnet", "family": "resnet", "resolutions": [32]})
+    with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
+        assert run_compare(storage, tmp_path / "out", "plain", "tail") == 0
+    assert "searched the resnet space with different settings" in caplog.text
