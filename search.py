@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -154,18 +155,23 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
         callbacks=[keep_epochs], enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
         default_root_dir=HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else cfg.paths.work_dir,
     )
-    ckpt_path = str(resume) if _readable_checkpoint(resume) else None
+    finished = _finished_epochs(resume)
+    ckpt_path = str(resume) if finished is not None else None
     if ckpt_path is not None:
-        log.info("Resuming supernet training from %s", resume)
+        log.info("Resuming supernet training after %d of %d epochs from %s", finished, epochs, resume)
     try:
-        trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=ckpt_path)
+        with warnings.catch_warnings():
+            # The folder holds resume.ckpt from the interrupted run, which is expected.
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+            trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=ckpt_path)
     except SystemExit:
         # Lightning ends fit with SystemExit on Ctrl-C, after its own message.
         if not trainer.interrupted:
             raise
-        log.warning("Supernet training interrupted in epoch %d; %s", trainer.current_epoch + 1,
-                    f"the finished epochs are in {resume}, and the next run with these settings resumes from them."
-                    if resume.is_file() else "no epoch had finished, so the next run starts again.")
+        done = _finished_epochs(resume) or 0
+        log.warning("Supernet training interrupted after %d of %d epochs; %s", done, epochs,
+                    f"they are in {resume}, and the next run with these settings resumes from them."
+                    if done else "the next run starts again.")
         raise KeyboardInterrupt from None
     if trainer.is_global_zero:
         save_supernet(supernet.cpu(), path, {"key": key, "data": datamodule.describe(), "training": training})
@@ -176,18 +182,21 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
 RESUME_NAME = "resume"
 
 
-def _readable_checkpoint(path: Path) -> bool:
-    """Return whether ``path`` is a checkpoint torch can read; an unreadable one is moved aside with a warning."""
+def _finished_epochs(path: Path) -> int | None:
+    """Return how many epochs the Lightning checkpoint ``path`` finished, or None without a readable one.
+
+    An unreadable checkpoint is moved aside with a warning.
+    """
     if not path.is_file():
-        return False
+        return None
     try:
-        torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return int(checkpoint["epoch"]) + 1
     except Exception as err:  # noqa: BLE001 - any failure to read means: train from the start
         aside = path.with_suffix(".unreadable")
         path.replace(aside)
         log.warning("Cannot read %s (%s); moved it to %s and training the supernet from the start.", path, err, aside)
-        return False
-    return True
+        return None
 
 
 def calibration_batches(datamodule: Any, images: int, seed: int) -> list[torch.Tensor]:

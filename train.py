@@ -81,6 +81,9 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
         raise SearchError(f"Study {study.study_name!r} has no feasible finished trial to pick from. Name a study "
                           "with a Pareto front with search.study_name=NAME (python -m nas.compare --all lists them).")
     measured = study.user_attrs.get("measured_latency_ms", {})
+    if cfg.budget_ms is not None and cfg.pick != "fastest_under_budget":
+        log.warning("budget_ms=%s applies only to pick=fastest_under_budget, so pick=%s ignores it.", cfg.budget_ms,
+                    cfg.pick)
     if cfg.pick == "most_accurate":
         return max(front, key=lambda t: (t.values[0], -_latency(t, measured)))
     if cfg.pick == "knee":

@@ -372,7 +372,8 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
     def entry(cfg: Any) -> None:
-        run_cli(run, cfg)
+        run_cli(run, cfg, interrupted="Interrupted. Every finished profiling run is kept in the profile store, so "
+                                      "the same command resumes where it stopped.")
 
     entry()
 

@@ -291,3 +291,16 @@ def test_new_sqlite_storage_follows_umask(tmp_path):
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "studies.db").stat().st_mode) == 0o664
+
+
+def test_train_budget_without_its_pick_warned(caplog):
+    import logging
+
+    from omegaconf import OmegaConf
+
+    import train
+
+    cfg = OmegaConf.create({"trial": None, "pick": "knee", "budget_ms": 0.1})
+    with caplog.at_level(logging.WARNING, logger="tailnas.train"):
+        train.pick_trial(_study_with_front(), cfg)
+    assert "budget_ms=0.1 applies only to pick=fastest_under_budget" in caplog.text

@@ -114,6 +114,6 @@ def test_interrupted_supernet_training_resumes(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(pl, "Trainer", original_trainer)
     with caplog.at_level(logging.INFO, logger="tailnas.search"):
         search.train_or_load_supernet(cfg, space, datamodule, tracker)
-    assert "Resuming supernet training from" in caplog.text
+    assert "Resuming supernet training after 1 of 3 epochs from" in caplog.text
     assert path.is_file()
     assert not (path.parent / "resume.ckpt").exists()

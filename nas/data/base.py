@@ -83,7 +83,7 @@ class ImageDataModule(pl.LightningDataModule):
                  type(self).__name__, self.num_classes, self.in_channels, self.resolution, self.resolution, *sizes)
         if 0 < sizes[1] < FEW_VALIDATION_IMAGES:
             log.warning("The validation split contains only %d images, so one image moves accuracy by %.1f%% and the "
-                        "search cannot tell similar subnets apart. Add images or raise the validation share of "
+                        "accuracies cannot tell similar networks apart. Add images or raise the validation share of "
                         "data.split.", sizes[1], 100 / sizes[1])
 
     def _split_pool(self, pool: Dataset) -> None:
