@@ -182,7 +182,8 @@ def test_knee_of_short_front_is_most_accurate():
 def _study_with_front():
     study = optuna.create_study(directions=["maximize", "minimize"])
     for number, (accuracy, latency) in enumerate([(0.9, 1.0), (0.8, 0.5), (0.7, 0.9)]):
-        trial = optuna.trial.create_trial(values=[accuracy, latency], user_attrs={"arch": {"n": number}},
+        trial = optuna.trial.create_trial(values=[accuracy, latency],
+                                          user_attrs={"arch": {"n": number}, "predicted_latency_ms": latency},
                                           system_attrs={"constraints": [0.0]})
         study.add_trial(trial)
     return study
