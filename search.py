@@ -55,8 +55,8 @@ log = logging.getLogger("tailnas.search")
 class StopOnInterrupt:
     """While active, a first Ctrl-C stops the study after its running trials; a second one stops at once.
 
-    Stopping between trials keeps the study's last trial complete, and a signal handler sees Ctrl-C
-    wherever it lands (an exception raised inside a garbage-collection callback is only printed).
+    Stopping between trials keeps the study's last trial complete. A signal handler also catches a
+    Ctrl-C that lands in a garbage-collection callback, where a raised KeyboardInterrupt is only printed.
     """
 
     def __init__(self, study: optuna.Study) -> None:
@@ -161,7 +161,7 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
         log.info("Resuming supernet training after %d of %d epochs from %s", finished, epochs, resume)
     try:
         with warnings.catch_warnings():
-            # The folder holds resume.ckpt from the interrupted run, which is expected.
+            # The folder contains resume.ckpt from the interrupted run, which is expected.
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
             trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=ckpt_path)
     except SystemExit:
@@ -415,7 +415,7 @@ def run(cfg: DictConfig) -> None:
           f"{latencies[knee]:.3f} ms. Fine-tune it with:")
     print(f"  python train.py search.study_name={study_name}{location_arg} trial={rows[knee]['trial']}")
     if interrupted:
-        # The outputs are written; the exit status still tells a calling script that the search was cut short.
+        # The outputs are written. Exit status 130 lets a calling script see that the search was cut short.
         raise KeyboardInterrupt
 
 

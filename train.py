@@ -131,7 +131,7 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
             trainer.fit(module, train_dataloaders=datamodule.train_dataloader(),
                         val_dataloaders=datamodule.val_dataloader())
         except SystemExit:
-            # Lightning ends fit with SystemExit on Ctrl-C; run_cli then says what was kept.
+            # Lightning ends fit with SystemExit on Ctrl-C. As KeyboardInterrupt, run_cli prints what was kept.
             if trainer.interrupted:
                 raise KeyboardInterrupt from None
             raise

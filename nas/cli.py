@@ -162,7 +162,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-# What run_cli prints on Ctrl-C unless the entry point gives its own text.
+# The line run_cli prints on Ctrl-C unless the entry point gives its own text.
 INTERRUPTED = ("Interrupted. What finished is kept in paths.work_dir: the profile store, cached supernets and "
                "predictors, a supernet's finished epochs and a study's finished trials, so a rerun with the same "
                "settings (and search.study_name) picks them up.")

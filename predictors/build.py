@@ -173,7 +173,7 @@ def _load_cached(
     return predictor, report
 
 
-# What fixes a broken file given as predictor.path: rebuilding never touches that file.
+# The fix for a broken file given as predictor.path. Rebuilding never touches that file.
 PATH_HINT = "unset predictor.path to build or reuse this space's own predictor, or name a valid file"
 
 

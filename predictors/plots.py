@@ -60,8 +60,8 @@ def plot_predicted_vs_measured(
     ax.fill_between(line, line * 0.9, line * 1.1, color="tab:green", alpha=0.12, label="±10%")
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="measured latency (ms)",
            ylabel="predicted latency (ms)", title=title)
-    # Plain numbers at 1, 2 and 5 times each power of ten, so that a range of less than a decade
-    # still gets several labels; over a narrow range the other minor ticks are labelled too.
+    # Plain numbers at 1, 2 and 5 times each power of ten, so a range under a decade still gets
+    # several labels. Over a narrow range the other minor ticks get labels too.
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     for axis in (ax.xaxis, ax.yaxis):
@@ -89,13 +89,13 @@ def staircase_from_table(table: Mapping[str, float], min_points: int = 4,
     """
     shapes: dict[tuple[Any, ...], dict[int, float]] = {}
     widest: dict[tuple[Any, ...], LayerSpec] = {}
-    wanted = None if layers is None else {_shape(layer) for layer in layers}
+    shapes_of_layers = None if layers is None else {_shape(layer) for layer in layers}
     for key, latency in table.items():
         layer = LayerSpec.from_dict(json.loads(key))
         if layer.op != "conv" or layer.groups != 1:
             continue
         shape = _shape(layer)
-        if wanted is not None and shape not in wanted:
+        if shapes_of_layers is not None and shape not in shapes_of_layers:
             continue
         shapes.setdefault(shape, {})[layer.out_channels] = latency
         if shape not in widest or layer.out_channels > widest[shape].out_channels:

@@ -168,7 +168,11 @@ def _check_same_classes(folder: Any, classes: list[str], base: Any) -> None:
     if found == classes:
         return
     missing, extra = sorted(set(classes) - set(found)), sorted(set(found) - set(classes))
-    differences = ([f"it lacks {missing}"] if missing else []) + ([f"it has {extra} besides"] if extra else [])
+    differences = []
+    if missing:
+        differences.append(f"it lacks {missing}")
+    if extra:
+        differences.append(f"it has {extra} besides")
     raise DataError(f"{str(folder)!r} must contain the same class folders as {str(base)!r}, so that each class keeps "
                     f"one label, but {' and '.join(differences)}. Add or remove class folders until they match.")
 
