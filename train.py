@@ -25,7 +25,7 @@ from nas.cli import StageTimer, UsageError, default_storage, import_user_modules
 from nas.data import build_datamodule
 from nas.export import FINETUNE_FORMAT_VERSION
 from nas.report import atomic_write_text
-from nas.search import SearchError, check_budget, knee_index, latest_study_name, pareto_trials
+from nas.search import SearchError, check_budget, knee_index, latest_study_name, optuna_storage, pareto_trials
 from nas.spaces import Arch, SearchSpace, create_space
 from nas.supernet.cache import load_supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
@@ -48,10 +48,10 @@ def load_study(cfg: DictConfig) -> optuna.Study:
                               "(or search.storage to its database URL).")
     storage = default_storage(cfg)
     name = cfg.search.study_name or latest_study_name(storage)
-    names = optuna.get_all_study_names(storage=storage)
+    names = optuna.get_all_study_names(storage=optuna_storage(storage))
     if name not in names:
         raise SearchError(f"search.study_name={name!r} not found in {storage}; studies there: {sorted(names)}.")
-    study = optuna.load_study(study_name=name, storage=storage)
+    study = optuna.load_study(study_name=name, storage=optuna_storage(storage))
     if "space" not in study.user_attrs:
         raise SearchError(f"Study {name!r} was not written by search.py (it has no recorded space).")
     log.info("Study %r from %s", name, storage)

@@ -70,7 +70,10 @@ def default_storage(cfg: DictConfig) -> str:
 
 
 def check_storage_url(url: str) -> str:
-    """Return ``url`` when it names an Optuna RDB storage that can open, creating a SQLite file's folder.
+    """Return ``url`` when it names an Optuna storage that can open, creating a SQLite or journal file's folder.
+
+    ``journal:////ABSOLUTE/PATH.log`` names Optuna's journal file storage, for workers on a shared
+    file system without a database server; any other URL is an RDB storage.
 
     Raises:
         UsageError: for text that is not a database URL, or a database driver that is not installed.
@@ -78,7 +81,15 @@ def check_storage_url(url: str) -> str:
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
-    forms = "sqlite:////ABSOLUTE/PATH.db or postgresql+psycopg2://USER:PASSWORD@HOST/DB"
+    forms = ("sqlite:////ABSOLUTE/PATH.db, postgresql+psycopg2://USER:PASSWORD@HOST/DB or "
+             "journal:////ABSOLUTE/PATH.log")
+    if url.startswith("journal:"):
+        path = Path(url.removeprefix("journal://"))
+        if not url.startswith("journal:///") or not path.is_absolute():
+            raise UsageError(f"search.storage={url!r}: a journal file needs an absolute path, as in "
+                             "journal:////ABSOLUTE/PATH.log (three slashes, then the path's own).")
+        _make_folder(url, path.parent)
+        return url
     try:
         parsed = make_url(url)
         parsed.get_dialect()
@@ -88,13 +99,16 @@ def check_storage_url(url: str) -> str:
         raise UsageError(f"search.storage={url!r} names a database this installation cannot open ({err}); use "
                          f"{forms}.") from err
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        folder = Path(parsed.database).expanduser().parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise UsageError(f"search.storage={url!r}: cannot create the folder {str(folder)!r} ({err}); use a "
-                             "path in a folder you can write.") from err
+        _make_folder(url, Path(parsed.database).expanduser().parent)
     return url
+
+
+def _make_folder(url: str, folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(f"search.storage={url!r}: cannot create the folder {str(folder)!r} ({err}); use a "
+                         "path in a folder you can write.") from err
 
 
 def to_container(node: Any) -> Any:

@@ -42,7 +42,7 @@ import optuna
 import yaml
 
 from nas.compare_output import budget_column, log_to_wandb, plot_fronts, print_table, write_csv
-from nas.search import pareto_trials
+from nas.search import optuna_storage, pareto_trials
 
 __all__ = [
     "COMPARE_COLUMNS",
@@ -169,10 +169,14 @@ def display_url(storage: str) -> str:
 
 
 def _check_sqlite_file(storage: str) -> None:
-    # SQLAlchemy creates a missing SQLite file, which would turn a wrong path into an empty storage.
-    if not storage.startswith("sqlite:///"):
+    # SQLAlchemy and Optuna's journal storage create a missing file, which would turn a wrong path into
+    # an empty storage.
+    if storage.startswith("journal:///"):
+        path = storage.removeprefix("journal://")
+    elif storage.startswith("sqlite:///"):
+        path = storage[len("sqlite:///"):].split("?", 1)[0]
+    else:
         return
-    path = storage[len("sqlite:///"):].split("?", 1)[0]
     if path and path != ":memory:" and not Path(path).is_file():
         raise CompareError(
             f"No Optuna storage at {path}: the file does not exist. Run `python search.py +space=resnet` "
@@ -191,7 +195,7 @@ def select_study_names(storage: str, names: Sequence[str], all_studies: bool) ->
     from sqlalchemy.exc import SQLAlchemyError
 
     try:
-        existing = optuna.get_all_study_names(storage=storage)
+        existing = optuna.get_all_study_names(storage=optuna_storage(storage))
     except SQLAlchemyError as err:
         raise CompareError(
             f"Failed to open the Optuna storage {display_url(storage)}: {err}. Check the --storage URL."
@@ -295,7 +299,7 @@ def load_summaries(storage: str, names: Sequence[str]) -> list[StudySummary]:
     """Load and summarize each named study, leaving out those that search.py did not write."""
     summaries = []
     for name in names:
-        summary = summarize_study(optuna.load_study(study_name=name, storage=storage))
+        summary = summarize_study(optuna.load_study(study_name=name, storage=optuna_storage(storage)))
         if summary is not None:
             summaries.append(summary)
     if not summaries:

@@ -25,6 +25,7 @@ __all__ = [
     "check_budget",
     "check_run_length",
     "check_storage_opens",
+    "optuna_storage",
     "check_resume",
     "existing_study",
     "sampler_seed",
@@ -115,11 +116,31 @@ RESUME_KEYS = {
 }
 
 
+def optuna_storage(storage: str) -> Any:
+    """Return what Optuna's functions take for the URL ``storage``: a JournalStorage for ``journal:///PATH``.
+
+    Any other URL is passed on as it is, for Optuna's RDB storage.
+    """
+    if storage.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(storage.removeprefix("journal://")))
+    return storage
+
+
 def check_storage_opens(storage: str) -> None:
     """Open ``storage`` once, so that an unreachable server or a missing driver stops a run before any work."""
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
+    if storage.startswith("journal:"):
+        try:
+            optuna.get_all_study_names(storage=optuna_storage(storage))
+        except OSError as err:
+            raise SearchError(f"search.storage={storage!r} cannot be opened ({err}); use a file in a folder you "
+                              "can write.") from err
+        return
     url = make_url(storage)
     if url.get_backend_name() == "sqlite":
         if url.database in (None, "", ":memory:"):
@@ -129,7 +150,7 @@ def check_storage_opens(storage: str) -> None:
         # keep a group that shares paths.work_dir from writing the study.
         Path(url.database).expanduser().touch(exist_ok=True)
     try:
-        optuna.get_all_study_names(storage=storage)
+        optuna.get_all_study_names(storage=optuna_storage(storage))
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise SearchError(f"search.storage={storage!r} cannot be opened ({type(err).__name__}: {reason}); check "
@@ -139,9 +160,9 @@ def check_storage_opens(storage: str) -> None:
 
 def existing_study(storage: str, study_name: str) -> optuna.Study | None:
     """Return the study ``study_name`` in ``storage``, or None when there is no such study."""
-    if study_name not in optuna.get_all_study_names(storage=storage):
+    if study_name not in optuna.get_all_study_names(storage=optuna_storage(storage)):
         return None
-    return optuna.load_study(study_name=study_name, storage=storage)
+    return optuna.load_study(study_name=study_name, storage=optuna_storage(storage))
 
 
 def sampler_seed(seed: int, worker: Any = 0, trials_before: int = 0) -> int:
@@ -235,10 +256,10 @@ def create_or_load_study(
     ``train.py`` needs only the study. A resumed study must have been made with the same settings
     in :data:`RESUME_KEYS` (:func:`check_resume`). Returns the study and whether it was resumed.
     """
-    existing = set(optuna.get_all_study_names(storage=storage))
+    existing = set(optuna.get_all_study_names(storage=optuna_storage(storage)))
     resumed = study_name in existing
     study = optuna.create_study(
-        storage=storage,
+        storage=optuna_storage(storage),
         study_name=study_name,
         sampler=sampler,
         directions=["maximize", "minimize"],
@@ -388,7 +409,7 @@ def knee_index(accuracy: Sequence[float], latency: Sequence[float]) -> int:
 
 def latest_study_name(storage: str) -> str:
     """Return the name of the most recently started TailNAS study in ``storage``."""
-    summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
+    summaries = optuna.get_all_study_summaries(storage=optuna_storage(storage), include_best_trial=False)
     ours = [s for s in summaries if "tailnas_format_version" in s.user_attrs and s.datetime_start is not None]
     if not ours:
         raise SearchError(f"No TailNAS study found in {storage}; run `python search.py +space=resnet` first.")

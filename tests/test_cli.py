@@ -90,7 +90,7 @@ def test_interrupt_ends_without_traceback(capsys):
     assert "a rerun with the same settings (and search.study_name) picks them up" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("url", ["foo://bar", "/data/studies.db", "journal:///data/journal.log"])
+@pytest.mark.parametrize("url", ["foo://bar", "/data/studies.db", "journal2:///data/journal.log"])
 def test_storage_url_checked(url):
     from nas.cli import UsageError, check_storage_url
 
@@ -126,3 +126,10 @@ def test_optuna_interrupt_warning_without_traceback():
     assert interrupted.exc_info is None
     assert drop.filter(failed)
     assert failed.exc_info is not None  # other failures keep their traceback
+
+
+def test_journal_storage_needs_absolute_path():
+    from nas.cli import UsageError, check_storage_url
+
+    with pytest.raises(UsageError, match="a journal file needs an absolute path"):
+        check_storage_url("journal://relative/studies.log")

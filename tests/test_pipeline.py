@@ -415,3 +415,19 @@ def test_impossible_budget_stops_before_supernet(tmp_path):
     assert "search.latency_budget_ms=0.0001 is below the predicted latency of the smallest subnet" in output
     assert "Stage supernet" not in output
     assert not (tmp_path / "work" / "supernets").exists()
+
+
+def test_journal_file_storage(searched):
+    tmp, _, _ = searched
+    journal = tmp / "journal" / "studies.log"
+    storage = f"search.storage=journal://{journal}"
+    result = run("search.py", [*TINY[:-1], "search.study_name=tiny-journal", storage, f"paths.work_dir={tmp / 'work'}",
+                               f"hydra.run.dir={tmp / 'journal-run'}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert journal.is_file()
+    assert f"train.py search.study_name=tiny-journal search.storage='journal://{journal}'" in result.stdout
+    compared = subprocess.run([sys.executable, "-m", "nas.compare", "--storage", f"journal://{journal}", "--all",
+                               "--out", str(tmp / "journal-compare")], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600)
+    assert compared.returncode == 0, compared.stderr[-3000:]
+    assert "tiny-journal" in compared.stdout
