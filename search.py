@@ -278,13 +278,15 @@ def run(cfg: DictConfig) -> None:
     work_dir = Path(cfg.paths.work_dir)
     timer = StageTimer()
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
-    # Built before the supernet trains, so an unknown search.sampler stops the run at once.
+    # Settings are checked before any stage runs, so a wrong value stops the run at once.
     sampler = create_sampler(cfg.search.sampler, cfg.seed, cfg.search.population_size)
     check_run_length(cfg.search.n_trials, cfg.search.timeout_s)
     budget = check_budget(cfg.search.latency_budget_ms)
-    if cfg.search.get("worker", 0) and not cfg.search.study_name:
-        raise SearchError(f"search.worker={cfg.search.worker} needs search.study_name=NAME, the same for every "
-                          "worker, so that the workers share one study.")
+    worker = cfg.search.get("worker", 0)
+    sampler_seed(cfg.seed, worker)  # checks the worker index
+    if worker and not cfg.search.study_name:
+        raise SearchError(f"search.worker={worker} needs search.study_name=NAME, the same for every worker, so "
+                          "that the workers share one study.")
     storage = default_storage(cfg)
     check_storage_opens(storage)
 
@@ -307,10 +309,10 @@ def run(cfg: DictConfig) -> None:
         settings = {"data": to_container(cfg.data), "supernet": to_container(cfg.supernet), "seed": cfg.seed}
         check_resume(stored.user_attrs, {**scoring, **settings}, study_name, storage)
     trials_before = len(stored.trials) if stored is not None else 0
-    seed = sampler_seed(cfg.seed, cfg.search.get("worker", 0), trials_before)
+    seed = sampler_seed(cfg.seed, worker, trials_before)
     if seed != cfg.seed:
         log.info("Sampler seed %d (from seed %d, search.worker %s and the study's %d earlier trials)", seed, cfg.seed,
-                 cfg.search.get("worker", 0), trials_before)
+                 worker, trials_before)
         sampler = create_sampler(cfg.search.sampler, seed, cfg.search.population_size)
     tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir),
                              default_group=study_name)
@@ -356,7 +358,7 @@ def run(cfg: DictConfig) -> None:
             space, evaluator.accuracy, predict, latency_budget_ms=budget,
             measure_fn=(lambda arch: measure(arch.to_dict())) if search_cfg.measure_uncertain else None,
             uncertainty_threshold=search_cfg.uncertainty_threshold if search_cfg.measure_uncertain else None,
-            worker=search_cfg.get("worker", 0),
+            worker=worker,
         )
         record = {
             **scoring, "space": space.raw_config, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],

@@ -431,3 +431,11 @@ def test_journal_file_storage(searched):
                               timeout=600)
     assert compared.returncode == 0, compared.stderr[-3000:]
     assert "tiny-journal" in compared.stdout
+
+
+def test_search_worker_checked_before_data(tmp_path):
+    result = run("search.py", [*TINY[:-1], "search.study_name=w", "search.worker=abc",
+                               f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 1
+    assert "search.worker must be a whole number >= 0, one per worker on a study, but got 'abc'" in result.stderr
+    assert "Stage data" not in result.stdout + result.stderr
