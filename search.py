@@ -37,17 +37,18 @@ from nas.search import (
     check_resume,
     check_run_length,
     check_storage_opens,
+    complete_trials,
     create_or_load_study,
     create_sampler,
+    existing_study,
     knee_index,
     pareto_trials,
-    existing_study,
     sampler_seed,
 )
 from nas.spaces import SearchSpace, create_space
 from nas.supernet.cache import load_supernet, save_supernet, supernet_key
 from nas.tracking import create_tracker
-from nas.training import SubnetEvaluator
+from nas.training import SubnetEvaluator, fit_or_interrupt
 
 log = logging.getLogger("tailnas.search")
 
@@ -163,16 +164,13 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
         with warnings.catch_warnings():
             # The folder contains resume.ckpt from the interrupted run, which is expected.
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-            trainer.fit(module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=ckpt_path)
-    except SystemExit:
-        # Lightning ends fit with SystemExit on Ctrl-C, after its own message.
-        if not trainer.interrupted:
-            raise
+            fit_or_interrupt(trainer, module, train_dataloaders=datamodule.train_dataloader(), ckpt_path=ckpt_path)
+    except KeyboardInterrupt:
         done = _finished_epochs(resume) or 0
         log.warning("Supernet training interrupted after %d of %d epochs; %s", done, epochs,
                     f"they are in {resume}, and the next run with these settings resumes from them."
                     if done else "the next run starts again.")
-        raise KeyboardInterrupt from None
+        raise
     if trainer.is_global_zero:
         save_supernet(supernet.cpu(), path, {"key": key, "data": datamodule.describe(), "training": training})
         resume.unlink(missing_ok=True)
@@ -361,13 +359,16 @@ def run(cfg: DictConfig) -> None:
             worker=worker,
         )
         record = {
-            **scoring, "space": space.raw_config, "space_name": space.name, "imports": to_container(cfg.get("imports")) or [],
+            **scoring, "space": space.raw_config, "space_name": space.name,
+            "imports": to_container(cfg.get("imports")) or [],
             "data": to_container(cfg.data), "supernet_checkpoint": str(checkpoint),
             "supernet": to_container(cfg.supernet), "predictor_path": str(predictor_path), "seed": cfg.seed,
             "run_dir": str(run_dir), "sampler": search_cfg.sampler,
         }
-        # Checked before the study is created, so an impossible budget leaves no empty study behind.
-        _check_budget_feasible(space, predict, budget)
+        if cfg.space.get("tail_aware", False):
+            # The tail-aware widths are known only now. Checked before the study is created, so an
+            # impossible budget leaves no empty study behind.
+            _check_budget_feasible(space, predict, budget)
         study, _ = create_or_load_study(storage, study_name, sampler, record)
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         interrupted = False
@@ -379,14 +380,13 @@ def run(cfg: DictConfig) -> None:
         except KeyboardInterrupt:
             interrupted = True
         if interrupted:
-            finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
             log.warning("Search interrupted; writing the results of the %d finished trials. Add search.study_name=%s "
-                        "to resume the study.", len(finished), study_name)
+                        "to resume the study.", len(complete_trials(study)), study_name)
         supernet.cpu()
 
     front = pareto_trials(study)
     if not front:
-        finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+        finished = len(complete_trials(study))
         raise SearchError(
             f"Study {study_name!r} has no feasible finished trial among its {finished}, so there is no Pareto "
             f"front. Add trials with search.study_name={study_name} (up to search.n_trials="

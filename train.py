@@ -30,7 +30,7 @@ from nas.spaces import Arch, SearchSpace, create_space
 from nas.supernet.cache import load_supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.tracking import create_tracker
-from nas.training import FinetuneModule, resize_to_arch
+from nas.training import FinetuneModule, fit_or_interrupt, resize_to_arch
 
 log = logging.getLogger("tailnas.train")
 
@@ -127,14 +127,8 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
         if teacher is not None:
             # The distillation teacher stays in eval mode on purpose; Lightning would warn about its modules.
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
-        try:
-            trainer.fit(module, train_dataloaders=datamodule.train_dataloader(),
-                        val_dataloaders=datamodule.val_dataloader())
-        except SystemExit:
-            # Lightning ends fit with SystemExit on Ctrl-C. As KeyboardInterrupt, run_cli prints what was kept.
-            if trainer.interrupted:
-                raise KeyboardInterrupt from None
-            raise
+        fit_or_interrupt(trainer, module, train_dataloaders=datamodule.train_dataloader(),
+                         val_dataloaders=datamodule.val_dataloader())
     results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
     accuracy = float(results[0]["test/accuracy"])
     log.info("Test accuracy (%s): %.4f", tag, accuracy)

@@ -42,7 +42,7 @@ import optuna
 import yaml
 
 from nas.compare_output import budget_column, log_to_wandb, plot_fronts, print_table, write_csv
-from nas.search import optuna_storage, pareto_trials
+from nas.search import complete_trials, optuna_storage, pareto_trials
 
 __all__ = [
     "COMPARE_COLUMNS",
@@ -280,7 +280,7 @@ def summarize_study(study: optuna.Study) -> StudySummary | None:
     front = [_front_point(study, t, remeasured) for t in pareto_trials(study)]
     if not front:
         log.warning("Study %r has no feasible finished trial, so its Pareto front is empty.", study.study_name)
-    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    finished = complete_trials(study)
     return StudySummary(
         name=study.study_name, sampler=study_sampler(study), space=_space_name(record),
         trials_finished=len(finished), front=tuple(sorted(front, key=lambda p: (p.latency_ms, -p.accuracy))),

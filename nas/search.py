@@ -22,6 +22,7 @@ __all__ = [
     "SearchObjective",
     "create_sampler",
     "create_or_load_study",
+    "complete_trials",
     "check_budget",
     "check_run_length",
     "check_storage_opens",
@@ -66,6 +67,11 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
     return list(trial.constraints.values()) or [1.0]
 
 
+def _whole_number(value: Any, minimum: int) -> bool:
+    """Return whether ``value`` is an int (not a bool) of at least ``minimum``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
 def create_sampler(name: str, seed: int, population_size: int = 20) -> optuna.samplers.BaseSampler:
     """Build the sampler called ``name`` (one of :data:`SAMPLERS`), seeded.
 
@@ -73,7 +79,7 @@ def create_sampler(name: str, seed: int, population_size: int = 20) -> optuna.sa
     random sampler does not, so for it the budget is enforced by the Pareto extraction alone.
     """
     if name == "nsga2":
-        if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 2:
+        if not _whole_number(population_size, 2):
             raise SearchError(f"search.population_size must be a whole number >= 2, but got {population_size!r}.")
         return optuna.samplers.NSGAIISampler(population_size=population_size, seed=seed)
     if name == "tpe":
@@ -85,7 +91,7 @@ def create_sampler(name: str, seed: int, population_size: int = 20) -> optuna.sa
 
 def check_run_length(n_trials: Any, timeout_s: Any) -> None:
     """Raise SearchError unless ``n_trials`` is a whole number >= 1 and ``timeout_s`` a positive number, each or null."""
-    if n_trials is not None and (isinstance(n_trials, bool) or not isinstance(n_trials, int) or n_trials < 1):
+    if n_trials is not None and not _whole_number(n_trials, 1):
         raise SearchError(f"search.n_trials must be a whole number >= 1 or null (no limit), but got {n_trials!r}.")
     if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                   or not timeout_s > 0):
@@ -172,7 +178,7 @@ def sampler_seed(seed: int, worker: Any = 0, trials_before: int = 0) -> int:
     (``trials_before`` > 0) or a second worker on it (another ``worker`` index) gets a seed of its
     own, and explores new architectures instead of repeating the first run's.
     """
-    if isinstance(worker, bool) or not isinstance(worker, int) or worker < 0:
+    if not _whole_number(worker, 0):
         raise SearchError(f"search.worker must be a whole number >= 0, one per worker on a study, but got {worker!r}.")
     if worker == 0 and trials_before == 0:
         return seed
@@ -267,8 +273,7 @@ def create_or_load_study(
     )
     if resumed:
         check_resume(study.user_attrs, record, study_name, storage)
-        finished = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-        log.info("Resuming study %r with %d finished trials", study_name, finished)
+        log.info("Resuming study %r with %d finished trials", study_name, len(complete_trials(study)))
     study.set_user_attr("tailnas_format_version", STUDY_FORMAT_VERSION)
     for key, value in record.items():
         study.set_user_attr(key, json.loads(json.dumps(value, default=str)))
@@ -355,8 +360,13 @@ class SearchObjective:
         return self.accuracy_fn(arch), estimate.latency_ms
 
 
+def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """Return the study's finished trials, without copying them."""
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
 def _feasible_complete(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    trials = complete_trials(study)
     return [t for t in trials if all(c <= 0 for c in _constraints(t))]
 
 

@@ -24,9 +24,24 @@ __all__ = [
     "resize_to_arch",
     "SubnetEvaluator",
     "SUPERNET_SCHEDULES",
+    "fit_or_interrupt",
 ]
 
 log = logging.getLogger(__name__)
+
+
+def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+    """Run ``trainer.fit(*args, **kwargs)``, raising KeyboardInterrupt when Ctrl-C stopped it.
+
+    On Ctrl-C, Lightning shuts the fit down and raises SystemExit. The entry points turn
+    KeyboardInterrupt into a line on what was kept (:func:`nas.cli.run_cli`).
+    """
+    try:
+        trainer.fit(*args, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
 
 # Values of supernet.schedule; nas.progressive.create_supernet_module builds the module of each.
 SUPERNET_SCHEDULES = ("sandwich", "progressive")
