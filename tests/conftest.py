@@ -34,6 +34,18 @@ FAST_SEARCH = [
 ]
 
 
+def load_benchmark(name: str) -> Any:
+    """Import ``benchmarks/<name>.py`` as a module; it stays registered so that dataclasses and pickling find it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark_under_test", ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def load_space_config(name: str, in_channels: int = 1, num_classes: int = 10) -> dict:
     """Load ``conf/space/<name>.yaml`` with the data interpolations filled in."""
     from nas.spaces import load_space_config as load

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gates_bench() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gates_benchmark_under_test", ROOT / "benchmarks" / "gates.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gates")
 
 
 def point(ratio: float, accuracy: float, latency: float, macs: int = 1000, images: int = 100) -> dict:

@@ -21,6 +21,7 @@ from predictors.external import (
 )
 from predictors.features import gemm_shape, gpu_tile_waves
 from predictors.xgb import XGBParams
+from tests.conftest import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "tests/data/ofa_mbv3_sample.csv"
@@ -135,15 +136,7 @@ def test_n_train_out_of_range(tmp_path: Path) -> None:
 # -- benchmarks/external.py: its space loading and its one-line errors ---------------------------
 @pytest.fixture(scope="module")
 def external_bench():
-    import importlib.util
-    import sys
-
-    spec = importlib.util.spec_from_file_location("external_benchmark_under_test", ROOT / "benchmarks" / "external.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("external")
 
 
 def bench_error(module, argv: list[str]) -> str:
