@@ -2,9 +2,9 @@
 
 The predictor for a space, device, protocol and predictor config lives at
 ``<work_dir>/predictors/<fingerprint_id>/<space.name>-<space.config_hash()>-b<batch_size>-<settings>.json``
-(:func:`predictor_path`), with its evaluation report beside it (same name, ``.report.json``). A seeded share of the measured
-subnets (``predictor.holdout_fraction``) is held out: it is never used in training, and the report
-compares the predictor and the baselines on it.
+(:func:`predictor_path`), with its evaluation report beside it (same name, ``.report.json``). A
+seeded share of the measured subnets (``predictor.holdout_fraction``) is held out: it is never used
+in training, and the report compares the predictor and the baselines on it.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorCon
     """Load the file named by ``predictor.path`` and check that it predicts under this measurement protocol.
 
     A predictor of other :data:`PREDICTIVE_PROTOCOL_KEYS` (device type, runtime, batch size,
-    threads, dtype) predicts other latencies, so that is an error. One of another space can still predict this space's layers; that is a warning.
+    threads, dtype) predicts other latencies, so that is an error. One built for another space can
+    still predict this space's layers, so that is only a warning.
     """
     try:
         predictor = LatencyPredictor.load(path, fingerprint, config.allow_fingerprint_mismatch)

@@ -352,31 +352,31 @@ def test_given_predictor_checked_against_protocol_and_space(tmp_path: Path, capl
     settings = {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": 1, "dtype": "float32", "warmup": 1,
                 "repeats": 3}
     protocol = MeasurementProtocol.from_config(settings)
-    # More subnets in the store than this build asks for: the predictor trains on its own 14 only.
+    # The store has more subnets than this build uses: the predictor trains on its own 14 only.
     load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "n_subnets": 20}, tmp_path, seed=0, progress=False)
     predictor, report, path = load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "n_subnets": 14}, tmp_path,
                                                       seed=0, progress=False)
     assert (report["n_train"], report["n_test"]) == (10, 4)
     assert len(predictor.metadata["training"]["train_keys"]) == 10
 
-    given = {**TINY_PREDICTOR, "path": str(path)}
+    path_config = {**TINY_PREDICTOR, "path": str(path)}
     batch8 = MeasurementProtocol.from_config({**settings, "batch_size": 8})
     with pytest.raises(PredictorError, match=r"built for other measurement settings: hardware.batch_size 1 there, 8 here"):
-        load_or_build_predictor(space, batch8, given, tmp_path, seed=0)
+        load_or_build_predictor(space, batch8, path_config, tmp_path, seed=0)
 
     # Warm-up and repeat counts do not change what a latency is, so they may differ.
     steadier = MeasurementProtocol.from_config({**settings, "warmup": 5, "repeats": 50})
-    load_or_build_predictor(space, steadier, given, tmp_path, seed=0)
+    load_or_build_predictor(space, steadier, path_config, tmp_path, seed=0)
 
     other = create_space({**TINY_SPACE, "num_classes": 5})
     with caplog.at_level(logging.WARNING, logger="predictors.build"):
-        load_or_build_predictor(other, protocol, given, tmp_path, seed=0)
+        load_or_build_predictor(other, protocol, path_config, tmp_path, seed=0)
     assert "was built for space 'resnet_tiny' with another configuration" in caplog.text
 
     path.write_text('{"kind": "tailnas.latency_pred')
     hint = "not valid JSON .*; unset predictor.path to build or reuse this space.s own predictor, or name a valid file"
     with pytest.raises(PredictorError, match=hint) as raised:
-        load_or_build_predictor(space, protocol, given, tmp_path, seed=0)
+        load_or_build_predictor(space, protocol, path_config, tmp_path, seed=0)
     assert "predictor.rebuild" not in str(raised.value)
 
 
