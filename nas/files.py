@@ -1,21 +1,34 @@
-"""Atomic file writes: a file appears whole under its final name, or not at all.
+"""Atomic file writes, and locks that let one run build a cache while others wait for it.
 
-Each write goes to a temporary file in the target's folder and is renamed over the target. The
-temporary file gets the mode a plain ``open`` would create (0o666 less the umask), so outputs and
-caches in a shared ``paths.work_dir`` stay readable to the group that shares it.
+Each write goes to a temporary file in the target's folder and is renamed over the target, so a
+file appears whole under its final name, or not at all. The temporary file gets the mode a plain
+``open`` would create (0o666 less the umask), so outputs and caches in a shared
+``paths.work_dir`` stay readable to the group that shares it.
+
+:func:`exclusive_lock` holds an advisory ``flock`` on a lock file. The kernel drops it when the
+holding process ends, so a crashed run leaves no stale lock behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write_text", "write_json_atomic"]
+__all__ = ["HELD_LOCKS_ENV", "atomic_path", "atomic_write_text", "exclusive_lock", "write_json_atomic"]
+
+log = logging.getLogger(__name__)
+
+# Lock files held by this process, for the processes it starts: Lightning's DDP ranks rerun the
+# entry point and must not wait for the lock that their own rank 0 holds.
+HELD_LOCKS_ENV = "TAILNAS_HELD_LOCKS"
+# Lock files held by this process, which another thread of it still has to wait for.
+_HELD_HERE: set[str] = set()
 
 
 def _umask() -> int:
@@ -72,3 +85,65 @@ def write_json_atomic(path: str | os.PathLike[str], document: Mapping[str, Any],
                       **dumps_options: Any) -> None:
     """Write ``document`` as JSON (``json.dumps`` options pass through) and a final newline."""
     atomic_write_text(path, json.dumps(document, **dumps_options) + "\n", sync=sync)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]:
+    """Hold an exclusive lock on the file ``path`` for the block; wait, with a log line, while another process holds it.
+
+    Runs that share a ``paths.work_dir`` take the lock before they build a cache, and look for the
+    cache again once they hold it: the first run builds, the others wait and then reuse its file.
+    ``purpose`` completes the log line "Waiting for another run that is {purpose}".
+
+    A process started inside the block inherits the lock (through the ``TAILNAS_HELD_LOCKS``
+    environment variable) and does not wait for it. Where ``flock`` is missing or the file system
+    refuses it, the block runs without a lock, after a warning.
+
+    Yields:
+        True when the lock is held by this process or its parent, False when the block runs without one.
+    """
+    lock_path = Path(path).absolute()
+    if str(lock_path) in _held_locks() and str(lock_path) not in _HELD_HERE:
+        yield True  # the parent process holds it
+        return
+    try:
+        import fcntl
+    except ImportError:  # Windows has no flock
+        log.warning("No file locks on this platform; runs sharing %s must not build it at once.", lock_path.parent)
+        yield False
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        lock_error = None
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("Waiting for another run that is %s (lock file %s)", purpose, lock_path)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            lock_error = err
+        if lock_error is not None:
+            log.warning("Cannot lock %s (%s); runs sharing this folder must not build it at once.", lock_path,
+                        lock_error)
+            yield False
+            return
+        _HELD_HERE.add(str(lock_path))
+        _set_held(_held_locks() | {str(lock_path)})
+        try:
+            yield True
+        finally:
+            _HELD_HERE.discard(str(lock_path))
+            _set_held(_held_locks() - {str(lock_path)})
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _held_locks() -> set[str]:
+    return {p for p in os.environ.get(HELD_LOCKS_ENV, "").split(os.pathsep) if p}
+
+
+def _set_held(paths: set[str]) -> None:
+    if paths:
+        os.environ[HELD_LOCKS_ENV] = os.pathsep.join(sorted(paths))
+    else:
+        os.environ.pop(HELD_LOCKS_ENV, None)

@@ -250,6 +250,7 @@ def load_or_build_predictor(
         ``profile_s``, ``fit_s`` and ``build_s`` (seconds). A reused predictor returns its stored report.
     """
     from predictors.fingerprint import device_fingerprint, fingerprint_id
+    from predictors.store import ProfileStore
 
     config = PredictorConfig.from_mapping(predictor_cfg)
     fingerprint = device_fingerprint(protocol)
@@ -263,9 +264,15 @@ def load_or_build_predictor(
     cached = _load_cached(path, fingerprint, config, space, protocol)
     if cached is not None:
         return cached[0], cached[1], path
-    predictor, report = build_predictor(space, protocol, config, Path(work_dir), fingerprint, seed, progress)
-    predictor.save(path)
-    write_json_atomic(_report_path(path), {"format_version": REPORT_FORMAT_VERSION, **report})
+    # One run at a time profiles a device: two at once would time each other's work. A run that
+    # waited looks for the predictor again, which the run before it may have built.
+    with ProfileStore(Path(work_dir) / "profiles", dict(fingerprint)).profiling_lock():
+        cached = _load_cached(path, fingerprint, config, space, protocol)
+        if cached is not None:
+            return cached[0], cached[1], path
+        predictor, report = build_predictor(space, protocol, config, Path(work_dir), fingerprint, seed, progress)
+        predictor.save(path)
+        write_json_atomic(_report_path(path), {"format_version": REPORT_FORMAT_VERSION, **report})
     return predictor, report, path
 
 

@@ -48,25 +48,26 @@ def run(cfg: DictConfig) -> None:
     if gate_subnets and protocol.runtime != "eager":
         raise UsageError(f"profile.gate_subnets times gated blocks with hardware.runtime=eager only, but got "
                          f"hardware.runtime={protocol.runtime}; set profile.gate_subnets=0 or hardware.runtime=eager.")
-    started = time.perf_counter()
     try:
-        summary = profile_space(
-            space,
-            store,
-            protocol,
-            n_subnets=int(settings.n_subnets),
-            seed=int(cfg.seed),
-            passes=int(settings.passes),
-            width_step=int(settings.width_step),
-            progress=bool(settings.progress),
-        )
-        gated_runs = 0
-        if gate_subnets:
-            from predictors.gated import profile_gated_blocks, space_blocks
+        with store.profiling_lock():
+            started = time.perf_counter()
+            summary = profile_space(
+                space,
+                store,
+                protocol,
+                n_subnets=int(settings.n_subnets),
+                seed=int(cfg.seed),
+                passes=int(settings.passes),
+                width_step=int(settings.width_step),
+                progress=bool(settings.progress),
+            )
+            gated_runs = 0
+            if gate_subnets:
+                from predictors.gated import profile_gated_blocks, space_blocks
 
-            blocks = space_blocks(space, gate_subnets, int(cfg.seed))
-            gated_runs = profile_gated_blocks(blocks, store, protocol, passes=int(settings.passes), seed=int(cfg.seed),
-                                              progress=bool(settings.progress))
+                blocks = space_blocks(space, gate_subnets, int(cfg.seed))
+                gated_runs = profile_gated_blocks(blocks, store, protocol, passes=int(settings.passes),
+                                                  seed=int(cfg.seed), progress=bool(settings.progress))
     except KeyboardInterrupt:
         log.warning("Profiling interrupted; %s contains every finished run.", store.directory)
         print(f"Interrupted. The store {store.directory} is valid; run the same command again to resume.",

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from nas.files import write_json_atomic
+from nas.files import exclusive_lock, write_json_atomic
 from nas.spaces.layers import LayerSpec
 from predictors.fingerprint import fingerprint_id, fingerprints_match
 from predictors.profiling import Measurement
@@ -71,7 +71,8 @@ class ProfileStore:
             Its ``threads``, ``dtype`` and ``runtime`` select the records that the readers return.
 
     Several processes may append to the same store because each append takes an exclusive file
-    lock (on platforms with ``fcntl``). Readers reread the files on every call.
+    lock (on platforms with ``fcntl``). Readers reread the files on every call. Profiling runs
+    take :meth:`profiling_lock` as well, one at a time per device.
     """
 
     def __init__(self, root: Path | str, fingerprint: dict[str, Any]) -> None:
@@ -90,6 +91,13 @@ class ProfileStore:
     def fingerprint_id(self) -> str:
         """Twelve hex digits that name this store's folder."""
         return self._id
+
+    def profiling_lock(self) -> Any:
+        """Return a context manager that holds this device's profiling lock (see :func:`nas.files.exclusive_lock`).
+
+        Runs that profile one device take it, so that they do not time each other's work.
+        """
+        return exclusive_lock(self.directory / "profiling.lock", "profiling this device")
 
     @staticmethod
     def available(root: Path | str) -> dict[str, dict[str, Any]]:

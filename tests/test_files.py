@@ -1,10 +1,11 @@
 import json
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
-from nas.files import atomic_path, atomic_write_text, write_json_atomic
+from nas.files import HELD_LOCKS_ENV, atomic_path, atomic_write_text, exclusive_lock, write_json_atomic
 
 
 @pytest.fixture
@@ -37,3 +38,73 @@ def test_temporary_name_keeps_suffix(tmp_path):
         assert tmp.parent == tmp_path
         tmp.write_bytes(b"x")
     assert (tmp_path / "subnet.pt2").read_bytes() == b"x"
+
+
+def _hold_lock(path):
+    import fcntl
+
+    handle = open(path, "a")
+    fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX only")
+def test_exclusive_lock_waits_for_holder(tmp_path, caplog):
+    import threading
+
+    lock = tmp_path / "cache.lock"
+    holder = _hold_lock(lock)
+    entered = threading.Event()
+
+    def worker():
+        with exclusive_lock(lock, "building the cache") as locked:
+            assert locked
+            entered.set()
+
+    thread = threading.Thread(target=worker)
+    with caplog.at_level("INFO", logger="nas.files"):
+        thread.start()
+        assert not entered.wait(0.5)
+        holder.close()  # closing the file drops the lock
+        thread.join(10)
+    assert entered.is_set()
+    assert "Waiting for another run that is building the cache" in caplog.text
+    assert HELD_LOCKS_ENV not in os.environ
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX only")
+def test_exclusive_lock_serialises_threads_and_passes_to_children(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    lock = tmp_path / "cache.lock"
+    inside = []
+    overlaps = []
+
+    def worker():
+        with exclusive_lock(lock, "building the cache"):
+            if inside:
+                overlaps.append(True)
+            inside.append(True)
+            threading.Event().wait(0.2)
+            inside.pop()
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not overlaps
+
+    # A process started while the lock is held (a DDP rank, say) does not wait for it.
+    child = ("import sys; from nas.files import exclusive_lock\n"
+             "with exclusive_lock(sys.argv[1], 'x') as locked: print(locked)")
+    root = str(Path(__file__).resolve().parent.parent)
+    with exclusive_lock(lock, "building the cache"):
+        assert str(lock) in os.environ[HELD_LOCKS_ENV]
+        done = subprocess.run([sys.executable, "-c", child, str(lock)], capture_output=True, text=True, timeout=60,
+                              cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True"
+    assert HELD_LOCKS_ENV not in os.environ

@@ -344,6 +344,44 @@ def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
         load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
 
 
+def test_runs_sharing_a_work_dir_build_one_predictor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import predictors.build as build
+    from predictors.protocol import MeasurementProtocol
+
+    space = create_space(TINY_SPACE)
+    protocol = MeasurementProtocol.from_config(
+        {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": 1, "dtype": "float32", "warmup": 1, "repeats": 3}
+    )
+    builds = []
+    real_build = build.build_predictor
+
+    def counted(*args, **kwargs):
+        builds.append(threading.get_ident())
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(build, "build_predictor", counted)
+    paths, errors = [], []
+
+    def run():
+        try:
+            paths.append(build.load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0,
+                                                       progress=False)[2])
+        except Exception as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    # The second run waited for the first one's lock and then loaded its predictor.
+    assert len(builds) == 1
+    assert len(paths) == 2 and paths[0] == paths[1]
+
+
 def test_given_predictor_checked_against_protocol_and_space(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from predictors.build import load_or_build_predictor
     from predictors.protocol import MeasurementProtocol
