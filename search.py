@@ -7,6 +7,7 @@ cached), an Optuna study, re-measurement of the Pareto front on the device, and 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -27,6 +28,7 @@ from tqdm.auto import tqdm
 
 from nas.cli import StageTimer, default_storage, import_user_modules, require_space, run_cli, to_container
 from nas.data import build_datamodule
+from nas.files import exclusive_lock
 from nas.progressive import ProgressiveError, create_supernet_module
 from nas.report import plot_pareto, write_manifest, write_pareto_csv
 from nas.search import (
@@ -48,7 +50,7 @@ from nas.search import (
 from nas.spaces import SearchSpace, create_space
 from nas.supernet.cache import load_supernet, save_supernet, supernet_key
 from nas.tracking import create_tracker
-from nas.training import SubnetEvaluator, fit_or_interrupt
+from nas.training import SubnetEvaluator, fit_or_interrupt, is_secondary_rank, ranks_started_outside
 
 log = logging.getLogger("tailnas.search")
 
@@ -127,17 +129,27 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
 
     ``supernet.schedule`` picks the training: "sandwich" or "progressive" (see ``nas.progressive``).
     """
+    path = supernet_path(cfg, space, datamodule)
+    if not path.is_file():
+        # Workers that share paths.work_dir train one supernet: the first trains, the others wait
+        # for its checkpoint. DDP ranks that torchrun or SLURM started must all train at once, so
+        # they take no lock; ranks that Lightning starts inherit rank 0's.
+        lock = (contextlib.nullcontext() if ranks_started_outside()
+                else exclusive_lock(path.with_name("training.lock"), "training this supernet"))
+        with lock:
+            if not path.is_file():
+                return _train_supernet(cfg, space, datamodule, tracker, path), path
+    log.info("Reusing supernet checkpoint %s", path)
+    supernet, _ = load_supernet(path, space)
+    return supernet, path
+
+
+def _train_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any, tracker: Any, path: Path) -> Any:
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
 
     training = to_container(cfg.supernet)
-    path = supernet_path(cfg, space, datamodule)
     key = path.parent.name.removeprefix(f"{space.name}-")
-    if path.is_file():
-        log.info("Reusing supernet checkpoint %s", path)
-        supernet, _ = load_supernet(path, space)
-        return supernet, path
-
-    from lightning.pytorch.callbacks import ModelCheckpoint
 
     pl.seed_everything(cfg.seed, workers=True)
     supernet = space.build_supernet()
@@ -174,7 +186,7 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
     if trainer.is_global_zero:
         save_supernet(supernet.cpu(), path, {"key": key, "data": datamodule.describe(), "training": training})
         resume.unlink(missing_ok=True)
-    return supernet, path
+    return supernet
 
 
 RESUME_NAME = "resume"
@@ -312,7 +324,9 @@ def run(cfg: DictConfig) -> None:
         log.info("Sampler seed %d (from seed %d, search.worker %s and the study's %d earlier trials)", seed, cfg.seed,
                  worker, trials_before)
         sampler = create_sampler(cfg.search.sampler, seed, cfg.search.population_size)
-    tracker = create_tracker(to_container(cfg.logger), to_container(cfg), "search", str(run_dir),
+    # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
+    logger_cfg = {"name": "none"} if is_secondary_rank() else to_container(cfg.logger)
+    tracker = create_tracker(logger_cfg, to_container(cfg), "search", str(run_dir),
                              default_group=study_name)
 
     # The predictor comes before the supernet: it does not need it, and an impossible latency budget
@@ -331,6 +345,10 @@ def run(cfg: DictConfig) -> None:
 
     with timer.stage("supernet"):
         supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
+    if is_secondary_rank():
+        log.info("This process is a DDP rank other than 0: its part of the supernet training is done, and rank 0 "
+                 "runs the search.")
+        return
 
     if cfg.space.get("tail_aware", False):
         space = tail_aware_space(space, store, protocol, supernet, predictor, run_dir)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from nas.spaces import Arch, SearchSpace, create_space
 from nas.supernet.cache import load_supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.tracking import create_tracker
-from nas.training import FinetuneModule, fit_or_interrupt, resize_to_arch
+from nas.training import FinetuneModule, fit_or_interrupt, is_secondary_rank, resize_to_arch
 
 log = logging.getLogger("tailnas.train")
 
@@ -116,9 +117,14 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     module = FinetuneModule(model, lr=ft.lr if lr is None else lr, weight_decay=ft.weight_decay,
                             label_smoothing=ft.label_smoothing, teacher=teacher, kd_weight=kd_weight,
                             temperature=ft.temperature, full_keep_weight=full_keep_weight)
+    strategy = ft.trainer.strategy
+    if strategy == "ddp" and hasattr(model, "set_keep_ratio"):
+        # A gated network leaves the parameters of skipped work without gradients in some steps.
+        log.info("Gated networks leave some parameters unused in a step; DDP runs with find_unused_parameters.")
+        strategy = "ddp_find_unused_parameters_true"
     trainer = pl.Trainer(
         max_epochs=ft.epochs, accelerator=ft.trainer.accelerator, devices=ft.trainer.devices,
-        strategy=ft.trainer.strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
+        strategy=strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks or [],
         default_root_dir=str(Path(HydraConfig.get().runtime.output_dir) / tag),
     )
@@ -279,6 +285,8 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
     from nas.gates import apply_gates, parse_gate_config
     from predictors import MeasurementProtocol, ProfileStore, device_fingerprint
 
+    if is_secondary_rank():
+        return _gates_of_rank_zero(model, space, arch)
     config = parse_gate_config(to_container(cfg.gates))
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
     store_root = Path(cfg.paths.work_dir) / "profiles"
@@ -298,7 +306,35 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
 
     gated = apply_gates(model, config, profile_table=table, input_shape=space.input_shape(arch), protocol=protocol,
                         block_latency=block_latency)
+    if _may_start_ranks(cfg.finetune.trainer):
+        # DDP ranks that Lightning starts run this script again. They build rank 0's gates from this
+        # file, because a placement timed in each rank could differ.
+        plan_path = Path(HydraConfig.get().runtime.output_dir) / "gate_plan.json"
+        atomic_write_text(plan_path, json.dumps(gated.describe()) + "\n")
+        os.environ[GATE_PLAN_ENV] = str(plan_path)
     # With a latency budget, the network's config carries the keep ratio the budget chose.
+    return gated, gated.config
+
+
+GATE_PLAN_ENV = "TAILNAS_GATE_PLAN"
+
+
+def _may_start_ranks(trainer_cfg: DictConfig) -> bool:
+    return trainer_cfg.devices not in (1, "1")
+
+
+def _gates_of_rank_zero(model: torch.nn.Module, space: SearchSpace, arch: Arch) -> tuple[Any, Any]:
+    from nas.gates import apply_gates
+
+    plan_path = os.environ.get(GATE_PLAN_ENV)
+    if not plan_path:
+        raise UsageError("gates=feature in a DDP rank other than 0 needs rank 0's gate placement, which ranks that "
+                         "Lightning starts read from the file that rank 0 names. This rank was started by torchrun "
+                         "or SLURM, so each rank would time a placement of its own. Start train.py once and let "
+                         "Lightning start the ranks (finetune.trainer.strategy=ddp finetune.trainer.devices=N), or "
+                         "fine-tune the gated network on one device.")
+    record = json.loads(Path(plan_path).read_text())
+    gated = apply_gates(model, record["config"], input_shape=space.input_shape(arch), plan=record)
     return gated, gated.config
 
 
@@ -328,7 +364,9 @@ def run(cfg: DictConfig) -> None:
     arch = space.arch_from_dict(trial.user_attrs["arch"])
     log.info("Picked trial %d: accuracy %.4f, predicted %.3f ms, arch %s", trial.number, trial.values[0],
              trial.user_attrs["predicted_latency_ms"], arch.to_json())
-    tracker = create_tracker(to_container(cfg.logger), {**to_container(cfg), "study": study.study_name,
+    # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
+    logger_cfg = {"name": "none"} if is_secondary_rank() else to_container(cfg.logger)
+    tracker = create_tracker(logger_cfg, {**to_container(cfg), "study": study.study_name,
                                                        "trial": trial.number}, "train", str(run_dir),
                              default_group=study.study_name)
 
@@ -379,8 +417,11 @@ def run(cfg: DictConfig) -> None:
                                                kd_weight=ft.kd_weight if teacher is not None else 0.0,
                                                lr=ft.inherited_lr)
     result["from_scratch"] = bool(cfg.from_scratch)
-    save_checkpoint(run_dir, model, space, arch, {**result, "complete": False})
-    log.info("Saved the fine-tuned network to %s; the comparison, checks and measurement follow.", run_dir / "subnet.pt")
+    secondary = is_secondary_rank()
+    if not secondary:
+        save_checkpoint(run_dir, model, space, arch, {**result, "complete": False})
+        log.info("Saved the fine-tuned network to %s; the comparison, checks and measurement follow.",
+                 run_dir / "subnet.pt")
 
     if cfg.from_scratch:
         result["scratch_test_accuracy"] = result["test_accuracy"]
@@ -390,6 +431,10 @@ def run(cfg: DictConfig) -> None:
             result["scratch_test_accuracy"] = finetune(scratch, datamodule, cfg, tracker, "scratch")
     else:
         result["scratch_test_accuracy"] = None
+    if secondary:
+        log.info("This process is a DDP rank other than 0: its part of the training is done, and rank 0 checks, "
+                 "measures and writes the results.")
+        return
 
     if gates_on and gate_config.batch_check:
         with timer.stage("gates_batch_check"):

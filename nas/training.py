@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -25,6 +26,8 @@ __all__ = [
     "SubnetEvaluator",
     "SUPERNET_SCHEDULES",
     "fit_or_interrupt",
+    "is_secondary_rank",
+    "ranks_started_outside",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,32 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.interrupted:
             raise KeyboardInterrupt from None
         raise
+
+
+def is_secondary_rank() -> bool:
+    """Return True in a process of a distributed run whose global rank is not 0.
+
+    Lightning's DDP launcher starts ranks 1 and up by running the entry point again with
+    ``LOCAL_RANK`` (and ``NODE_RANK``) set. torchrun sets ``RANK``, and SLURM sets ``SLURM_PROCID``
+    in jobs of several tasks. These ranks take part in training, and rank 0 alone times and writes results.
+    """
+    environ = os.environ
+    if "RANK" in environ:
+        return int(environ["RANK"]) != 0
+    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
+        return int(environ["SLURM_PROCID"]) != 0
+    return int(environ.get("LOCAL_RANK", "0")) != 0 or int(environ.get("NODE_RANK", "0")) != 0
+
+
+def ranks_started_outside() -> bool:
+    """Return True when torchrun or SLURM started every rank of this run, so that all of them enter training at once.
+
+    Call it before training starts: Lightning's launcher sets ``WORLD_SIZE`` in rank 0 too when it
+    starts the other ranks.
+    """
+    environ = os.environ
+    return int(environ.get("WORLD_SIZE", "1")) > 1 or int(environ.get("SLURM_NTASKS", "1")) > 1
+
 
 # Values of supernet.schedule; nas.progressive.create_supernet_module builds the module of each.
 SUPERNET_SCHEDULES = ("sandwich", "progressive")
@@ -228,8 +257,9 @@ class FinetuneModule(pl.LightningModule):
         x, y = batch
         logits = self.model(x)
         accuracy = (logits.argmax(dim=1) == y).float().mean()
-        self.log(f"{stage}/accuracy", accuracy, prog_bar=True, batch_size=len(y))
-        self.log(f"{stage}/loss", F.cross_entropy(logits, y), batch_size=len(y))
+        # sync_dist averages over DDP ranks, because each rank evaluates its own share of the images.
+        self.log(f"{stage}/accuracy", accuracy, prog_bar=True, batch_size=len(y), sync_dist=True)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), batch_size=len(y), sync_dist=True)
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         self._accuracy_step(batch, "val")

@@ -369,23 +369,85 @@ def test_batch_check_warnings(subnet, monkeypatch, caplog, gated_ms, spread, exp
 
 
 def test_two_workers_through_submitit_share_one_study(searched):
+    import shutil
+
     import optuna
 
     tmp, _, _ = searched
-    args = ["-m", *TINY[:-1], "search.study_name=tiny-workers", f"paths.work_dir={tmp / 'work'}",
+    # The workers get the fixture's profiles and predictor but no supernet, so both start by
+    # wanting to train it.
+    work = tmp / "workers-work"
+    for cached in ("profiles", "predictors"):
+        shutil.copytree(tmp / "work" / cached, work / cached)
+    args = ["-m", *TINY[:-1], "search.study_name=tiny-workers", f"paths.work_dir={work}",
             "hydra/launcher=submitit_local", "search.worker=0,1", "search.sampler=random",
             f"hydra.sweep.dir={tmp / 'workers'}"]
     result = run("search.py", args, tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     for job in ("0", "1"):
         assert (tmp / "workers" / job / "pareto.csv").is_file()
-    study = optuna.load_study(study_name="tiny-workers", storage=f"sqlite:///{tmp / 'work' / 'studies.db'}")
+    # One worker trained the supernet; the other waited for the lock, or started later, and reused it.
+    logs = [(tmp / "workers" / job / "search.log").read_text() for job in ("0", "1")]
+    assert sum("Reusing supernet checkpoint" in log for log in logs) == 1, logs
+    assert sum("Stage supernet" in log for log in logs) == 2
+    assert len(list((work / "supernets").iterdir())) == 1
+    study = optuna.load_study(study_name="tiny-workers", storage=f"sqlite:///{work / 'studies.db'}")
     states = [t.state for t in study.trials]
     assert states == [optuna.trial.TrialState.COMPLETE] * 12  # search.n_trials=6 from each worker
     draws = {worker: [json.dumps(t.user_attrs["arch"], sort_keys=True) for t in study.trials
                       if t.user_attrs["worker"] == worker] for worker in (0, 1)}
     assert len(draws[0]) == len(draws[1]) == 6
     assert draws[0] != draws[1]  # a seeded random sampler repeats its draws unless each worker has its own seed
+
+
+DDP = ["supernet.trainer.strategy=ddp", "supernet.trainer.devices=2", "supernet.trainer.accelerator=cpu"]
+
+
+def test_ddp_supernet_training_leaves_the_search_to_rank_zero(searched):
+    import shutil
+
+    import optuna
+
+    tmp, _, _ = searched
+    work = tmp / "ddp-work"
+    for cached in ("profiles", "predictors"):
+        shutil.copytree(tmp / "work" / cached, work / cached)
+    run_dir = tmp / "ddp-run"
+    result = run("search.py", [*TINY[:-1], *DDP, "search.study_name=tiny-ddp", f"paths.work_dir={work}",
+                               f"hydra.run.dir={run_dir}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Lightning names the Hydra job of rank 1 train_ddp_process_1, in search.py too.
+    rank_one = (run_dir / "train_ddp_process_1.log").read_text()
+    # Rank 1 ran inside rank 0's lock, trained, and left the search to rank 0.
+    assert "Waiting for another run" not in rank_one
+    assert "This process is a DDP rank other than 0" in rank_one
+    study = optuna.load_study(study_name="tiny-ddp", storage=f"sqlite:///{work / 'studies.db'}")
+    assert len(study.trials) == 6  # search.n_trials, from rank 0 alone
+    assert len(list((work / "supernets").iterdir())) == 1
+
+
+def test_ddp_gated_finetuning_uses_rank_zero_gates(searched):
+    tmp, _, _ = searched
+    run_dir = tmp / "ddp-train"
+    args = ["search.study_name=tiny", "finetune.epochs=2", "compare_scratch=false", "gates=feature",
+            "gates.schedule_epochs=1", "finetune.trainer.strategy=ddp", "finetune.trainer.devices=2",
+            "finetune.trainer.accelerator=cpu", f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"]
+    result = run("train.py", args, tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rank_zero = (run_dir / "train.log").read_text()
+    rank_one = (run_dir / "train_ddp_process_1.log").read_text()
+    # Rank 1 built rank 0's gates from gate_plan.json instead of timing a placement of its own.
+    timed = "gates: gateable blocks at batch"
+    assert timed in rank_zero and timed not in rank_one
+    plan = json.loads((run_dir / "gate_plan.json").read_text())
+    report = json.loads((run_dir / "finetune.json").read_text())
+    assert report["complete"] is True
+    assert [b["kept"] for b in report["gates"]["blocks"]] == [b["kept"] for b in plan["blocks"]]
+    assert "rank other than 0" in rank_one and "measured_latency" not in rank_one
+    # Both ranks report one test accuracy, averaged over their shares of the test images.
+    accuracies = [line.rsplit(" ", 1)[1] for text in (rank_zero, rank_one) for line in text.splitlines()
+                  if "Test accuracy (inherited)" in line]
+    assert len(accuracies) == 2 and accuracies[0] == accuracies[1]
 
 
 def test_tail_aware_study_records_searched_space(searched):
