@@ -368,20 +368,42 @@ def build_gated(subnet: nn.Module, input_shape: Sequence[int], loader: DataLoade
 
 def pick_static_archs(space: SearchSpace, low_ms: float, high_ms: float, count: int,
                       args: argparse.Namespace) -> list[tuple[Any, float]]:
-    """Return ``count`` sampled architectures with batch-1 latency in [low, high], spread over the range."""
+    """Return ``count`` sampled architectures with batch-1 latency in [low, high], spread over the range.
+
+    It times the smallest subnet and 39 random ones. When fewer than ``count`` of them fall in the
+    range, as for a range near the smallest subnet's latency, it times up to 360 more random
+    subnets until ``count`` do.
+    """
     rng = np.random.default_rng(args.seed)
-    candidates = {space.smallest().to_json(): space.smallest()}
-    for _ in range(200):
-        arch = space.sample(rng)
-        candidates.setdefault(arch.to_json(), arch)
-        if len(candidates) >= 40:
-            break
     supernet = space.build_supernet().eval()
+    seen: set[str] = set()
     timed = []
-    for arch in candidates.values():
-        latency = measure_latency_ms(supernet.extract(arch), space.input_shape(arch), 1, args.threads, args.repeats)
-        if low_ms <= latency <= high_ms:
-            timed.append((arch, latency))
+
+    def time_batch(archs: list[Any]) -> None:
+        for arch in archs:
+            latency = measure_latency_ms(supernet.extract(arch), space.input_shape(arch), 1, args.threads,
+                                         args.repeats)
+            if low_ms <= latency <= high_ms:
+                timed.append((arch, latency))
+
+    def draw(total: int, attempts: int) -> list[Any]:
+        archs = []
+        for _ in range(attempts):
+            arch = space.sample(rng)
+            if arch.to_json() not in seen:
+                seen.add(arch.to_json())
+                archs.append(arch)
+            if len(seen) >= total:
+                break
+        return archs
+
+    seen.add(space.smallest().to_json())
+    time_batch([space.smallest(), *draw(40, 200)])
+    while len(timed) < count and len(seen) < 400:
+        before = len(seen)
+        time_batch(draw(min(len(seen) + 40, 400), 400))
+        if len(seen) == before:
+            break  # the space has no subnet left to draw
     timed.sort(key=lambda item: item[1])
     if len(timed) <= count:
         return timed

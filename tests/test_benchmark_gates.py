@@ -145,3 +145,26 @@ def test_static_recipe_epochs_and_rates(gates_bench: ModuleType, monkeypatch, re
     assert calls == expected
     assert points == [{"arch": {"widths": [8]}, "accuracy": 1.0}]
     assert list(models) == ["static0"]
+
+
+def test_static_picks_fill_a_narrow_range(gates_bench: ModuleType, monkeypatch) -> None:
+    import argparse
+
+    from nas.spaces import create_space
+    from tests.conftest import load_space_config
+
+    space = create_space({**load_space_config("resnet"), "in_channels": 1, "num_classes": 10})
+    # Latency stands in as MACs per million, so no timing runs.
+    monkeypatch.setattr(gates_bench, "measure_latency_ms",
+                        lambda model, shape, batch, threads, repeats: space.macs(model.arch) / 1e6)
+    args = argparse.Namespace(seed=0, threads=1, repeats=1)
+    smallest = space.macs(space.smallest()) / 1e6
+    # A range just above the smallest subnet holds few of the first 40 draws.
+    low, high = smallest, 1.6 * smallest
+    picks = gates_bench.pick_static_archs(space, low, high, 4, args)
+    assert len(picks) == 4
+    assert all(low <= latency <= high for _, latency in picks)
+    assert [latency for _, latency in picks] == sorted(latency for _, latency in picks)
+    # A wide range is filled from the first 40 draws, as before.
+    wide = gates_bench.pick_static_archs(space, 0.0, 1e9, 8, args)
+    assert len(wide) == 8
