@@ -26,7 +26,15 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from nas.cli import StageTimer, default_storage, import_user_modules, require_space, run_cli, to_container
+from nas.cli import (
+    StageTimer,
+    default_storage,
+    import_user_modules,
+    require_space,
+    resolve_data_root,
+    run_cli,
+    to_container,
+)
 from nas.data import build_datamodule
 from nas.files import exclusive_lock
 from nas.progressive import ProgressiveError, create_supernet_module
@@ -281,6 +289,7 @@ def print_front(rows: list[dict[str, Any]], knee: int, study_name: str) -> None:
 
 def run(cfg: DictConfig) -> None:
     require_space(cfg, "python search.py")
+    resolve_data_root(cfg)
     from predictors import MeasurementProtocol, ProfileStore, device_fingerprint, fingerprint_id, measure_arch
     from predictors.build import load_or_build_predictor
 

@@ -111,6 +111,18 @@ def _make_folder(url: str, folder: Path) -> None:
                          "path in a folder you can write.") from err
 
 
+def resolve_data_root(cfg: DictConfig) -> None:
+    """Make ``data.root`` an absolute path in place, when it is set.
+
+    The study records the data settings, and ``train.py`` reads the data from that record, so a
+    relative root would name another folder when it runs from another working directory. The
+    supernet cache key includes the root too.
+    """
+    root = cfg.data.get("root") if "data" in cfg else None
+    if root:
+        cfg.data.root = str(Path(str(root)).expanduser().absolute())
+
+
 def to_container(node: Any) -> Any:
     """Resolve a config node into plain dicts and lists."""
     if isinstance(node, DictConfig) or OmegaConf.is_config(node):

@@ -133,3 +133,23 @@ def test_journal_storage_needs_absolute_path():
 
     with pytest.raises(UsageError, match="a journal file needs an absolute path"):
         check_storage_url("journal://relative/studies.log")
+
+
+def test_resolve_data_root_makes_path_absolute(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    from nas.cli import resolve_data_root
+
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.create({"data": {"name": "imagefolder", "root": "images"}})
+    OmegaConf.set_struct(cfg, True)
+    resolve_data_root(cfg)
+    assert cfg.data.root == str(tmp_path / "images")
+    # A root left unset stays missing, for the data module's own message; data without a root is untouched.
+    missing = OmegaConf.create({"data": {"name": "cifar10", "root": "???"}})
+    resolve_data_root(missing)
+    assert OmegaConf.is_missing(missing.data, "root")
+    synthetic = OmegaConf.create({"data": {"name": "synthetic"}})
+    OmegaConf.set_struct(synthetic, True)
+    resolve_data_root(synthetic)
+    assert "root" not in synthetic.data
