@@ -51,7 +51,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -366,6 +366,21 @@ def build_gated(subnet: nn.Module, input_shape: Sequence[int], loader: DataLoade
 # -- static subnets ---------------------------------------------------------------------------
 
 
+def _label_groups(points: Sequence[Mapping[str, Any]]) -> dict[tuple[float, float], list[str]]:
+    """Return the keep ratios to write at each plotted point, one label for ratios at the same place.
+
+    Keep ratios that snap to the same kept counts run the same network, so their points coincide.
+    Points within 2% of the latency (timing noise) and 0.05 points of accuracy count as one place.
+    """
+    groups: dict[tuple[float, float], list[str]] = {}
+    for p in points:
+        latency, accuracy = p["latency_b1_ms"], 100 * p["accuracy"]
+        place = next((key for key in groups if abs(key[0] - latency) <= 0.02 * latency
+                      and abs(key[1] - accuracy) <= 0.05), (latency, accuracy))
+        groups.setdefault(place, []).append(f"{p['keep_ratio']:g}")
+    return groups
+
+
 def pick_static_archs(space: SearchSpace, low_ms: float, high_ms: float, count: int,
                       args: argparse.Namespace) -> list[tuple[Any, float]]:
     """Return ``count`` sampled architectures with batch-1 latency in [low, high], spread over the range.
@@ -450,9 +465,8 @@ def plot(points: list[dict[str, Any]], baseline: dict[str, Any], static: list[di
         errors = [[100 * (p["accuracy"] - p["accuracy_low"]) for p in series],
                   [100 * (p["accuracy_high"] - p["accuracy"]) for p in series]]
         axes.errorbar(x, y, yerr=errors, fmt=style, capsize=3, label=label, markersize=8 if style == "*" else 5)
-    for p in points:
-        axes.annotate(f"{p['keep_ratio']:g}", (p["latency_b1_ms"], 100 * p["accuracy"]), fontsize=7,
-                      textcoords="offset points", xytext=(4, 4))
+    for (latency, accuracy), ratios in _label_groups(points).items():
+        axes.annotate(", ".join(ratios), (latency, accuracy), fontsize=7, textcoords="offset points", xytext=(4, 4))
     axes.set_xlabel("latency at batch 1 (ms, BatchNorm folded)")
     axes.set_ylabel("test accuracy (%, 95% Wilson interval)")
     axes.grid(alpha=0.3)

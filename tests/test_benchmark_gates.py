@@ -168,3 +168,9 @@ def test_static_picks_fill_a_narrow_range(gates_bench: ModuleType, monkeypatch) 
     # A wide range is filled from the first 40 draws, as before.
     wide = gates_bench.pick_static_archs(space, 0.0, 1e9, 8, args)
     assert len(wide) == 8
+
+
+def test_plot_labels_merge_coinciding_points(gates_bench: ModuleType) -> None:
+    points = [point(0.5, 0.957, 0.424), point(0.4, 0.957, 0.4241), point(0.3, 0.956, 0.397)]
+    groups = gates_bench._label_groups(points)
+    assert sorted(groups.values()) == [["0.3"], ["0.5", "0.4"]]
