@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from nas.cli import (
     StageTimer,
+    check_group_settings,
     default_storage,
     import_user_modules,
     require_space,
@@ -493,4 +495,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_group_settings(sys.argv[1:], "python search.py", {"logger": "wandb"})
     main()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from nas.cli import StageTimer, UsageError, default_storage, import_user_modules, run_cli, to_container
+from nas.cli import (
+    StageTimer,
+    UsageError,
+    check_group_settings,
+    default_storage,
+    import_user_modules,
+    run_cli,
+    to_container,
+)
 from nas.data import build_datamodule
 from nas.export import FINETUNE_FORMAT_VERSION
 from nas.report import atomic_write_text
@@ -487,4 +496,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_group_settings(sys.argv[1:], "python train.py", {"gates": "feature", "logger": "wandb"})
     main()

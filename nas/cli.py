@@ -17,6 +17,7 @@ from nas.files import write_json_atomic
 
 __all__ = [
     "UsageError",
+    "check_group_settings",
     "StageTimer",
     "available_spaces",
     "require_space",
@@ -48,6 +49,29 @@ def require_space(cfg: DictConfig, command: str) -> None:
         raise UsageError(
             f"No search space chosen. Run `{command} +space=resnet` (or another space). Available spaces: {spaces}."
         )
+
+
+def check_group_settings(argv: list[str], command: str, empty_defaults: dict[str, str]) -> None:
+    """Exit with status 2 when ``argv`` sets a key of a config group whose default option has no keys.
+
+    ``empty_defaults`` maps each such group to the option that has the keys, for example
+    ``{"gates": "feature"}`` where the default is ``gates: none``. Without this check, Hydra rejects
+    ``gates.keep_ratio=0.5`` as "not in struct" and suggests ``+gates.keep_ratio=0.5``, which the
+    entry point then rejects. The message repeats the command with the option added.
+    """
+    import shlex
+
+    chosen = {arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("-")}
+    for index, arg in enumerate(argv):
+        key = arg.split("=", 1)[0]
+        group = key.split(".", 1)[0]
+        if arg.startswith(("-", "+", "~")) or "." not in key or group not in empty_defaults or group in chosen:
+            continue
+        option = f"{group}={empty_defaults[group]}"
+        fixed = shlex.join([*argv[:index], option, *argv[index:]])
+        print(f"{key} is a setting of {option}, and the default {group} option has no settings. Add {option}: "
+              f"{command} {fixed}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def import_user_modules(modules: list[str] | None) -> None:

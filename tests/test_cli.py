@@ -153,3 +153,30 @@ def test_resolve_data_root_makes_path_absolute(tmp_path, monkeypatch):
     OmegaConf.set_struct(synthetic, True)
     resolve_data_root(synthetic)
     assert "root" not in synthetic.data
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["gates.keep_ratio=0.5"], "Add gates=feature: python train.py gates=feature gates.keep_ratio=0.5"),
+    (["trial=3", "logger.project=my project"],
+     "Add logger=wandb: python train.py trial=3 logger=wandb 'logger.project=my project'"),
+])
+def test_group_settings_without_group_exit(argv, message, capsys):
+    from nas.cli import check_group_settings
+
+    with pytest.raises(SystemExit) as exit_info:
+        check_group_settings(argv, "python train.py", {"gates": "feature", "logger": "wandb"})
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["gates=feature", "gates.keep_ratio=0.5"],
+    ["gates.keep_ratio=0.5", "gates=feature"],
+    ["-m", "gates=none,feature", "gates.keep_ratio=0.5"],
+    ["+gates.keep_ratio=0.5"],
+    ["finetune.epochs=2", "--cfg", "job"],
+])
+def test_group_settings_with_group_pass(argv):
+    from nas.cli import check_group_settings
+
+    check_group_settings(argv, "python train.py", {"gates": "feature", "logger": "wandb"})
