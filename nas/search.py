@@ -342,6 +342,9 @@ class SearchObjective:
 
     def __call__(self, trial: optuna.Trial) -> tuple[float, float]:
         arch = self.suggest_arch(trial)
+        earlier = _finished_trial_of(trial.study, arch)
+        if earlier is not None:
+            return self._repeat(trial, earlier)
         estimate = self.estimate_latency(arch)
         trial.set_user_attr("arch", arch.to_dict())
         trial.set_user_attr("predicted_latency_ms", estimate.latency_ms)
@@ -358,6 +361,30 @@ class SearchObjective:
             trial.set_user_attr("accuracy_skipped", True)
             return 0.0, estimate.latency_ms
         return self.accuracy_fn(arch), estimate.latency_ms
+
+
+    def _repeat(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial) -> tuple[float, float]:
+        # Samplers redraw architectures they have tried, NSGA-II often in small spaces. The earlier
+        # trial's scores are reused: the supernet and the predictor that gave them are the same.
+        for key, value in earlier.user_attrs.items():
+            if key != "worker":
+                trial.set_user_attr(key, value)
+        if self.worker is not None:
+            trial.set_user_attr("worker", self.worker)
+        trial.set_user_attr("repeat_of", earlier.number)
+        latency = float(earlier.values[1])
+        excess = 0.0 if self.latency_budget_ms is None else latency - self.latency_budget_ms
+        trial.set_constraint(CONSTRAINT_KEY, excess)
+        return float(earlier.values[0]), latency
+
+
+def _finished_trial_of(study: optuna.Study, arch: Arch) -> optuna.trial.FrozenTrial | None:
+    """Return the first complete trial of ``study`` that scored ``arch``, or None."""
+    wanted = arch.to_dict()
+    for earlier in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if earlier.user_attrs.get("arch") == wanted and earlier.user_attrs.get("repeat_of") is None:
+            return earlier
+    return None
 
 
 def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:

@@ -305,3 +305,33 @@ def test_train_budget_without_its_pick_warned(caplog):
     with caplog.at_level(logging.WARNING, logger="tailnas.train"):
         train.pick_trial(_study_with_front(), cfg)
     assert "budget_ms=0.1 applies only to pick=fastest_under_budget" in caplog.text
+
+
+def test_repeated_architecture_reuses_scores(tmp_path):
+    from nas.spaces import create_space
+    from tests.conftest import load_space_config
+
+    # Two stages of one block with two widths: four architectures, so 12 trials repeat some.
+    config = {**load_space_config("resnet"), "in_channels": 1, "num_classes": 10,
+              "stages": [{"depths": [1], "widths": [8, 16], "stride": 1}, {"depths": [1], "widths": [16, 24], "stride": 2}]}
+    space = create_space(config)
+    scored = []
+    accuracy = fake_accuracy(space)
+
+    def counted(arch):
+        scored.append(arch.to_json())
+        return accuracy(arch)
+
+    objective = SearchObjective(space, counted, fake_latency(space), latency_budget_ms=1e6, worker=1)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=create_sampler("random", seed=0))
+    study.optimize(objective, n_trials=12)
+    assert len(scored) == len(set(scored)) <= 4
+    repeats = [t for t in study.trials if "repeat_of" in t.user_attrs]
+    assert len(repeats) == 12 - len(scored)
+    for trial in repeats:
+        earlier = study.trials[trial.user_attrs["repeat_of"]]
+        assert trial.user_attrs["arch"] == earlier.user_attrs["arch"]
+        assert trial.values == earlier.values
+        assert trial.user_attrs["worker"] == 1
+        assert trial.constraints == earlier.constraints
+    assert len(pareto_trials(study)) <= len(scored)
