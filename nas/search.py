@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,13 +157,26 @@ def check_storage_opens(storage: str) -> None:
         # Made here, because SQLite creates a new file with mode 0644 whatever the umask, which would
         # keep a group that shares paths.work_dir from writing the study.
         Path(url.database).expanduser().touch(exist_ok=True)
-    try:
-        optuna.get_all_study_names(storage=optuna_storage(storage))
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, OSError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise SearchError(f"search.storage={storage!r} cannot be opened ({type(err).__name__}: {reason}); check "
-                          "the URL, that the database server runs and accepts this user, and that its Python "
-                          "driver is installed.") from err
+    # Workers that start together on a new database all create Optuna's tables. All but the first
+    # then fail with "already exists", and another try finds the tables made.
+    for attempt in range(5):
+        try:
+            optuna.get_all_study_names(storage=optuna_storage(storage))
+            return
+        except sqlalchemy.exc.SQLAlchemyError as err:
+            if "already exists" in str(err) and attempt < 4:
+                time.sleep(0.5 + random.random())
+                continue
+            _raise_storage_error(storage, err)
+        except (ImportError, OSError) as err:
+            _raise_storage_error(storage, err)
+
+
+def _raise_storage_error(storage: str, err: Exception) -> None:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    raise SearchError(f"search.storage={storage!r} cannot be opened ({type(err).__name__}: {reason}); check "
+                      "the URL, that the database server runs and accepts this user, and that its Python "
+                      "driver is installed.") from err
 
 
 def existing_study(storage: str, study_name: str) -> optuna.Study | None:

@@ -335,3 +335,29 @@ def test_repeated_architecture_reuses_scores(tmp_path):
         assert trial.user_attrs["worker"] == 1
         assert trial.constraints == earlier.constraints
     assert len(pareto_trials(study)) <= len(scored)
+
+
+def test_storage_open_retries_table_race(tmp_path, monkeypatch):
+    import sqlalchemy
+
+    from nas import search
+
+    calls = []
+
+    def racing(storage):
+        calls.append(storage)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.OperationalError("CREATE TABLE", {}, Exception("table study_directions already exists"))
+        return []
+
+    monkeypatch.setattr(search.optuna, "get_all_study_names", racing)
+    monkeypatch.setattr(search.time, "sleep", lambda seconds: None)
+    search.check_storage_opens(f"sqlite:///{tmp_path / 'new.db'}")
+    assert len(calls) == 2
+
+    def locked(storage):
+        raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+
+    monkeypatch.setattr(search.optuna, "get_all_study_names", locked)
+    with pytest.raises(SearchError, match="cannot be opened .*database is locked"):
+        search.check_storage_opens(f"sqlite:///{tmp_path / 'new.db'}")
