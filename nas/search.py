@@ -137,6 +137,11 @@ def optuna_storage(storage: str) -> Any:
     return storage
 
 
+# What SQLite and PostgreSQL say when another process has just created the table or the
+# schema-version row that this one tries to create.
+SCHEMA_RACE_ERRORS = ("already exists", "UNIQUE constraint failed", "duplicate key value")
+
+
 def check_storage_opens(storage: str) -> None:
     """Open ``storage`` once, so that an unreachable server or a missing driver stops a run before any work."""
     import sqlalchemy
@@ -158,13 +163,13 @@ def check_storage_opens(storage: str) -> None:
         # keep a group that shares paths.work_dir from writing the study.
         Path(url.database).expanduser().touch(exist_ok=True)
     # Workers that start together on a new database all create Optuna's tables. All but the first
-    # then fail with "already exists", and another try finds the tables made.
+    # then fail on a table or row that the first made, and another try finds them made.
     for attempt in range(5):
         try:
             optuna.get_all_study_names(storage=optuna_storage(storage))
             return
         except sqlalchemy.exc.SQLAlchemyError as err:
-            if "already exists" in str(err) and attempt < 4:
+            if any(sign in str(err) for sign in SCHEMA_RACE_ERRORS) and attempt < 4:
                 time.sleep(0.5 + random.random())
                 continue
             _raise_storage_error(storage, err)
