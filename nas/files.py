@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,8 +28,10 @@ log = logging.getLogger(__name__)
 # Lock files held by this process, for the processes it starts: Lightning's DDP ranks rerun the
 # entry point and must not wait for the lock that their own rank 0 holds.
 HELD_LOCKS_ENV = "TAILNAS_HELD_LOCKS"
-# Lock files held by this process, which another thread of it still has to wait for.
+# Lock files held by this process, which another thread of it still has to wait for. _STATE
+# guards this set and the environment variable, so that threads see both change together.
 _HELD_HERE: set[str] = set()
+_STATE = threading.Lock()
 
 
 def _umask() -> int:
@@ -103,8 +106,10 @@ def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]
         True when the lock is held by this process or its parent, False when the block runs without one.
     """
     lock_path = Path(path).absolute()
-    if str(lock_path) in _held_locks() and str(lock_path) not in _HELD_HERE:
-        yield True  # the parent process holds it
+    with _STATE:
+        inherited = str(lock_path) in _held_locks() and str(lock_path) not in _HELD_HERE
+    if inherited:
+        yield True  # the lock belongs to the parent process
         return
     try:
         import fcntl
@@ -112,30 +117,48 @@ def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]
         log.warning("No file locks on this platform; runs sharing %s must not build it at once.", lock_path.parent)
         yield False
         return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        lock_error = None
+    handle, lock_error = _open_lock_file(lock_path)
+    if handle is not None:
         try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("Waiting for another run that is %s (lock file %s)", purpose, lock_path)
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log.info("Waiting for another run that is %s (lock file %s)", purpose, lock_path)
                 fcntl.flock(handle, fcntl.LOCK_EX)
+            except OSError as err:
+                lock_error = err
         except OSError as err:
             lock_error = err
-        if lock_error is not None:
-            log.warning("Cannot lock %s (%s); runs sharing this folder must not build it at once.", lock_path,
-                        lock_error)
-            yield False
-            return
-        _HELD_HERE.add(str(lock_path))
-        _set_held(_held_locks() | {str(lock_path)})
+    if lock_error is not None:
+        if handle is not None:
+            handle.close()
+        log.warning("Cannot lock %s (%s); runs sharing this folder must not build it at once.", lock_path, lock_error)
+        yield False
+        return
+    assert handle is not None
+    with handle:
+        with _STATE:
+            _HELD_HERE.add(str(lock_path))
+            _set_held(_held_locks() | {str(lock_path)})
         try:
             yield True
         finally:
-            _HELD_HERE.discard(str(lock_path))
-            _set_held(_held_locks() - {str(lock_path)})
+            with _STATE:
+                _set_held(_held_locks() - {str(lock_path)})
+                _HELD_HERE.discard(str(lock_path))
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _open_lock_file(lock_path: Path) -> tuple[Any, OSError | None]:
+    """Open ``lock_path`` for flock, created if missing; a file of another user is opened read-only."""
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        return open(lock_path, "a"), None
+    except OSError as err:
+        try:
+            return open(lock_path, "r"), None
+        except OSError:
+            return None, err
 
 
 def _held_locks() -> set[str]:

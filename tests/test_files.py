@@ -108,3 +108,13 @@ def test_exclusive_lock_serialises_threads_and_passes_to_children(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "True"
     assert HELD_LOCKS_ENV not in os.environ
+
+
+def test_exclusive_lock_unopenable_runs_unlocked(tmp_path, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with caplog.at_level("WARNING", logger="nas.files"):
+        with exclusive_lock(blocker / "cache.lock", "building the cache") as locked:
+            assert locked is False
+    assert "Cannot lock" in caplog.text
+    assert HELD_LOCKS_ENV not in os.environ
