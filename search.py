@@ -60,7 +60,13 @@ from nas.search import (
 from nas.spaces import SearchSpace, create_space
 from nas.supernet.cache import load_supernet, save_supernet, supernet_key
 from nas.tracking import create_tracker
-from nas.training import SubnetEvaluator, fit_or_interrupt, is_secondary_rank, ranks_started_outside
+from nas.training import (
+    SubnetEvaluator,
+    fit_or_interrupt,
+    ranks_started_outside,
+    started_as_secondary_rank,
+    trained_as_secondary_rank,
+)
 
 log = logging.getLogger("tailnas.search")
 
@@ -142,9 +148,9 @@ def train_or_load_supernet(cfg: DictConfig, space: SearchSpace, datamodule: Any,
     path = supernet_path(cfg, space, datamodule)
     if not path.is_file():
         # Workers that share paths.work_dir train one supernet: the first trains, the others wait
-        # for its checkpoint. DDP ranks that torchrun or SLURM started must all train at once, so
-        # they take no lock; ranks that Lightning starts inherit rank 0's.
-        lock = (contextlib.nullcontext() if ranks_started_outside()
+        # for its checkpoint. DDP ranks take no lock, because torchrun and SLURM start them all at
+        # once, and Lightning starts ranks 1 and up while rank 0 holds the lock.
+        lock = (contextlib.nullcontext() if ranks_started_outside(cfg.supernet.trainer)
                 else exclusive_lock(path.with_name("training.lock"), "training this supernet"))
         with lock:
             if not path.is_file():
@@ -328,6 +334,7 @@ def run(cfg: DictConfig) -> None:
     if stored is not None:
         # Checked before the supernet trains, so a mismatch costs nothing.
         settings = {"data": to_container(cfg.data), "supernet": to_container(cfg.supernet), "seed": cfg.seed}
+        _check_recorded_root(stored.user_attrs, cfg, study_name)
         check_resume(stored.user_attrs, {**scoring, **settings}, study_name, storage)
     trials_before = len(stored.trials) if stored is not None else 0
     seed = sampler_seed(cfg.seed, worker, trials_before)
@@ -336,7 +343,7 @@ def run(cfg: DictConfig) -> None:
                  worker, trials_before)
         sampler = create_sampler(cfg.search.sampler, seed, cfg.search.population_size)
     # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
-    logger_cfg = {"name": "none"} if is_secondary_rank() else to_container(cfg.logger)
+    logger_cfg = {"name": "none"} if started_as_secondary_rank() else to_container(cfg.logger)
     tracker = create_tracker(logger_cfg, to_container(cfg), "search", str(run_dir),
                              default_group=study_name)
 
@@ -356,7 +363,7 @@ def run(cfg: DictConfig) -> None:
 
     with timer.stage("supernet"):
         supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
-    if is_secondary_rank():
+    if trained_as_secondary_rank():
         log.info("This process is a DDP rank other than 0: its part of the supernet training is done, and rank 0 "
                  "runs the search.")
         return
@@ -448,6 +455,19 @@ def run(cfg: DictConfig) -> None:
     if interrupted:
         # The outputs are written. Exit status 130 lets a calling script see that the search was cut short.
         raise KeyboardInterrupt
+
+
+def _check_recorded_root(record: dict[str, Any], cfg: DictConfig, study_name: str) -> None:
+    """Stop the resume of a study whose data.root was recorded relative, by TailNAS versions that kept it so."""
+    recorded = (record.get("data") or {}).get("root")
+    if not recorded or Path(str(recorded)).expanduser().is_absolute():
+        return
+    if cfg.data.get("root") == str(Path(str(recorded)).expanduser().absolute()):
+        raise SearchError(
+            f"Study {study_name!r} recorded the relative data.root={recorded!r}. search.py now records "
+            f"data.root as an absolute path ({cfg.data.root}), and the supernet key includes it, so this study "
+            "cannot be resumed. Start a new search.study_name; the profiles and the predictor are reused."
+        )
 
 
 def _work_dir_arg(cfg: DictConfig) -> str:

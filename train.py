@@ -40,7 +40,15 @@ from nas.spaces import Arch, SearchSpace, create_space
 from nas.supernet.cache import load_supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.tracking import create_tracker
-from nas.training import FinetuneModule, fit_or_interrupt, is_secondary_rank, resize_to_arch
+from nas.training import (
+    FinetuneModule,
+    asks_for_several_processes,
+    fit_or_interrupt,
+    ranks_started_outside,
+    resize_to_arch,
+    started_as_secondary_rank,
+    trained_as_secondary_rank,
+)
 
 log = logging.getLogger("tailnas.train")
 
@@ -115,6 +123,26 @@ INTERRUPTED = ("Interrupted. A network whose fine-tuning had finished is in the 
                "finetune.json with \"complete\": false); an interrupted fine-tuning keeps nothing.")
 
 
+# DDP strategies of Lightning that have a variant with find_unused_parameters=True.
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
+
+
+def gated_strategy(trainer_cfg: DictConfig) -> Any:
+    """Return the Lightning strategy for fine-tuning a gated network under ``finetune.trainer`` settings.
+
+    A gated network leaves the parameters of skipped work without gradients in some steps, which
+    DDP rejects unless it looks for unused parameters. So ``ddp`` and its variants, and ``auto``
+    on several devices (where Lightning would choose ``ddp``), become their ``find_unused_parameters_true`` form.
+    """
+    strategy = trainer_cfg.strategy
+    if strategy == "auto" and asks_for_several_processes(trainer_cfg):
+        strategy = "ddp"
+    if strategy in DDP_STRATEGIES:
+        log.info("Gated networks leave some parameters unused in a step; DDP runs with find_unused_parameters.")
+        return f"{strategy}_find_unused_parameters_true"
+    return strategy
+
+
 def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: Any, tag: str,
              teacher: torch.nn.Module | None = None, kd_weight: float = 0.0, callbacks: list | None = None,
              lr: float | None = None, full_keep_weight: float = 0.0) -> float:
@@ -126,11 +154,7 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     module = FinetuneModule(model, lr=ft.lr if lr is None else lr, weight_decay=ft.weight_decay,
                             label_smoothing=ft.label_smoothing, teacher=teacher, kd_weight=kd_weight,
                             temperature=ft.temperature, full_keep_weight=full_keep_weight)
-    strategy = ft.trainer.strategy
-    if strategy == "ddp" and hasattr(model, "set_keep_ratio"):
-        # A gated network leaves the parameters of skipped work without gradients in some steps.
-        log.info("Gated networks leave some parameters unused in a step; DDP runs with find_unused_parameters.")
-        strategy = "ddp_find_unused_parameters_true"
+    strategy = gated_strategy(ft.trainer) if hasattr(model, "set_keep_ratio") else ft.trainer.strategy
     trainer = pl.Trainer(
         max_epochs=ft.epochs, accelerator=ft.trainer.accelerator, devices=ft.trainer.devices,
         strategy=strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
@@ -294,7 +318,7 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
     from nas.gates import apply_gates, parse_gate_config
     from predictors import MeasurementProtocol, ProfileStore, device_fingerprint
 
-    if is_secondary_rank():
+    if started_as_secondary_rank():
         return _gates_of_rank_zero(model, space, arch)
     config = parse_gate_config(to_container(cfg.gates))
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
@@ -311,11 +335,13 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
         store = ProfileStore(store_root, device_fingerprint(protocol))
 
         def block_latency(model: torch.nn.Module, input_shape: Any, names: list[str]) -> Any:
-            return fit_for_model(model, input_shape, store, protocol, names=names)
+            # It times the gated blocks that the store lacks, so it waits for other profiling runs.
+            with store.profiling_lock():
+                return fit_for_model(model, input_shape, store, protocol, names=names)
 
     gated = apply_gates(model, config, profile_table=table, input_shape=space.input_shape(arch), protocol=protocol,
                         block_latency=block_latency)
-    if _may_start_ranks(cfg.finetune.trainer):
+    if asks_for_several_processes(cfg.finetune.trainer):
         # DDP ranks that Lightning starts run this script again. They build rank 0's gates from this
         # file, because a placement timed in each rank could differ.
         plan_path = Path(HydraConfig.get().runtime.output_dir) / "gate_plan.json"
@@ -328,20 +354,16 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
 GATE_PLAN_ENV = "TAILNAS_GATE_PLAN"
 
 
-def _may_start_ranks(trainer_cfg: DictConfig) -> bool:
-    return trainer_cfg.devices not in (1, "1")
-
-
 def _gates_of_rank_zero(model: torch.nn.Module, space: SearchSpace, arch: Arch) -> tuple[Any, Any]:
     from nas.gates import apply_gates
 
     plan_path = os.environ.get(GATE_PLAN_ENV)
     if not plan_path:
-        raise UsageError("gates=feature in a DDP rank other than 0 needs rank 0's gate placement, which ranks that "
-                         "Lightning starts read from the file that rank 0 names. This rank was started by torchrun "
-                         "or SLURM, so each rank would time a placement of its own. Start train.py once and let "
-                         "Lightning start the ranks (finetune.trainer.strategy=ddp finetune.trainer.devices=N), or "
-                         "fine-tune the gated network on one device.")
+        raise UsageError("gates=feature in a DDP rank other than 0 needs rank 0's gate placement, which the ranks "
+                         "that Lightning starts read from gate_plan.json. This rank has none, so Lightning did not "
+                         "start it. Start train.py once and let Lightning start the ranks "
+                         "(finetune.trainer.strategy=ddp finetune.trainer.devices=N), or fine-tune the gated "
+                         "network on one device.")
     record = json.loads(Path(plan_path).read_text())
     gated = apply_gates(model, record["config"], input_shape=space.input_shape(arch), plan=record)
     return gated, gated.config
@@ -361,6 +383,13 @@ def run(cfg: DictConfig) -> None:
                          "fine-tune with dynamic gates, or drop those settings.")
     if cfg.finetune.teacher not in TEACHERS:
         raise UsageError(f"Unknown finetune.teacher={cfg.finetune.teacher!r}; choose one of {list(TEACHERS)}.")
+    if (cfg.gates.get("name", "none") != "none" and ranks_started_outside(cfg.finetune.trainer)
+            and not os.environ.get(GATE_PLAN_ENV)):
+        # Checked in every rank before any work, so that no rank waits for the others in vain.
+        raise UsageError("gates=feature with DDP ranks that torchrun or SLURM started: each rank would time a gate "
+                         "placement of its own, and the ranks could train different networks. Start train.py once "
+                         "and let Lightning start the ranks (finetune.trainer.strategy=ddp "
+                         "finetune.trainer.devices=N), or fine-tune the gated network on one device.")
     # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
     from predictors import MeasurementProtocol
 
@@ -374,7 +403,7 @@ def run(cfg: DictConfig) -> None:
     log.info("Picked trial %d: accuracy %.4f, predicted %.3f ms, arch %s", trial.number, trial.values[0],
              trial.user_attrs["predicted_latency_ms"], arch.to_json())
     # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
-    logger_cfg = {"name": "none"} if is_secondary_rank() else to_container(cfg.logger)
+    logger_cfg = {"name": "none"} if started_as_secondary_rank() else to_container(cfg.logger)
     tracker = create_tracker(logger_cfg, {**to_container(cfg), "study": study.study_name,
                                                        "trial": trial.number}, "train", str(run_dir),
                              default_group=study.study_name)
@@ -425,8 +454,10 @@ def run(cfg: DictConfig) -> None:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
                                                kd_weight=ft.kd_weight if teacher is not None else 0.0,
                                                lr=ft.inherited_lr)
+    # The ranks that Lightning started have their copy of the environment, gate plan included.
+    os.environ.pop(GATE_PLAN_ENV, None)
     result["from_scratch"] = bool(cfg.from_scratch)
-    secondary = is_secondary_rank()
+    secondary = trained_as_secondary_rank()
     if not secondary:
         save_checkpoint(run_dir, model, space, arch, {**result, "complete": False})
         log.info("Saved the fine-tuned network to %s; the comparison, checks and measurement follow.",

@@ -137,8 +137,8 @@ def optuna_storage(storage: str) -> Any:
     return storage
 
 
-# What SQLite and PostgreSQL say when another process has just created the table or the
-# schema-version row that this one tries to create.
+# Parts of the SQLite and PostgreSQL errors raised when another process has just created the table
+# or the schema-version row that this one tries to create.
 SCHEMA_RACE_ERRORS = ("already exists", "UNIQUE constraint failed", "duplicate key value")
 
 
@@ -400,9 +400,9 @@ class SearchObjective:
 
 def _finished_trial_of(study: optuna.Study, arch: Arch) -> optuna.trial.FrozenTrial | None:
     """Return the first complete trial of ``study`` that scored ``arch``, or None."""
-    wanted = arch.to_dict()
+    target = arch.to_dict()
     for earlier in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        if earlier.user_attrs.get("arch") == wanted and earlier.user_attrs.get("repeat_of") is None:
+        if earlier.user_attrs.get("arch") == target and earlier.user_attrs.get("repeat_of") is None:
             return earlier
     return None
 

@@ -26,8 +26,10 @@ __all__ = [
     "SubnetEvaluator",
     "SUPERNET_SCHEDULES",
     "fit_or_interrupt",
-    "is_secondary_rank",
+    "asks_for_several_processes",
     "ranks_started_outside",
+    "started_as_secondary_rank",
+    "trained_as_secondary_rank",
 ]
 
 log = logging.getLogger(__name__)
@@ -47,29 +49,45 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         raise
 
 
-def is_secondary_rank() -> bool:
-    """Return True in a process of a distributed run whose global rank is not 0.
+def trained_as_secondary_rank() -> bool:
+    """Return True after training in a process that was a DDP rank other than 0.
 
-    Lightning's DDP launcher starts ranks 1 and up by running the entry point again with
-    ``LOCAL_RANK`` (and ``NODE_RANK``) set. torchrun sets ``RANK``, and SLURM sets ``SLURM_PROCID``
-    in jobs of several tasks. These ranks take part in training, and rank 0 alone times and writes results.
+    It reads the rank from ``torch.distributed``, which Lightning's DDP strategies leave initialised after
+    ``fit`` and ``test``. So a process that trained alone, whatever its launcher's environment
+    variables, counts as rank 0.
+    """
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def started_as_secondary_rank() -> bool:
+    """Return True, before training, in a process that Lightning or torchrun started as local rank 1 or up.
+
+    Both set ``LOCAL_RANK``; SLURM does not, so a process of a several-task SLURM step counts as
+    rank 0 here. :func:`trained_as_secondary_rank` gives the rank that training used.
+    """
+    return os.environ.get("LOCAL_RANK", "0").strip() not in ("", "0")
+
+
+def asks_for_several_processes(trainer_cfg: Any) -> bool:
+    """Return True when Lightning ``trainer`` settings may run training in several processes (devices or nodes)."""
+    devices = trainer_cfg.get("devices", 1)
+    nodes = trainer_cfg.get("num_nodes", 1)
+    return devices not in (1, "1") or nodes not in (1, "1", None)
+
+
+def ranks_started_outside(trainer_cfg: Any) -> bool:
+    """Return True when torchrun or SLURM started every rank of a several-process training at once.
+
+    That needs both a launcher's environment (``WORLD_SIZE`` above 1, or a SLURM step of several
+    tasks) and ``trainer_cfg`` settings that ask for several processes: the tasks of one SLURM step
+    may also be independent workers that each train alone. Call it before training starts, because
+    Lightning's own launcher sets ``WORLD_SIZE`` in rank 0 when it starts the other ranks.
     """
     environ = os.environ
-    if "RANK" in environ:
-        return int(environ["RANK"]) != 0
-    if int(environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_PROCID" in environ:
-        return int(environ["SLURM_PROCID"]) != 0
-    return int(environ.get("LOCAL_RANK", "0")) != 0 or int(environ.get("NODE_RANK", "0")) != 0
-
-
-def ranks_started_outside() -> bool:
-    """Return True when torchrun or SLURM started every rank of this run, so that all of them enter training at once.
-
-    Call it before training starts: Lightning's launcher sets ``WORLD_SIZE`` in rank 0 too when it
-    starts the other ranks.
-    """
-    environ = os.environ
-    return int(environ.get("WORLD_SIZE", "1")) > 1 or int(environ.get("SLURM_NTASKS", "1")) > 1
+    launched = int(environ.get("WORLD_SIZE", "1") or 1) > 1 or int(environ.get("SLURM_NTASKS", "1") or 1) > 1
+    return launched and asks_for_several_processes(trainer_cfg)
 
 
 # Values of supernet.schedule; nas.progressive.create_supernet_module builds the module of each.

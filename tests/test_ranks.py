@@ -1,10 +1,17 @@
-"""Which process of a distributed run counts as rank 0, read from the launchers' environment variables."""
+"""Which process of a distributed run counts as rank 0, and when its ranks were started outside Lightning."""
 
 import pytest
 
-from nas.training import is_secondary_rank, ranks_started_outside
+from nas.training import (
+    asks_for_several_processes,
+    ranks_started_outside,
+    started_as_secondary_rank,
+    trained_as_secondary_rank,
+)
 
 LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID")
+ONE_DEVICE = {"strategy": "auto", "devices": 1}
+TWO_DEVICES = {"strategy": "ddp", "devices": 2}
 
 
 @pytest.fixture
@@ -14,21 +21,33 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("variables, secondary, outside", [
-    ({}, False, False),
+@pytest.mark.parametrize("variables, secondary, outside_two, outside_one", [
+    ({}, False, False, False),
     # Lightning's launcher: rank 0 gets WORLD_SIZE when it starts the others, which get LOCAL_RANK.
-    ({"LOCAL_RANK": "0", "WORLD_SIZE": "2"}, False, True),
-    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, True, True),
-    ({"LOCAL_RANK": "0", "NODE_RANK": "1"}, True, False),
+    ({"LOCAL_RANK": "1", "WORLD_SIZE": "2"}, True, True, False),
     # torchrun
-    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4"}, False, True),
-    ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, True, True),
-    # SLURM: a job of one task (a submitit worker) is no distributed run, whatever its PROCID.
-    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False, False),
-    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, True, True),
+    ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4"}, False, True, False),
+    ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, True, True, False),
+    # A SLURM step of several tasks: DDP ranks when the trainer asks for several devices, else workers.
+    ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, False, True, False),
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False, False, False),
+    # Variables that a scheduler exports to a plain job do not make it a rank.
+    ({"RANK": "2", "NODE_RANK": "1"}, False, False, False),
+    ({"LOCAL_RANK": ""}, False, False, False),
 ])
-def test_ranks_from_environment(clean_env, variables, secondary, outside):
+def test_ranks_from_environment(clean_env, variables, secondary, outside_two, outside_one):
     for name, value in variables.items():
         clean_env.setenv(name, value)
-    assert is_secondary_rank() is secondary
-    assert ranks_started_outside() is outside
+    assert started_as_secondary_rank() is secondary
+    assert ranks_started_outside(TWO_DEVICES) is outside_two
+    assert ranks_started_outside(ONE_DEVICE) is outside_one
+    # Without an initialised process group, a process trained alone.
+    assert trained_as_secondary_rank() is False
+
+
+@pytest.mark.parametrize("trainer, several", [
+    ({"devices": 1}, False), ({"devices": "1"}, False), ({"devices": 2}, True), ({"devices": "auto"}, True),
+    ({"devices": [0, 1]}, True), ({"devices": 1, "num_nodes": 2}, True),
+])
+def test_several_processes_from_trainer_settings(trainer, several):
+    assert asks_for_several_processes(trainer) is several

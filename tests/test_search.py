@@ -361,3 +361,18 @@ def test_storage_open_retries_table_race(tmp_path, monkeypatch):
     monkeypatch.setattr(search.optuna, "get_all_study_names", locked)
     with pytest.raises(SearchError, match="cannot be opened .*database is locked"):
         search.check_storage_opens(f"sqlite:///{tmp_path / 'new.db'}")
+
+
+def test_relative_recorded_root_stops_resume(tmp_path, monkeypatch):
+    from omegaconf import OmegaConf
+
+    import search
+
+    monkeypatch.chdir(tmp_path)
+    cfg = OmegaConf.create({"data": {"name": "imagefolder", "root": str(tmp_path / "images")}})
+    with pytest.raises(SearchError, match="recorded the relative data.root='images'"):
+        search._check_recorded_root({"data": {"name": "imagefolder", "root": "images"}}, cfg, "old")
+    # Absolute records, other roots and data without a root pass on to check_resume.
+    search._check_recorded_root({"data": {"name": "imagefolder", "root": str(tmp_path / "images")}}, cfg, "new")
+    search._check_recorded_root({"data": {"name": "imagefolder", "root": "elsewhere"}}, cfg, "other")
+    search._check_recorded_root({"data": {"name": "mnist"}}, cfg, "mnist")
