@@ -255,6 +255,22 @@ def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: An
     return new_space
 
 
+def record_measurement(store: Any, space: SearchSpace, arch: Any, measurement: Any, failures: list[OSError]) -> None:
+    """Add a search-time measurement to the profile store; a store that refuses the write gets one warning.
+
+    The measurement serves the run either way, so a read-only or full store does not cost a
+    finished search its outputs. ``failures`` collects the refused writes of this run.
+    """
+    try:
+        store.add_subnet(space.name, space.config_hash(), arch.to_dict(), space.layers(arch), measurement,
+                         pass_index=0, source="search")
+    except OSError as err:
+        if not failures:
+            log.warning("Cannot add measurements to the profile store %s (%s); this run uses them without "
+                        "storing them.", store.directory, err)
+        failures.append(err)
+
+
 def remeasure_front(front: list[optuna.trial.FrozenTrial], measure: Any) -> dict[int, float]:
     """Measure every Pareto subnet on the device; returns trial number -> median latency in ms."""
     measured = {}
@@ -371,11 +387,12 @@ def run(cfg: DictConfig) -> None:
     if cfg.space.get("tail_aware", False):
         space = tail_aware_space(space, store, protocol, supernet, predictor, run_dir)
 
+    unstored: list[OSError] = []
+
     def measure(arch_dict: dict[str, Any]) -> float:
         arch = space.arch_from_dict(arch_dict)
         measurement = measure_arch(space, arch, protocol, supernet=supernet.cpu())
-        store.add_subnet(space.name, space.config_hash(), arch.to_dict(), space.layers(arch), measurement,
-                         pass_index=0, source="search")
+        record_measurement(store, space, arch, measurement, unstored)
         return measurement.median_ms
 
     def predict(arch: Any) -> LatencyEstimate:

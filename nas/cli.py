@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import logging
 import sys
@@ -212,6 +213,9 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+# Error numbers of a write that the file system refuses: no permission, read-only, full disk or quota.
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
 # The line run_cli prints on Ctrl-C unless the entry point gives its own text.
 INTERRUPTED = ("Interrupted. What finished is kept in paths.work_dir: the profile store, cached supernets and "
                "predictors, a supernet's finished epochs and a study's finished trials, so a rerun with the same "
@@ -221,6 +225,8 @@ INTERRUPTED = ("Interrupted. What finished is kept in paths.work_dir: the profil
 def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig, interrupted: str = INTERRUPTED) -> Any:
     """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1.
 
+    So does a write that the file system refuses (permission, read-only, full disk), with the path.
+
     Ctrl-C ends it with exit code 130 and ``interrupted``, a line on what is kept, instead of a
     traceback. Entry points turn Lightning's own exit on Ctrl-C into KeyboardInterrupt for this.
     """
@@ -229,6 +235,14 @@ def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig, interrupted: str
     except _known_errors() as err:
         log.error("%s", err)
         print(f"Error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except OSError as err:
+        if err.errno not in UNWRITABLE:
+            raise
+        message = (f"Cannot write {err.filename or 'a file'} ({err.strerror}). Set paths.work_dir (and "
+                   "search.storage, hydra.run.dir) to a folder you can write, on a disk with free space.")
+        log.error("%s", message)
+        print(f"Error: {message}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
         # Every store and cache in paths.work_dir is written run by run or atomically.

@@ -90,6 +90,26 @@ def test_interrupt_ends_without_traceback(capsys):
     assert "a rerun with the same settings (and search.study_name) picks them up" in capsys.readouterr().err
 
 
+def test_unwritable_file_ends_with_one_line(capsys):
+    import errno
+
+    from nas.cli import run_cli
+
+    def read_only(cfg):
+        raise OSError(errno.EROFS, "Read-only file system", "/shared/work/studies.db")
+
+    with pytest.raises(SystemExit) as exited:
+        run_cli(read_only, None)
+    assert exited.value.code == 1
+    assert "Cannot write /shared/work/studies.db (Read-only file system). Set paths.work_dir" in capsys.readouterr().err
+
+    def missing(cfg):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "/missing")
+
+    with pytest.raises(FileNotFoundError):
+        run_cli(missing, None)
+
+
 @pytest.mark.parametrize("url", ["foo://bar", "/data/studies.db", "journal2:///data/journal.log"])
 def test_storage_url_checked(url):
     from nas.cli import UsageError, check_storage_url

@@ -376,3 +376,24 @@ def test_relative_recorded_root_stops_resume(tmp_path, monkeypatch):
     search._check_recorded_root({"data": {"name": "imagefolder", "root": str(tmp_path / "images")}}, cfg, "new")
     search._check_recorded_root({"data": {"name": "imagefolder", "root": "elsewhere"}}, cfg, "other")
     search._check_recorded_root({"data": {"name": "mnist"}}, cfg, "mnist")
+
+
+def test_refused_store_write_warns_once(resnet_space, caplog):
+    import errno
+    from types import SimpleNamespace
+
+    import search
+
+    class ReadOnlyStore:
+        directory = "/shared/work/profiles/abc"
+
+        def add_subnet(self, *args, **kwargs):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+    failures = []
+    measurement = SimpleNamespace(median_ms=1.0)
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            search.record_measurement(ReadOnlyStore(), resnet_space, resnet_space.smallest(), measurement, failures)
+    assert len(failures) == 3
+    assert caplog.text.count("Cannot add measurements to the profile store /shared/work/profiles/abc") == 1
