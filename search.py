@@ -62,6 +62,8 @@ from nas.supernet.cache import load_supernet, save_supernet, supernet_key
 from nas.tracking import create_tracker
 from nas.training import (
     SubnetEvaluator,
+    ddp_launch_problem,
+    end_secondary_rank,
     fit_or_interrupt,
     ranks_started_outside,
     started_as_secondary_rank,
@@ -324,6 +326,9 @@ def run(cfg: DictConfig) -> None:
     # Settings are checked before any stage runs, so a wrong value stops the run at once.
     sampler = create_sampler(cfg.search.sampler, cfg.seed, cfg.search.population_size)
     check_run_length(cfg.search.n_trials, cfg.search.timeout_s)
+    launch_problem = ddp_launch_problem(cfg.supernet.trainer, "supernet.trainer")
+    if launch_problem:
+        raise SearchError(launch_problem)
     budget = check_budget(cfg.search.latency_budget_ms)
     worker = cfg.search.get("worker", 0)
     sampler_seed(cfg.seed, worker)  # checks the worker index
@@ -380,8 +385,7 @@ def run(cfg: DictConfig) -> None:
     with timer.stage("supernet"):
         supernet, checkpoint = train_or_load_supernet(cfg, space, datamodule, tracker)
     if trained_as_secondary_rank():
-        log.info("This process is a DDP rank other than 0: its part of the supernet training is done, and rank 0 "
-                 "runs the search.")
+        end_secondary_rank("supernet training", "runs the search")
         return
 
     if cfg.space.get("tail_aware", False):
@@ -479,7 +483,7 @@ def _check_recorded_root(record: dict[str, Any], cfg: DictConfig, study_name: st
     recorded = (record.get("data") or {}).get("root")
     if not recorded or Path(str(recorded)).expanduser().is_absolute():
         return
-    if cfg.data.get("root") == str(Path(str(recorded)).expanduser().absolute()):
+    if cfg.data.get("root") == os.path.abspath(os.path.expanduser(str(recorded))):
         raise SearchError(
             f"Study {study_name!r} recorded the relative data.root={recorded!r}. search.py now records "
             f"data.root as an absolute path ({cfg.data.root}), and the supernet key includes it, so this study "

@@ -43,6 +43,8 @@ from nas.tracking import create_tracker
 from nas.training import (
     FinetuneModule,
     asks_for_several_processes,
+    ddp_launch_problem,
+    end_secondary_rank,
     fit_or_interrupt,
     ranks_started_outside,
     resize_to_arch,
@@ -168,10 +170,27 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
             warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
         fit_or_interrupt(trainer, module, train_dataloaders=datamodule.train_dataloader(),
                          val_dataloaders=datamodule.val_dataloader())
-    results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
-    accuracy = float(results[0]["test/accuracy"])
+    if trainer.world_size > 1:
+        # Lightning's distributed sampler pads the ranks' shares with repeated images, so every rank
+        # tests the whole split itself.
+        accuracy = whole_split_accuracy(module.model, datamodule.test_dataloader())
+    else:
+        results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+        accuracy = float(results[0]["test/accuracy"])
     log.info("Test accuracy (%s): %.4f", tag, accuracy)
     return accuracy
+
+
+def whole_split_accuracy(model: torch.nn.Module, loader: Any) -> float:
+    """Return the accuracy of ``model`` in eval mode over every batch of ``loader``, on the model's device."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            correct += int((model(x.to(device)).argmax(dim=1) == y.to(device)).sum())
+            total += len(y)
+    return correct / total
 
 
 def extract_subnet(supernet: Any, arch: Arch, datamodule: Any, images: int) -> torch.nn.Module:
@@ -383,6 +402,9 @@ def run(cfg: DictConfig) -> None:
                          "fine-tune with dynamic gates, or drop those settings.")
     if cfg.finetune.teacher not in TEACHERS:
         raise UsageError(f"Unknown finetune.teacher={cfg.finetune.teacher!r}; choose one of {list(TEACHERS)}.")
+    launch_problem = ddp_launch_problem(cfg.finetune.trainer, "finetune.trainer")
+    if launch_problem:
+        raise UsageError(launch_problem)
     if (cfg.gates.get("name", "none") != "none" and ranks_started_outside(cfg.finetune.trainer)
             and not os.environ.get(GATE_PLAN_ENV)):
         # Checked in every rank before any work, so that no rank waits for the others in vain.
@@ -472,8 +494,7 @@ def run(cfg: DictConfig) -> None:
     else:
         result["scratch_test_accuracy"] = None
     if secondary:
-        log.info("This process is a DDP rank other than 0: its part of the training is done, and rank 0 checks, "
-                 "measures and writes the results.")
+        end_secondary_rank("training", "checks, measures and writes the results")
         return
 
     if gates_on and gate_config.batch_check:

@@ -6,6 +6,7 @@ import contextlib
 import errno
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -145,7 +146,7 @@ def resolve_data_root(cfg: DictConfig) -> None:
     """
     root = cfg.data.get("root") if "data" in cfg else None
     if root:
-        cfg.data.root = str(Path(str(root)).expanduser().absolute())
+        cfg.data.root = os.path.abspath(os.path.expanduser(str(root)))
 
 
 def to_container(node: Any) -> Any:

@@ -15,8 +15,10 @@ import contextlib
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -120,15 +122,12 @@ def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]
     handle, lock_error = _open_lock_file(lock_path)
     if handle is not None:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("Waiting for another run that is %s (lock file %s)", purpose, lock_path)
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            except OSError as err:
-                lock_error = err
+            _wait_for_lock(handle, lock_path, purpose, fcntl)
         except OSError as err:
             lock_error = err
+        except BaseException:
+            handle.close()
+            raise
     if lock_error is not None:
         if handle is not None:
             handle.close()
@@ -137,6 +136,7 @@ def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]
         return
     assert handle is not None
     with handle:
+        _write_holder(handle, purpose)
         with _STATE:
             _HELD_HERE.add(str(lock_path))
             _set_held(_held_locks() | {str(lock_path)})
@@ -146,7 +146,57 @@ def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]
             with _STATE:
                 _set_held(_held_locks() - {str(lock_path)})
                 _HELD_HERE.discard(str(lock_path))
+            _write_holder(handle, None)
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# Seconds between the log lines of a run that waits for a lock.
+WAIT_LOG_INTERVAL_S = 60.0
+
+
+def _wait_for_lock(handle: Any, lock_path: Path, purpose: str, fcntl: Any) -> None:
+    """Take the flock on ``handle``, logging who holds it and how long this run has waited."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    log.info("Waiting for another run that is %s (%s; lock file %s)", purpose, _holder(lock_path), lock_path)
+    started = time.monotonic()
+    next_log = started + WAIT_LOG_INTERVAL_S
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= next_log:
+                log.info("Still waiting after %.0f s for the run that is %s (%s)", time.monotonic() - started,
+                         purpose, _holder(lock_path))
+                next_log += WAIT_LOG_INTERVAL_S
+            time.sleep(0.2)
+
+
+def _write_holder(handle: Any, purpose: str | None) -> None:
+    """Write who holds the lock into its file for the runs that wait, or empty it (``purpose`` None).
+
+    A lock file opened read-only stays as it is.
+    """
+    try:
+        handle.truncate(0)
+        if purpose is not None:
+            handle.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}, "
+                         f"{purpose}\n")
+        handle.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _holder(lock_path: Path) -> str:
+    try:
+        text = lock_path.read_text(encoding="utf-8", errors="replace").strip()
+    except OSError:
+        text = ""
+    return f"held by {text}" if text else "holder unknown"
 
 
 def _open_lock_file(lock_path: Path) -> tuple[Any, OSError | None]:

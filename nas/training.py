@@ -27,6 +27,8 @@ __all__ = [
     "SUPERNET_SCHEDULES",
     "fit_or_interrupt",
     "asks_for_several_processes",
+    "ddp_launch_problem",
+    "end_secondary_rank",
     "ranks_started_outside",
     "started_as_secondary_rank",
     "trained_as_secondary_rank",
@@ -59,6 +61,37 @@ def trained_as_secondary_rank() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_rank() != 0
+
+
+def ddp_launch_problem(trainer_cfg: Any, key: str) -> str | None:
+    """Return why Lightning cannot start the DDP ranks that ``trainer_cfg`` requests here, or None when it can.
+
+    Lightning starts ranks 1 and up by running the process's command line again. Inside a
+    submitit job that command line is submitit's own, so there SLURM must start the ranks.
+    ``key`` names the settings in the message, such as ``supernet.trainer``.
+    """
+    if "SUBMITIT_EXECUTOR" not in os.environ or not asks_for_several_processes(trainer_cfg):
+        return None
+    if ranks_started_outside(trainer_cfg):
+        return None
+    return (f"{key}.devices={trainer_cfg.get('devices')} inside a job of Hydra's submitit launcher: Lightning "
+            "would start the other DDP ranks by running the job's command line again, which is submitit's "
+            f"own. Set {key}.devices=1 in submitit jobs, or on SLURM let SLURM start the ranks "
+            f"(hydra/launcher=submitit_slurm with hydra.launcher.tasks_per_node equal to {key}.devices).")
+
+
+def end_secondary_rank(done: str, rank_zero: str) -> None:
+    """Log that this DDP rank other than 0 has done ``done`` and leaves ``rank_zero`` to rank 0; close its process group.
+
+    Lightning's launcher in rank 0 takes a rank that aborts at exit for a failed rank and stops rank 0.
+    NOTE: without this close, rank 1 sometimes aborted at exit ("terminate called without an active
+    exception"). That closing the group prevents it is likely but not measured.
+    """
+    import torch.distributed as dist
+
+    log.info("This process is a DDP rank other than 0: its part of the %s is done, and rank 0 %s.", done, rank_zero)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def started_as_secondary_rank() -> bool:

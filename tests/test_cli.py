@@ -165,6 +165,12 @@ def test_resolve_data_root_makes_path_absolute(tmp_path, monkeypatch):
     OmegaConf.set_struct(cfg, True)
     resolve_data_root(cfg)
     assert cfg.data.root == str(tmp_path / "images")
+    # Two spellings of one folder record the same root.
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    cfg.data.root = "../images"
+    resolve_data_root(cfg)
+    assert cfg.data.root == str(tmp_path / "images")
     # A root left unset stays missing, for the data module's own message; data without a root is untouched.
     missing = OmegaConf.create({"data": {"name": "cifar10", "root": "???"}})
     resolve_data_root(missing)

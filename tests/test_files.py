@@ -118,3 +118,33 @@ def test_exclusive_lock_unopenable_runs_unlocked(tmp_path, caplog):
             assert locked is False
     assert "Cannot lock" in caplog.text
     assert HELD_LOCKS_ENV not in os.environ
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX only")
+def test_waiting_run_names_holder_and_logs_again(tmp_path, caplog, monkeypatch):
+    import threading
+
+    import nas.files
+
+    monkeypatch.setattr(nas.files, "WAIT_LOG_INTERVAL_S", 0.3)
+    lock = tmp_path / "cache.lock"
+    holding = threading.Event()
+    release = threading.Event()
+
+    def holder():
+        with exclusive_lock(lock, "building the cache"):
+            holding.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    assert holding.wait(10)
+    timer = threading.Timer(1.0, release.set)
+    timer.start()
+    with caplog.at_level("INFO", logger="nas.files"):
+        with exclusive_lock(lock, "building the cache") as locked:
+            assert locked
+    thread.join(10)
+    assert f"building the cache (held by process {os.getpid()} on " in caplog.text
+    assert "Still waiting after" in caplog.text
+    assert lock.read_text() == ""  # emptied when the last holder left

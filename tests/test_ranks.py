@@ -9,7 +9,7 @@ from nas.training import (
     trained_as_secondary_rank,
 )
 
-LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID")
+LAUNCH_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_NTASKS", "SLURM_PROCID", "SUBMITIT_EXECUTOR")
 ONE_DEVICE = {"strategy": "auto", "devices": 1}
 TWO_DEVICES = {"strategy": "ddp", "devices": 2}
 
@@ -51,3 +51,17 @@ def test_ranks_from_environment(clean_env, variables, secondary, outside_two, ou
 ])
 def test_several_processes_from_trainer_settings(trainer, several):
     assert asks_for_several_processes(trainer) is several
+
+
+def test_ddp_inside_submitit_needs_slurm_ranks(clean_env):
+    from nas.training import ddp_launch_problem
+
+    assert ddp_launch_problem(TWO_DEVICES, "supernet.trainer") is None
+    clean_env.setenv("SUBMITIT_EXECUTOR", "local")
+    problem = ddp_launch_problem(TWO_DEVICES, "supernet.trainer")
+    assert problem.startswith("supernet.trainer.devices=2 inside a job of Hydra's submitit launcher")
+    assert ddp_launch_problem(ONE_DEVICE, "supernet.trainer") is None
+    # SLURM started the ranks: several tasks in the step.
+    clean_env.setenv("SLURM_NTASKS", "2")
+    clean_env.setenv("SLURM_PROCID", "0")
+    assert ddp_launch_problem(TWO_DEVICES, "supernet.trainer") is None
