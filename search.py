@@ -439,6 +439,7 @@ def run(cfg: DictConfig) -> None:
         if interrupted:
             log.warning("Search interrupted; writing the results of the %d finished trials. Add search.study_name=%s "
                         "to resume the study.", len(complete_trials(study)), study_name)
+        _log_repeats(complete_trials(study))
         supernet.cpu()
 
     front = pareto_trials(study)
@@ -476,6 +477,17 @@ def run(cfg: DictConfig) -> None:
     if interrupted:
         # The outputs are written. Exit status 130 lets a calling script see that the search was cut short.
         raise KeyboardInterrupt
+
+
+def _log_repeats(trials: list[optuna.trial.FrozenTrial]) -> None:
+    """Log how many finished trials redrew an architecture that the study had already scored."""
+    repeats = sum("repeat_of" in trial.user_attrs for trial in trials)
+    if not repeats:
+        return
+    hint = ("; the space may be too small for this many trials (search.n_trials)"
+            if 2 * repeats >= len(trials) else "")
+    log.info("%d of the study's %d finished trials redrew a scored architecture and reused its scores%s.", repeats,
+             len(trials), hint)
 
 
 def _check_recorded_root(record: dict[str, Any], cfg: DictConfig, study_name: str) -> None:

@@ -140,7 +140,8 @@ def gated_strategy(trainer_cfg: DictConfig) -> Any:
     if strategy == "auto" and asks_for_several_processes(trainer_cfg):
         strategy = "ddp"
     if strategy in DDP_STRATEGIES:
-        log.info("Gated networks leave some parameters unused in a step; DDP runs with find_unused_parameters.")
+        log.info("A gated network leaves parameters unused in the steps where its gates skip their work, so DDP "
+                 "runs with find_unused_parameters. PyTorch warns when the first steps, near keep ratio 1, use all.")
         return f"{strategy}_find_unused_parameters_true"
     return strategy
 

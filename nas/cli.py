@@ -64,16 +64,23 @@ def check_group_settings(argv: list[str], command: str, empty_defaults: dict[str
     import shlex
 
     chosen = {arg.split("=", 1)[0].lstrip("+~") for arg in argv if "=" in arg and not arg.startswith("-")}
+    missing: dict[str, str] = {}  # option to add -> the first key that needs it
+    first = None
     for index, arg in enumerate(argv):
         key = arg.split("=", 1)[0]
         group = key.split(".", 1)[0]
         if arg.startswith(("-", "+", "~")) or "." not in key or group not in empty_defaults or group in chosen:
             continue
-        option = f"{group}={empty_defaults[group]}"
-        fixed = shlex.join([*argv[:index], option, *argv[index:]])
-        print(f"{key} is a setting of {option}, and the default {group} option has no settings. Add {option}: "
-              f"{command} {fixed}", file=sys.stderr)
-        raise SystemExit(2)
+        missing.setdefault(f"{group}={empty_defaults[group]}", key)
+        first = index if first is None else first
+    if first is None:
+        return
+    for option, key in missing.items():
+        group = option.split("=", 1)[0]
+        print(f"{key} is a setting of {option}, and the default {group} option has no settings.", file=sys.stderr)
+    fixed = shlex.join([*argv[:first], *missing, *argv[first:]])
+    print(f"Add {' and '.join(missing)}: {command} {fixed}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def import_user_modules(modules: list[str] | None) -> None:

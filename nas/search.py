@@ -227,10 +227,19 @@ def _supernet_change(stored: Mapping[str, Any], record: Mapping[str, Any]) -> st
     for group in ("data", "supernet"):
         old, new = stored.get(group), record.get(group)
         if isinstance(old, dict) and isinstance(new, dict):
-            named += [f"{group}.{key}" for key in _differing(old, new, _NOT_IN_SUPERNET_KEY[group])]
+            named += [_with_values(f"{group}.{key}", old.get(key), new.get(key))
+                      for key in _differing(old, new, _NOT_IN_SUPERNET_KEY[group])]
     if "seed" in stored and "seed" in record and stored["seed"] != record["seed"]:
         named.append(f"seed ({_yaml_value(stored['seed'])} before, {_yaml_value(record['seed'])} now)")
     return f"{RESUME_KEYS['supernet_key']} ({', '.join(named)})" if named else RESUME_KEYS["supernet_key"]
+
+
+def _with_values(name: str, old: Any, new: Any) -> str:
+    """Return ``name`` with its two values when both are plain values, else ``name`` alone."""
+    plain = (str, int, float, bool, type(None))
+    if isinstance(old, plain) and isinstance(new, plain):
+        return f"{name} ({_yaml_value(old)} before, {_yaml_value(new)} now)"
+    return name
 
 
 def _describe_change(key: str, old: Any, new: Any) -> str:

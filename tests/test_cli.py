@@ -183,6 +183,8 @@ def test_resolve_data_root_makes_path_absolute(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["gates.keep_ratio=0.5"], "Add gates=feature: python train.py gates=feature gates.keep_ratio=0.5"),
+    (["gates.keep_ratio=0.5", "logger.project=x"],
+     "Add gates=feature and logger=wandb: python train.py gates=feature logger=wandb gates.keep_ratio=0.5 logger.project=x"),
     (["trial=3", "logger.project=my project"],
      "Add logger=wandb: python train.py trial=3 logger=wandb 'logger.project=my project'"),
 ])

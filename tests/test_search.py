@@ -116,7 +116,7 @@ def test_resume_names_supernet_settings():
     stored = {**SCORING, **settings}
     changed = {**SCORING, "supernet_key": "resnet-bbb", "data": {"name": "mnist", "num_workers": 4},
                "supernet": {"epochs": 2, "trainer": {"devices": 2}}, "seed": 1}
-    with pytest.raises(SearchError, match=r"and seed \(supernet.epochs, seed \(0 before, 1 now\)\)\. Its"):
+    with pytest.raises(SearchError, match=r"and seed \(supernet.epochs \(5 before, 2 now\), seed \(0 before, 1 now\)\)\. Its"):
         check_resume(stored, changed, "s", "sqlite:///x.db")
 
 
@@ -397,3 +397,15 @@ def test_refused_store_write_warns_once(resnet_space, caplog):
             search.record_measurement(ReadOnlyStore(), resnet_space, resnet_space.smallest(), measurement, failures)
     assert len(failures) == 3
     assert caplog.text.count("Cannot add measurements to the profile store /shared/work/profiles/abc") == 1
+
+
+def test_repeats_logged_with_hint(caplog):
+    from types import SimpleNamespace
+
+    import search
+
+    trials = [SimpleNamespace(user_attrs={"repeat_of": 0} if i % 3 else {}) for i in range(6)]
+    with caplog.at_level("INFO"):
+        search._log_repeats(trials)
+    assert "4 of the study's 6 finished trials redrew a scored architecture" in caplog.text
+    assert "the space may be too small" in caplog.text
