@@ -7,6 +7,11 @@ cached), an Optuna study, re-measurement of the Pareto front on the device, and 
 
 from __future__ import annotations
 
+from nas.startup import exit_quietly_on_interrupt, restore_interrupt
+
+if __name__ == "__main__":
+    exit_quietly_on_interrupt()  # the imports below take seconds
+
 import contextlib
 import json
 import logging
@@ -544,6 +549,7 @@ def write_outputs(run_dir: Path, cfg: DictConfig, study: optuna.Study, rows: lis
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="search")
 def main(cfg: DictConfig) -> None:
+    restore_interrupt()
     run_cli(run, cfg)
 
 

@@ -9,6 +9,11 @@ fine-tuning, with ``"complete": false`` until every later stage has run.
 
 from __future__ import annotations
 
+from nas.startup import exit_quietly_on_interrupt, restore_interrupt
+
+if __name__ == "__main__":
+    exit_quietly_on_interrupt()  # the imports below take seconds
+
 import json
 import logging
 import os
@@ -545,6 +550,7 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    restore_interrupt()
     run_cli(run, cfg, interrupted=INTERRUPTED)
 
 

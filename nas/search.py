@@ -300,6 +300,8 @@ def create_or_load_study(
         directions=["maximize", "minimize"],
         load_if_exists=True,
     )
+    # A worker that started at the same moment may have created the study after the names were read.
+    resumed = resumed or "tailnas_format_version" in study.user_attrs
     if resumed:
         check_resume(study.user_attrs, record, study_name, storage)
         log.info("Resuming study %r with %d finished trials", study_name, len(complete_trials(study)))

@@ -208,3 +208,20 @@ def test_group_settings_with_group_pass(argv):
     from nas.cli import check_group_settings
 
     check_group_settings(argv, "python train.py", {"gates": "feature", "logger": "wandb"})
+
+
+@pytest.mark.parametrize("script", ["search.py", "train.py"])
+def test_interrupt_while_starting_ends_quietly(script, tmp_path):
+    import signal
+    import time
+
+    root = Path(__file__).resolve().parent.parent
+    process = subprocess.Popen([sys.executable, str(root / script), f"paths.work_dir={tmp_path / 'work'}",
+                                f"hydra.run.dir={tmp_path / 'run'}"], cwd=root, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # inside the imports, which take seconds
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    assert "Traceback" not in err
+    assert "Interrupted" in err

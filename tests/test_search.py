@@ -409,3 +409,15 @@ def test_repeats_logged_with_hint(caplog):
         search._log_repeats(trials)
     assert "4 of the study's 6 finished trials redrew a scored architecture" in caplog.text
     assert "the space may be too small" in caplog.text
+
+
+def test_study_created_meanwhile_is_checked(resnet_space, tmp_path, monkeypatch):
+    from nas import search
+
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    record = {**SCORING, "space": resnet_space.raw_config}
+    create_or_load_study(storage, "race", create_sampler("random", 0), record)
+    # The second worker read the study names before the first created it.
+    monkeypatch.setattr(search.optuna, "get_all_study_names", lambda storage: [])
+    with pytest.raises(SearchError, match=r"search\.latency_budget_ms \(null before, 0\.5 now\)"):
+        create_or_load_study(storage, "race", create_sampler("random", 0), {**record, "latency_budget_ms": 0.5})
