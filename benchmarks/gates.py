@@ -51,7 +51,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -386,39 +386,31 @@ def pick_static_archs(space: SearchSpace, low_ms: float, high_ms: float, count: 
     """Return ``count`` sampled architectures with batch-1 latency in [low, high], spread over the range.
 
     It times the smallest subnet and 39 random ones. When fewer than ``count`` of them fall in the
-    range, as for a range near the smallest subnet's latency, it times up to 360 more random
-    subnets until ``count`` do.
+    range, as for a range near the smallest subnet's latency, it times 40 more random subnets at a
+    time, up to 400 in all, until ``count`` do.
     """
     rng = np.random.default_rng(args.seed)
     supernet = space.build_supernet().eval()
-    seen: set[str] = set()
-    timed = []
 
-    def time_batch(archs: list[Any]) -> None:
-        for arch in archs:
-            latency = measure_latency_ms(supernet.extract(arch), space.input_shape(arch), 1, args.threads,
-                                         args.repeats)
-            if low_ms <= latency <= high_ms:
-                timed.append((arch, latency))
-
-    def draw(total: int, attempts: int) -> list[Any]:
-        archs = []
-        for _ in range(attempts):
+    def distinct_archs() -> Iterator[Any]:
+        yield space.smallest()
+        seen = {space.smallest().to_json()}
+        misses = 0
+        while misses < 200:  # the space has no subnet left to draw
             arch = space.sample(rng)
-            if arch.to_json() not in seen:
-                seen.add(arch.to_json())
-                archs.append(arch)
-            if len(seen) >= total:
-                break
-        return archs
+            if arch.to_json() in seen:
+                misses += 1
+                continue
+            seen.add(arch.to_json())
+            yield arch
 
-    seen.add(space.smallest().to_json())
-    time_batch([space.smallest(), *draw(40, 200)])
-    while len(timed) < count and len(seen) < 400:
-        before = len(seen)
-        time_batch(draw(min(len(seen) + 40, 400), 400))
-        if len(seen) == before:
-            break  # the space has no subnet left to draw
+    timed = []
+    for index, arch in enumerate(distinct_archs()):
+        if index == 400 or (index % 40 == 0 and index > 0 and len(timed) >= count):
+            break
+        latency = measure_latency_ms(supernet.extract(arch), space.input_shape(arch), 1, args.threads, args.repeats)
+        if low_ms <= latency <= high_ms:
+            timed.append((arch, latency))
     timed.sort(key=lambda item: item[1])
     if len(timed) <= count:
         return timed
