@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from nas.cli import (
     StageTimer,
+    absolute_root,
     check_group_settings,
     default_storage,
     import_user_modules,
@@ -441,17 +442,17 @@ def run(cfg: DictConfig) -> None:
             interrupted = stopper.stopped
         except KeyboardInterrupt:
             interrupted = True
+        finished = complete_trials(study)
         if interrupted:
             log.warning("Search interrupted; writing the results of the %d finished trials. Add search.study_name=%s "
-                        "to resume the study.", len(complete_trials(study)), study_name)
-        _log_repeats(complete_trials(study))
+                        "to resume the study.", len(finished), study_name)
+        _log_repeats(finished)
         supernet.cpu()
 
     front = pareto_trials(study)
     if not front:
-        finished = len(complete_trials(study))
         raise SearchError(
-            f"Study {study_name!r} has no feasible finished trial among its {finished}, so there is no Pareto "
+            f"Study {study_name!r} has no feasible finished trial among its {len(finished)}, so there is no Pareto "
             f"front. Add trials with search.study_name={study_name} (up to search.n_trials="
             f"{search_cfg.n_trials} per run, within search.timeout_s={search_cfg.timeout_s}), or start a study "
             f"under a new search.study_name with a higher search.latency_budget_ms (now {budget}): a study keeps "
@@ -500,7 +501,7 @@ def _check_recorded_root(record: dict[str, Any], cfg: DictConfig, study_name: st
     recorded = (record.get("data") or {}).get("root")
     if not recorded or Path(str(recorded)).expanduser().is_absolute():
         return
-    if cfg.data.get("root") == os.path.abspath(os.path.expanduser(str(recorded))):
+    if cfg.data.get("root") == absolute_root(recorded):
         raise SearchError(
             f"Study {study_name!r} recorded the relative data.root={recorded!r}. search.py now records "
             f"data.root as an absolute path ({cfg.data.root}), and the supernet key includes it, so this study "

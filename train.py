@@ -51,6 +51,7 @@ from nas.training import (
     ddp_launch_problem,
     end_secondary_rank,
     fit_or_interrupt,
+    model_accuracy,
     ranks_started_outside,
     resize_to_arch,
     started_as_secondary_rank,
@@ -179,24 +180,12 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     if trainer.world_size > 1:
         # Lightning's distributed sampler pads the ranks' shares with repeated images, so every rank
         # tests the whole split itself.
-        accuracy = whole_split_accuracy(module.model, datamodule.test_dataloader())
+        accuracy = model_accuracy(module.model, datamodule.test_dataloader())
     else:
         results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
         accuracy = float(results[0]["test/accuracy"])
     log.info("Test accuracy (%s): %.4f", tag, accuracy)
     return accuracy
-
-
-def whole_split_accuracy(model: torch.nn.Module, loader: Any) -> float:
-    """Return the accuracy of ``model`` in eval mode over every batch of ``loader``, on the model's device."""
-    device = next(model.parameters()).device
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            correct += int((model(x.to(device)).argmax(dim=1) == y.to(device)).sum())
-            total += len(y)
-    return correct / total
 
 
 def extract_subnet(supernet: Any, arch: Arch, datamodule: Any, images: int) -> torch.nn.Module:

@@ -65,7 +65,7 @@ sys.path.insert(0, str(ROOT))
 
 from nas.cli import to_container  # noqa: E402
 from nas.data import build_datamodule  # noqa: E402
-from nas.training import FinetuneModule, SubnetEvaluator, _cosine_schedule  # noqa: E402
+from nas.training import FinetuneModule, SubnetEvaluator, _cosine_schedule, model_accuracy  # noqa: E402
 from nas.supernet.dynamic import recalibrate_batchnorm  # noqa: E402
 from nas.tracking import Tracker  # noqa: E402
 
@@ -177,16 +177,6 @@ class StandaloneModule(FinetuneModule):
         return _cosine_schedule(optimizer, total, warmup_steps=min(50, total // 10))
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    model.eval()
-    correct = total = 0
-    for x, y in batches:
-        correct += int((model(x).argmax(dim=1) == y).sum())
-        total += len(y)
-    return correct / total
-
-
 def train_standalone(space: Any, supernet: Any, arch: Any, datamodule: Any, training: dict[str, Any], epochs: int,
                      seed: int, calibration: list[torch.Tensor], validation: list[tuple[torch.Tensor, torch.Tensor]],
                      root: Path) -> float:
@@ -207,7 +197,7 @@ def train_standalone(space: Any, supernet: Any, arch: Any, datamodule: Any, trai
                          limit_val_batches=0, default_root_dir=str(root))
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
     recalibrate_batchnorm(model, calibration, max_batches=len(calibration))
-    return accuracy(model, validation)
+    return model_accuracy(model, validation)
 
 
 def bootstrap_tau(first: np.ndarray, second: np.ndarray, resamples: int, seed: int) -> tuple[float, float]:

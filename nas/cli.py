@@ -144,6 +144,11 @@ def _make_folder(url: str, folder: Path) -> None:
                          "path in a folder you can write.") from err
 
 
+def absolute_root(root: Any) -> str:
+    """Return ``root`` as an absolute path with ``~`` expanded and ``..`` removed, as ``data.root`` is recorded."""
+    return os.path.abspath(os.path.expanduser(str(root)))
+
+
 def resolve_data_root(cfg: DictConfig) -> None:
     """Make ``data.root`` an absolute path in place, when it is set.
 
@@ -153,7 +158,7 @@ def resolve_data_root(cfg: DictConfig) -> None:
     """
     root = cfg.data.get("root") if "data" in cfg else None
     if root:
-        cfg.data.root = os.path.abspath(os.path.expanduser(str(root)))
+        cfg.data.root = absolute_root(root)
 
 
 def to_container(node: Any) -> Any:

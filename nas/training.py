@@ -26,6 +26,7 @@ __all__ = [
     "SubnetEvaluator",
     "SUPERNET_SCHEDULES",
     "fit_or_interrupt",
+    "model_accuracy",
     "asks_for_several_processes",
     "ddp_launch_problem",
     "end_secondary_rank",
@@ -49,6 +50,18 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.interrupted:
             raise KeyboardInterrupt from None
         raise
+
+
+@torch.no_grad()
+def model_accuracy(model: nn.Module, batches: Iterable[Sequence[torch.Tensor]]) -> float:
+    """Return the top-1 accuracy of ``model`` in eval mode over ``(inputs, targets)`` batches, on the model's device."""
+    device = next(model.parameters()).device
+    model.eval()
+    correct = total = 0
+    for x, y in batches:
+        correct += int((model(x.to(device)).argmax(dim=1) == y.to(device)).sum())
+        total += len(y)
+    return correct / total
 
 
 def trained_as_secondary_rank() -> bool:

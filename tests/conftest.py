@@ -46,6 +46,26 @@ def load_benchmark(name: str) -> Any:
     return module
 
 
+def run_in_threads(target: Callable[[], Any], count: int, timeout_s: float) -> list[BaseException]:
+    """Run ``target`` in ``count`` threads at once, wait up to ``timeout_s`` for each, and return what they raised."""
+    import threading
+
+    errors: list[BaseException] = []
+
+    def guarded() -> None:
+        try:
+            target()
+        except BaseException as err:  # noqa: BLE001 - returned to the test, which asserts on it
+            errors.append(err)
+
+    threads = [threading.Thread(target=guarded) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout_s)
+    return errors
+
+
 def load_space_config(name: str, in_channels: int = 1, num_classes: int = 10) -> dict:
     """Load ``conf/space/<name>.yaml`` with the data interpolations filled in."""
     from nas.spaces import load_space_config as load

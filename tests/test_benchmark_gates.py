@@ -154,12 +154,12 @@ def test_static_picks_fill_a_narrow_range(gates_bench: ModuleType, monkeypatch) 
     from tests.conftest import load_space_config
 
     space = create_space({**load_space_config("resnet"), "in_channels": 1, "num_classes": 10})
-    # Latency stands in as MACs per million, so no timing runs.
+    # MACs per million replace the latency, so nothing is timed.
     monkeypatch.setattr(gates_bench, "measure_latency_ms",
                         lambda model, shape, batch, threads, repeats: space.macs(model.arch) / 1e6)
     args = argparse.Namespace(seed=0, threads=1, repeats=1)
     smallest = space.macs(space.smallest()) / 1e6
-    # A range just above the smallest subnet holds few of the first 40 draws.
+    # Few of the first 40 draws fall in a range just above the smallest subnet.
     low, high = smallest, 1.6 * smallest
     picks = gates_bench.pick_static_archs(space, low, high, 4, args)
     assert len(picks) == 4

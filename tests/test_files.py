@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from nas.files import HELD_LOCKS_ENV, atomic_path, atomic_write_text, exclusive_lock, write_json_atomic
+from tests.conftest import run_in_threads
 
 
 @pytest.fixture
@@ -73,7 +74,7 @@ def test_exclusive_lock_waits_for_holder(tmp_path, caplog):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="flock is POSIX only")
-def test_exclusive_lock_serialises_threads_and_passes_to_children(tmp_path):
+def test_exclusive_lock_threads_and_children(tmp_path):
     import subprocess
     import sys
     import threading
@@ -90,11 +91,7 @@ def test_exclusive_lock_serialises_threads_and_passes_to_children(tmp_path):
             threading.Event().wait(0.2)
             inside.pop()
 
-    threads = [threading.Thread(target=worker) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(10)
+    assert not run_in_threads(worker, 3, timeout_s=10)
     assert not overlaps
 
     # A process started while the lock is held (a DDP rank, say) does not wait for it.

@@ -17,7 +17,7 @@ from predictors.features import HardwareFacts
 from predictors.plots import plot_predicted_vs_measured, plot_staircase, staircase_from_table
 from predictors.tail_aware import snap_to_step_edges, tail_aware_widths, width_latency_curve
 from predictors.xgb import LatencyPredictor, PredictorError, PredictorNotFoundError, XGBParams
-from tests.conftest import staircase_ms, synthetic_records
+from tests.conftest import run_in_threads, staircase_ms, synthetic_records
 
 ROOT = Path(__file__).resolve().parents[1]
 HW = HardwareFacts(device="cpu", simd_width=16, threads=2)
@@ -362,24 +362,17 @@ def test_runs_sharing_a_work_dir_build_one_predictor(tmp_path: Path, monkeypatch
         return real_build(*args, **kwargs)
 
     monkeypatch.setattr(build, "build_predictor", counted)
-    paths, errors = [], []
+    paths = []
 
     def run():
-        try:
-            paths.append(build.load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0,
-                                                       progress=False)[2])
-        except Exception as err:  # noqa: BLE001 - reported by the assertion below
-            errors.append(err)
+        paths.append(build.load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0,
+                                                   progress=False)[2])
 
-    threads = [threading.Thread(target=run) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert not errors
+    assert not run_in_threads(run, 2, timeout_s=120)
     # The second run waited for the first one's lock and then loaded its predictor.
     assert len(builds) == 1
-    assert len(paths) == 2 and paths[0] == paths[1]
+    assert len(paths) == 2
+    assert paths[0] == paths[1]
 
 
 def test_given_predictor_checked_against_protocol_and_space(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

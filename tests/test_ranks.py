@@ -28,7 +28,7 @@ def clean_env(monkeypatch):
     # torchrun
     ({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4"}, False, True, False),
     ({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"}, True, True, False),
-    # A SLURM step of several tasks: DDP ranks when the trainer asks for several devices, else workers.
+    # A SLURM step of several tasks: DDP ranks when the trainer requests several devices, else workers.
     ({"SLURM_NTASKS": "2", "SLURM_PROCID": "1"}, False, True, False),
     ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False, False, False),
     # Variables that a scheduler exports to a plain job do not make it a rank.
