@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from nas.files import write_json_atomic
+from nas.files import lock_wait_s, write_json_atomic
 
 __all__ = [
     "UsageError",
@@ -169,16 +169,22 @@ def to_container(node: Any) -> Any:
 
 
 class StageTimer:
-    """Logs the start and wall time of each named stage and keeps the times in seconds."""
+    """Logs the start and wall time of each named stage and keeps the times in seconds.
+
+    A stage's wall time includes any wait for a lock that another run held (see
+    :func:`nas.files.exclusive_lock`); that wait is also kept on its own, as ``waits``.
+    """
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.waits: dict[str, float] = {}
         self._start = time.perf_counter()
 
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         log.info("Stage %s: started", name)
         start = time.perf_counter()
+        waited_before = lock_wait_s()
         outcome = "finished"
         try:
             yield
@@ -192,6 +198,9 @@ class StageTimer:
         finally:
             elapsed = time.perf_counter() - start
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
+            waited = lock_wait_s() - waited_before
+            if waited > 0:
+                self.waits[name] = self.waits.get(name, 0.0) + waited
             log.info("Stage %s: %s after %.1f s", name, outcome, elapsed)
 
     def total(self) -> float:
@@ -199,6 +208,7 @@ class StageTimer:
 
     def write(self, path: Path) -> None:
         data = {f"{k}_s": round(v, 3) for k, v in self.seconds.items()}
+        data.update({f"{k}_lock_wait_s": round(v, 3) for k, v in self.waits.items()})
         data["total_s"] = round(self.total(), 3)
         write_json_atomic(path, data)
 

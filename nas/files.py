@@ -34,6 +34,8 @@ HELD_LOCKS_ENV = "TAILNAS_HELD_LOCKS"
 # guards this set and the environment variable, so that threads see both change together.
 _HELD_HERE: set[str] = set()
 _STATE = threading.Lock()
+# Seconds this process has waited for locks held by other runs, over all locks.
+_WAITED_S = 0.0
 
 
 def _umask() -> int:
@@ -122,7 +124,8 @@ def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]
     handle, lock_error = _open_lock_file(lock_path)
     if handle is not None:
         try:
-            _wait_for_lock(handle, lock_path, purpose, fcntl)
+            waited = _wait_for_lock(handle, lock_path, purpose, fcntl)
+            _add_wait(waited)
         except OSError as err:
             lock_error = err
         except BaseException:
@@ -154,11 +157,23 @@ def exclusive_lock(path: str | os.PathLike[str], purpose: str) -> Iterator[bool]
 WAIT_LOG_INTERVAL_S = 60.0
 
 
-def _wait_for_lock(handle: Any, lock_path: Path, purpose: str, fcntl: Any) -> None:
-    """Take the flock on ``handle``, logging who holds it and how long this run has waited."""
+def lock_wait_s() -> float:
+    """Seconds this process has waited so far for locks that other runs held."""
+    with _STATE:
+        return _WAITED_S
+
+
+def _add_wait(seconds: float) -> None:
+    global _WAITED_S
+    with _STATE:
+        _WAITED_S += seconds
+
+
+def _wait_for_lock(handle: Any, lock_path: Path, purpose: str, fcntl: Any) -> float:
+    """Take the flock on ``handle``, logging who holds it and how long this run has waited; returns the wait in seconds."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return
+        return 0.0
     except BlockingIOError:
         pass
     log.info("Waiting for another run that is %s (%s; lock file %s)", purpose, _holder(lock_path), lock_path)
@@ -167,7 +182,9 @@ def _wait_for_lock(handle: Any, lock_path: Path, purpose: str, fcntl: Any) -> No
     while True:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
+            waited = time.monotonic() - started
+            log.info("Took the lock %s after waiting %.1f s", lock_path, waited)
+            return waited
         except BlockingIOError:
             if time.monotonic() >= next_log:
                 log.info("Still waiting after %.0f s for the run that is %s (%s)", time.monotonic() - started,

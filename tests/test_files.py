@@ -74,6 +74,27 @@ def test_exclusive_lock_waits_for_holder(tmp_path, caplog):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="flock is POSIX only")
+def test_stage_timer_keeps_lock_wait_apart(tmp_path):
+    import json
+    import threading
+
+    from nas.cli import StageTimer
+
+    lock = tmp_path / "cache.lock"
+    holder = _hold_lock(lock)
+    threading.Timer(0.6, holder.close).start()
+    timer = StageTimer()
+    with timer.stage("profile"), exclusive_lock(lock, "building the cache"):
+        pass
+    with timer.stage("search"), exclusive_lock(lock, "building the cache"):
+        pass  # free now: no wait
+    timer.write(tmp_path / "timings.json")
+    timings = json.loads((tmp_path / "timings.json").read_text())
+    assert 0.5 <= timings["profile_lock_wait_s"] <= timings["profile_s"]
+    assert "search_lock_wait_s" not in timings
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX only")
 def test_exclusive_lock_threads_and_children(tmp_path):
     import subprocess
     import sys
