@@ -123,8 +123,8 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
     if not within:
         fastest = min(_latency(t, measured) for t in front)
         raise UsageError(f"No Pareto subnet runs within budget_ms={budget}; the fastest takes {fastest:.3f} ms.")
-    # On a Pareto front accuracy grows with latency, so the slowest subnet within the budget is the most accurate one.
-    return max(within, key=lambda t: (_latency(t, measured), t.values[0]))
+    # The front is built on predicted latency; measured latencies can reorder it, so rank by accuracy.
+    return max(within, key=lambda t: (t.values[0], -_latency(t, measured)))
 
 
 INTERRUPTED = ("Interrupted. A network whose fine-tuning had finished is in the run folder (subnet.pt, and "

@@ -294,6 +294,24 @@ def test_new_sqlite_storage_follows_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "studies.db").stat().st_mode) == 0o664
 
 
+def test_fastest_under_budget_takes_most_accurate_by_measured_latency():
+    from omegaconf import OmegaConf
+
+    import train
+
+    # The front is on predicted latency (0.8 at 0.5 ms, 0.9 at 1.0 ms); the measurements reorder it:
+    # trial 0, the more accurate, runs in 0.70 ms and trial 1 in 0.80 ms, both within 0.85 ms.
+    study = _study_with_front()
+    study.set_user_attr("measured_latency_ms", {"0": 0.70, "1": 0.80})
+    cfg = OmegaConf.create({"trial": None, "pick": "fastest_under_budget", "budget_ms": 0.85})
+    assert train.pick_trial(study, cfg).number == 0
+    cfg = OmegaConf.create({**cfg, "budget_ms": 0.75})
+    assert train.pick_trial(study, cfg).number == 0
+    cfg = OmegaConf.create({**cfg, "budget_ms": 0.6})
+    with pytest.raises(Exception, match="No Pareto subnet runs within budget_ms=0.6; the fastest takes 0.700 ms"):
+        train.pick_trial(study, cfg)
+
+
 def test_train_budget_without_its_pick_warned(caplog):
     import logging
 
