@@ -113,11 +113,14 @@ def layer_input_shape(spec: LayerSpec) -> tuple[int, ...]:
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold each BatchNorm2d into the Conv2d before it, in place, and return the number folded.
 
-    Two patterns are recognised: a ``Conv2d`` directly followed by a ``BatchNorm2d`` inside an
-    ``nn.Sequential``, and sibling attributes named ``conv<suffix>`` and ``bn<suffix>`` (timm's
-    ResNet naming, also used by :mod:`nas.supernet.resnet`). The folded BatchNorm becomes an
-    ``nn.Identity``. The sibling pattern trusts that ``bn<suffix>`` consumes ``conv<suffix>``'s
-    output; callers that cannot be sure should compare outputs before and after.
+    Three patterns are recognised among the children of one module: a ``Conv2d`` directly
+    followed by a ``BatchNorm2d`` inside an ``nn.Sequential``; sibling attributes named
+    ``conv<suffix>`` and ``bn<suffix>`` (timm's ResNet naming, also used by
+    :mod:`nas.supernet.resnet`); and a ``Conv2d`` child registered right before a ``BatchNorm2d``
+    child (timm's MobileNetV3 blocks: ``conv_pw`` then ``bn1``, ``conv_dw`` then ``bn2``). The
+    folded BatchNorm becomes an ``nn.Identity``. The sibling patterns trust that the BatchNorm
+    consumes that convolution's output; callers that cannot be sure should compare outputs before
+    and after, as :func:`predictors.profiling.fold_batchnorm_checked` does.
 
     Raises:
         ValueError: if ``model`` is in training mode, because folding uses the running statistics.
@@ -140,15 +143,19 @@ def fold_batchnorm(model: nn.Module) -> int:
 def _conv_bn_pairs(parent: nn.Module) -> list[tuple[str, str]]:
     """Return ``(conv_name, bn_name)`` child pairs of ``parent`` that can be folded."""
     children = dict(parent.named_children())
-    pairs: list[tuple[str, str]] = []
-    if isinstance(parent, nn.Sequential):
-        names = list(children)
-        pairs.extend(zip(names[:-1], names[1:]))
-    else:
-        for name in children:
-            if name.startswith("conv"):
-                pairs.append((name, "bn" + name[len("conv") :]))
-    return [(c, b) for c, b in pairs if _foldable(children.get(c), children.get(b))]
+    names = list(children)
+    # Registration order: in an nn.Sequential it is the order of the calls.
+    pairs = list(zip(names[:-1], names[1:]))
+    if not isinstance(parent, nn.Sequential):
+        pairs = [(name, "bn" + name[len("conv"):]) for name in names if name.startswith("conv")] + pairs
+    chosen: list[tuple[str, str]] = []
+    used: set[str] = set()
+    for conv_name, bn_name in pairs:
+        if conv_name in used or bn_name in used or not _foldable(children.get(conv_name), children.get(bn_name)):
+            continue
+        chosen.append((conv_name, bn_name))
+        used.update((conv_name, bn_name))
+    return chosen
 
 
 def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:

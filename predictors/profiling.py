@@ -84,6 +84,21 @@ def measure_arch(space: Any, arch: Any, protocol: MeasurementProtocol, supernet:
     return measure_module(model, input_shape, protocol)
 
 
+# Model classes already warned about BatchNorm layers that fold_batchnorm left as they are.
+_WARNED_UNFOLDED: set[str] = set()
+
+
+def _warn_unfolded(folded: nn.Module, count: int) -> None:
+    """Warn, once per model class, when BatchNorm layers are left in ``folded`` after folding."""
+    left = sum(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    name = type(folded).__name__
+    if left and name not in _WARNED_UNFOLDED:
+        _WARNED_UNFOLDED.add(name)
+        logger.warning("Folded %d BatchNorm layers of %s into convolutions, but %d are left and are timed as "
+                       "operators of their own. predictors.modules.fold_batchnorm folds a BatchNorm2d registered "
+                       "right after its Conv2d (or named bn<suffix> beside conv<suffix>).", count, name, left)
+
+
 def fold_batchnorm_checked(model: nn.Module, input_shape: tuple[int, ...], tolerance: float = 1e-3) -> nn.Module:
     """Return a BatchNorm-folded copy of ``model`` if it gives the same outputs, else ``model`` itself.
 
@@ -92,6 +107,7 @@ def fold_batchnorm_checked(model: nn.Module, input_shape: tuple[int, ...], toler
     """
     folded = copy.deepcopy(model).eval()
     count = fold_batchnorm(folded)
+    _warn_unfolded(folded, count)
     if count == 0:
         return model
 

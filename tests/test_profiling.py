@@ -269,8 +269,16 @@ def test_layer_conv_has_folded_bias_and_no_batchnorm():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
 
 
-def test_fold_batchnorm_keeps_outputs():
-    space = create_space(TINY_SPACE)
+def _small_mobilenet():
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "space" / "mobilenet.yaml").read_text())
+    config.update(in_channels=1, num_classes=4, resolutions=[16], depths=[2],
+                  base_widths=[8, 8, 8, 8, 16, 16, 16, 32, 32], kernel_sizes=[3], expand_ratios=[3])
+    return create_space(config)
+
+
+@pytest.mark.parametrize("make_space", [lambda: create_space(TINY_SPACE), _small_mobilenet], ids=["resnet", "mobilenet"])
+def test_fold_batchnorm_keeps_outputs(make_space):
+    space = make_space()
     model = space.build_supernet().extract(space.largest())
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
@@ -279,13 +287,30 @@ def test_fold_batchnorm_keeps_outputs():
             m.weight.data.uniform_(0.5, 1.5)
     batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     model.eval()
-    x = torch.randn(2, 1, 8, 8)
+    x = torch.randn(2, *space.input_shape(space.largest()))
     with torch.inference_mode():
         expected = model(x)
+    assert batchnorms > 0
     assert fold_batchnorm(model) == batchnorms
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with torch.inference_mode():
         assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_unfolded_batchnorm_warned_once(caplog):
+    class NormFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm2d(1)
+            self.conv = nn.Conv2d(1, 2, 3)
+
+        def forward(self, x):
+            return self.conv(self.norm(x))
+
+    with caplog.at_level("WARNING", logger="predictors.profiling"):
+        for _ in range(2):
+            assert profiling.fold_batchnorm_checked(NormFirst().eval(), (1, 8, 8)) is not None
+    assert caplog.text.count("Folded 0 BatchNorm layers of NormFirst into convolutions, but 1 are left") == 1
 
 
 def test_fold_batchnorm_needs_eval_mode():

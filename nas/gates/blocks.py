@@ -81,9 +81,6 @@ class GatedResidualBlock(FoldedWeightCache, GatheredEvalPath):
         runtime: settings shared with the other blocks of the network.
     """
 
-    # Whether predictors.modules.fold_batchnorm folds the wrapped block's own modules (conv<suffix> and bn<suffix>).
-    folds_by_name = True
-
     def __init__(self, block: nn.Module, layout: BlockLayout, in_channels: int, in_width: int, channel: bool,
                  spatial: bool, runtime: GateRuntime) -> None:
         super().__init__()

@@ -43,8 +43,6 @@ class GatedInvertedResidual(GatedResidualBlock):
     the block input's width, and the gated map is the depthwise output, ``stride`` times narrower.
     """
 
-    folds_by_name = False
-
     def _shortcut_children(self) -> list[str]:
         return []
 

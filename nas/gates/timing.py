@@ -72,12 +72,9 @@ def option_module(block: nn.Module, site: BlockSite, option: str, config: GateCo
     keep ratio's share), on the grouped path if ``grouped``."""
     module = copy.deepcopy(block).eval()
     channel, spatial = GATE_OPTIONS[option]
-    gated_class = gated_block_class(block)
-    # fold_batchnorm folds only conv<suffix>/bn<suffix> pairs, so blocks named otherwise (MobileNetV3's
-    # conv_pw, bn1) are timed as gated blocks without gates, which fold BatchNorm themselves.
-    if channel or spatial or not gated_class.folds_by_name:
+    if channel or spatial:
         runtime = GateRuntime(mode="skip", skip_max_share=skip_max_share)
-        module = gated_class(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
+        module = gated_block_class(block)(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
                              runtime).eval()
         low = config.keep_ratio_range[0]
         if channels is None:
