@@ -134,11 +134,10 @@ def spread_subnets(space: Any, count: int, candidates: int, seed: int) -> list[A
 
     Architectures that build the same network (MobileNetV3 slots beyond a stage's depth) count once.
     """
-    canonical = getattr(space, "canonical", lambda arch: arch)
     rng = np.random.default_rng(seed)
     pool = {}
     for arch in [space.largest(), space.smallest()] + [space.sample(rng) for _ in range(candidates)]:
-        arch = canonical(arch)
+        arch = space.canonical(arch)
         pool.setdefault(arch.to_json(), arch)
     archs = sorted(pool.values(), key=space.macs)
     macs = np.array([space.macs(arch) for arch in archs], dtype=float)

@@ -357,7 +357,8 @@ class SearchObjective:
 
     def suggest_arch(self, trial: optuna.Trial) -> Arch:
         values = {key: trial.suggest_categorical(key, options) for key, options in self.choices.items()}
-        return self.space.arch_from_choices(values)
+        # Draws that differ only in values the network ignores are one architecture: recorded once, scored once.
+        return self.space.canonical(self.space.arch_from_choices(values))
 
     def estimate_latency(self, arch: Arch) -> LatencyEstimate:
         estimate = self.latency_fn(arch)

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import optuna
 import pytest
@@ -353,6 +354,34 @@ def test_repeated_architecture_reuses_scores(tmp_path):
         assert trial.user_attrs["worker"] == 1
         assert trial.constraints == earlier.constraints
     assert len(pareto_trials(study)) <= len(scored)
+
+
+def test_draws_differing_in_ignored_slots_score_once():
+    import yaml
+
+    from nas.spaces import create_space
+
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "space" / "mobilenet.yaml").read_text())
+    config.update(in_channels=1, num_classes=4, resolutions=[16], depths=[1, 2], kernel_sizes=[3, 5], expand_ratios=[3],
+                  base_widths=[8, 8, 8, 8, 16, 16, 16, 32, 32])
+    space = create_space(config)
+    scored = []
+    accuracy = fake_accuracy(space)
+
+    def counted(arch):
+        scored.append(arch)
+        return accuracy(arch)
+
+    # Stage 0 has depth 1, so its second slot (ks_1) is ignored: both draws build one network.
+    params = {key: options[0] for key, options in space.choices().items()}
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.enqueue_trial({**params, "ks_1": 5})
+    study.enqueue_trial({**params, "ks_1": 3})
+    study.optimize(SearchObjective(space, counted, fake_latency(space)), n_trials=2)
+    assert scored == [space.canonical(space.arch_from_choices(params))]
+    assert study.trials[1].user_attrs["repeat_of"] == 0
+    assert study.trials[0].user_attrs["arch"]["ks"][1] == 3
+    assert [t.number for t in pareto_trials(study)] == [0]
 
 
 def test_storage_open_retries_table_race(tmp_path, monkeypatch):

@@ -130,6 +130,14 @@ class SearchSpace(ABC):
         values = {key: options[int(rng.integers(len(options)))] for key, options in self.choices().items()}
         return self.arch_from_choices(values)
 
+    def canonical(self, arch: Arch) -> Arch:
+        """Return the one encoding of the network that ``arch`` builds, for de-duplication and cache keys.
+
+        Spaces whose encoding holds values that the network ignores (Once-for-All's block slots
+        beyond a stage's depth) override this; by default every encoding is its own.
+        """
+        return arch
+
     def arch_from_dict(self, data: Mapping[str, Any]) -> Arch:
         """Parse and validate an architecture mapping (for example from ``pareto.csv``)."""
         arch = self.arch_type.from_dict(data)
