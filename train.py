@@ -288,15 +288,16 @@ def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace,
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch,
-                    result: dict[str, Any]) -> None:
+                    result: dict[str, Any], imports: list[str] | None = None) -> None:
     """Write ``subnet.pt`` and ``finetune.json`` (``complete`` false until every stage has run).
 
     It runs right after fine-tuning too, so stopping a later stage keeps the fine-tuned network.
-    The model stays on its device.
+    The model stays on its device. ``imports`` (the study's user modules) is recorded so that
+    :func:`nas.export.load_finetuned` can name them when the space's family is not registered.
     """
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     payload = {"format_version": FINETUNE_FORMAT_VERSION, "space": space.raw_config, "arch": arch.to_dict(),
-               "gates": result.get("gates"), "state_dict": state}
+               "gates": result.get("gates"), "imports": list(imports or []), "state_dict": state}
     tmp = run_dir / ".subnet.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(run_dir / "subnet.pt")
@@ -476,7 +477,7 @@ def run(cfg: DictConfig) -> None:
     result["from_scratch"] = bool(cfg.from_scratch)
     secondary = trained_as_secondary_rank()
     if not secondary:
-        save_checkpoint(run_dir, model, space, arch, {**result, "complete": False})
+        save_checkpoint(run_dir, model, space, arch, {**result, "complete": False}, record.get("imports"))
         log.info("Saved the fine-tuned network to %s; the comparison, checks and measurement follow.",
                  run_dir / "subnet.pt")
 

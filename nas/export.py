@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from nas.files import atomic_path
-from nas.spaces.base import Arch, SearchSpace, create_space
+from nas.spaces.base import Arch, SearchSpace, create_space, list_families
 
 __all__ = [
     "EXPORT_FORMAT_VERSION",
@@ -108,12 +108,14 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
     The file contains the space, the arch, the state dict and, for a network fine-tuned with gates,
     the gate record (:meth:`nas.gates.GatedNetwork.describe`). A gated network comes back as a
     ``GatedNetwork`` at its recorded keep ratio and mode (skip when the record has none).
-    Spaces from user modules need those modules imported first.
+    Spaces from user modules need those modules imported first; the error names the modules that
+    the study imported.
 
     Raises:
         ExportError: if the file is missing, is a ``.pt2`` program or not a ``train.py`` checkpoint,
-            or has another format version. Also if its gate record does not rebuild, or its weights
-            do not fit the network that its arch and gate record describe.
+            has another format version or a space family that is not registered. Also if its gate
+            record does not rebuild, or its weights do not fit the network that its arch and gate
+            record describe.
     """
     path = Path(path)
     if path.is_dir() and (path / "subnet.pt").is_file():
@@ -139,6 +141,13 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
     if payload.get("format_version") != FINETUNE_FORMAT_VERSION:
         raise ExportError(f"{str(path)!r} has format version {payload.get('format_version')!r}; this TailNAS "
                           f"reads version {FINETUNE_FORMAT_VERSION}.")
+    family = payload["space"].get("family") if isinstance(payload["space"], dict) else None
+    if family is not None and family not in list_families():
+        imports = payload.get("imports") or []
+        where = (f"import {', '.join(map(str, imports))} first" if imports else
+                 "import the module that registers it first")
+        raise ExportError(f"{str(path)!r} holds a subnet of space family {family!r}, which is not registered here "
+                          f"(registered: {list_families()}); {where}.")
     space = create_space(payload["space"])
     arch = space.arch_from_dict(payload["arch"])
     model = space.build_supernet().build_static(arch)

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import UsageError, require_space, run_cli, to_container
+from nas.cli import UsageError, import_user_modules, require_space, run_cli, to_container
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def run(cfg: DictConfig) -> None:
                 f"space.{name} is null because data.{name} is null for data={cfg.data.name}; "
                 f"set it on the command line, for example `{COMMAND} +space=resnet data.{name}=10`."
             )
+    import_user_modules(to_container(cfg.get("imports")))
     space = create_space(space_cfg)
     store = ProfileStore(Path(cfg.paths.work_dir) / "profiles", device_fingerprint(protocol))
     settings = cfg.profile

@@ -39,6 +39,16 @@ def test_missing_data_root_names_path(tmp_path):
     assert "does not exist" in result.stderr
 
 
+@pytest.mark.parametrize("module", ["predictors.profile", "predictors.evaluate"])
+def test_profile_and_evaluate_read_imports(module, tmp_path):
+    command = [sys.executable, "-m", module, "+space=resnet", "imports=[no_such_lab.spaces]",
+               f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "imports: cannot import 'no_such_lab.spaces'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_cuda_without_gpu_says_so(tmp_path):
     import torch
 

@@ -291,6 +291,23 @@ def test_checkpoint_after_finetuning_loads(resnet_space, tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
+def test_checkpoint_of_unregistered_family_names_imports(resnet_space, tmp_path):
+    import torch
+
+    import train
+    from nas.export import ExportError, load_finetuned
+
+    arch = resnet_space.smallest()
+    model = resnet_space.build_supernet().build_static(arch)
+    train.save_checkpoint(tmp_path, model, resnet_space, arch, {"complete": True}, imports=["my_lab.spaces"])
+    payload = torch.load(tmp_path / "subnet.pt", weights_only=True)
+    payload["space"] = {**payload["space"], "family": "lab_family"}
+    torch.save(payload, tmp_path / "subnet.pt")
+    with pytest.raises(ExportError, match=r"space family 'lab_family', which is not registered here .*; "
+                                          r"import my_lab.spaces first"):
+        load_finetuned(tmp_path / "subnet.pt")
+
+
 def test_checkpoint_mismatched_weights_named(resnet_space, tmp_path):
     import torch
 

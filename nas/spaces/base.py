@@ -210,7 +210,9 @@ def create_space(config: Mapping[str, Any]) -> SearchSpace:
     """Build a search space from its configuration (a ``conf/space/*.yaml`` node)."""
     family = config.get("family")
     if family not in _REGISTRY:
-        raise SpaceError(f"Unknown space family {family!r}; registered families are {list_families()}.")
+        raise SpaceError(f"Unknown space family {family!r}; registered families are {list_families()}. A family "
+                         "registered in your own module needs that module imported first (search.py and "
+                         "predictors.*: imports=[your.module]; train.py takes it from the study).")
     return _REGISTRY[family](config)
 
 
