@@ -528,8 +528,10 @@ def run(cfg: DictConfig) -> None:
     if result["scratch_test_accuracy"] is not None and not cfg.from_scratch:
         print(f" (from scratch with the same budget: {100 * result['scratch_test_accuracy']:.2f}%)", end="")
     notes = [f"budget {budget} ms"] if budget is not None else []
-    if gates_on:
+    if gates_on and model.gated_blocks():
         notes.append(f"ungated {result['ungated_latency_ms']:.3f} ms, keep ratio {model.keep_ratio:g}")
+    elif gates_on:
+        notes.append(f"ungated {result['ungated_latency_ms']:.3f} ms; no block got a gate")
     note = f" ({'; '.join(notes)})" if notes else ""
     print(f", measured latency {result['measured_latency_ms']:.3f} ms{note}.")
     written = [run_dir / "finetune.json", run_dir / "subnet.pt", run_dir / "subnet.pt2"]

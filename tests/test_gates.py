@@ -412,6 +412,24 @@ def test_set_keep_ratio_across_range(subnet):
             network.set_keep_ratio(ratio)
 
 
+def test_placement_without_any_gate_warns(subnet, monkeypatch, caplog):
+    import dataclasses
+
+    import nas.gates.network as network_module
+
+    placed = network_module.plan_blocks
+
+    def nothing_pays(sites, config, table, measure=None):
+        return [dataclasses.replace(p, channel=False, spatial=False, reason="no gate pays")
+                for p in placed(sites, config, table, measure)]
+
+    monkeypatch.setattr(network_module, "plan_blocks", nothing_pays)
+    with caplog.at_level("WARNING", logger="nas.gates"):
+        network = apply_gates(subnet, {"name": "feature", "placement": "all"})
+    assert network.gated_blocks() == {}
+    assert "placement=all put no gate on any of the 4 blocks" in caplog.text
+
+
 def test_none_config_places_no_gate(subnet):
     network = apply_gates(subnet, {"name": "none"}).eval()
     assert network.gated_blocks() == {}
