@@ -45,7 +45,7 @@ from nas.cli import (
 )
 from nas.data import build_datamodule
 from nas.files import exclusive_lock
-from nas.progressive import ProgressiveError, create_supernet_module
+from nas.progressive import ProgressiveError, check_supernet_config, create_supernet_module
 from nas.report import plot_pareto, write_manifest, write_pareto_csv
 from nas.search import (
     LatencyEstimate,
@@ -349,6 +349,7 @@ def run(cfg: DictConfig) -> None:
         datamodule.setup()
         datamodule.log_summary()
         space = build_space(cfg, datamodule)
+    check_supernet_config(space, to_container(cfg.supernet))
     log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)
     # The study name is set before the tracker starts because it is the run's default W&B group.

@@ -42,6 +42,7 @@ __all__ = [
     "decision_dimensions",
     "build_plan",
     "plan_epochs",
+    "check_supernet_config",
     "create_supernet_module",
 ]
 
@@ -405,6 +406,29 @@ def _check_keys(config: Mapping[str, Any], allowed: Sequence[str]) -> None:
         )
 
 
+def check_supernet_config(space: SearchSpace, config: Mapping[str, Any]) -> None:
+    """Check a ``conf/supernet`` node against ``space`` without building anything, so a run can stop at start.
+
+    Raises:
+        ProgressiveError: on an unknown schedule, unknown or missing keys, invalid phases or
+            subnets per step, decisions that progressive shrinking cannot classify, or phases that
+            give no epoch.
+    """
+    schedule = config.get("schedule")
+    if schedule not in SUPERNET_SCHEDULES:
+        raise ProgressiveError(
+            f"Unknown supernet.schedule={schedule!r}; available schedules are {list(SUPERNET_SCHEDULES)}."
+        )
+    _check_keys(config, _SANDWICH_KEYS if schedule == "sandwich" else _PROGRESSIVE_KEYS)
+    if schedule == "progressive":
+        phases = dict(config["phases"])
+        _check_phase_epochs(phases)
+        _check_subnets_per_step(dict(config["subnets_per_step"]))
+        decision_dimensions(space)
+        if plan_epochs(space, phases) == 0:
+            raise ProgressiveError(f"supernet.phases={phases} gives no training epoch for space {space.name!r}.")
+
+
 def create_supernet_module(supernet: Supernet, config: Mapping[str, Any], seed: int) -> tuple[pl.LightningModule, int]:
     """Build the LightningModule of ``config["schedule"]`` from a ``conf/supernet`` node.
 
@@ -414,12 +438,8 @@ def create_supernet_module(supernet: Supernet, config: Mapping[str, Any], seed: 
     Raises:
         ProgressiveError: on an unknown schedule, or unknown or missing keys for the schedule.
     """
-    schedule = config.get("schedule")
-    if schedule not in SUPERNET_SCHEDULES:
-        raise ProgressiveError(
-            f"Unknown supernet.schedule={schedule!r}; available schedules are {list(SUPERNET_SCHEDULES)}."
-        )
-    _check_keys(config, _SANDWICH_KEYS if schedule == "sandwich" else _PROGRESSIVE_KEYS)
+    check_supernet_config(supernet.space, config)
+    schedule = config["schedule"]
     common = {key: config[key] for key in ("lr", "weight_decay", "kd_weight", "temperature", "label_smoothing")}
     if schedule == "sandwich":
         module = SupernetModule(supernet, num_random=config["num_random"], seed=seed, **common)

@@ -11,6 +11,7 @@ from nas.progressive import (
     ProgressiveError,
     ProgressiveShrinkingModule,
     build_plan,
+    check_supernet_config,
     create_supernet_module,
     decision_dimensions,
     plan_epochs,
@@ -154,6 +155,21 @@ def test_config_subnets_per_step_checked(mobilenet):
     config = {"schedule": "progressive", "phases": PHASES, "subnets_per_step": {**SUBNETS, "width": 0}, **COMMON}
     with pytest.raises(ProgressiveError, match="subnets_per_step.width must be an integer >= 1"):
         create_supernet_module(mobilenet.build_supernet(), config, seed=0)
+
+
+def test_config_checked_without_building(mobilenet, monkeypatch):
+    import yaml
+
+    from tests.conftest import ROOT
+
+    config = yaml.safe_load((ROOT / "conf" / "supernet" / "progressive.yaml").read_text())
+    check_supernet_config(mobilenet, config)
+    monkeypatch.setattr(mobilenet, "build_supernet", lambda: pytest.fail("the check must not build the supernet"))
+    monkeypatch.setattr(mobilenet, "choices", lambda: {"r": [16], "ops_0": ["a", "b"]})
+    with pytest.raises(ProgressiveError, match=r"\['ops_0'\].*elastic_dimensions"):
+        check_supernet_config(mobilenet, config)
+    with pytest.raises(ProgressiveError, match="phases.depth must be an integer >= 0"):
+        check_supernet_config(mobilenet, {**config, "phases": {**config["phases"], "depth": -1}})
 
 
 def test_config_files_build_modules(mobilenet):
