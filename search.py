@@ -382,8 +382,9 @@ def run(cfg: DictConfig) -> None:
         predictor, report, predictor_path = load_or_build_predictor(
             space, protocol, to_container(cfg.predictor), work_dir, seed=cfg.seed, progress=True
         )
-    timer.seconds["profile"] = report.get("profile_s", 0.0)
-    timer.seconds["predictor"] = timer.seconds["profile_predictor"] - timer.seconds["profile"]
+    # A reused predictor's report holds the times of the run that built it.
+    timer.seconds["profile"] = 0.0 if report.get("reused") else report.get("profile_s", 0.0)
+    timer.seconds["predictor"] = max(0.0, timer.seconds["profile_predictor"] - timer.seconds["profile"])
     log.info("Predictor %s: %s", predictor_path, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})
     tracker.summary({f"predictor/{k}": v for k, v in report.items() if isinstance(v, (int, float))})
     if not cfg.space.get("tail_aware", False):

@@ -247,7 +247,8 @@ def load_or_build_predictor(
         ``(predictor, report, path)``. The report has the held-out metrics of the predictor at the
         top level (``within_10pct``, ``within_5pct``, ``mape``, ``kendall_tau``,
         ``interval_coverage_90``), ``baselines``, ``noise_floor``, ``n_train``, ``n_test``,
-        ``profile_s``, ``fit_s`` and ``build_s`` (seconds). A reused predictor returns its stored report.
+        ``profile_s``, ``fit_s`` and ``build_s`` (seconds). A reused predictor returns its stored
+        report with ``reused`` true: its times are those of the run that built it.
     """
     from predictors.fingerprint import device_fingerprint, fingerprint_id
     from predictors.store import ProfileStore
@@ -258,18 +259,19 @@ def load_or_build_predictor(
         path = Path(config.path)
         predictor = _load_given(path, fingerprint, config, space, protocol)
         report_path = _report_path(path)
-        return predictor, json.loads(report_path.read_text()) if report_path.is_file() else {}, path
+        report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+        return predictor, {**report, "reused": True}, path
 
     path = predictor_path(Path(work_dir), fingerprint_id(fingerprint), space, protocol, config)
     cached = _load_cached(path, fingerprint, config, space, protocol)
     if cached is not None:
-        return cached[0], cached[1], path
+        return cached[0], {**cached[1], "reused": True}, path
     # One run at a time profiles a device: two at once would time each other's work. A run that
     # waited looks for the predictor again, which the run before it may have built.
     with ProfileStore(Path(work_dir) / "profiles", dict(fingerprint)).profiling_lock():
         cached = _load_cached(path, fingerprint, config, space, protocol)
         if cached is not None:
-            return cached[0], cached[1], path
+            return cached[0], {**cached[1], "reused": True}, path
         predictor, report = build_predictor(space, protocol, config, Path(work_dir), fingerprint, seed, progress)
         predictor.save(path)
         write_json_atomic(_report_path(path), {"format_version": REPORT_FORMAT_VERSION, **report})

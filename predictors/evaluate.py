@@ -342,8 +342,9 @@ def run(cfg: Any) -> dict[str, Any]:
     for written in [run_dir / "metrics.json", *write_plots(run_dir, predictor, train, test, table)]:
         print(f"Wrote {written}")
     if build_report.get("build_s") is not None:
-        print(f"Building {path.name} took {build_report['build_s']:.1f} s, {build_report.get('profile_s', 0.0):.1f} s "
-              "of it profiling (when it was built; a reused or given file is not built again).")
+        when = "Reused {name}; building it took" if build_report.get("reused") else "Building {name} took"
+        print(f"{when.format(name=path.name)} {build_report['build_s']:.1f} s, "
+              f"{build_report.get('profile_s', 0.0):.1f} s of it profiling.")
     return report
 
 

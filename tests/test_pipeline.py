@@ -90,6 +90,10 @@ def test_second_search_reuses_supernet_and_predictor(searched):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Reusing supernet checkpoint" in result.stderr + result.stdout
     assert len(list((tmp / "work" / "supernets").iterdir())) == 1
+    # The reused predictor's profiling belongs to the first run.
+    timings = json.loads((run_dir / "timings.json").read_text())
+    assert timings["profile_s"] == 0.0
+    assert 0.0 <= timings["predictor_s"] <= timings["profile_predictor_s"]
 
 
 def test_train_finetunes_knee_of_latest_study(searched):
