@@ -384,6 +384,39 @@ def _gates_of_rank_zero(model: torch.nn.Module, space: SearchSpace, arch: Arch) 
     return gated, gated.config
 
 
+# The hardware settings that change a latency; warm-up and repeats only change its noise.
+SPEED_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
+
+
+def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overrides: list[str]) -> dict[str, Any]:
+    """Return the ``hardware.*`` settings to time the fine-tuned network with, checked.
+
+    The study's own settings, so the latency compares with the search's, unless the command
+    line (``overrides``) sets ``hardware``; then those, with a warning where they time otherwise.
+    """
+    from predictors import MeasurementProtocol
+    from predictors.protocol import DeviceUnavailableError
+
+    own = to_container(cfg.hardware)
+    chosen = any(o.lstrip("+~").split("=")[0].split(".")[0] == "hardware" for o in overrides)
+    if recorded is None or chosen:
+        differ = {k: (recorded.get(k), own.get(k)) for k in SPEED_KEYS if recorded and recorded.get(k) != own.get(k)}
+        if differ:
+            log.warning("Timing with hardware settings other than the study's (%s), so the latencies do not compare "
+                        "with its Pareto front.", ", ".join(f"{k}: {a!r} in the study, {b!r} now" for k, (a, b) in differ.items()))
+        MeasurementProtocol.from_config(own)
+        return own
+    try:
+        MeasurementProtocol.from_config(recorded)
+    except DeviceUnavailableError as err:
+        raise UsageError(f"The study timed latency on device {recorded.get('device')!r}, which this machine cannot "
+                         f"use ({err}). Pass hardware=cpu (or other hardware.* settings) to time on this machine; "
+                         "the latencies then do not compare with the study's.") from err
+    log.info("Timing with the study's hardware settings (%s); set hardware.* to time otherwise.",
+             ", ".join(f"{k}={recorded.get(k)!r}" for k in SPEED_KEYS))
+    return dict(recorded)
+
+
 def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     timer = StageTimer()
@@ -408,13 +441,11 @@ def run(cfg: DictConfig) -> None:
                          "placement of its own, and the ranks could train different networks. Start train.py once "
                          "and let Lightning start the ranks (finetune.trainer.strategy=ddp "
                          "finetune.trainer.devices=N), or fine-tune the gated network on one device.")
-    # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
-    from predictors import MeasurementProtocol
-
-    MeasurementProtocol.from_config(to_container(cfg.hardware))
     study = load_study(cfg)
     trial = pick_trial(study, cfg)
     record = study.user_attrs
+    # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
+    cfg.hardware = measurement_hardware(cfg, record.get("hardware"), list(HydraConfig.get().overrides.task))
     import_user_modules(record.get("imports"))
     space = create_space(record["space"])
     arch = space.arch_from_dict(trial.user_attrs["arch"])
@@ -432,7 +463,8 @@ def run(cfg: DictConfig) -> None:
         datamodule.log_summary()
 
     result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
-                              "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0]}
+                              "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0],
+                              "hardware": to_container(cfg.hardware)}
     gates_on = cfg.gates.get("name", "none") != "none"
     with timer.stage("finetune"):
         if cfg.from_scratch:

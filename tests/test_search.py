@@ -468,3 +468,42 @@ def test_study_created_meanwhile_is_checked(resnet_space, tmp_path, monkeypatch)
     monkeypatch.setattr(search.optuna, "get_all_study_names", lambda storage: [])
     with pytest.raises(SearchError, match=r"search\.latency_budget_ms \(null before, 0\.5 now\)"):
         create_or_load_study(storage, "race", create_sampler("random", 0), {**record, "latency_budget_ms": 0.5})
+
+
+def _hardware_cfg(**overrides):
+    import yaml
+    from omegaconf import OmegaConf
+
+    hardware = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "hardware" / "cpu.yaml").read_text())
+    return OmegaConf.create({"hardware": {**hardware, **overrides}})
+
+
+def test_train_times_with_the_study_hardware(caplog):
+    import logging
+
+    import train
+
+    recorded = {**_hardware_cfg().hardware, "runtime": "onnxruntime", "threads": 2}
+    # Nothing on the command line: the study's settings.
+    assert train.measurement_hardware(_hardware_cfg(), recorded, ["trial=3"]) == recorded
+    # hardware.* on the command line wins, with a warning naming what differs.
+    with caplog.at_level(logging.WARNING, logger="tailnas.train"):
+        chosen = train.measurement_hardware(_hardware_cfg(threads=1), recorded, ["hardware.threads=1"])
+    assert chosen["runtime"] == "eager"
+    assert "runtime: 'onnxruntime' in the study, 'eager' now" in caplog.text
+    assert "threads: 2 in the study, 1 now" in caplog.text
+    # A study from before the record: the command line's settings, without a warning.
+    assert train.measurement_hardware(_hardware_cfg(), None, [])["runtime"] == "eager"
+
+
+def test_train_names_fix_for_study_timed_on_missing_gpu():
+    import torch
+
+    import train
+    from nas.cli import UsageError
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present, so the study's cuda settings are valid here")
+    recorded = {**_hardware_cfg().hardware, "device": "cuda"}
+    with pytest.raises(UsageError, match="The study timed latency on device 'cuda'.*Pass hardware=cpu"):
+        train.measurement_hardware(_hardware_cfg(), recorded, [])
