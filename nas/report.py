@@ -90,6 +90,15 @@ def read_pareto_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def nondominated(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Return the (latency, accuracy) points that no other point beats on both, fastest first."""
+    kept: list[tuple[float, float]] = []
+    for latency, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not kept or accuracy > kept[-1][1]:
+            kept.append((latency, accuracy))
+    return kept
+
+
 def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Sequence[Mapping[str, Any]],
                 knee: int | None, title: str) -> None:
     """Plot every trial, the front at predicted latency, and the front re-measured on the device."""
@@ -98,7 +107,7 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     if all_points:
         ax.scatter([p[1] for p in all_points], [100 * p[0] for p in all_points], s=10, c="0.75", label="all feasible trials")
     predicted = [r["predicted_latency_ms"] for r in rows]
@@ -106,20 +115,26 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
     ax.plot(predicted, accuracy, "o-", color="tab:blue", label="Pareto front, predicted latency")
     measured = [(r["measured_latency_ms"], 100 * r["accuracy"]) for r in rows if r.get("measured_latency_ms") is not None]
     if measured:
-        ax.plot([m[0] for m in measured], [m[1] for m in measured], "s--", color="tab:orange",
-                label="Pareto front, measured latency")
         for r in rows:
             if r.get("measured_latency_ms") is not None:
                 ax.plot([r["predicted_latency_ms"], r["measured_latency_ms"]], [100 * r["accuracy"]] * 2, color="0.6", lw=0.8)
+        ax.scatter([m[0] for m in measured], [m[1] for m in measured], marker="s", color="tab:orange", zorder=4,
+                   label="the same subnets, measured latency")
+        # Measurements can reorder the front: the line joins the subnets that no other beats once measured.
+        kept = nondominated(measured)
+        ax.plot([m[0] for m in kept], [m[1] for m in kept], "--", color="tab:orange",
+                label="their front at measured latency")
     if knee is not None and rows:
-        ax.scatter([rows[knee]["predicted_latency_ms"]], [100 * rows[knee]["accuracy"]], s=120, facecolors="none",
+        # search.py picks the knee on measured latency where it has one.
+        latency = rows[knee].get("measured_latency_ms") or rows[knee]["predicted_latency_ms"]
+        ax.scatter([latency], [100 * rows[knee]["accuracy"]], s=120, facecolors="none",
                    edgecolors="tab:red", linewidths=2, label="knee", zorder=5)
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("latency (ms)")
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -507,3 +507,16 @@ def test_train_names_fix_for_study_timed_on_missing_gpu():
     recorded = {**_hardware_cfg().hardware, "device": "cuda"}
     with pytest.raises(UsageError, match="The study timed latency on device 'cuda'.*Pass hardware=cpu"):
         train.measurement_hardware(_hardware_cfg(), recorded, [])
+
+
+def test_plot_joins_only_the_measured_front(tmp_path):
+    from nas.report import nondominated, plot_pareto
+
+    # Measured in predicted order: 0.87, 1.24, 1.16, 1.13 ms; the 1.24 ms subnet is beaten once measured.
+    measured = [(0.873, 10.0), (1.241, 12.5), (1.164, 16.7), (1.126, 16.7)]
+    assert nondominated(measured) == [(0.873, 10.0), (1.126, 16.7)]
+    assert nondominated([]) == []
+    rows = [{"predicted_latency_ms": p, "measured_latency_ms": m, "accuracy": a / 100}
+            for p, (m, a) in zip([0.8, 1.0, 1.1, 1.2], measured)]
+    plot_pareto(tmp_path / "pareto.png", [(0.05, 0.9)], rows, knee=3, title="t")
+    assert (tmp_path / "pareto.png").stat().st_size > 1000
