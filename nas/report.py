@@ -32,7 +32,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-PARETO_COLUMNS = ("trial", "arch", "accuracy", "predicted_latency_ms", "measured_latency_ms", "macs", "params")
+# latency_source says where predicted_latency_ms comes from: "predicted", or "measured" during the
+# search (search.measure_uncertain=true measures subnets whose prediction interval is wide).
+PARETO_COLUMNS = ("trial", "arch", "accuracy", "predicted_latency_ms", "measured_latency_ms", "macs", "params",
+                  "latency_source")
 MANIFEST_FORMAT_VERSION = 1
 _PACKAGES = ("torch", "torchvision", "lightning", "optuna", "hydra-core", "xgboost", "timm", "numpy", "tailnas")
 
@@ -67,6 +70,7 @@ def write_pareto_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         out = {key: row.get(key) for key in PARETO_COLUMNS}
         out["arch"] = json.dumps(row["arch"], separators=(",", ":"))
         out["measured_latency_ms"] = "" if row.get("measured_latency_ms") is None else row["measured_latency_ms"]
+        out["latency_source"] = row.get("latency_source") or "predicted"
         writer.writerow(out)
     atomic_write_text(path, buffer.getvalue())
 
@@ -85,6 +89,7 @@ def read_pareto_csv(path: Path) -> list[dict[str, Any]]:
                     "measured_latency_ms": float(row["measured_latency_ms"]) if row["measured_latency_ms"] else None,
                     "macs": int(row["macs"]),
                     "params": int(row["params"]),
+                    "latency_source": row.get("latency_source") or "predicted",
                 }
             )
     return rows

@@ -520,3 +520,14 @@ def test_plot_joins_only_the_measured_front(tmp_path):
             for p, (m, a) in zip([0.8, 1.0, 1.1, 1.2], measured)]
     plot_pareto(tmp_path / "pareto.png", [(0.05, 0.9)], rows, knee=3, title="t")
     assert (tmp_path / "pareto.png").stat().st_size > 1000
+
+
+def test_pareto_csv_says_where_search_latency_comes_from(tmp_path):
+    from nas.report import read_pareto_csv, write_pareto_csv
+
+    common = {"arch": {"n": 1}, "accuracy": 0.9, "measured_latency_ms": None, "macs": 10, "params": 5}
+    write_pareto_csv(tmp_path / "pareto.csv", [{**common, "trial": 0, "predicted_latency_ms": 1.0},
+                                               {**common, "trial": 1, "predicted_latency_ms": 0.7,
+                                                "latency_source": "measured"}])
+    rows = read_pareto_csv(tmp_path / "pareto.csv")
+    assert [r["latency_source"] for r in rows] == ["predicted", "measured"]
