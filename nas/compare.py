@@ -111,6 +111,8 @@ class StudySummary:
     front: tuple[FrontPoint, ...]
     # The space as configured, without its tail_aware switch: the part that comparable studies share.
     space_config: str = ""
+    # The hardware.* settings that change a latency (device, runtime, batch size, threads, dtype), as recorded.
+    timing: str = ""
 
     @property
     def best_accuracy(self) -> float | None:
@@ -284,8 +286,19 @@ def summarize_study(study: optuna.Study) -> StudySummary | None:
     return StudySummary(
         name=study.study_name, sampler=study_sampler(study), space=_space_name(record),
         trials_finished=len(finished), front=tuple(sorted(front, key=lambda p: (p.latency_ms, -p.accuracy))),
-        space_config=_space_config_key(record),
+        space_config=_space_config_key(record), timing=_timing_key(record),
     )
+
+
+# The hardware settings that change a latency; warm-up and repeats only change its noise.
+TIMING_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
+
+
+def _timing_key(record: dict[str, Any]) -> str:
+    hardware = record.get("hardware")
+    if not isinstance(hardware, dict):
+        return ""
+    return ", ".join(f"{key}={hardware.get(key)}" for key in TIMING_KEYS)
 
 
 def _space_config_key(record: Mapping[str, Any]) -> str:
@@ -363,7 +376,8 @@ def warn_mixed_sources(summaries: Sequence[StudySummary]) -> None:
 
 
 def warn_incomparable(summaries: Sequence[StudySummary], reference_ms: float | None) -> None:
-    """Warn when the studies searched different spaces, or the reference lies left of every front."""
+    """Warn when the studies searched different spaces, timed with different hardware settings, or the
+    reference lies left of every front."""
     spaces = {s.name: s.space for s in summaries}
     if len(set(spaces.values())) > 1:
         log.warning("The studies searched different spaces (%s), so their accuracies and latencies belong to "
@@ -372,6 +386,11 @@ def warn_incomparable(summaries: Sequence[StudySummary], reference_ms: float | N
     elif len({s.space_config for s in summaries if s.space_config}) > 1:
         log.warning("The studies searched the %s space with different settings (stages, resolutions or others "
                     "besides tail_aware), so their fronts cover different networks.", summaries[0].space)
+    timings = {s.name: s.timing for s in summaries if s.timing}
+    if len(set(timings.values())) > 1:
+        log.warning("The studies timed latency with different hardware settings (%s), so their latencies and "
+                    "hypervolumes compare the settings as well as the searches.",
+                    "; ".join(f"{name}: {timing}" for name, timing in timings.items()))
     fastest = [s.fastest.latency_ms for s in summaries if s.fastest is not None]
     if reference_ms is not None and fastest and reference_ms <= min(fastest):
         log.warning("The hypervolume reference of %.4f ms lies left of every front (fastest subnet %.4f ms), so "

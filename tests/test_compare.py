@@ -279,6 +279,21 @@ def test_other_spaces_warned(storage, tmp_path, caplog):
     assert "searched different spaces (plain: resnet, tail: mobilenet)" in caplog.text
 
 
+def test_other_timing_settings_warned(storage, tmp_path, caplog):
+    hardware = {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": 1, "dtype": "float32", "warmup": 10}
+    optuna.load_study(study_name="plain", storage=storage).set_user_attr("hardware", hardware)
+    tail = optuna.load_study(study_name="tail", storage=storage)
+    tail.set_user_attr("hardware", {**hardware, "warmup": 3})  # noise only: no warning
+    with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
+        assert run_compare(storage, tmp_path / "out", "plain", "tail") == 0
+    assert "different hardware settings" not in caplog.text
+    tail.set_user_attr("hardware", {**hardware, "runtime": "onnxruntime"})
+    with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
+        assert run_compare(storage, tmp_path / "out2", "plain", "tail") == 0
+    assert "timed latency with different hardware settings (plain: device=cpu, runtime=eager" in caplog.text
+    assert "tail: device=cpu, runtime=onnxruntime" in caplog.text
+
+
 def test_other_space_settings_warned(storage, tmp_path, caplog):
     study = optuna.load_study(study_name="tail", storage=storage)
     study.set_user_attr("space", {"name": "resnet", "family": "resnet", "resolutions": [32]})
