@@ -83,13 +83,15 @@ def check_group_settings(argv: list[str], command: str, empty_defaults: dict[str
     raise SystemExit(2)
 
 
-def import_user_modules(modules: list[str] | None) -> None:
-    """Import the modules in ``imports`` so that user-defined space families register themselves."""
-    for name in modules or []:
+def import_user_modules(modules: list[str] | str | None) -> None:
+    """Import the modules in ``imports`` (a list, or one module name) so that user-defined space families register themselves."""
+    for name in [modules] if isinstance(modules, str) else modules or []:
         try:
             importlib.import_module(name)
         except ImportError as err:
             raise UsageError(f"imports: cannot import {name!r} ({err}); check the module name and PYTHONPATH.") from err
+        except ValueError as err:  # register_space refuses a family name that is taken
+            raise UsageError(f"imports: {name!r} failed to register: {err} Give its family another name.") from err
 
 
 def default_storage(cfg: DictConfig) -> str:

@@ -235,3 +235,23 @@ def test_interrupt_while_starting_ends_quietly(script, tmp_path):
     assert process.returncode == 130
     assert "Traceback" not in err
     assert "Interrupted" in err
+
+
+def test_imports_take_one_name_and_name_a_taken_family(tmp_path, monkeypatch):
+    from nas.cli import UsageError, import_user_modules
+
+    (tmp_path / "lab_taken_family.py").write_text(
+        "from nas.spaces import register_space\n"
+        "from nas.spaces.resnet import ResNetSpace\n"
+        "@register_space('resnet')\n"
+        "class Mine(ResNetSpace):\n"
+        "    pass\n")
+    (tmp_path / "lab_fine.py").write_text("LOADED = True\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import_user_modules("lab_fine")  # one name, not split into letters
+    import sys
+
+    assert sys.modules["lab_fine"].LOADED
+    with pytest.raises(UsageError, match="imports: 'lab_taken_family' failed to register: Space family 'resnet' is "
+                                         "already registered by ResNetSpace"):
+        import_user_modules(["lab_taken_family"])
