@@ -479,6 +479,10 @@ def run(cfg: DictConfig) -> None:
             from nas.gates import BatchNormCalibration, KeepRatioSchedule
 
             teacher = model
+            if cfg.finetune.teacher != "none":
+                log.warning("finetune.teacher=%s does not apply with gates=feature: the gated network distils from "
+                            "the ungated subnet, with weight gates.kd_weight (%s).", cfg.finetune.teacher,
+                            cfg.gates.get("kd_weight"))
             # The gates' own layers draw their initial weights from torch's global generator.
             seed_everything(cfg.seed, workers=True)
             model, gate_config = gate_subnet(teacher, space, arch, cfg)
@@ -494,7 +498,8 @@ def run(cfg: DictConfig) -> None:
                          BatchNormCalibration(images=cfg.finetune.calibration_images)]
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
                                                kd_weight=gate_config.kd_weight, callbacks=callbacks,
-                                               full_keep_weight=gate_config.full_keep_weight)
+                                               full_keep_weight=gate_config.full_keep_weight,
+                                               lr=None if cfg.from_scratch else cfg.finetune.inherited_lr)
             result["gates"] = model.describe()
         elif cfg.from_scratch:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
