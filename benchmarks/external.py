@@ -5,12 +5,22 @@ Usage: python benchmarks/external.py [--csv PATH] [--space YAML] [--n-train 1000
 
 Reads a CSV of measured subnets (columns arch, latency_ms, device, batch_size; see
 ``predictors/external.py``), trains on ``--n-train`` rows per device and evaluates on the rest,
-next to a MACs-linear fit on the same rows. The default CSV is the Once-for-All MobileNetV3 data
-set at ``../shared/data/ofa_mbv3_w1.0_gpu_b64.csv`` beside the repository, when it is there; the
-bundled sample ``tests/data/ofa_mbv3_sample.csv`` has 200 rows per device, so ``--n-train`` must
-be below 200 with it. In the space YAML, ``${data.in_channels}``, ``${data.num_classes}`` and
-``${data.resolution}`` take ImageNet's values (:data:`SPACE_DATA`). Unusable input ends the
-script with one ``error:`` line and exit status 1.
+next to a MACs-linear fit on the same rows.
+
+The full data set, Once-for-All MobileNetV3 latencies of 10,000 subnets measured on two GPUs at
+batch 64, is not shipped with the repository. Download it from the public repository
+RhythmSyed/NAS_PerformanceEstimation (files
+``tutorial/latency_predictor/datasets/{RTX_2080_Ti_GPU,Tesla_P40_GPU}/*_ofa.csv``, Apache-2.0;
+``tests/data/README.md`` names the commit), write it as one CSV with the columns above, and pass
+that file with ``--csv``. Without ``--csv`` the script reads
+``shared/data/ofa_mbv3_w1.0_gpu_b64.csv`` in the folder that contains the repository, and it
+stops with an error that names the sample command when that file is missing.
+
+The bundled sample ``tests/data/ofa_mbv3_sample.csv`` has 200 rows per device, so ``--n-train``
+must be below 200 with it, as in the second usage line (11 s on a 2-core CPU). In the space YAML,
+``${data.in_channels}``, ``${data.num_classes}`` and ``${data.resolution}`` take ImageNet's
+values (:data:`SPACE_DATA`). Unusable input ends the script with one ``error:`` line and exit
+status 1.
 
 Keys of the JSON line: ``devices`` maps each device to ``within_10pct``, ``within_5pct`` and
 ``kendall_tau`` of the predictor, the same under ``macs_linear``, and ``n_train``/``n_test``;

@@ -36,23 +36,14 @@ NOTE: this script has run on CPU only. The default ``--n-subnets 96`` comes from
 a measurement, of an H200 at 224x224: about 0.5 s per batch-64 subnet measurement, extraction and
 the profiled pass included. The budget stops earlier when measurements take longer.
 
-GPU session: the device tool allows 600 s per command and about 15 minutes of device time in
-all, start-up included. Its image has torch but lacks xgboost and omegaconf, so their wheels
-travel in ``.whl``, a folder that ``.git/info/exclude`` ignores. antlr4-python3-runtime 4.9.3,
-which omegaconf 2.3 needs, is published only as a source archive, so pip builds its wheel here:
+On a machine with an NVIDIA GPU, in the project's environment with a CUDA build of torch, run:
 
-    python -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-        --platform manylinux_2_28_x86_64 -d .whl xgboost-cpu==3.2.0 omegaconf==2.3.1
-    python -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
-    mkdir -p .git/info && echo /.whl/ >> .git/info/exclude
+    python benchmarks/gpu_checks.py --warmup 10 --repeats 50 --out DIR
 
-Then one ``run`` with carry ``[".whl"]`` and timeout_s 420. ``timeout 340`` stops the script
-before the tool does, so the log and the JSON of the finished parts still come back:
-
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl
-    && export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 || exit 1; set -o pipefail;
-    timeout 340 python3 benchmarks/gpu_checks.py --warmup 10 --repeats 50 --out /tmp/gc 2>&1 | tee $OUT/log.txt;
-    cp /tmp/gc/gpu_checks.json $OUT/; tar czf $OUT/gpu_checks.tar.gz -C /tmp gc
+``--device cuda`` is the default. ``--warmup 10 --repeats 50`` halve the passes of
+``conf/hardware/cuda.yaml`` (20 and 100), so the timed loop of each measurement takes about half
+as long and more subnets fit in the default ``--budget-s 270``. ``DIR`` must be new or empty,
+and the script writes the JSON, the profile stores and the plots there.
 
 ``total_s`` counts from the start of ``main``, after the imports. To rerun only the batch-1
 predictor and the tail-aware part, pass ``--batch-sizes 1``: the tail-aware part then measures

@@ -86,7 +86,10 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--data", default="mnist", choices=["mnist", "cifar10"], help="dataset (conf/data/NAME.yaml)")
     parser.add_argument("--root", default=None, help="with --data cifar10: the folder that contains cifar-10-batches-py/")
     parser.add_argument("--work-dir", default=os.environ.get("TAILNAS_WORK_DIR", str(ROOT / "work")),
-                        help="work directory whose supernet cache is read and filled (search.py's default)")
+                        help="work directory whose supernet cache is read and filled: $TAILNAS_WORK_DIR when set, "
+                             "else work/ in the repository. search.py uses work/ in the folder it runs from, so "
+                             "without the variable the two share a cache only when search.py runs from the "
+                             "repository root")
     parser.add_argument("--seed", type=int, default=0, help="seed of training, subnet choice and the bootstrap")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads; %(default)s keeps torch's")
     parser.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the tau interval")
