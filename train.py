@@ -237,6 +237,30 @@ def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: di
     return measure_module(deployed, input_shape, protocol, inputs=images).median_ms
 
 
+def keep_ratio_accuracy(network: Any, gate_config: Any, datamodule: Any) -> list[dict[str, float]]:
+    """Return the validation and test accuracy of ``network`` at each keep ratio of its calibration grid.
+
+    The grid's ratios are those with BatchNorm statistics of their own. Pick a deployed ratio on the
+    validation figures; the test figures are for reporting. The network's keep ratio is restored.
+    """
+    from nas.gates import calibration_ratios
+
+    original = network.keep_ratio
+    rows = []
+    try:
+        for ratio in calibration_ratios(gate_config):
+            network.set_keep_ratio(ratio)
+            rows.append({"keep_ratio": ratio,
+                         "val_accuracy": model_accuracy(network, datamodule.val_dataloader()),
+                         "test_accuracy": model_accuracy(network, datamodule.test_dataloader())})
+    finally:
+        network.set_keep_ratio(original)
+    log.info("gates: accuracy per keep ratio (validation / test): %s",
+             ", ".join(f"{r['keep_ratio']:g}: {100 * r['val_accuracy']:.2f}% / {100 * r['test_accuracy']:.2f}%"
+                       for r in rows))
+    return rows
+
+
 def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace, arch: Arch, datamodule: Any,
                        hardware: dict[str, Any]) -> list[dict[str, Any]]:
     """Time the gated network against ``ungated`` at the larger batch sizes of ``gates.measure_batch_sizes``.
@@ -530,6 +554,9 @@ def run(cfg: DictConfig) -> None:
         end_secondary_rank("training", "checks, measures and writes the results")
         return
 
+    if gates_on and model.gated_blocks():
+        with timer.stage("gates_keep_ratios"):
+            result["keep_ratio_accuracy"] = keep_ratio_accuracy(model, gate_config, datamodule)
     if gates_on and gate_config.batch_check:
         with timer.stage("gates_batch_check"):
             result["gates_batch_slowdown"] = check_gate_batches(model, teacher, space, arch, datamodule,

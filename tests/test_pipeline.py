@@ -179,6 +179,11 @@ def test_train_with_gates_records_them(searched):
     assert report["gates"]["config"]["keep_ratio"] == 0.4
     assert (run_dir / "subnet.pt2").is_file()
     assert "gates.schedule_epochs=2 is not below finetune.epochs=1" in result.stdout + result.stderr
+    # Accuracy at every ratio of the calibration grid, the deployed one included.
+    sweep = {row["keep_ratio"]: row for row in report["keep_ratio_accuracy"]}
+    assert {0.25, 0.4, 1.0} <= set(sweep)
+    assert all(0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0 for row in sweep.values())
+    assert sweep[0.4]["test_accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)
     import torch
 
     from nas.export import load_finetuned, load_program
