@@ -69,6 +69,18 @@ def test_space_config_bad_block(resnet_config):
         create_space(resnet_config)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda c: c.pop("stem"), r"Missing keys \['stem'\] in space; it needs \[.*'stem'"),
+    (lambda c: c["stages"][0].pop("depths"), r"Missing keys \['depths'\] in space.stages\[0\]"),
+    (lambda c: c.update(resolutions=["28"]), r"space.resolutions must contain whole numbers, but got \['28'\]"),
+    (lambda c: c.update(block="bottleneck", expand_ratios=None), r"space.expand_ratios must be a non-empty list, but got None"),
+], ids=["missing-stem", "missing-depths", "string-resolution", "null-expand-ratios"])
+def test_space_config_errors_name_the_key(resnet_config, change, message):
+    change(resnet_config)
+    with pytest.raises(SpaceError, match=message):
+        create_space(resnet_config)
+
+
 def test_unknown_family_lists_registered(resnet_config):
     resnet_config["family"] = "vgg"
     with pytest.raises(SpaceError, match="Unknown space family 'vgg'; registered families are .*resnet"):

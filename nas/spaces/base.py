@@ -38,10 +38,16 @@ def dataclass_from_mapping(cls: type[T], data: Mapping[str, Any], where: str) ->
     """
     if not isinstance(data, Mapping):
         raise SpaceError(f"{where} must be a mapping, but got {type(data).__name__}: {data!r}.")
-    names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    fields = dataclasses.fields(cls)  # type: ignore[arg-type]
+    names = [f.name for f in fields]
     unknown = sorted(set(data) - set(names))
     if unknown:
         raise SpaceError(f"Unknown keys {unknown} in {where}; allowed keys are {names}.")
+    required = [f.name for f in fields
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]  # type: ignore[misc]
+    missing = [name for name in required if name not in data]
+    if missing:
+        raise SpaceError(f"Missing keys {missing} in {where}; it needs {required}.")
     return cls(**dict(data))
 
 

@@ -66,9 +66,13 @@ def bottleneck_mid_channels(width: int, expand_ratio: float) -> int:
     return max(8, int(round(width * expand_ratio / 8.0)) * 8)
 
 
-def _check_choices(values: Sequence[Any], where: str, positive: bool = True) -> None:
+def _check_choices(values: Sequence[Any], where: str, positive: bool = True, integer: bool = True) -> None:
     if not isinstance(values, Sequence) or isinstance(values, str) or len(values) == 0:
         raise SpaceError(f"{where} must be a non-empty list, but got {values!r}.")
+    kinds = (int,) if integer else (int, float)
+    if any(isinstance(v, bool) or not isinstance(v, kinds) for v in values):
+        kind = "whole numbers" if integer else "numbers"
+        raise SpaceError(f"{where} must contain {kind}, but got {list(values)}.")
     if positive and any(v <= 0 for v in values):
         raise SpaceError(f"{where} must contain positive values, but got {list(values)}.")
     if len(set(values)) != len(values):
@@ -105,7 +109,7 @@ class ResNetSpace(SearchSpace):
             if stage.stride not in (1, 2):
                 raise SpaceError(f"space.stages[{i}].stride must be 1 or 2, but got {stage.stride}.")
         if cfg.block == "bottleneck":
-            _check_choices(cfg.expand_ratios or [], "space.expand_ratios")
+            _check_choices(cfg.expand_ratios, "space.expand_ratios", integer=False)
         elif cfg.expand_ratios:
             raise SpaceError(
                 f"space.expand_ratios={list(cfg.expand_ratios)} is only valid with block: bottleneck; "
