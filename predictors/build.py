@@ -116,13 +116,18 @@ def hardware_facts_from_fingerprint(fingerprint: Mapping[str, Any]) -> HardwareF
 
 
 def predictor_path(work_dir: Path, fingerprint_id: str, space: SearchSpace, protocol: Any,
-                   config: PredictorConfig) -> Path:
+                   config: PredictorConfig, threads_used: int | None = None) -> Path:
     """Return where the predictor for ``space`` under ``protocol``, built with ``config``, is cached.
 
     The name ends with a hash of the measurement settings and the training settings, so
-    predictors built with other settings sit side by side instead of replacing each other.
+    predictors built with other settings sit side by side instead of replacing each other. With
+    ``hardware.threads`` null, torch's thread count at the time (``threads_used``) counts as a
+    setting too on the CPU: it follows ``OMP_NUM_THREADS`` and CPU quotas, and it changes every latency.
     """
-    settings = json.dumps({"protocol": protocol.to_dict(), "training": config.training_hash()}, sort_keys=True)
+    described: dict[str, Any] = {"protocol": protocol.to_dict(), "training": config.training_hash()}
+    if protocol.threads is None and protocol.device == "cpu":
+        described["threads_used"] = threads_used
+    settings = json.dumps(described, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
     name = f"{space.name}-{space.config_hash()}-b{protocol.batch_size}-{digest}.json"
     return Path(work_dir) / "predictors" / fingerprint_id / name
@@ -163,6 +168,8 @@ def _load_cached(
         "protocol": (predictor.metadata.get("protocol"), protocol.to_dict()),
         "config_hash": (training.get("config_hash"), config.training_hash()),
     }
+    if protocol.device == "cpu":
+        stale["threads used"] = (_threads_used(predictor.metadata), fingerprint.get("threads"))
     changed = [name for name, (stored, current) in stale.items() if stored != current]
     if changed:
         logger.info("Rebuilding %s because %s changed since it was built.", path, changed)
@@ -171,6 +178,12 @@ def _load_cached(
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     logger.info("Reusing latency predictor %s.", path)
     return predictor, report
+
+
+def _threads_used(metadata: Mapping[str, Any]) -> int | None:
+    """Return the CPU thread count a predictor's measurements ran with, from its stored fingerprint."""
+    fingerprint = metadata.get("fingerprint")
+    return fingerprint.get("threads") if isinstance(fingerprint, Mapping) else None
 
 
 # The fix for a broken file given as predictor.path. Rebuilding never touches that file.
@@ -213,6 +226,13 @@ def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorCon
             f"predictor.path={str(path)!r} was built for other measurement settings: "
             + ", ".join(f"hardware.{key} {stored.get(key)!r} there, {current.get(key)!r} here" for key in differing)
             + f". Run with those settings, or {PATH_HINT}."
+        )
+    built_threads = _threads_used(predictor.metadata)
+    if protocol.device == "cpu" and built_threads is not None and built_threads != fingerprint.get("threads"):
+        raise PredictorError(
+            f"predictor.path={str(path)!r} was built with {built_threads} CPU threads, and torch uses "
+            f"{fingerprint.get('threads')} here (hardware.threads={protocol.threads!r}). Set hardware.threads="
+            f"{built_threads}, or {PATH_HINT}."
         )
     if predictor.metadata.get("space_hash") not in (None, space.config_hash()):
         logger.warning("predictor.path=%s was built for space %r with another configuration than this %r space; "
@@ -262,7 +282,8 @@ def load_or_build_predictor(
         report = json.loads(report_path.read_text()) if report_path.is_file() else {}
         return predictor, {**report, "reused": True}, path
 
-    path = predictor_path(Path(work_dir), fingerprint_id(fingerprint), space, protocol, config)
+    path = predictor_path(Path(work_dir), fingerprint_id(fingerprint), space, protocol, config,
+                          fingerprint.get("threads"))
     cached = _load_cached(path, fingerprint, config, space, protocol)
     if cached is not None:
         return cached[0], {**cached[1], "reused": True}, path

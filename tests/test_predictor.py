@@ -303,7 +303,22 @@ def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
     protocol = MeasurementProtocol.from_config(
         {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": 1, "dtype": "float32", "warmup": 1, "repeats": 3}
     )
-    predictor, report, path = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+    fitted_keys = []
+    real_fit = LatencyPredictor.fit
+
+    def recording_fit(self, layer_records, subnet_records, *args, **kwargs):
+        subnet_records = list(subnet_records)
+        fitted_keys.extend(r["key"] for r in subnet_records)
+        return real_fit(self, layer_records, subnet_records, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(LatencyPredictor, "fit", recording_fit)
+        predictor, report, path = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0,
+                                                          progress=False)
+    # The held-out subnets reach neither the models nor the conformal calibration.
+    training = predictor.metadata["training"]
+    assert fitted_keys and set(fitted_keys) == set(training["train_keys"])
+    assert not set(fitted_keys) & set(training["holdout_keys"])
 
     assert path.parent.parent == tmp_path / "predictors"
     assert path.name.startswith(f"resnet_tiny-{space.config_hash()}-b1-")
@@ -342,6 +357,33 @@ def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
     path.write_text(json.dumps(document))
     with pytest.raises(PredictorError, match="format_version"):
         load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+
+
+def test_default_thread_count_keys_the_cached_predictor(tmp_path: Path) -> None:
+    import torch
+
+    from predictors.build import load_or_build_predictor
+    from predictors.protocol import MeasurementProtocol
+
+    space = create_space(TINY_SPACE)
+    protocol = MeasurementProtocol.from_config(
+        {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": None, "dtype": "float32", "warmup": 1,
+         "repeats": 3}
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        _, _, one = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+        torch.set_num_threads(2)
+        two_predictor, two_report, two = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0,
+                                                                 progress=False)
+        assert two != one  # built again for two threads, beside the one-thread file
+        assert not two_report.get("reused")
+        assert two_predictor.metadata["fingerprint"]["threads"] == 2
+        with pytest.raises(PredictorError, match="built with 1 CPU threads, and torch uses 2 here"):
+            load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "path": str(one)}, tmp_path, seed=0)
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_runs_sharing_a_work_dir_build_one_predictor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
