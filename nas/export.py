@@ -299,7 +299,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | os.Pa
         proto = onnx.load(str(tmp))
         onnx.helper.set_model_props(proto, {_VERSION_KEY: str(EXPORT_FORMAT_VERSION)})
         onnx.save(proto, str(tmp))
-    log.info("Wrote ONNX model of %s to %s.", type(model).__name__, path)
+    log.debug("Wrote ONNX model of %s to %s.", type(model).__name__, path)
     if not check:
         return float("nan")
 

@@ -147,9 +147,13 @@ def split_holdout(keys: list[str], fraction: float, seed: int) -> tuple[set[str]
 
 
 def _load_cached(
-    path: Path, fingerprint: Mapping[str, Any], config: PredictorConfig, space: SearchSpace, protocol: Any
+    path: Path, fingerprint: Mapping[str, Any], config: PredictorConfig, space: SearchSpace, protocol: Any,
+    quiet: bool = False,
 ) -> tuple[LatencyPredictor, dict[str, Any]] | None:
-    """Return the cached predictor and report when both exist and were built with this configuration."""
+    """Return the cached predictor and report when both exist and were built with this configuration.
+
+    ``quiet`` leaves out the log lines about a rebuild, for a second look after waiting for the lock.
+    """
     if not path.is_file() or config.rebuild:
         return None
     try:
@@ -159,8 +163,9 @@ def _load_cached(
             raise
         # An older format in the work directory is derived data: the profile store it came from is kept,
         # so rebuilding costs a training run, not a profiling run.
-        logger.warning("Rebuilding %s: it has predictor format_version %d, this TailNAS writes %d.",
-                       path, err.found, LatencyPredictor.format_version)
+        if not quiet:
+            logger.warning("Rebuilding %s: it has predictor format_version %d, this TailNAS writes %d.",
+                           path, err.found, LatencyPredictor.format_version)
         return None
     training = predictor.metadata.get("training", {})
     stale = {
@@ -172,7 +177,8 @@ def _load_cached(
         stale["threads used"] = (_threads_used(predictor.metadata), fingerprint.get("threads"))
     changed = [name for name, (stored, current) in stale.items() if stored != current]
     if changed:
-        logger.info("Rebuilding %s because %s changed since it was built.", path, changed)
+        if not quiet:
+            logger.info("Rebuilding %s because %s changed since it was built.", path, changed)
         return None
     report_path = _report_path(path)
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -290,7 +296,7 @@ def load_or_build_predictor(
     # One run at a time profiles a device: two at once would time each other's work. A run that
     # waited looks for the predictor again, which the run before it may have built.
     with ProfileStore(Path(work_dir) / "profiles", dict(fingerprint)).profiling_lock():
-        cached = _load_cached(path, fingerprint, config, space, protocol)
+        cached = _load_cached(path, fingerprint, config, space, protocol, quiet=True)
         if cached is not None:
             return cached[0], {**cached[1], "reused": True}, path
         predictor, report = build_predictor(space, protocol, config, Path(work_dir), fingerprint, seed, progress)
