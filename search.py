@@ -2,7 +2,7 @@
 
 Stages: data, profiling and latency predictor (cached per device), supernet (trained once and
 cached), an Optuna study, re-measurement of the Pareto front on the device, and the outputs
-(pareto.csv, pareto.png, manifest.json) in Hydra's run directory.
+(pareto.csv, pareto.png, manifest.json, timings.json) in Hydra's run directory.
 """
 
 from __future__ import annotations
@@ -477,7 +477,8 @@ def run(cfg: DictConfig) -> None:
     tracker.finish()
 
     print_front(rows, knee, study_name)
-    print(f"Wrote {run_dir / 'pareto.csv'}, {run_dir / 'pareto.png'} and {run_dir / 'manifest.json'}.")
+    print(f"Wrote {run_dir / 'pareto.csv'}, {run_dir / 'pareto.png'}, {run_dir / 'manifest.json'} and "
+          f"{run_dir / 'timings.json'}.")
     location_arg = f" search.storage='{storage}'" if cfg.search.storage else _work_dir_arg(cfg)
     print(f"Knee subnet: trial {rows[knee]['trial']}, accuracy {100 * rows[knee]['accuracy']:.2f}%, "
           f"{latencies[knee]:.3f} ms. Fine-tune it with:")
