@@ -215,6 +215,24 @@ def test_budget_picks_largest_fitting_ratio(subnet):
         choose_keep_ratio(10.0, sites, plans, signatures, parse_gate_config({**ALL, "latency_budget_ms": low / 2}), stub)
 
 
+class _SlowerGates:
+    """A block model whose gates cost 0.5 ms per block at every kept count."""
+
+    batch_size = 1
+
+    def delta_ms(self, blocks, runs):
+        return np.full(len(runs), 0.5)
+
+
+def test_budget_says_when_gates_slow_every_ratio(subnet):
+    sites = find_block_sites(subnet, (1, 28, 28))
+    config = parse_gate_config({**ALL, "latency_budget_ms": 9.0})
+    plans = plan_blocks(sites, config, None)
+    signatures = {site.name: block_signature(subnet.get_submodule(site.name), site) for site in sites}
+    with pytest.raises(GateConfigError, match="predicted to slow this subnet down .* at every ratio.*placement=measure"):
+        choose_keep_ratio(10.0, sites, plans, signatures, config, _SlowerGates())
+
+
 def test_gated_runs_follow_the_runtime(subnet):
     sites = find_block_sites(subnet, (1, 28, 28))
     plans = plan_blocks(sites, parse_gate_config(ALL), None)

@@ -106,6 +106,13 @@ def choose_keep_ratio(base_ms: float, sites: Sequence[BlockSite], plans: Sequenc
             log.info("gates: keep ratio %.2f, predicted %.4f ms within latency_budget_ms %.4f (ungated %.4f ms)",
                      ratio, latency, budget, base_ms)
             return float(ratio)
+    if latency >= base_ms:
+        raise GateConfigError(
+            f"gates.latency_budget_ms={budget} is below the predicted {latency:.4f} ms at the lowest keep ratio "
+            f"{low}, and the gates are predicted to slow this subnet down (ungated {base_ms:.4f} ms) at every "
+            f"ratio, so no keep ratio can meet a budget below {base_ms:.4f} ms. Use gates.placement=measure, "
+            "which places a gate only where it pays, or pick a smaller subnet."
+        )
     raise GateConfigError(
         f"gates.latency_budget_ms={budget} is below the predicted {latency:.4f} ms at the lowest keep ratio {low} "
         f"(ungated {base_ms:.4f} ms); raise the budget, lower gates.keep_ratio_range[0], or pick a "
