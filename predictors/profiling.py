@@ -14,6 +14,7 @@ import copy
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -183,7 +184,8 @@ def enumerate_layers(space: Any, seed: int, max_archs: int = MAX_ENUMERATED_ARCH
     smallest, so a layer that only rare combinations produce may be missing.
     """
     choices = space.choices()
-    total = int(np.prod([len(options) for options in choices.values()]))
+    # Exact integers: Once-for-All's ImageNet space has about 7e22 architectures, past int64.
+    total = math.prod(len(options) for options in choices.values())
     if total <= max_archs:
         archs = [space.arch_from_choices(dict(zip(choices, values))) for values in itertools.product(*choices.values())]
     else:

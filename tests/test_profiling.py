@@ -375,6 +375,15 @@ def test_enumerate_layers_and_width_sweep(resnet_space):
     assert sorted(s.out_channels for s in stem_shape) == [8, 16]
 
 
+def test_enumerate_layers_samples_spaces_past_int64():
+    space = create_space(yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "space" /
+                                         "mobilenet_imagenet.yaml").read_text()))
+    # 25 * 3**45 architectures: in int64 that product wraps to a negative number, which once sent this
+    # space to the exhaustive enumeration, one that never ends.
+    layers = enumerate_layers(space, seed=0, max_archs=4)
+    assert set(space.layers(space.largest())) <= set(layers)
+
+
 def test_width_sweep_fills_steps():
     layers = [LayerSpec("conv", 16, 24, 14, 3, 1, act="relu"), LayerSpec("conv", 16, 40, 14, 3, 1, act="relu")]
     sweep = width_sweep(layers, width_step=8)
