@@ -195,10 +195,23 @@ def _cpu_features(layer: LayerSpec, batch_size: int, hw: HardwareFacts) -> dict[
         "cpu_oc_remainder": channels % simd,
         "cpu_oc_util": channels / (blocks * simd),
         "cpu_ic_blocks": math.ceil(layer.in_channels / simd),
-        "cpu_padded_macs": batch_size * layer.macs * (blocks * simd) / channels,
+        "cpu_padded_macs": batch_size * _padded_macs(layer, simd),
         "cpu_per_thread_units": per_thread,
         "cpu_thread_util": units / (per_thread * hw.threads),
     }
+
+
+def _padded_macs(layer: LayerSpec, simd: int) -> float:
+    """Return one image's MACs with each output channel count rounded up to whole SIMD blocks."""
+    def padded(channels: int) -> int:
+        return math.ceil(channels / simd) * simd
+
+    if layer.op == "se":
+        # The two 1x1 convolutions run over the reduced width, the rescaling multiply over the input channels.
+        convs = 2 * layer.in_channels * layer.out_channels
+        rescale = layer.in_channels * layer.in_size**2
+        return convs * padded(layer.out_channels) / layer.out_channels + rescale * padded(layer.in_channels) / layer.in_channels
+    return layer.macs * padded(layer.out_channels) / layer.out_channels
 
 
 def _gpu_features(layer: LayerSpec, batch_size: int, hw: HardwareFacts) -> dict[str, float]:
@@ -211,6 +224,17 @@ def _gpu_features(layer: LayerSpec, batch_size: int, hw: HardwareFacts) -> dict[
     assert hw.sm_count is not None
     m, n, k, gemms = gemm_shape(layer, batch_size)
     out: dict[str, float] = {}
+    if op_group(layer) == "dwconv":
+        # cuDNN and PyTorch run depthwise convolutions as direct kernels over the output elements, not
+        # as one GEMM of a single column per channel: every tile shape gets the element blocks' waves.
+        blocks, waves, last = gpu_tile_waves(batch_size * layer.output_elements, 1, 1, (GPU_ELEMENTWISE_BLOCK, 1),
+                                             hw.sm_count)
+        for tile in GPU_TILE_SHAPES:
+            name = f"{tile[0]}x{tile[1]}"
+            out.update({f"gpu_tiles_{name}": blocks, f"gpu_waves_{name}": waves, f"gpu_last_wave_util_{name}": last,
+                        f"gpu_wave_k_{name}": waves * layer.kernel_size**2})
+        out["gpu_eltwise_waves"] = waves
+        return out
     for tile in GPU_TILE_SHAPES:
         name = f"{tile[0]}x{tile[1]}"
         tiles, waves, last = gpu_tile_waves(m, n, gemms, tile, hw.sm_count)

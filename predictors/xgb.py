@@ -60,7 +60,9 @@ METADATA_KEYS = ("fingerprint", "protocol", "space", "space_hash", "training")
 # Fewer subnets than this leave too few out-of-fold residuals for a 90% interval.
 MIN_TRAIN_SUBNETS = 10
 # The change that the current format_version made, named in the error on older files.
-FORMAT_CHANGE = "version 2 stores the scale model that sets each architecture's interval width"
+FORMAT_CHANGE = ("version 2 stores the scale model that sets each architecture's interval width; version 3 "
+                 "computes depthwise convolutions' GPU features over output elements and squeeze-and-excitation's "
+                 "SIMD padding per part, so older models read other feature values")
 
 class PredictorError(ValueError):
     """A predictor that cannot be trained, used, read or trusted on this device."""
@@ -231,7 +233,7 @@ class LatencyPredictor:
             (see :mod:`predictors.conformal`).
     """
 
-    format_version = 2
+    format_version = 3
     interval_method = INTERVAL_METHOD
 
     def __init__(

@@ -71,6 +71,30 @@ def test_gpu_layer_features_match_hand_counts() -> None:
     assert not any(name.startswith("cpu_") for name in feats)
 
 
+def test_gpu_depthwise_features_count_output_elements() -> None:
+    from predictors.features import GPU_ELEMENTWISE_BLOCK
+
+    depthwise = LayerSpec("conv", 32, 32, 14, kernel_size=5, stride=2, groups=32)
+    feats = layer_features(depthwise, 2, GPU)
+    # 2 images * 32 channels * 7 * 7 outputs, in blocks over 68 SMs; not 32 one-column GEMMs.
+    blocks = -(-2 * 32 * 49 // GPU_ELEMENTWISE_BLOCK)
+    waves = -(-blocks // 68)
+    assert feats["gpu_tiles_128x64"] == blocks
+    assert feats["gpu_waves_64x64"] == waves
+    assert feats["gpu_eltwise_waves"] == waves
+    assert feats["gpu_wave_k_128x64"] == waves * 25
+    assert feats["gpu_last_wave_util_128x64"] == pytest.approx((blocks - (waves - 1) * 68) / 68)
+
+
+def test_cpu_padding_of_squeeze_excite_per_part() -> None:
+    se = LayerSpec("se", 144, 40, 28)
+    feats = layer_features(se, 1, CPU)
+    # The 1x1 convolutions pad 40 to 48 lanes; the rescaling over 144 channels needs no padding.
+    convs, rescale = 2 * 144 * 40, 144 * 28 * 28
+    assert se.macs == convs + rescale
+    assert feats["cpu_padded_macs"] == pytest.approx(convs * 48 / 40 + rescale)
+
+
 def test_cpu_simd_and_thread_features() -> None:
     layer = LayerSpec("conv", 64, 40, 28, kernel_size=3)
     feats = layer_features(layer, 1, CPU)

@@ -119,7 +119,7 @@ def test_format_1_file_rejected_with_rebuild_hint(predictor: LatencyPredictor, t
         LatencyPredictor.load(path)
     message = str(raised.value)
     assert str(path) in message
-    assert "format_version 1, but this TailNAS reads version 2" in message
+    assert f"format_version 1, but this TailNAS reads version {LatencyPredictor.format_version}" in message
     assert "scale model" in message
     assert "predictor.rebuild=true" in message
 
