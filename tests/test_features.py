@@ -56,6 +56,12 @@ def test_tile_and_wave_counts_by_hand() -> None:
     assert gpu_tile_waves(6272, 96, 1, (128, 128), 68) == (49, 1, pytest.approx(49 / 68))
 
 
+def test_full_last_wave_is_fully_used() -> None:
+    # 136 tiles on 68 SMs: two full waves, the last one as busy as the first.
+    assert gpu_tile_waves(136 * 64, 64, 1, (64, 64), 68) == (136, 2, 1.0)
+    assert gpu_tile_waves(0, 64, 1, (64, 64), 68) == (0, 0, 0.0)
+
+
 def test_tile_count_multiplies_by_groups() -> None:
     assert gpu_tile_waves(98, 1, 32, (64, 64), 30) == (64, 3, pytest.approx(4 / 30))
     assert gpu_tile_waves(0, 0, 0, (64, 64), 30) == (0, 0, 0.0)

@@ -130,6 +130,10 @@ def test_conformal_bounds_ranks() -> None:
     assert conformal_bounds(scores, 0.9) == (1.0, 19.0)
     # 50%: lower rank floor(20 * 0.25) = 5, upper rank ceil(20 * 0.75) = 15.
     assert conformal_bounds(scores, 0.5) == (5.0, 15.0)
+    # The finite-sample n + 1 moves the ranks here: n = 50 at 80% gives ceil(51 * 0.9) = 46 (45 with n),
+    # and n = 39 at 50% gives floor(40 * 0.25) = 10 (9 with n).
+    assert conformal_bounds(np.arange(1.0, 51.0), 0.8) == (5.0, 46.0)
+    assert conformal_bounds(np.arange(1.0, 40.0), 0.5) == (10.0, 30.0)
 
 
 def test_measure_uncertain_measures_wide_only(space: SearchSpace, predictor: LatencyPredictor) -> None:
