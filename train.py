@@ -412,6 +412,11 @@ def _gates_of_rank_zero(model: torch.nn.Module, space: SearchSpace, arch: Arch) 
 SPEED_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
 
 
+def hardware_chosen(overrides: list[str]) -> bool:
+    """Return whether the command line ``overrides`` set the ``hardware`` group or a ``hardware.*`` key."""
+    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "hardware" for o in overrides)
+
+
 def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overrides: list[str]) -> dict[str, Any]:
     """Return the ``hardware.*`` settings to time the fine-tuned network with, checked.
 
@@ -422,8 +427,7 @@ def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overr
     from predictors.protocol import DeviceUnavailableError
 
     own = to_container(cfg.hardware)
-    chosen = any(o.lstrip("+~").split("=")[0].split(".")[0] == "hardware" for o in overrides)
-    if recorded is None or chosen:
+    if recorded is None or hardware_chosen(overrides):
         differ = {k: (recorded.get(k), own.get(k)) for k in SPEED_KEYS if recorded and recorded.get(k) != own.get(k)}
         if differ:
             log.warning("Timing with hardware settings other than the study's (%s), so the latencies do not compare "
@@ -465,11 +469,17 @@ def run(cfg: DictConfig) -> None:
                          "placement of its own, and the ranks could train different networks. Start train.py once "
                          "and let Lightning start the ranks (finetune.trainer.strategy=ddp "
                          "finetune.trainer.devices=N), or fine-tune the gated network on one device.")
+    # The hardware is checked before training, so a missing device cannot fail the run at its last stage;
+    # hardware chosen on the command line before anything else.
+    overrides = list(HydraConfig.get().overrides.task)
+    if hardware_chosen(overrides):
+        from predictors import MeasurementProtocol
+
+        MeasurementProtocol.from_config(to_container(cfg.hardware))
     study = load_study(cfg)
     trial = pick_trial(study, cfg)
     record = study.user_attrs
-    # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
-    cfg.hardware = measurement_hardware(cfg, record.get("hardware"), list(HydraConfig.get().overrides.task))
+    cfg.hardware = measurement_hardware(cfg, record.get("hardware"), overrides)
     import_user_modules(record.get("imports"))
     space = create_space(record["space"])
     arch = space.arch_from_dict(trial.user_attrs["arch"])
