@@ -18,6 +18,7 @@ the nominal level, not guaranteed to reach it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ import numpy as np
 import xgboost as xgb
 
 __all__ = ["INTERVAL_METHOD", "SCALE_FLOOR_SHARE", "ScaleModel", "conformal_bounds", "fit_normalized_conformal"]
+
+logger = logging.getLogger(__name__)
 
 INTERVAL_METHOD = "normalized split conformal"
 # The scale is floored at this share of the mean training |residual|, so that no score divides by
@@ -47,6 +50,10 @@ def conformal_bounds(scores: np.ndarray, level: float) -> tuple[float, float]:
     n = len(scores)
     ordered = np.sort(scores)
     tail = (1.0 - level) / 2.0
+    if math.ceil((n + 1) * (1.0 - tail)) > n:
+        logger.warning("%d calibration scores are too few for a %g%% interval: it spans all of them and can cover "
+                       "less than %g%% of new subnets. Profile more subnets (predictor.n_subnets).", n, 100 * level,
+                       100 * level)
     upper_rank = min(n, math.ceil((n + 1) * (1.0 - tail)))
     lower_rank = max(1, math.floor((n + 1) * tail))
     return float(ordered[lower_rank - 1]), float(ordered[upper_rank - 1])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -115,17 +115,21 @@ def staircase_ms(layer: Any) -> float:
 
 
 def synthetic_records(
-    space: Any, n_subnets: int, seed: int, noise: float | Callable[[Any], float] = 0.03, passes: int = 2
+    space: Any, n_subnets: int, seed: int, noise: float | Callable[[Any], float] = 0.03, passes: int = 2,
+    exclude: Collection[str] = (),
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Layer and subnet records in the profile store's format, on a device whose convolutions step every 16 channels.
 
     Each measurement has lognormal noise of ``noise``, or of ``noise(arch)`` when it is a function.
+    Draws whose key is in ``exclude`` (the training subnets, for a held-out set) are drawn again.
     """
     rng = np.random.default_rng(seed)
     layers: dict[str, Any] = {}
     subnets = []
     for _ in range(n_subnets):
         arch = space.sample(rng)
+        while arch.to_json() in exclude:
+            arch = space.sample(rng)
         arch_layers = space.layers(arch)
         layers.update({layer.key(): layer for layer in arch_layers})
         true_ms = 0.9 * sum(staircase_ms(layer) for layer in arch_layers) + 0.02

@@ -70,7 +70,8 @@ def test_layer_model_learns_staircase_macs_linear_does_not() -> None:
 
 def test_interval_coverage_near_nominal(trained: tuple[SearchSpace, LatencyPredictor]) -> None:
     space, predictor = trained
-    _, test_records = synthetic_records(space, 400, seed=7, passes=1)
+    _, training = synthetic_records(space, 150, seed=0)
+    _, test_records = synthetic_records(space, 400, seed=7, passes=1, exclude={r["key"] for r in training})
     measured = np.array([r["latency_ms"] for r in test_records])
     prediction = predictor.predict([[LayerSpec.from_dict(d) for d in r["layers"]] for r in test_records])
 
@@ -531,3 +532,13 @@ def test_n_subnets_names_smallest_working_value(n_subnets) -> None:
     with pytest.raises(PredictorError, match=r"predictor.n_subnets must be a whole number >= 13, so that 10 subnets"):
         PredictorConfig.from_mapping({"n_subnets": n_subnets})
     PredictorConfig.from_mapping({"n_subnets": 13})
+
+
+def test_hardware_facts_follow_the_fingerprint() -> None:
+    from predictors.build import hardware_facts_from_fingerprint
+
+    for flags, lanes in ((["avx512f", "avx2"], 16), (["avx2", "fma"], 8), (["neon"], 4), ([], 1)):
+        facts = hardware_facts_from_fingerprint({"device_type": "cpu", "simd_flags": flags, "threads": 3})
+        assert (facts.device, facts.simd_width, facts.threads) == ("cpu", lanes, 3)
+    cuda = hardware_facts_from_fingerprint({"device_type": "cuda", "gpu_sm_count": 132})
+    assert (cuda.device, cuda.sm_count) == ("cuda", 132)

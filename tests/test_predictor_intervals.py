@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,12 @@ def is_noisy(arch: Arch) -> bool:
 
 
 def heteroscedastic_records(
-    space: SearchSpace, n_subnets: int, seed: int, passes: int
+    space: SearchSpace, n_subnets: int, seed: int, passes: int, exclude: Collection[str] = ()
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], np.ndarray]:
     """Layer records, subnet records and each subnet's noisy flag, with noise that depends on depth."""
     layer_records, subnets = synthetic_records(
-        space, n_subnets, seed, noise=lambda arch: NOISY_NOISE if is_noisy(arch) else QUIET_NOISE, passes=passes
+        space, n_subnets, seed, noise=lambda arch: NOISY_NOISE if is_noisy(arch) else QUIET_NOISE, passes=passes,
+        exclude=exclude,
     )
     noisy = [is_noisy(space.arch_from_dict(record["arch"])) for record in subnets[::passes]]
     return layer_records, subnets, np.array(noisy)
@@ -57,8 +59,9 @@ def predictor(space: SearchSpace) -> LatencyPredictor:
 
 @pytest.fixture(scope="module")
 def held_out(space: SearchSpace, predictor: LatencyPredictor) -> dict[str, Any]:
-    """Predictions for 1,000 new subnets with one measurement each."""
-    _, records, noisy = heteroscedastic_records(space, 1000, seed=100, passes=1)
+    """Predictions for 1,000 subnets outside the training set, with one measurement each."""
+    _, training, _ = heteroscedastic_records(space, 300, seed=0, passes=2)
+    _, records, noisy = heteroscedastic_records(space, 1000, seed=100, passes=1, exclude={r["key"] for r in training})
     prediction = predictor.predict([[LayerSpec.from_dict(d) for d in r["layers"]] for r in records])
     measured = np.array([r["latency_ms"] for r in records])
     covered = (measured >= prediction.low_ms) & (measured <= prediction.high_ms)
@@ -134,6 +137,15 @@ def test_conformal_bounds_ranks() -> None:
     # and n = 39 at 50% gives floor(40 * 0.25) = 10 (9 with n).
     assert conformal_bounds(np.arange(1.0, 51.0), 0.8) == (5.0, 46.0)
     assert conformal_bounds(np.arange(1.0, 40.0), 0.5) == (10.0, 30.0)
+
+
+def test_too_few_scores_for_the_level_warned(caplog) -> None:
+    with caplog.at_level("WARNING", logger="predictors.conformal"):
+        conformal_bounds(np.arange(1.0, 40.0), 0.9)
+    assert caplog.text == ""
+    with caplog.at_level("WARNING", logger="predictors.conformal"):
+        assert conformal_bounds(np.arange(1.0, 11.0), 0.9) == (1.0, 10.0)
+    assert "10 calibration scores are too few for a 90% interval" in caplog.text
 
 
 def test_measure_uncertain_measures_wide_only(space: SearchSpace, predictor: LatencyPredictor) -> None:
