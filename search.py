@@ -382,7 +382,7 @@ def run(cfg: DictConfig) -> None:
         predictor, report, predictor_path = load_or_build_predictor(
             space, protocol, to_container(cfg.predictor), work_dir, seed=cfg.seed, progress=True
         )
-    # A reused predictor's report holds the times of the run that built it.
+    # A reused predictor's report contains the times of the run that built it.
     timer.seconds["profile"] = 0.0 if report.get("reused") else report.get("profile_s", 0.0)
     timer.seconds["predictor"] = max(0.0, timer.seconds["profile_predictor"] - timer.seconds["profile"])
     log.info("Predictor %s: %s", predictor_path, {k: v for k, v in report.items() if not isinstance(v, (dict, list))})

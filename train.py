@@ -420,8 +420,9 @@ def hardware_chosen(overrides: list[str]) -> bool:
 def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overrides: list[str]) -> dict[str, Any]:
     """Return the ``hardware.*`` settings to time the fine-tuned network with, checked.
 
-    The study's own settings, so the latency compares with the search's, unless the command
-    line (``overrides``) sets ``hardware``; then those, with a warning where they time otherwise.
+    These are the study's own settings, so that the latency compares with the search's. When the
+    command line (``overrides``) sets ``hardware``, they are the command line's, with a warning where
+    they time otherwise.
     """
     from predictors import MeasurementProtocol
     from predictors.protocol import DeviceUnavailableError
@@ -469,8 +470,8 @@ def run(cfg: DictConfig) -> None:
                          "placement of its own, and the ranks could train different networks. Start train.py once "
                          "and let Lightning start the ranks (finetune.trainer.strategy=ddp "
                          "finetune.trainer.devices=N), or fine-tune the gated network on one device.")
-    # The hardware is checked before training, so a missing device cannot fail the run at its last stage;
-    # hardware chosen on the command line before anything else.
+    # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
+    # Hardware chosen on the command line is checked before anything else.
     overrides = list(HydraConfig.get().overrides.task)
     if hardware_chosen(overrides):
         from predictors import MeasurementProtocol

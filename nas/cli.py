@@ -90,7 +90,7 @@ def import_user_modules(modules: list[str] | str | None) -> None:
             importlib.import_module(name)
         except ImportError as err:
             raise UsageError(f"imports: cannot import {name!r} ({err}); check the module name and PYTHONPATH.") from err
-        except ValueError as err:  # register_space refuses a family name that is taken
+        except ValueError as err:  # register_space rejects a family name that is taken
             raise UsageError(f"imports: {name!r} failed to register: {err} Give its family another name.") from err
 
 

@@ -146,7 +146,7 @@ def load_finetuned(path: str | os.PathLike[str]) -> nn.Module:
         imports = payload.get("imports") or []
         where = (f"import {', '.join(map(str, imports))} first" if imports else
                  "import the module that registers it first")
-        raise ExportError(f"{str(path)!r} holds a subnet of space family {family!r}, which is not registered here "
+        raise ExportError(f"{str(path)!r} contains a subnet of space family {family!r}, which is not registered here "
                           f"(registered: {list_families()}); {where}.")
     space = create_space(payload["space"])
     arch = space.arch_from_dict(payload["arch"])

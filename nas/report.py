@@ -32,7 +32,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# latency_source says where predicted_latency_ms comes from: "predicted", or "measured" during the
+# latency_source names where predicted_latency_ms comes from: "predicted", or "measured" during the
 # search (search.measure_uncertain=true measures subnets whose prediction interval is wide).
 PARETO_COLUMNS = ("trial", "arch", "accuracy", "predicted_latency_ms", "measured_latency_ms", "macs", "params",
                   "latency_source")

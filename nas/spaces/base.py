@@ -139,7 +139,7 @@ class SearchSpace(ABC):
     def canonical(self, arch: Arch) -> Arch:
         """Return the one encoding of the network that ``arch`` builds, for de-duplication and cache keys.
 
-        Spaces whose encoding holds values that the network ignores (Once-for-All's block slots
+        Spaces whose encoding contains values that the network ignores (Once-for-All's block slots
         beyond a stage's depth) override this; by default every encoding is its own.
         """
         return arch
