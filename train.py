@@ -408,10 +408,6 @@ def _gates_of_rank_zero(model: torch.nn.Module, space: SearchSpace, arch: Arch) 
     return gated, gated.config
 
 
-# The hardware settings that change a latency; warm-up and repeats only change its noise.
-SPEED_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
-
-
 def hardware_chosen(overrides: list[str]) -> bool:
     """Return whether the command line ``overrides`` set the ``hardware`` group or a ``hardware.*`` key."""
     return any(o.lstrip("+~").split("=")[0].split(".")[0] == "hardware" for o in overrides)
@@ -425,11 +421,11 @@ def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overr
     they time otherwise.
     """
     from predictors import MeasurementProtocol
-    from predictors.protocol import DeviceUnavailableError
+    from predictors.protocol import TIMING_KEYS, DeviceUnavailableError
 
     own = to_container(cfg.hardware)
     if recorded is None or hardware_chosen(overrides):
-        differ = {k: (recorded.get(k), own.get(k)) for k in SPEED_KEYS if recorded and recorded.get(k) != own.get(k)}
+        differ = {k: (recorded.get(k), own.get(k)) for k in TIMING_KEYS if recorded and recorded.get(k) != own.get(k)}
         if differ:
             log.warning("Timing with hardware settings other than the study's (%s), so the latencies do not compare "
                         "with its Pareto front.", ", ".join(f"{k}: {a!r} in the study, {b!r} now" for k, (a, b) in differ.items()))
@@ -442,7 +438,7 @@ def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overr
                          f"use ({err}). Pass hardware=cpu (or other hardware.* settings) to time on this machine; "
                          "the latencies then do not compare with the study's.") from err
     log.info("Timing with the study's hardware settings (%s); set hardware.* to time otherwise.",
-             ", ".join(f"{k}={recorded.get(k)!r}" for k in SPEED_KEYS))
+             ", ".join(f"{k}={recorded.get(k)!r}" for k in TIMING_KEYS))
     return dict(recorded)
 
 

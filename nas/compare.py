@@ -290,11 +290,9 @@ def summarize_study(study: optuna.Study) -> StudySummary | None:
     )
 
 
-# The hardware settings that change a latency; warm-up and repeats only change its noise.
-TIMING_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
-
-
 def _timing_key(record: dict[str, Any]) -> str:
+    from predictors.protocol import TIMING_KEYS
+
     hardware = record.get("hardware")
     if not isinstance(hardware, dict):
         return ""

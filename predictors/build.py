@@ -25,6 +25,7 @@ from nas.files import write_json_atomic
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import group_subnet_records, holdout_report
 from predictors.features import HardwareFacts
+from predictors.protocol import TIMING_KEYS
 from predictors.xgb import (
     MIN_TRAIN_SUBNETS,
     REBUILD_HINT,
@@ -196,10 +197,6 @@ def _threads_used(metadata: Mapping[str, Any]) -> int | None:
 PATH_HINT = "unset predictor.path to build or reuse this space's own predictor, or name a valid file"
 
 
-# The measurement settings that change what a latency is; warm-up and repeat counts do not.
-PREDICTIVE_PROTOCOL_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
-
-
 def _protocol_value(protocol: Mapping[str, Any], key: str) -> Any:
     value = protocol.get(key)
     # "cuda" and "cuda:0" name the same kind of device.
@@ -210,7 +207,7 @@ def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorCon
                 protocol: Any) -> LatencyPredictor:
     """Load the file named by ``predictor.path`` and check that it predicts under this measurement protocol.
 
-    A predictor of other :data:`PREDICTIVE_PROTOCOL_KEYS` (device type, runtime, batch size,
+    A predictor of other :data:`predictors.protocol.TIMING_KEYS` (device type, runtime, batch size,
     threads, dtype) predicts other latencies, so that is an error. One built for another space can
     still predict this space's layers, so that is only a warning.
     """
@@ -225,7 +222,7 @@ def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorCon
     stored = predictor.metadata.get("protocol")
     current = protocol.to_dict()
     differing = [] if not isinstance(stored, Mapping) else [
-        key for key in PREDICTIVE_PROTOCOL_KEYS if _protocol_value(stored, key) != _protocol_value(current, key)
+        key for key in TIMING_KEYS if _protocol_value(stored, key) != _protocol_value(current, key)
     ]
     if differing:
         raise PredictorError(

@@ -17,6 +17,7 @@ import torch
 __all__ = [
     "DTYPES",
     "RUNTIMES",
+    "TIMING_KEYS",
     "DeviceUnavailableError",
     "HardwareConfigError",
     "MeasurementProtocol",
@@ -35,6 +36,10 @@ class HardwareConfigError(ValueError):
 
 class DeviceUnavailableError(HardwareConfigError):
     """The protocol names a device that this machine does not have."""
+
+
+# The protocol fields that change what a latency is; warm-up and repeat counts change only its noise.
+TIMING_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
 
 
 @dataclass(frozen=True)
