@@ -38,6 +38,7 @@ from nas.cli import (
     check_group_settings,
     default_storage,
     import_user_modules,
+    module_list,
     require_space,
     resolve_data_root,
     run_cli,
@@ -425,7 +426,7 @@ def run(cfg: DictConfig) -> None:
         )
         record = {
             **scoring, "space": space.raw_config, "space_name": space.name,
-            "imports": to_container(cfg.get("imports")) or [],
+            "imports": module_list(to_container(cfg.get("imports"))),
             "data": to_container(cfg.data), "supernet_checkpoint": str(checkpoint),
             "supernet": to_container(cfg.supernet), "predictor_path": str(predictor_path), "seed": cfg.seed,
             "run_dir": str(run_dir), "sampler": search_cfg.sampler,

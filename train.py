@@ -34,6 +34,7 @@ from nas.cli import (
     check_group_settings,
     default_storage,
     import_user_modules,
+    module_list,
     run_cli,
     to_container,
 )
@@ -321,7 +322,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, space: SearchSpace, a
     """
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     payload = {"format_version": FINETUNE_FORMAT_VERSION, "space": space.raw_config, "arch": arch.to_dict(),
-               "gates": result.get("gates"), "imports": list(imports or []), "state_dict": state}
+               "gates": result.get("gates"), "imports": module_list(imports), "state_dict": state}
     tmp = run_dir / ".subnet.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(run_dir / "subnet.pt")

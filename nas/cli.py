@@ -83,9 +83,16 @@ def check_group_settings(argv: list[str], command: str, empty_defaults: dict[str
     raise SystemExit(2)
 
 
+def module_list(modules: Any) -> list[str]:
+    """Return the ``imports`` setting as a list of module names: a list as it is, one name as a list of one."""
+    if modules is None:
+        return []
+    return [modules] if isinstance(modules, str) else [str(name) for name in modules]
+
+
 def import_user_modules(modules: list[str] | str | None) -> None:
     """Import the modules in ``imports`` (a list, or one module name) so that user-defined space families register themselves."""
-    for name in [modules] if isinstance(modules, str) else modules or []:
+    for name in module_list(modules):
         try:
             importlib.import_module(name)
         except ImportError as err:

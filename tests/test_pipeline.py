@@ -308,7 +308,8 @@ def test_checkpoint_of_unregistered_family_names_imports(resnet_space, tmp_path)
 
     arch = resnet_space.smallest()
     model = resnet_space.build_supernet().build_static(arch)
-    train.save_checkpoint(tmp_path, model, resnet_space, arch, {"complete": True}, imports=["my_lab.spaces"])
+    # One module name as a string, as imports=my_lab.spaces on the command line gives it.
+    train.save_checkpoint(tmp_path, model, resnet_space, arch, {"complete": True}, imports="my_lab.spaces")
     payload = torch.load(tmp_path / "subnet.pt", weights_only=True)
     payload["space"] = {**payload["space"], "family": "lab_family"}
     torch.save(payload, tmp_path / "subnet.pt")
