@@ -411,36 +411,46 @@ def _gates_of_rank_zero(model: torch.nn.Module, space: SearchSpace, arch: Arch) 
 
 def hardware_chosen(overrides: list[str]) -> bool:
     """Return whether the command line ``overrides`` set the ``hardware`` group or a ``hardware.*`` key."""
-    return any(o.lstrip("+~").split("=")[0].split(".")[0] == "hardware" for o in overrides)
+    return any(_override_key(o).split(".")[0] == "hardware" for o in overrides)
+
+
+def _override_key(override: str) -> str:
+    return override.lstrip("+~").split("=")[0]
 
 
 def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overrides: list[str]) -> dict[str, Any]:
     """Return the ``hardware.*`` settings to time the fine-tuned network with, checked.
 
-    These are the study's own settings, so that the latency compares with the search's. When the
-    command line (``overrides``) sets ``hardware``, they are the command line's, with a warning where
-    they time otherwise.
+    These are the study's own settings, so that the latency compares with the search's. Keys set
+    on the command line (``overrides``, such as ``hardware.repeats=50``) replace the study's values.
+    A ``hardware=NAME`` group there replaces all of them. A timing setting that then differs from
+    the study's gets a warning.
     """
     from predictors import MeasurementProtocol
     from predictors.protocol import TIMING_KEYS, DeviceUnavailableError
 
     own = to_container(cfg.hardware)
-    if recorded is None or hardware_chosen(overrides):
-        differ = {k: (recorded.get(k), own.get(k)) for k in TIMING_KEYS if recorded and recorded.get(k) != own.get(k)}
-        if differ:
-            log.warning("Timing with hardware settings other than the study's (%s), so the latencies do not compare "
-                        "with its Pareto front.", ", ".join(f"{k}: {a!r} in the study, {b!r} now" for k, (a, b) in differ.items()))
-        MeasurementProtocol.from_config(own)
-        return own
+    if recorded is None or any(_override_key(o) == "hardware" for o in overrides):
+        chosen = own
+    else:
+        keys = {_override_key(o).split(".", 1)[1] for o in overrides if _override_key(o).startswith("hardware.")}
+        chosen = {**recorded, **{key: own[key] for key in keys if key in own}}
+    differ = {k: (recorded.get(k), chosen.get(k)) for k in TIMING_KEYS if recorded and recorded.get(k) != chosen.get(k)}
+    if differ:
+        log.warning("Timing with hardware settings other than the study's (%s), so the latencies do not compare "
+                    "with its Pareto front.", ", ".join(f"{k}: {a!r} in the study, {b!r} now" for k, (a, b) in differ.items()))
+    elif recorded is not None:
+        log.info("Timing with the study's hardware settings (%s); set hardware.* to time otherwise.",
+                 ", ".join(f"{k}={chosen.get(k)!r}" for k in TIMING_KEYS))
     try:
-        MeasurementProtocol.from_config(recorded)
+        MeasurementProtocol.from_config(chosen)
     except DeviceUnavailableError as err:
-        raise UsageError(f"The study timed latency on device {recorded.get('device')!r}, which this machine cannot "
+        if chosen is own:
+            raise
+        raise UsageError(f"The study timed latency on device {chosen.get('device')!r}, which this machine cannot "
                          f"use ({err}). Pass hardware=cpu (or other hardware.* settings) to time on this machine; "
                          "the latencies then do not compare with the study's.") from err
-    log.info("Timing with the study's hardware settings (%s); set hardware.* to time otherwise.",
-             ", ".join(f"{k}={recorded.get(k)!r}" for k in TIMING_KEYS))
-    return dict(recorded)
+    return dict(chosen)
 
 
 def run(cfg: DictConfig) -> None:

@@ -486,9 +486,18 @@ def test_train_times_with_the_study_hardware(caplog):
     recorded = {**_hardware_cfg().hardware, "runtime": "onnxruntime", "threads": 2}
     # Nothing on the command line: the study's settings.
     assert train.measurement_hardware(_hardware_cfg(), recorded, ["trial=3"]) == recorded
-    # hardware.* on the command line wins, with a warning naming what differs.
+    # A hardware.* key on the command line replaces the study's value of that key only.
+    assert train.measurement_hardware(_hardware_cfg(repeats=50), recorded, ["hardware.repeats=50"]) == {
+        **recorded, "repeats": 50}
+    assert "in the study" not in caplog.text
     with caplog.at_level(logging.WARNING, logger="tailnas.train"):
         chosen = train.measurement_hardware(_hardware_cfg(threads=1), recorded, ["hardware.threads=1"])
+    assert chosen == {**recorded, "threads": 1}
+    assert "(threads: 2 in the study, 1 now)" in caplog.text
+    # hardware=NAME replaces them all, with a warning naming what differs.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="tailnas.train"):
+        chosen = train.measurement_hardware(_hardware_cfg(threads=1), recorded, ["hardware=cpu"])
     assert chosen["runtime"] == "eager"
     assert "runtime: 'onnxruntime' in the study, 'eager' now" in caplog.text
     assert "threads: 2 in the study, 1 now" in caplog.text
