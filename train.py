@@ -575,7 +575,7 @@ def run(cfg: DictConfig) -> None:
     if gates_on and model.gated_blocks():
         with timer.stage("gates_keep_ratios"):
             result["keep_ratio_accuracy"] = keep_ratio_accuracy(model, gate_config, datamodule)
-    if gates_on and gate_config.batch_check:
+    if gates_on and gate_config.batch_check and model.gated_blocks():
         with timer.stage("gates_batch_check"):
             result["gates_batch_slowdown"] = check_gate_batches(model, teacher, space, arch, datamodule,
                                                                 to_container(cfg.hardware))
