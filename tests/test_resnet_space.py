@@ -74,7 +74,10 @@ def test_space_config_bad_block(resnet_config):
     (lambda c: c["stages"][0].pop("depths"), r"Missing keys \['depths'\] in space.stages\[0\]"),
     (lambda c: c.update(resolutions=["28"]), r"space.resolutions must contain whole numbers, but got \['28'\]"),
     (lambda c: c.update(block="bottleneck", expand_ratios=None), r"space.expand_ratios must be a non-empty list, but got None"),
-], ids=["missing-stem", "missing-depths", "string-resolution", "null-expand-ratios"])
+    (lambda c: c["stem"].update(channels="abc"), r"space.stem.channels must be a whole number >= 1, but got 'abc'"),
+    (lambda c: c["stem"].update(kernel_size=0), r"space.stem.kernel_size must be a whole number >= 1, but got 0"),
+], ids=["missing-stem", "missing-depths", "string-resolution", "null-expand-ratios", "string-stem-channels",
+        "zero-stem-kernel"])
 def test_space_config_errors_name_the_key(resnet_config, change, message):
     change(resnet_config)
     with pytest.raises(SpaceError, match=message):

@@ -102,6 +102,12 @@ class ResNetSpace(SearchSpace):
         cfg = self.cfg
         if cfg.block not in ("basic", "bottleneck"):
             raise SpaceError(f"space.block must be 'basic' or 'bottleneck', but got {cfg.block!r}.")
+        for key in ("channels", "kernel_size", "stride"):
+            value = getattr(cfg.stem, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SpaceError(f"space.stem.{key} must be a whole number >= 1, but got {value!r}.")
+        if not isinstance(cfg.stem.max_pool, bool):
+            raise SpaceError(f"space.stem.max_pool must be true or false, but got {cfg.stem.max_pool!r}.")
         _check_choices(cfg.resolutions, "space.resolutions")
         for i, stage in enumerate(cfg.stages):
             _check_choices(stage.depths, f"space.stages[{i}].depths")
