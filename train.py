@@ -409,6 +409,10 @@ def _gates_of_rank_zero(model: torch.nn.Module, space: SearchSpace, arch: Arch) 
     return gated, gated.config
 
 
+# Settings that train.py reads from the study record, never from its own config.
+STUDY_KEYS = ("space", "data", "supernet", "predictor", "imports")
+
+
 def hardware_chosen(overrides: list[str]) -> bool:
     """Return whether the command line ``overrides`` set the ``hardware`` group or a ``hardware.*`` key."""
     return any(_override_key(o).split(".")[0] == "hardware" for o in overrides)
@@ -456,6 +460,11 @@ def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overr
 def run(cfg: DictConfig) -> None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     timer = StageTimer()
+    recorded = [key for key in STUDY_KEYS if key in cfg]
+    if recorded:
+        raise UsageError(f"train.py takes {', '.join(recorded)} from the study, so the command line cannot set "
+                         f"{'it' if len(recorded) == 1 else 'them'}: drop the +{recorded[0]}... settings. To "
+                         "fine-tune with other settings, run search.py with them first.")
     if cfg.trial is None and cfg.pick not in PICKS:
         raise UsageError(f"Unknown pick={cfg.pick!r}; choose one of {list(PICKS)} or set trial=N.")
     epochs = cfg.finetune.epochs

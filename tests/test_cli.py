@@ -255,3 +255,10 @@ def test_imports_take_one_name_and_name_a_taken_family(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="imports: 'lab_taken_family' failed to register: Space family 'resnet' is "
                                          "already registered by ResNetSpace"):
         import_user_modules(["lab_taken_family"])
+
+
+def test_train_rejects_settings_the_study_fixes(tmp_path):
+    result = run_entry("train.py", "+data=cifar10", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "train.py takes data from the study, so the command line cannot set it" in result.stderr
+    assert "Traceback" not in result.stderr
