@@ -260,9 +260,11 @@ def profile_space(
 
     Each item is measured ``passes`` times. The (item, pass) runs are shuffled with
     ``np.random.default_rng(seed)`` so that a slow minute on the machine spreads over all parts
-    of the data instead of biasing one. Runs already in the store for the same device and
-    protocol are skipped, and every new run is appended to the store as soon as it finishes, so
-    an interrupted call resumes where it stopped.
+    of the data instead of biasing one. Runs already in the store for the same device, batch
+    size, thread count, dtype and runtime are skipped, whatever warm-up and repeat counts they were
+    timed with, and every new run is appended to the store as soon as it finishes, so an
+    interrupted call resumes where it stopped. To time again with more repeats, profile into a
+    new work directory.
 
     Args:
         space: a :class:`nas.spaces.SearchSpace`.
