@@ -356,9 +356,11 @@ def run(cfg: DictConfig) -> None:
     # The study name is set before the tracker starts because it is the run's default W&B group.
     study_name = cfg.search.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     fingerprint = device_fingerprint(protocol)
+    # With hardware.threads null on the CPU, the thread count torch uses picks the cached predictor.
+    threads_used = fingerprint.get("threads") if protocol.threads is None and protocol.device == "cpu" else None
     scoring = {"space_config": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
                "device_fingerprint_id": fingerprint_id(fingerprint), "hardware": protocol.to_dict(),
-               "latency_budget_ms": budget}
+               "threads_used": threads_used, "latency_budget_ms": budget}
     stored = existing_study(storage, study_name)
     if stored is not None:
         # Checked before the supernet trains, so a mismatch costs nothing.

@@ -434,6 +434,10 @@ def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overr
     from predictors.protocol import TIMING_KEYS, DeviceUnavailableError
 
     own = to_container(cfg.hardware)
+    deleted = [o for o in overrides if o.startswith("~hardware")]
+    if deleted:
+        raise UsageError(f"{deleted[0]} is not supported: train.py times with the study's hardware settings. Set the "
+                         "value instead (hardware.KEY=VALUE), or choose a group (hardware=cpu).")
     if recorded is None or any(_override_key(o) == "hardware" for o in overrides):
         chosen = own
     else:

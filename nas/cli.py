@@ -97,8 +97,8 @@ def import_user_modules(modules: list[str] | str | None) -> None:
             importlib.import_module(name)
         except ImportError as err:
             raise UsageError(f"imports: cannot import {name!r} ({err}); check the module name and PYTHONPATH.") from err
-        except ValueError as err:  # register_space rejects a family name that is taken
-            raise UsageError(f"imports: {name!r} failed to register: {err} Give its family another name.") from err
+        except ValueError as err:  # register_space rejects a family name that is taken, for one
+            raise UsageError(f"imports: importing {name!r} failed: {err}") from err
 
 
 def default_storage(cfg: DictConfig) -> str:

@@ -296,7 +296,9 @@ def _timing_key(record: dict[str, Any]) -> str:
     hardware = record.get("hardware")
     if not isinstance(hardware, dict):
         return ""
-    return ", ".join(f"{key}={hardware.get(key)}" for key in TIMING_KEYS)
+    # "cuda" and "cuda:0" are one kind of device.
+    values = {key: str(hardware.get(key)).split(":")[0] if key == "device" else hardware.get(key) for key in TIMING_KEYS}
+    return ", ".join(f"{key}={value}" for key, value in values.items())
 
 
 def _space_config_key(record: Mapping[str, Any]) -> str:

@@ -120,6 +120,7 @@ RESUME_KEYS = {
     "supernet_key": "the supernet: data.*, supernet.* and seed",
     "device_fingerprint_id": "the device",
     "hardware": "hardware.*",
+    "threads_used": "torch's CPU thread count with hardware.threads null (OMP_NUM_THREADS, CPU quota)",
     "latency_budget_ms": "search.latency_budget_ms",
 }
 

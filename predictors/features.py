@@ -207,10 +207,12 @@ def _padded_macs(layer: LayerSpec, simd: int) -> float:
         return math.ceil(channels / simd) * simd
 
     if layer.op == "se":
-        # The two 1x1 convolutions run over the reduced width, the rescaling multiply over the input channels.
-        convs = 2 * layer.in_channels * layer.out_channels
+        # The reduce convolution outputs the reduced width, the expand convolution and the rescaling
+        # multiply the input channels.
+        conv = layer.in_channels * layer.out_channels
         rescale = layer.in_channels * layer.in_size**2
-        return convs * padded(layer.out_channels) / layer.out_channels + rescale * padded(layer.in_channels) / layer.in_channels
+        return (conv * padded(layer.out_channels) / layer.out_channels
+                + (conv + rescale) * padded(layer.in_channels) / layer.in_channels)
     return layer.macs * padded(layer.out_channels) / layer.out_channels
 
 

@@ -159,9 +159,11 @@ def _conv_bn_pairs(parent: nn.Module) -> list[tuple[str, str]]:
 
 
 def _foldable(conv: nn.Module | None, bn: nn.Module | None) -> bool:
+    # Exact classes only: subclasses can change forward, as timm's BatchNormAct2d adds an activation
+    # and the supernet's sliceable convolutions drop the bias that folding adds.
     return (
-        isinstance(conv, nn.Conv2d)
-        and isinstance(bn, nn.BatchNorm2d)
+        type(conv) is nn.Conv2d
+        and type(bn) is nn.BatchNorm2d
         and bn.track_running_stats
         and bn.running_mean is not None
         and bn.num_features == conv.out_channels

@@ -252,7 +252,7 @@ def test_imports_take_one_name_and_name_a_taken_family(tmp_path, monkeypatch):
     import sys
 
     assert sys.modules["lab_fine"].LOADED
-    with pytest.raises(UsageError, match="imports: 'lab_taken_family' failed to register: Space family 'resnet' is "
+    with pytest.raises(UsageError, match="imports: importing 'lab_taken_family' failed: Space family 'resnet' is "
                                          "already registered by ResNetSpace"):
         import_user_modules(["lab_taken_family"])
 

@@ -95,10 +95,11 @@ def test_gpu_depthwise_features_count_output_elements() -> None:
 def test_cpu_padding_of_squeeze_excite_per_part() -> None:
     se = LayerSpec("se", 144, 40, 28)
     feats = layer_features(se, 1, CPU)
-    # The 1x1 convolutions pad 40 to 48 lanes; the rescaling over 144 channels needs no padding.
-    convs, rescale = 2 * 144 * 40, 144 * 28 * 28
-    assert se.macs == convs + rescale
-    assert feats["cpu_padded_macs"] == pytest.approx(convs * 48 / 40 + rescale)
+    # The reduce convolution pads its 40 outputs to 48 lanes; the expand convolution and the rescaling
+    # over 144 channels need no padding.
+    conv, rescale = 144 * 40, 144 * 28 * 28
+    assert se.macs == 2 * conv + rescale
+    assert feats["cpu_padded_macs"] == pytest.approx(conv * 48 / 40 + conv + rescale)
 
 
 def test_cpu_simd_and_thread_features() -> None:

@@ -363,7 +363,8 @@ def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
 def test_default_thread_count_keys_the_cached_predictor(tmp_path: Path) -> None:
     import torch
 
-    from predictors.build import load_or_build_predictor
+    import predictors.build as build
+    from predictors.fingerprint import device_fingerprint
     from predictors.protocol import MeasurementProtocol
 
     space = create_space(TINY_SPACE)
@@ -371,18 +372,19 @@ def test_default_thread_count_keys_the_cached_predictor(tmp_path: Path) -> None:
         {"device": "cpu", "runtime": "eager", "batch_size": 1, "threads": None, "dtype": "float32", "warmup": 1,
          "repeats": 3}
     )
+    config = build.PredictorConfig.from_mapping(TINY_PREDICTOR)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _, _, one = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+        _, _, one = build.load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
         torch.set_num_threads(2)
-        two_predictor, two_report, two = load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0,
-                                                                 progress=False)
-        assert two != one  # built again for two threads, beside the one-thread file
-        assert not two_report.get("reused")
-        assert two_predictor.metadata["fingerprint"]["threads"] == 2
+        two_threads = device_fingerprint(protocol)
+        assert two_threads["threads"] == 2
+        # Another file for two threads, and the one-thread file counts as stale for them.
+        assert build.predictor_path(tmp_path, one.parent.name, space, protocol, config, 2) != one
+        assert build._load_cached(one, two_threads, config, space, protocol) is None
         with pytest.raises(PredictorError, match="built with 1 CPU threads, and torch uses 2 here"):
-            load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "path": str(one)}, tmp_path, seed=0)
+            build.load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "path": str(one)}, tmp_path, seed=0)
     finally:
         torch.set_num_threads(before)
 

@@ -297,7 +297,19 @@ def test_fold_batchnorm_keeps_outputs(make_space):
         assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_unfolded_batchnorm_warned_once(caplog):
+def test_fold_leaves_batchnorm_subclasses_alone():
+    class NormAct(nn.BatchNorm2d):  # a BatchNorm that also applies an activation, as timm's BatchNormAct2d
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), NormAct(2)).eval()
+    assert fold_batchnorm(model) == 0
+    assert isinstance(model[1], NormAct)
+
+
+def test_unfolded_batchnorm_warned_once(caplog, monkeypatch):
+    monkeypatch.setattr(profiling, "_WARNED_UNFOLDED", set())
+
     class NormFirst(nn.Module):
         def __init__(self):
             super().__init__()

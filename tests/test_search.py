@@ -98,7 +98,7 @@ def test_resume_with_other_space_rejected(resnet_space, tmp_path):
 
 SCORING = {"space_config": {"family": "resnet"}, "supernet_key": "resnet-aaa", "device_fingerprint_id": "cpu1",
            "hardware": {"device": "cpu", "batch_size": 1, "threads": 1}, "latency_budget_ms": None,
-           "run_dir": "outputs/first"}
+           "threads_used": 2, "run_dir": "outputs/first"}
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -106,6 +106,7 @@ SCORING = {"space_config": {"family": "resnet"}, "supernet_key": "resnet-aaa", "
     ({"hardware": {"device": "cpu", "batch_size": 8, "threads": 1}}, r"hardware\.\* \(differs in batch_size\)"),
     ({"latency_budget_ms": 0.5}, r"search\.latency_budget_ms \(null before, 0\.5 now\)"),
     ({"device_fingerprint_id": "gpu7"}, r"the device\. "),
+    ({"threads_used": 1}, r"torch's CPU thread count with hardware\.threads null .* \(2 before, 1 now\)"),
 ])
 def test_resume_with_other_scoring_rejected(change, message):
     with pytest.raises(SearchError, match=message):
@@ -503,6 +504,14 @@ def test_train_times_with_the_study_hardware(caplog):
     assert "threads: 2 in the study, 1 now" in caplog.text
     # A study from before the record: the command line's settings, without a warning.
     assert train.measurement_hardware(_hardware_cfg(), None, [])["runtime"] == "eager"
+
+
+def test_train_rejects_deleted_hardware_keys():
+    import train
+    from nas.cli import UsageError
+
+    with pytest.raises(UsageError, match=r"~hardware.threads is not supported"):
+        train.measurement_hardware(_hardware_cfg(), dict(_hardware_cfg().hardware), ["~hardware.threads"])
 
 
 def test_train_names_fix_for_study_timed_on_missing_gpu():
