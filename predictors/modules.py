@@ -117,10 +117,12 @@ def fold_batchnorm(model: nn.Module) -> int:
     followed by a ``BatchNorm2d`` inside an ``nn.Sequential``; sibling attributes named
     ``conv<suffix>`` and ``bn<suffix>`` (timm's ResNet naming, also used by
     :mod:`nas.supernet.resnet`); and a ``Conv2d`` child registered right before a ``BatchNorm2d``
-    child (timm's MobileNetV3 blocks: ``conv_pw`` then ``bn1``, ``conv_dw`` then ``bn2``). The
-    folded BatchNorm becomes an ``nn.Identity``. The sibling patterns trust that the BatchNorm
-    consumes that convolution's output; callers that cannot be sure should compare outputs before
-    and after, as :func:`predictors.profiling.fold_batchnorm_checked` does.
+    child (the MobileNetV3 blocks of :mod:`nas.supernet.mobilenet`, named as timm names them:
+    ``conv_pw`` then ``bn1``, ``conv_dw`` then ``bn2``). Only the exact classes ``nn.Conv2d`` and
+    ``nn.BatchNorm2d`` are folded, so timm's own ``BatchNormAct2d`` and the supernets' sliceable
+    layers stay as they are. The folded BatchNorm becomes an ``nn.Identity``. The sibling patterns
+    trust that the BatchNorm consumes that convolution's output. Callers that cannot be sure should
+    compare outputs before and after, as :func:`predictors.profiling.fold_batchnorm_checked` does.
 
     Raises:
         ValueError: if ``model`` is in training mode, because folding uses the running statistics.
