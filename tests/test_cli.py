@@ -262,3 +262,16 @@ def test_train_rejects_settings_the_study_fixes(tmp_path):
     assert result.returncode == 1
     assert "train.py takes data from the study, so the command line cannot set it" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_train_help_lists_the_groups_it_reads():
+    import re
+
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    groups = result.stdout.split("== Configuration groups ==")[1].split("== Config ==")[0]
+    listed = dict(re.findall(r"^(\w+): (.+)$", groups, flags=re.MULTILINE))
+    assert set(listed) == {"hardware", "gates", "logger"}
+    for group, options in listed.items():
+        assert set(options.split(", ")) == {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
