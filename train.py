@@ -322,7 +322,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, space: SearchSpace, a
     """
     state = {key: value.detach().cpu() for key, value in model.state_dict().items()}
     payload = {"format_version": FINETUNE_FORMAT_VERSION, "space": space.raw_config, "arch": arch.to_dict(),
-               "gates": result.get("gates"), "imports": module_list(imports), "state_dict": state}
+               "gates": result.get("gates"), "imports": module_list(imports), "input": result.get("input"),
+               "state_dict": state}
     tmp = run_dir / ".subnet.pt.tmp"
     torch.save(payload, tmp)
     tmp.replace(run_dir / "subnet.pt")
@@ -336,14 +337,17 @@ def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch
     leave the network's state as it was.
     """
     from nas.export import export_program
+    from predictors.profiling import fold_batchnorm_checked
 
-    model = model.cpu().eval()
-    example = torch.randn(1, *space.input_shape(arch))
-    export_program(model, example, run_dir / "subnet.pt2")
+    # The programs run the network as it was timed: with BatchNorm folded into the convolutions.
+    shape = tuple(space.input_shape(arch))
+    deployed = fold_batchnorm_checked(model.cpu().eval(), shape)
+    example = torch.randn(1, *shape)
+    export_program(deployed, example, run_dir / "subnet.pt2")
     if result.get("gates") is not None:
         # A dynamic batch is traced on the masked path, which computes every channel. Only a program
         # traced at a static batch of 1 skips what the gates drop.
-        export_program(model, example, run_dir / "subnet_b1.pt2", dynamic_batch=False)
+        export_program(deployed, example, run_dir / "subnet_b1.pt2", dynamic_batch=False)
     atomic_write_text(run_dir / "finetune.json", json.dumps({**result, "complete": True}, indent=2) + "\n")
 
 
@@ -519,7 +523,7 @@ def run(cfg: DictConfig) -> None:
 
     result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
                               "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0],
-                              "hardware": to_container(cfg.hardware)}
+                              "hardware": to_container(cfg.hardware), "input": datamodule.preprocessing()}
     gates_on = cfg.gates.get("name", "none") != "none"
     with timer.stage("finetune"):
         if cfg.from_scratch:

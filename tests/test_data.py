@@ -387,3 +387,11 @@ def test_imagefolder_layout_logged_and_stray_folders_warned(tmp_path, caplog):
         datamodule.log_summary()
     assert "the folders ['stray'], which are not read" in caplog.text
     assert "train/, and val/ halved into validation and test" in caplog.text
+
+
+def test_preprocessing_describes_the_normalisation(tmp_path):
+    mnist = build_datamodule({"name": "mnist"}).preprocessing()
+    assert (mnist["channels"], mnist["resolution"], mnist["mean"], mnist["std"]) == (1, 28, [0.1307], [0.3081])
+    _write_tiny_cifar10(tmp_path)
+    cifar = _cifar10_module(tmp_path).preprocessing()
+    assert (cifar["channels"], cifar["resolution"], len(cifar["mean"]), len(cifar["std"])) == (3, 32, 3, 3)

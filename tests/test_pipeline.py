@@ -121,8 +121,14 @@ def test_train_finetunes_knee_of_latest_study(searched):
     loaded = load_finetuned(run_dir / "subnet.pt")
     assert loaded.arch.to_dict() == report["arch"]
     x = torch.randn(2, 1, 28, 28)
+    program = load_program(run_dir / "subnet.pt2")
     with torch.no_grad():
-        torch.testing.assert_close(loaded(x), load_program(run_dir / "subnet.pt2").module()(x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(loaded(x), program.module()(x), atol=1e-4, rtol=1e-4)
+    # The program runs the network as it was timed: BatchNorm folded into the convolutions.
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert any("conv2d" in t for t in targets)
+    assert not any("batch_norm" in t for t in targets)
+    assert {"channels", "resolution", "pixels", "mean", "std"} <= set(report["input"])
     with pytest.raises(ExportError, match="not found"):
         load_finetuned(run_dir / "missing.pt")
     with pytest.raises(ExportError, match="is not a train.py checkpoint"):

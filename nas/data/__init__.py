@@ -55,6 +55,10 @@ class MNISTSubsetDataModule(ImageDataModule):
     # Mean and standard deviation of the 70,000 MNIST digits in [0, 1], the usual normalisation.
     MEAN, STD = 0.1307, 0.3081
 
+    def preprocessing(self) -> dict[str, Any]:
+        return {"channels": 1, "resolution": 28, "pixels": "grayscale 28x28, values 0 to 255 divided by 255",
+                "mean": [self.MEAN], "std": [self.STD]}
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
@@ -157,6 +161,13 @@ class ImageFolderDataModule(ImageDataModule):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "root": str(self.root), "resolution": self.resolution}
+
+    def preprocessing(self) -> dict[str, Any]:
+        mode = "grayscale" if self.in_channels == 1 else "RGB"
+        return {"channels": self.in_channels, "resolution": self.resolution,
+                "pixels": f"{mode}, shorter side resized to {self.resolution}, centre-cropped to "
+                          f"{self.resolution}x{self.resolution}, values 0 to 255 divided by 255",
+                "mean": [], "std": []}
 
 
 def _class_folders(folder: Any) -> list[str]:

@@ -75,6 +75,16 @@ class ImageDataModule(pl.LightningDataModule):
         return {"name": type(self).__name__, "split": list(self.split), "seed": self.seed,
                 "batch_size": self.batch_size, "max_train_samples": self.max_train_samples}
 
+    def preprocessing(self) -> dict[str, Any]:
+        """Return how an image becomes the network's input, for the people who deploy it.
+
+        Keys: ``channels`` and ``resolution`` of the input tensor, ``pixels`` (how the image is
+        read and scaled) and ``mean`` and ``std`` per channel, subtracted and divided after scaling
+        (empty lists where nothing is normalised).
+        """
+        return {"channels": self.in_channels, "resolution": self.resolution, "pixels": "as the data module makes them",
+                "mean": [], "std": []}
+
     def log_summary(self) -> None:
         """Log the classes, the input shape and the split sizes; warn when validation is too small to rank subnets."""
         self._ensure_setup()

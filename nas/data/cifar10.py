@@ -316,12 +316,19 @@ class CIFAR10DataModule(ImageDataModule):
         self.root = _cifar10_root(root)
         self.augment = augment
 
+    # Per-channel mean and standard deviation of CIFAR-10's training images in [0, 1].
+    MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"channels": 3, "resolution": 32, "pixels": "RGB 32x32, values 0 to 255 divided by 255",
+                "mean": list(self.MEAN), "std": list(self.STD)}
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
         from torchvision import transforms
 
-        normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+        normalize = transforms.Normalize(self.MEAN, self.STD)
         plain = transforms.Compose([transforms.ToTensor(), normalize])
         augmented = transforms.Compose(
             [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]
