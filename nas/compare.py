@@ -113,6 +113,8 @@ class StudySummary:
     space_config: str = ""
     # The hardware.* settings that change a latency (device, runtime, batch size, threads, dtype), as recorded.
     timing: str = ""
+    # The dataset the accuracies come from: data.name, and data.root where it has one.
+    data: str = ""
 
     @property
     def best_accuracy(self) -> float | None:
@@ -286,7 +288,7 @@ def summarize_study(study: optuna.Study) -> StudySummary | None:
     return StudySummary(
         name=study.study_name, sampler=study_sampler(study), space=_space_name(record),
         trials_finished=len(finished), front=tuple(sorted(front, key=lambda p: (p.latency_ms, -p.accuracy))),
-        space_config=_space_config_key(record), timing=_timing_key(record),
+        space_config=_space_config_key(record), timing=_timing_key(record), data=_data_key(record),
     )
 
 
@@ -299,6 +301,13 @@ def _timing_key(record: dict[str, Any]) -> str:
     # "cuda" and "cuda:0" are one kind of device.
     values = {key: str(hardware.get(key)).split(":")[0] if key == "device" else hardware.get(key) for key in TIMING_KEYS}
     return ", ".join(f"{key}={value}" for key, value in values.items())
+
+
+def _data_key(record: Mapping[str, Any]) -> str:
+    data = record.get("data")
+    if not isinstance(data, Mapping):
+        return ""
+    return f"{data.get('name')} at {data['root']}" if data.get("root") else str(data.get("name"))
 
 
 def _space_config_key(record: Mapping[str, Any]) -> str:
@@ -376,7 +385,7 @@ def warn_mixed_sources(summaries: Sequence[StudySummary]) -> None:
 
 
 def warn_incomparable(summaries: Sequence[StudySummary], reference_ms: float | None) -> None:
-    """Warn when the studies searched different spaces, timed with different hardware settings, or the
+    """Warn when the studies searched different spaces or data, timed with different hardware settings, or the
     reference lies left of every front."""
     spaces = {s.name: s.space for s in summaries}
     if len(set(spaces.values())) > 1:
@@ -386,6 +395,10 @@ def warn_incomparable(summaries: Sequence[StudySummary], reference_ms: float | N
     elif len({s.space_config for s in summaries if s.space_config}) > 1:
         log.warning("The studies searched the %s space with different settings (stages, resolutions or others "
                     "besides tail_aware), so their fronts cover different networks.", summaries[0].space)
+    datasets = {s.name: s.data for s in summaries if s.data}
+    if len(set(datasets.values())) > 1:
+        log.warning("The studies searched on different data (%s), so their accuracies do not compare.",
+                    "; ".join(f"{name}: {data}" for name, data in datasets.items()))
     timings = {s.name: s.timing for s in summaries if s.timing}
     if len(set(timings.values())) > 1:
         log.warning("The studies timed latency with different hardware settings (%s), so their latencies and "

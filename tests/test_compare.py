@@ -294,6 +294,14 @@ def test_other_timing_settings_warned(storage, tmp_path, caplog):
     assert "tail: device=cpu, runtime=onnxruntime" in caplog.text
 
 
+def test_other_data_warned(storage, tmp_path, caplog):
+    optuna.load_study(study_name="plain", storage=storage).set_user_attr("data", {"name": "mnist", "root": None})
+    optuna.load_study(study_name="tail", storage=storage).set_user_attr("data", {"name": "synthetic"})
+    with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
+        assert run_compare(storage, tmp_path / "out", "plain", "tail") == 0
+    assert "searched on different data (plain: mnist; tail: synthetic)" in caplog.text
+
+
 def test_other_space_settings_warned(storage, tmp_path, caplog):
     study = optuna.load_study(study_name="tail", storage=storage)
     study.set_user_attr("space", {"name": "resnet", "family": "resnet", "resolutions": [32]})
