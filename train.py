@@ -351,6 +351,16 @@ def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch
     atomic_write_text(run_dir / "finetune.json", json.dumps({**result, "complete": True}, indent=2) + "\n")
 
 
+def write_train_manifest(run_dir: Path, cfg: DictConfig, study_name: str, trial: int, record: dict[str, Any]) -> None:
+    """Write ``manifest.json``: package versions, git commit and device of this run, and the search run it comes from."""
+    from nas.report import write_manifest
+    from predictors import MeasurementProtocol, device_fingerprint
+
+    fingerprint = device_fingerprint(MeasurementProtocol.from_config(to_container(cfg.hardware)))
+    write_manifest(run_dir / "manifest.json", to_container(cfg), fingerprint, cfg.seed,
+                   {"study_name": study_name, "trial": trial, "search_run_dir": record.get("run_dir")})
+
+
 def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: DictConfig) -> tuple[Any, Any]:
     """Wrap ``model`` with the gates that ``gates=...`` selects; returns (gated network, gate config).
 
@@ -616,6 +626,7 @@ def run(cfg: DictConfig) -> None:
                         result["measured_latency_ms"], budget)
     result["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
     save_outputs(run_dir, model, space, arch, result)
+    write_train_manifest(run_dir, cfg, study.study_name, trial.number, record)
     summary = {k: v for k, v in result.items() if isinstance(v, (int, float))}
     if gates_on:
         # Training logs each step's sampled ratio under this key; the summary keeps the deployed one.
@@ -633,7 +644,7 @@ def run(cfg: DictConfig) -> None:
         notes.append(f"ungated {result['ungated_latency_ms']:.3f} ms; no block got a gate")
     note = f" ({'; '.join(notes)})" if notes else ""
     print(f", measured latency {result['measured_latency_ms']:.3f} ms{note}.")
-    written = [run_dir / "finetune.json", run_dir / "subnet.pt", run_dir / "subnet.pt2"]
+    written = [run_dir / "finetune.json", run_dir / "manifest.json", run_dir / "subnet.pt", run_dir / "subnet.pt2"]
     if gates_on:
         written.append(run_dir / "subnet_b1.pt2")
     print(f"Wrote {', '.join(str(path) for path in written[:-1])} and {written[-1]}.")

@@ -129,6 +129,10 @@ def test_train_finetunes_knee_of_latest_study(searched):
     assert any("conv2d" in t for t in targets)
     assert not any("batch_norm" in t for t in targets)
     assert {"channels", "resolution", "pixels", "mean", "std"} <= set(report["input"])
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["study_name"] == "tiny"
+    assert manifest["search_run_dir"]
+    assert {"torch", "tailnas"} <= set(manifest["packages"])
     with pytest.raises(ExportError, match="not found"):
         load_finetuned(run_dir / "missing.pt")
     with pytest.raises(ExportError, match="is not a train.py checkpoint"):
