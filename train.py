@@ -167,7 +167,7 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     strategy = gated_strategy(ft.trainer) if hasattr(model, "set_keep_ratio") else ft.trainer.strategy
     trainer = pl.Trainer(
         max_epochs=ft.epochs, accelerator=ft.trainer.accelerator, devices=ft.trainer.devices,
-        strategy=strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(),
+        strategy=strategy, precision=ft.trainer.precision, logger=tracker.lightning_logger(tag),
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks or [],
         default_root_dir=str(Path(HydraConfig.get().runtime.output_dir) / tag),
     )

@@ -39,8 +39,8 @@ class Tracker:
     def log_image(self, key: str, path: str) -> None:
         pass
 
-    def lightning_logger(self) -> Any:
-        """Return a Lightning logger for trainers, or False for none."""
+    def lightning_logger(self, prefix: str = "") -> Any:
+        """Return a Lightning logger for trainers, or False for none; ``prefix`` starts its metric names."""
         return False
 
     def finish(self) -> None:
@@ -83,10 +83,11 @@ class WandbTracker(Tracker):
     def log_image(self, key: str, path: str) -> None:
         self.run.log({key: self._wandb.Image(path)})
 
-    def lightning_logger(self) -> Any:
+    def lightning_logger(self, prefix: str = "") -> Any:
         from lightning.pytorch.loggers import WandbLogger
 
-        return WandbLogger(experiment=self.run)
+        # Lightning joins the prefix with "-": "scratch-val/accuracy".
+        return WandbLogger(experiment=self.run, prefix=prefix)
 
     def finish(self) -> None:
         self.run.finish()

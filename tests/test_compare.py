@@ -308,3 +308,19 @@ def test_other_space_settings_warned(storage, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
         assert run_compare(storage, tmp_path / "out", "plain", "tail") == 0
     assert "searched the resnet space with different settings" in caplog.text
+
+
+def test_fine_tunings_log_under_their_own_names(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is not installed")
+    from nas.tracking import create_tracker
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tracker = create_tracker({"name": "wandb", "mode": "offline"}, {}, "train", str(tmp_path))
+    try:
+        for tag, accuracy in (("inherited", 0.9), ("scratch", 0.5)):
+            tracker.lightning_logger(tag).log_metrics({"test/accuracy": accuracy}, step=0)
+        assert tracker.run.summary["inherited-test/accuracy"] == 0.9
+        assert tracker.run.summary["scratch-test/accuracy"] == 0.5
+    finally:
+        tracker.finish()
