@@ -128,8 +128,14 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
     return max(within, key=lambda t: (t.values[0], -_latency(t, measured)))
 
 
-INTERRUPTED = ("Interrupted. A network whose fine-tuning had finished is in the run folder (subnet.pt, and "
-               "finetune.json with \"complete\": false); an interrupted fine-tuning keeps nothing.")
+def interrupted_message(run_dir: Path | None = None) -> str:
+    """Say what an interrupted train.py run kept in ``run_dir`` (default: Hydra's run folder)."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir) if run_dir is None else run_dir
+    if (run_dir / "subnet.pt").is_file():
+        return (f"Interrupted. The fine-tuned network is in {run_dir / 'subnet.pt'} (finetune.json has \"complete\": "
+                "false); the comparison, checks or measurement that were running are lost.")
+    return (f"Interrupted before the fine-tuned network was saved, so {run_dir} holds no network; run the command "
+            "again to fine-tune from the start.")
 
 
 # DDP strategies of Lightning that have a variant with find_unused_parameters=True.
@@ -653,7 +659,7 @@ def run(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     restore_interrupt()
-    run_cli(run, cfg, interrupted=INTERRUPTED)
+    run_cli(run, cfg, interrupted=interrupted_message)
 
 
 if __name__ == "__main__":

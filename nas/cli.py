@@ -254,13 +254,14 @@ INTERRUPTED = ("Interrupted. What finished is kept in paths.work_dir: the profil
                "settings (and search.study_name) picks them up.")
 
 
-def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig, interrupted: str = INTERRUPTED) -> Any:
+def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig,
+            interrupted: str | Callable[[], str] = INTERRUPTED) -> Any:
     """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1.
 
     So does a write that the file system refuses (permission, read-only, full disk), with the path.
 
-    Ctrl-C ends it with exit code 130 and ``interrupted``, a line on what is kept, instead of a
-    traceback. Entry points turn Lightning's own exit on Ctrl-C into KeyboardInterrupt for this.
+    Ctrl-C ends it with exit code 130 and ``interrupted`` (or what it returns, when it is a
+    function), a line on what is kept, instead of a traceback. Entry points turn Lightning's own exit on Ctrl-C into KeyboardInterrupt for this.
     """
     try:
         return body(cfg)
@@ -279,5 +280,5 @@ def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig, interrupted: str
     except KeyboardInterrupt:
         # Every store and cache in paths.work_dir is written run by run or atomically.
         log.warning("Interrupted")
-        print(interrupted, file=sys.stderr)
+        print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         sys.exit(130)

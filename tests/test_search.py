@@ -549,3 +549,11 @@ def test_pareto_csv_says_where_search_latency_comes_from(tmp_path):
                                                 "latency_source": "measured"}])
     rows = read_pareto_csv(tmp_path / "pareto.csv")
     assert [r["latency_source"] for r in rows] == ["predicted", "measured"]
+
+
+def test_train_interrupt_says_what_was_kept(tmp_path):
+    import train
+
+    assert "holds no network; run the command again" in train.interrupted_message(tmp_path)
+    (tmp_path / "subnet.pt").write_bytes(b"")
+    assert f"The fine-tuned network is in {tmp_path / 'subnet.pt'}" in train.interrupted_message(tmp_path)
