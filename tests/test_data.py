@@ -395,3 +395,9 @@ def test_preprocessing_describes_the_normalisation(tmp_path):
     _write_tiny_cifar10(tmp_path)
     cifar = _cifar10_module(tmp_path).preprocessing()
     assert (cifar["channels"], cifar["resolution"], len(cifar["mean"]), len(cifar["std"])) == (3, 32, 3, 3)
+
+
+def test_fixed_dataset_rejects_other_shape():
+    with pytest.raises(DataError, match=r"data.num_classes=2, but mnist has 10; leave data.num_classes as it is"):
+        build_datamodule({"name": "mnist", "num_classes": 2})
+    assert build_datamodule({"name": "mnist", "num_classes": 10, "in_channels": 1, "resolution": 28}).num_classes == 10

@@ -240,9 +240,12 @@ def build_datamodule(config: Mapping[str, Any]) -> ImageDataModule:
         raise DataError(f"Unknown dataset data.name={name!r}; available datasets are {sorted(DATASETS)}.")
     cls = DATASETS[name]
     if cls is not ImageFolderDataModule and cls is not SyntheticDataModule:
-        options.pop("in_channels", None)
-        options.pop("num_classes", None)
-        options.pop("resolution", None)
+        # These datasets fix their shape and classes: the keys exist for the space's interpolations.
+        for key in ("in_channels", "num_classes", "resolution"):
+            value = options.pop(key, None)
+            if value is not None and value != getattr(cls, key):
+                raise DataError(f"data.{key}={value!r}, but {name} has {getattr(cls, key)}; leave data.{key} as it "
+                                f"is, or use data=imagefolder for other images.")
     if "split" in options:
         options["split"] = tuple(options["split"])
     try:
