@@ -268,6 +268,25 @@ def keep_ratio_accuracy(network: Any, gate_config: Any, datamodule: Any) -> list
     return rows
 
 
+def keep_ratio_latency(network: Any, gate_config: Any, space: SearchSpace, arch: Arch, hardware: dict[str, Any],
+                       datamodule: Any) -> dict[str, float]:
+    """Return the measured latency (ms) of ``network`` at each keep ratio of its calibration grid, by ratio.
+
+    Each ratio is timed as ``measured_latency_ms`` is (:func:`measure`); the keep ratio is restored.
+    """
+    from nas.gates import calibration_ratios
+
+    original = network.keep_ratio
+    latency = {}
+    try:
+        for ratio in calibration_ratios(gate_config):
+            network.set_keep_ratio(ratio)
+            latency[f"{ratio:g}"] = measure(network, space, arch, hardware, datamodule)
+    finally:
+        network.set_keep_ratio(original)
+    return latency
+
+
 def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace, arch: Arch, datamodule: Any,
                        hardware: dict[str, Any]) -> list[dict[str, Any]]:
     """Time the gated network against ``ungated`` at the larger batch sizes of ``gates.measure_batch_sizes``.
@@ -620,6 +639,10 @@ def run(cfg: DictConfig) -> None:
         if gates_on:
             # The ungated subnet on the same images, so that the run shows what the gates saved.
             result["ungated_latency_ms"] = measure(teacher, space, arch, to_container(cfg.hardware), datamodule)
+        if gates_on and model.gated_blocks():
+            # The latency at every calibrated ratio, beside keep_ratio_accuracy, for choosing one to deploy.
+            result["keep_ratio_latency_ms"] = keep_ratio_latency(model, gate_config, space, arch,
+                                                                 to_container(cfg.hardware), datamodule)
     budget = gate_config.latency_budget_ms if gates_on else None
     if budget is not None:
         result["latency_budget_ms"] = budget

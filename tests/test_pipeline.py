@@ -194,6 +194,8 @@ def test_train_with_gates_records_them(searched):
     assert {0.25, 0.4, 1.0} <= set(sweep)
     assert all(0.0 <= row["val_accuracy"] <= 1.0 and 0.0 <= row["test_accuracy"] <= 1.0 for row in sweep.values())
     assert sweep[0.4]["test_accuracy"] == pytest.approx(report["test_accuracy"], abs=1e-6)
+    assert set(report["keep_ratio_latency_ms"]) == {f"{ratio:g}" for ratio in sweep}
+    assert all(ms > 0 for ms in report["keep_ratio_latency_ms"].values())
     import torch
 
     from nas.export import load_finetuned, load_program
