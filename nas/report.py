@@ -97,11 +97,11 @@ def read_pareto_csv(path: Path) -> list[dict[str, Any]]:
 
 def nondominated(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Return the (latency, accuracy) points that no other point beats on both, fastest first."""
-    kept: list[tuple[float, float]] = []
+    front: list[tuple[float, float]] = []
     for latency, accuracy in sorted(points, key=lambda p: (p[0], -p[1])):
-        if not kept or accuracy > kept[-1][1]:
-            kept.append((latency, accuracy))
-    return kept
+        if not front or accuracy > front[-1][1]:
+            front.append((latency, accuracy))
+    return front
 
 
 def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Sequence[Mapping[str, Any]],
@@ -126,8 +126,8 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
         ax.scatter([m[0] for m in measured], [m[1] for m in measured], marker="s", color="tab:orange", zorder=4,
                    label="the same subnets, measured latency")
         # Measurements can reorder the front: the line joins the subnets that no other beats once measured.
-        kept = nondominated(measured)
-        ax.plot([m[0] for m in kept], [m[1] for m in kept], "--", color="tab:orange",
+        measured_front = nondominated(measured)
+        ax.plot([m[0] for m in measured_front], [m[1] for m in measured_front], "--", color="tab:orange",
                 label="their front at measured latency")
     if knee is not None and rows:
         # search.py picks the knee on measured latency where it has one.

@@ -262,9 +262,8 @@ def profile_space(
     ``np.random.default_rng(seed)`` so that a slow minute on the machine spreads over all parts
     of the data instead of biasing one. Runs already in the store for the same device, batch
     size, thread count, dtype and runtime are skipped, whatever warm-up and repeat counts they were
-    timed with, and every new run is appended to the store as soon as it finishes, so an
-    interrupted call resumes where it stopped. To time again with more repeats, profile into a
-    new work directory.
+    timed with. To time again with more repeats, profile into a new work directory. Every new run
+    is appended to the store as soon as it finishes, so an interrupted call resumes where it stopped.
 
     Args:
         space: a :class:`nas.spaces.SearchSpace`.

@@ -237,7 +237,7 @@ def test_interrupt_while_starting_ends_quietly(script, tmp_path):
     assert "Interrupted" in err
 
 
-def test_imports_take_one_name_and_name_a_taken_family(tmp_path, monkeypatch):
+def test_imports_string_and_taken_family(tmp_path, monkeypatch):
     from nas.cli import UsageError, import_user_modules
 
     (tmp_path / "lab_taken_family.py").write_text(

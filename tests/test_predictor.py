@@ -376,15 +376,17 @@ def test_default_thread_count_keys_the_cached_predictor(tmp_path: Path) -> None:
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        _, _, one = build.load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
+        _, _, one_thread_path = build.load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0,
+                                                              progress=False)
         torch.set_num_threads(2)
         two_threads = device_fingerprint(protocol)
         assert two_threads["threads"] == 2
         # Another file for two threads, and the one-thread file counts as stale for them.
-        assert build.predictor_path(tmp_path, one.parent.name, space, protocol, config, 2) != one
-        assert build._load_cached(one, two_threads, config, space, protocol) is None
+        assert build.predictor_path(tmp_path, one_thread_path.parent.name, space, protocol, config, 2) != one_thread_path
+        assert build._load_cached(one_thread_path, two_threads, config, space, protocol) is None
         with pytest.raises(PredictorError, match="built with 1 CPU threads, and torch uses 2 here"):
-            build.load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "path": str(one)}, tmp_path, seed=0)
+            build.load_or_build_predictor(space, protocol, {**TINY_PREDICTOR, "path": str(one_thread_path)}, tmp_path,
+                                          seed=0)
     finally:
         torch.set_num_threads(before)
 

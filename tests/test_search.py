@@ -296,13 +296,13 @@ def test_new_sqlite_storage_follows_umask(tmp_path):
     assert stat.S_IMODE((tmp_path / "studies.db").stat().st_mode) == 0o664
 
 
-def test_fastest_under_budget_takes_most_accurate_by_measured_latency():
+def test_budget_pick_takes_most_accurate():
     from omegaconf import OmegaConf
 
     import train
 
-    # The front is on predicted latency (0.8 at 0.5 ms, 0.9 at 1.0 ms); the measurements reorder it:
-    # trial 0, the more accurate, runs in 0.70 ms and trial 1 in 0.80 ms, both within 0.85 ms.
+    # The front is on predicted latency: 0.8 at 0.5 ms and 0.9 at 1.0 ms. The measurements reorder it,
+    # because trial 0, the more accurate, runs in 0.70 ms and trial 1 in 0.80 ms, both within 0.85 ms.
     study = _study_with_front()
     study.set_user_attr("measured_latency_ms", {"0": 0.70, "1": 0.80})
     cfg = OmegaConf.create({"trial": None, "pick": "fastest_under_budget", "budget_ms": 0.85})
@@ -514,7 +514,7 @@ def test_train_rejects_deleted_hardware_keys():
         train.measurement_hardware(_hardware_cfg(), dict(_hardware_cfg().hardware), ["~hardware.threads"])
 
 
-def test_train_names_fix_for_study_timed_on_missing_gpu():
+def test_train_study_gpu_missing_here():
     import torch
 
     import train
