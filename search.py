@@ -357,7 +357,7 @@ def run(cfg: DictConfig) -> None:
     study_name = cfg.search.study_name or f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     fingerprint = device_fingerprint(protocol)
     # With hardware.threads null on the CPU, the thread count torch uses picks the cached predictor.
-    threads_used = fingerprint.get("threads") if protocol.threads is None and protocol.device == "cpu" else None
+    threads_used = fingerprint.get("threads") if protocol.uses_torch_threads else None
     scoring = {"space_config": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
                "device_fingerprint_id": fingerprint_id(fingerprint), "hardware": protocol.to_dict(),
                "threads_used": threads_used, "latency_budget_ms": budget}

@@ -293,14 +293,12 @@ def summarize_study(study: optuna.Study) -> StudySummary | None:
 
 
 def _timing_key(record: dict[str, Any]) -> str:
-    from predictors.protocol import TIMING_KEYS
+    from predictors.protocol import TIMING_KEYS, timing_value
 
     hardware = record.get("hardware")
     if not isinstance(hardware, dict):
         return ""
-    # "cuda" and "cuda:0" are one kind of device.
-    values = {key: str(hardware.get(key)).split(":")[0] if key == "device" else hardware.get(key) for key in TIMING_KEYS}
-    return ", ".join(f"{key}={value}" for key, value in values.items())
+    return ", ".join(f"{key}={timing_value(hardware, key)}" for key in TIMING_KEYS)
 
 
 def _data_key(record: Mapping[str, Any]) -> str:

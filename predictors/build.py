@@ -25,7 +25,7 @@ from nas.files import write_json_atomic
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import group_subnet_records, holdout_report
 from predictors.features import HardwareFacts
-from predictors.protocol import TIMING_KEYS
+from predictors.protocol import TIMING_KEYS, timing_value
 from predictors.xgb import (
     MIN_TRAIN_SUBNETS,
     REBUILD_HINT,
@@ -126,7 +126,7 @@ def predictor_path(work_dir: Path, fingerprint_id: str, space: SearchSpace, prot
     setting too on the CPU: it follows ``OMP_NUM_THREADS`` and CPU quotas, and it changes every latency.
     """
     described: dict[str, Any] = {"protocol": protocol.to_dict(), "training": config.training_hash()}
-    if protocol.threads is None and protocol.device == "cpu":
+    if protocol.uses_torch_threads:
         described["threads_used"] = threads_used
     settings = json.dumps(described, sort_keys=True)
     digest = hashlib.sha256(settings.encode()).hexdigest()[:8]
@@ -197,12 +197,6 @@ def _threads_used(metadata: Mapping[str, Any]) -> int | None:
 PATH_HINT = "unset predictor.path to build or reuse this space's own predictor, or name a valid file"
 
 
-def _protocol_value(protocol: Mapping[str, Any], key: str) -> Any:
-    value = protocol.get(key)
-    # "cuda" and "cuda:0" name the same kind of device.
-    return str(value).split(":")[0] if key == "device" and value is not None else value
-
-
 def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorConfig, space: SearchSpace,
                 protocol: Any) -> LatencyPredictor:
     """Load the file named by ``predictor.path`` and check that it predicts under this measurement protocol.
@@ -222,7 +216,7 @@ def _load_given(path: Path, fingerprint: Mapping[str, Any], config: PredictorCon
     stored = predictor.metadata.get("protocol")
     current = protocol.to_dict()
     differing = [] if not isinstance(stored, Mapping) else [
-        key for key in TIMING_KEYS if _protocol_value(stored, key) != _protocol_value(current, key)
+        key for key in TIMING_KEYS if timing_value(stored, key) != timing_value(current, key)
     ]
     if differing:
         raise PredictorError(

@@ -22,6 +22,7 @@ __all__ = [
     "HardwareConfigError",
     "MeasurementProtocol",
     "check_device_available",
+    "timing_value",
 ]
 
 _DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?")
@@ -40,6 +41,12 @@ class DeviceUnavailableError(HardwareConfigError):
 
 # The protocol fields that change what a latency is; warm-up and repeat counts change only its noise.
 TIMING_KEYS = ("device", "runtime", "batch_size", "threads", "dtype")
+
+
+def timing_value(settings: Mapping[str, Any], key: str) -> Any:
+    """Return ``settings[key]`` as timings compare it: "cuda" and "cuda:0" name the same kind of device."""
+    value = settings.get(key)
+    return str(value).split(":")[0] if key == "device" and value is not None else value
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,11 @@ class MeasurementProtocol:
         protocol = cls(**{str(key): value for key, value in cfg.items()})
         check_device_available(protocol.device)
         return protocol
+
+    @property
+    def uses_torch_threads(self) -> bool:
+        """Whether this CPU protocol times with torch's thread count (``threads`` null), which the environment sets."""
+        return self.threads is None and self.device == "cpu"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
