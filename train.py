@@ -19,6 +19,7 @@ import logging
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -244,24 +245,35 @@ def measure(model: torch.nn.Module, space: SearchSpace, arch: Arch, hardware: di
     return measure_module(deployed, input_shape, protocol, inputs=images).median_ms
 
 
-def keep_ratio_accuracy(network: Any, gate_config: Any, datamodule: Any) -> list[dict[str, float]]:
-    """Return the validation and test accuracy of ``network`` at each keep ratio of its calibration grid.
+def at_calibrated_ratios(network: Any, gate_config: Any, evaluate: Callable[[], Any]) -> list[tuple[float, Any]]:
+    """Return ``(ratio, evaluate())`` at each keep ratio of ``network``'s calibration grid, then restore its ratio.
 
-    The grid's ratios are those with BatchNorm statistics of their own. Pick a deployed ratio on the
-    validation figures; the test figures are for reporting. The network's keep ratio is restored.
+    The grid's ratios are those with BatchNorm statistics of their own.
     """
     from nas.gates import calibration_ratios
 
     original = network.keep_ratio
-    rows = []
+    results = []
     try:
         for ratio in calibration_ratios(gate_config):
             network.set_keep_ratio(ratio)
-            rows.append({"keep_ratio": ratio,
-                         "val_accuracy": model_accuracy(network, datamodule.val_dataloader()),
-                         "test_accuracy": model_accuracy(network, datamodule.test_dataloader())})
+            results.append((ratio, evaluate()))
     finally:
         network.set_keep_ratio(original)
+    return results
+
+
+def keep_ratio_accuracy(network: Any, gate_config: Any, datamodule: Any) -> list[dict[str, float]]:
+    """Return the validation and test accuracy of ``network`` at each keep ratio of its calibration grid.
+
+    Pick a deployed ratio on the validation figures; the test figures are for reporting.
+    """
+    def accuracies() -> tuple[float, float]:
+        return (model_accuracy(network, datamodule.val_dataloader()),
+                model_accuracy(network, datamodule.test_dataloader()))
+
+    rows = [{"keep_ratio": ratio, "val_accuracy": val, "test_accuracy": test}
+            for ratio, (val, test) in at_calibrated_ratios(network, gate_config, accuracies)]
     log.info("gates: accuracy per keep ratio (validation / test): %s",
              ", ".join(f"{r['keep_ratio']:g}: {100 * r['val_accuracy']:.2f}% / {100 * r['test_accuracy']:.2f}%"
                        for r in rows))
@@ -272,19 +284,10 @@ def keep_ratio_latency(network: Any, gate_config: Any, space: SearchSpace, arch:
                        datamodule: Any) -> dict[str, float]:
     """Return the measured latency (ms) of ``network`` at each keep ratio of its calibration grid, by ratio.
 
-    Each ratio is timed as ``measured_latency_ms`` is (:func:`measure`); the keep ratio is restored.
+    Each ratio is timed as ``measured_latency_ms`` is (:func:`measure`).
     """
-    from nas.gates import calibration_ratios
-
-    original = network.keep_ratio
-    latency = {}
-    try:
-        for ratio in calibration_ratios(gate_config):
-            network.set_keep_ratio(ratio)
-            latency[f"{ratio:g}"] = measure(network, space, arch, hardware, datamodule)
-    finally:
-        network.set_keep_ratio(original)
-    return latency
+    timed = at_calibrated_ratios(network, gate_config, lambda: measure(network, space, arch, hardware, datamodule))
+    return {f"{ratio:g}": ms for ratio, ms in timed}
 
 
 def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace, arch: Arch, datamodule: Any,

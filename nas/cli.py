@@ -261,7 +261,8 @@ def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig,
     So does a write that the file system refuses (permission, read-only, full disk), with the path.
 
     Ctrl-C ends it with exit code 130 and ``interrupted`` (or what it returns, when it is a
-    function), a line on what is kept, instead of a traceback. Entry points turn Lightning's own exit on Ctrl-C into KeyboardInterrupt for this.
+    function), a line on what is kept, instead of a traceback. Entry points turn Lightning's own
+    exit on Ctrl-C into KeyboardInterrupt for this.
     """
     try:
         return body(cfg)

@@ -56,8 +56,9 @@ class MNISTSubsetDataModule(ImageDataModule):
     MEAN, STD = 0.1307, 0.3081
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"channels": 1, "resolution": 28, "pixels": "grayscale 28x28, values 0 to 255 divided by 255",
-                "mean": [self.MEAN], "std": [self.STD]}
+        size = f"{self.resolution}x{self.resolution}"
+        return {"channels": self.in_channels, "resolution": self.resolution,
+                "pixels": f"grayscale {size}, values 0 to 255 divided by 255", "mean": [self.MEAN], "std": [self.STD]}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

@@ -320,8 +320,9 @@ class CIFAR10DataModule(ImageDataModule):
     MEAN, STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
     def preprocessing(self) -> dict[str, Any]:
-        return {"channels": 3, "resolution": 32, "pixels": "RGB 32x32, values 0 to 255 divided by 255",
-                "mean": list(self.MEAN), "std": list(self.STD)}
+        size = f"{self.resolution}x{self.resolution}"
+        return {"channels": self.in_channels, "resolution": self.resolution,
+                "pixels": f"RGB {size}, values 0 to 255 divided by 255", "mean": list(self.MEAN), "std": list(self.STD)}
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

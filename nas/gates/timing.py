@@ -74,7 +74,8 @@ def option_module(block: nn.Module, site: BlockSite, option: str, config: GateCo
     channel, spatial = GATE_OPTIONS[option]
     if channel or spatial:
         runtime = GateRuntime(mode="skip", skip_max_share=skip_max_share)
-        module = gated_block_class(block)(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
+        gated_class = gated_block_class(block)
+        module = gated_class(module, block_layout(block), site.in_channels, site.in_size, channel, spatial,
                              runtime).eval()
         low = config.keep_ratio_range[0]
         if channels is None:
