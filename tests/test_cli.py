@@ -257,14 +257,14 @@ def test_imports_string_and_taken_family(tmp_path, monkeypatch):
         import_user_modules(["lab_taken_family"])
 
 
-def test_train_rejects_settings_the_study_fixes(tmp_path):
+def test_train_rejects_study_settings(tmp_path):
     result = run_entry("train.py", "+data=cifar10", tmp_path=tmp_path)
     assert result.returncode == 1
     assert "train.py takes data from the study, so the command line cannot set it" in result.stderr
     assert "Traceback" not in result.stderr
 
 
-def test_train_help_lists_the_groups_it_reads():
+def test_train_help_groups():
     import re
 
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--help"], cwd=ROOT, capture_output=True,

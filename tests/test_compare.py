@@ -310,7 +310,7 @@ def test_other_space_settings_warned(storage, tmp_path, caplog):
     assert "searched the resnet space with different settings" in caplog.text
 
 
-def test_fine_tunings_log_under_their_own_names(tmp_path, monkeypatch):
+def test_finetune_metric_prefixes(tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is not installed")
     from nas.tracking import create_tracker
 

@@ -389,7 +389,7 @@ def test_imagefolder_layout_logged_and_stray_folders_warned(tmp_path, caplog):
     assert "train/, and val/ halved into validation and test" in caplog.text
 
 
-def test_preprocessing_describes_the_normalisation(tmp_path):
+def test_preprocessing_normalisation(tmp_path):
     mnist = build_datamodule({"name": "mnist"}).preprocessing()
     assert (mnist["channels"], mnist["resolution"], mnist["mean"], mnist["std"]) == (1, 28, [0.1307], [0.3081])
     _write_tiny_cifar10(tmp_path)

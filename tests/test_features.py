@@ -56,7 +56,7 @@ def test_tile_and_wave_counts_by_hand() -> None:
     assert gpu_tile_waves(6272, 96, 1, (128, 128), 68) == (49, 1, pytest.approx(49 / 68))
 
 
-def test_full_last_wave_is_fully_used() -> None:
+def test_full_last_wave_used() -> None:
     # 136 tiles on 68 SMs: two full waves, the last one as busy as the first.
     assert gpu_tile_waves(136 * 64, 64, 1, (64, 64), 68) == (136, 2, 1.0)
     assert gpu_tile_waves(0, 64, 1, (64, 64), 68) == (0, 0, 0.0)
@@ -77,7 +77,7 @@ def test_gpu_layer_features_match_hand_counts() -> None:
     assert not any(name.startswith("cpu_") for name in feats)
 
 
-def test_gpu_depthwise_features_count_output_elements() -> None:
+def test_gpu_depthwise_element_waves() -> None:
     from predictors.features import GPU_ELEMENTWISE_BLOCK
 
     depthwise = LayerSpec("conv", 32, 32, 14, kernel_size=5, stride=2, groups=32)
@@ -92,7 +92,7 @@ def test_gpu_depthwise_features_count_output_elements() -> None:
     assert feats["gpu_last_wave_util_128x64"] == pytest.approx((blocks - (waves - 1) * 68) / 68)
 
 
-def test_cpu_padding_of_squeeze_excite_per_part() -> None:
+def test_cpu_padding_squeeze_excite() -> None:
     se = LayerSpec("se", 144, 40, 28)
     feats = layer_features(se, 1, CPU)
     # The reduce convolution pads its 40 outputs to 48 lanes; the expand convolution and the rescaling

@@ -74,7 +74,7 @@ def test_exclusive_lock_waits_for_holder(tmp_path, caplog):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="flock is POSIX only")
-def test_stage_timer_keeps_lock_wait_apart(tmp_path):
+def test_stage_timer_lock_wait(tmp_path):
     import json
     import threading
 

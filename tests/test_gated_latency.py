@@ -224,7 +224,7 @@ class _SlowerGates:
         return np.full(len(runs), 0.5)
 
 
-def test_budget_says_when_gates_slow_every_ratio(subnet):
+def test_budget_gates_slow_every_ratio(subnet):
     sites = find_block_sites(subnet, (1, 28, 28))
     config = parse_gate_config({**ALL, "latency_budget_ms": 9.0})
     plans = plan_blocks(sites, config, None)

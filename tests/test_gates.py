@@ -412,7 +412,7 @@ def test_set_keep_ratio_across_range(subnet):
             network.set_keep_ratio(ratio)
 
 
-def test_placement_without_any_gate_warns(subnet, monkeypatch, caplog):
+def test_placement_no_gate_warns(subnet, monkeypatch, caplog):
     import dataclasses
 
     import nas.gates.network as network_module

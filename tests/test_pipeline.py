@@ -312,7 +312,7 @@ def test_checkpoint_after_finetuning_loads(resnet_space, tmp_path):
         torch.testing.assert_close(loaded(x), model.eval()(x))
 
 
-def test_checkpoint_of_unregistered_family_names_imports(resnet_space, tmp_path):
+def test_checkpoint_unregistered_family(resnet_space, tmp_path):
     import torch
 
     import train

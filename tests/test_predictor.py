@@ -360,7 +360,7 @@ def test_build_caches_and_reuses_predictor(tmp_path: Path) -> None:
         load_or_build_predictor(space, protocol, TINY_PREDICTOR, tmp_path, seed=0, progress=False)
 
 
-def test_default_thread_count_keys_the_cached_predictor(tmp_path: Path) -> None:
+def test_predictor_cache_keyed_by_threads(tmp_path: Path) -> None:
     import torch
 
     import predictors.build as build
@@ -538,7 +538,7 @@ def test_n_subnets_names_smallest_working_value(n_subnets) -> None:
     PredictorConfig.from_mapping({"n_subnets": 13})
 
 
-def test_hardware_facts_follow_the_fingerprint() -> None:
+def test_hardware_facts_from_fingerprint() -> None:
     from predictors.build import hardware_facts_from_fingerprint
 
     for flags, lanes in ((["avx512f", "avx2"], 16), (["avx2", "fma"], 8), (["neon"], 4), ([], 1)):

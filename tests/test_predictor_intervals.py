@@ -139,7 +139,7 @@ def test_conformal_bounds_ranks() -> None:
     assert conformal_bounds(np.arange(1.0, 40.0), 0.5) == (10.0, 30.0)
 
 
-def test_too_few_scores_for_the_level_warned(caplog) -> None:
+def test_too_few_scores_warned(caplog) -> None:
     with caplog.at_level("WARNING", logger="predictors.conformal"):
         conformal_bounds(np.arange(1.0, 40.0), 0.9)
     assert caplog.text == ""

@@ -297,7 +297,7 @@ def test_fold_batchnorm_keeps_outputs(make_space):
         assert torch.allclose(model(x), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_fold_leaves_batchnorm_subclasses_alone():
+def test_fold_skips_batchnorm_subclasses():
     class NormAct(nn.BatchNorm2d):  # a BatchNorm that also applies an activation, as timm's BatchNormAct2d
         def forward(self, x):
             return torch.relu(super().forward(x))
@@ -387,7 +387,7 @@ def test_enumerate_layers_and_width_sweep(resnet_space):
     assert sorted(s.out_channels for s in stem_shape) == [8, 16]
 
 
-def test_enumerate_layers_samples_spaces_past_int64():
+def test_enumerate_layers_huge_space():
     space = create_space(yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "space" /
                                          "mobilenet_imagenet.yaml").read_text()))
     # 25 * 3**45 architectures: in int64 that product wraps to a negative number, which once sent this

@@ -78,7 +78,7 @@ def test_space_config_bad_block(resnet_config):
     (lambda c: c["stem"].update(kernel_size=0), r"space.stem.kernel_size must be a whole number >= 1, but got 0"),
 ], ids=["missing-stem", "missing-depths", "string-resolution", "null-expand-ratios", "string-stem-channels",
         "zero-stem-kernel"])
-def test_space_config_errors_name_the_key(resnet_config, change, message):
+def test_space_config_errors(resnet_config, change, message):
     change(resnet_config)
     with pytest.raises(SpaceError, match=message):
         create_space(resnet_config)

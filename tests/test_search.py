@@ -357,7 +357,7 @@ def test_repeated_architecture_reuses_scores(tmp_path):
     assert len(pareto_trials(study)) <= len(scored)
 
 
-def test_draws_differing_in_ignored_slots_score_once():
+def test_ignored_slots_scored_once():
     import yaml
 
     from nas.spaces import create_space
@@ -479,7 +479,7 @@ def _hardware_cfg(**overrides):
     return OmegaConf.create({"hardware": {**hardware, **overrides}})
 
 
-def test_train_times_with_the_study_hardware(caplog):
+def test_train_uses_study_hardware(caplog):
     import logging
 
     import train
@@ -527,7 +527,7 @@ def test_train_study_gpu_missing_here():
         train.measurement_hardware(_hardware_cfg(), recorded, [])
 
 
-def test_plot_joins_only_the_measured_front(tmp_path):
+def test_plot_measured_front(tmp_path):
     from nas.report import nondominated, plot_pareto
 
     # Measured in predicted order: 0.87, 1.24, 1.16, 1.13 ms; the 1.24 ms subnet is beaten once measured.
@@ -540,7 +540,7 @@ def test_plot_joins_only_the_measured_front(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 1000
 
 
-def test_pareto_csv_says_where_search_latency_comes_from(tmp_path):
+def test_pareto_csv_latency_source(tmp_path):
     from nas.report import read_pareto_csv, write_pareto_csv
 
     common = {"arch": {"n": 1}, "accuracy": 0.9, "measured_latency_ms": None, "macs": 10, "params": 5}
@@ -551,7 +551,7 @@ def test_pareto_csv_says_where_search_latency_comes_from(tmp_path):
     assert [r["latency_source"] for r in rows] == ["predicted", "measured"]
 
 
-def test_train_interrupt_says_what_was_kept(tmp_path):
+def test_train_interrupt_message(tmp_path):
     import train
 
     assert "holds no network; run the command again" in train.interrupted_message(tmp_path)
