@@ -14,6 +14,12 @@ extension of split conformal to bands of locally varying width.
 The scores come from cross-validation folds rather than from a separate calibration split, so
 that every training subnet serves both the models and the calibration. Coverage is therefore near
 the nominal level, not guaranteed to reach it.
+
+The passes of one subnet share its prediction error, so they are not independent scores. The
+quantiles therefore pool the subnets' score distributions with equal weight per subnet (each pass
+of a subnet with ``m`` passes weighs ``1 / m``), and the finite-sample correction counts subnets,
+not passes. Dunn, Wasserman and Ramdas, "Distribution-free prediction sets for two-layer
+hierarchical models" (arXiv:1809.07441), call this CDF pooling.
 """
 
 from __future__ import annotations
@@ -42,21 +48,38 @@ CORRECTION_FEATURE = "abs_log_correction"
 TrainFn = Callable[[np.ndarray, np.ndarray, Sequence[str], int], xgb.Booster]
 
 
-def conformal_bounds(scores: np.ndarray, level: float) -> tuple[float, float]:
-    """Return the lower and upper split-conformal quantiles of ``scores`` for a ``level`` interval.
+def conformal_bounds(scores: Sequence[np.ndarray], level: float) -> tuple[float, float]:
+    """Return the lower and upper split-conformal quantiles of a ``level`` interval.
 
-    Each tail gets (1 - level) / 2, and the finite-sample rank ceil((n + 1) * q) is clipped to n.
+    ``scores`` holds one array per calibration subnet, one score per measured pass. Each tail gets
+    (1 - level) / 2. With ``n`` subnets, each subnet weighs ``1 / (n + 1)``, shared equally by its
+    passes, and the remaining ``1 / (n + 1)`` stands for the new subnet. The upper bound is the
+    smallest score whose cumulative weight reaches ``1 - tail``, clipped to the largest score; the
+    lower bound mirrors it. With one pass per subnet these are the ranks ``floor((n + 1) * tail)``
+    and ``ceil((n + 1) * (1 - tail))`` of plain split conformal.
     """
-    n = len(scores)
-    ordered = np.sort(scores)
+    groups = [np.asarray(group, dtype=np.float64).ravel() for group in scores]
+    groups = [group for group in groups if group.size]
+    n = len(groups)
+    if n == 0:
+        raise ValueError("conformal_bounds needs at least one calibration subnet with a score.")
     tail = (1.0 - level) / 2.0
-    if math.ceil((n + 1) * (1.0 - tail)) > n:
-        logger.warning("%d calibration scores are too few for a %g%% interval: it spans all of them and can cover "
-                       "less than %g%% of new subnets. Profile more subnets (predictor.n_subnets).", n, 100 * level,
-                       100 * level)
-    upper_rank = min(n, math.ceil((n + 1) * (1.0 - tail)))
-    lower_rank = max(1, math.floor((n + 1) * tail))
-    return float(ordered[lower_rank - 1]), float(ordered[upper_rank - 1])
+    values = np.concatenate(groups)
+    weights = np.concatenate([np.full(group.size, 1.0 / (group.size * (n + 1))) for group in groups])
+    # The last subnet's weight is n / (n + 1) in all; below 1 - tail the interval spans every score.
+    if n / (n + 1) < 1.0 - tail - 1e-12:
+        logger.warning("%d calibration subnets are too few for a %g%% interval: it spans all their scores and can "
+                       "cover less than %g%% of new subnets. Profile more subnets (predictor.n_subnets).", n,
+                       100 * level, 100 * level)
+    return -_weighted_upper(-values, weights, 1.0 - tail), _weighted_upper(values, weights, 1.0 - tail)
+
+
+def _weighted_upper(values: np.ndarray, weights: np.ndarray, target: float) -> float:
+    """Return the smallest value whose cumulative weight reaches ``target``, else the largest value."""
+    order = np.argsort(values, kind="stable")
+    cumulative = np.cumsum(weights[order])
+    index = int(np.searchsorted(cumulative, target - 1e-12, side="left"))
+    return float(values[order][min(index, len(values) - 1)])
 
 
 @dataclass
@@ -139,6 +162,5 @@ def fit_normalized_conformal(
         model = ScaleModel.fit(x[~test], correction[~test], abs_residual[~test], names, floor, train, seed + int(fold) + 1)
         scale[test] = model.predict(x[test], correction[test])
 
-    scores = np.concatenate([r / s for r, s in zip(residuals, scale)])
-    bounds = conformal_bounds(scores, level)
+    bounds = conformal_bounds([r / s for r, s in zip(residuals, scale)], level)
     return ScaleModel.fit(x, correction, abs_residual, names, floor, train, seed), bounds

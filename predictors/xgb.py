@@ -62,7 +62,8 @@ MIN_TRAIN_SUBNETS = 10
 # The change that the current format_version made, named in the error on older files.
 FORMAT_CHANGE = ("version 2 stores the scale model that sets each architecture's interval width; version 3 "
                  "computes depthwise convolutions' GPU features over output elements and squeeze-and-excitation's "
-                 "SIMD padding per part, so older models read other feature values")
+                 "SIMD padding per part, so older models read other feature values; version 4 weighs each "
+                 "training subnet once in the interval calibration, not once per measured pass")
 
 class PredictorError(ValueError):
     """A predictor that cannot be trained, used, read or trusted on this device."""
@@ -233,7 +234,7 @@ class LatencyPredictor:
             (see :mod:`predictors.conformal`).
     """
 
-    format_version = 3
+    format_version = 4
     interval_method = INTERVAL_METHOD
 
     def __init__(

@@ -127,25 +127,45 @@ def test_format_1_file_rejected_with_rebuild_hint(predictor: LatencyPredictor, t
     assert "predictor.rebuild=true" in message
 
 
+def _one_pass_each(scores: np.ndarray) -> list[np.ndarray]:
+    return [np.array([score]) for score in scores]
+
+
 def test_conformal_bounds_ranks() -> None:
-    scores = np.arange(1.0, 20.0)
+    scores = _one_pass_each(np.arange(1.0, 20.0))
     # n = 19, 90%: lower rank floor(20 * 0.05) = 1, upper rank ceil(20 * 0.95) = 19.
     assert conformal_bounds(scores, 0.9) == (1.0, 19.0)
     # 50%: lower rank floor(20 * 0.25) = 5, upper rank ceil(20 * 0.75) = 15.
     assert conformal_bounds(scores, 0.5) == (5.0, 15.0)
     # The finite-sample n + 1 moves the ranks here: n = 50 at 80% gives ceil(51 * 0.9) = 46 (45 with n),
     # and n = 39 at 50% gives floor(40 * 0.25) = 10 (9 with n).
-    assert conformal_bounds(np.arange(1.0, 51.0), 0.8) == (5.0, 46.0)
-    assert conformal_bounds(np.arange(1.0, 40.0), 0.5) == (10.0, 30.0)
+    assert conformal_bounds(_one_pass_each(np.arange(1.0, 51.0)), 0.8) == (5.0, 46.0)
+    assert conformal_bounds(_one_pass_each(np.arange(1.0, 40.0)), 0.5) == (10.0, 30.0)
+
+
+def test_conformal_bounds_weigh_subnets_not_passes() -> None:
+    # 19 subnets with two passes each: 90% needs a cumulative weight of 19 / 20, every subnet's passes.
+    scores = [np.array([i, i + 0.5]) for i in range(1, 20)]
+    assert conformal_bounds(scores, 0.9) == (1.0, 19.5)
+    # 50% needs 15 / 20 in each direction: subnet 15's second pass above, subnet 5's first pass below.
+    assert conformal_bounds(scores, 0.5) == (5.0, 15.5)
+    # One subnet with 100 passes weighs as much as one with a single pass. Pooled as 109 scores, its
+    # passes would fill both 25% tails, and the interval would reach 10.
+    heavy = [np.array([0.0])] * 9 + [np.full(100, 10.0)]
+    assert conformal_bounds(heavy, 0.5) == (0.0, 0.0)
 
 
 def test_too_few_scores_warned(caplog) -> None:
     with caplog.at_level("WARNING", logger="predictors.conformal"):
-        conformal_bounds(np.arange(1.0, 40.0), 0.9)
+        conformal_bounds(_one_pass_each(np.arange(1.0, 40.0)), 0.9)
     assert caplog.text == ""
     with caplog.at_level("WARNING", logger="predictors.conformal"):
-        assert conformal_bounds(np.arange(1.0, 11.0), 0.9) == (1.0, 10.0)
-    assert "10 calibration scores are too few for a 90% interval" in caplog.text
+        assert conformal_bounds(_one_pass_each(np.arange(1.0, 11.0)), 0.9) == (1.0, 10.0)
+    assert "10 calibration subnets are too few for a 90% interval" in caplog.text
+    # Many passes of 10 subnets are still 10 subnets.
+    with caplog.at_level("WARNING", logger="predictors.conformal"):
+        conformal_bounds([np.arange(5.0) + i for i in range(10)], 0.9)
+    assert caplog.text.count("too few") == 2
 
 
 def test_measure_uncertain_measures_wide_only(space: SearchSpace, predictor: LatencyPredictor) -> None:
