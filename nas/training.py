@@ -43,13 +43,24 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
 
     On Ctrl-C, Lightning shuts the fit down and raises SystemExit. The entry points turn
     KeyboardInterrupt into a line on what was kept (:func:`nas.cli.run_cli`).
+
+    Lightning's DDP launchers on CPUs set torch's intra-op thread count to the cores per rank, in
+    rank 0 too, and leave it there. This process's count is restored afterwards, so that latency
+    measured after training with ``hardware.threads`` null runs at the count the predictor was
+    built with.
     """
+    threads = torch.get_num_threads()
     try:
         trainer.fit(*args, **kwargs)
     except SystemExit:
         if trainer.interrupted:
             raise KeyboardInterrupt from None
         raise
+    finally:
+        if torch.get_num_threads() != threads:
+            log.debug("Restoring torch's intra-op thread count from %d to %d after training",
+                      torch.get_num_threads(), threads)
+            torch.set_num_threads(threads)
 
 
 @torch.no_grad()

@@ -65,3 +65,23 @@ def test_ddp_inside_submitit_needs_slurm_ranks(clean_env):
     clean_env.setenv("SLURM_NTASKS", "2")
     clean_env.setenv("SLURM_PROCID", "0")
     assert ddp_launch_problem(TWO_DEVICES, "supernet.trainer") is None
+
+
+def test_fit_restores_torch_threads() -> None:
+    import torch
+
+    from nas.training import fit_or_interrupt
+
+    class ThreadSettingTrainer:
+        # Lightning's DDP launchers on CPUs set rank 0's thread count to the cores per rank.
+        interrupted = False
+
+        def fit(self, *args, **kwargs) -> None:
+            torch.set_num_threads(1 if before != 1 else 2)
+
+    before = torch.get_num_threads()
+    try:
+        fit_or_interrupt(ThreadSettingTrainer())
+        assert torch.get_num_threads() == before
+    finally:
+        torch.set_num_threads(before)
