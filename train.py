@@ -290,6 +290,29 @@ def keep_ratio_latency(network: Any, gate_config: Any, space: SearchSpace, arch:
     return {f"{ratio:g}": ms for ratio, ms in timed}
 
 
+def over_budget_advice(result: dict[str, Any], budget_ms: float) -> str:
+    """Return what to do when a gated network measured over ``budget_ms``, from the ratios timed in ``result``.
+
+    ``result`` holds ``keep_ratio_latency_ms`` and ``keep_ratio_accuracy`` as train.py writes them.
+    The advice names the calibrated keep ratio with the best validation accuracy among those that
+    measured within the budget, or says that none did.
+    """
+    latency = result.get("keep_ratio_latency_ms") or {}
+    accuracy = {f"{row['keep_ratio']:g}": row["val_accuracy"] for row in result.get("keep_ratio_accuracy") or []}
+    within = [ratio for ratio, ms in latency.items() if ms <= budget_ms]
+    if within:
+        best = max(within, key=lambda ratio: (accuracy.get(ratio, -1.0), float(ratio)))
+        shown = f", validation accuracy {100 * accuracy[best]:.2f}%" if best in accuracy else ""
+        return (f"Keep ratio {best} measured {latency[best]:.3f} ms{shown}, within the budget: deploy it with "
+                f"model.set_keep_ratio({best}) (keep_ratio_latency_ms in finetune.json lists every ratio), or lower "
+                "the budget slightly for a margin.")
+    if latency:
+        fastest = min(latency, key=latency.__getitem__)
+        return (f"No calibrated keep ratio measured within it (the fastest, {fastest}, measured "
+                f"{latency[fastest]:.3f} ms): raise the budget or pick a smaller subnet.")
+    return "Lower the budget slightly for a margin, or pick a lower keep ratio with set_keep_ratio."
+
+
 def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace, arch: Arch, datamodule: Any,
                        hardware: dict[str, Any]) -> list[dict[str, Any]]:
     """Time the gated network against ``ungated`` at the larger batch sizes of ``gates.measure_batch_sizes``.
@@ -653,9 +676,8 @@ def run(cfg: DictConfig) -> None:
             log.warning("gates: the fine-tuned network measured %.3f ms, over gates.latency_budget_ms=%s. The "
                         "budget check before fine-tuning measured it within, but a second measurement on a busy "
                         "machine can differ by a few percent, and at batch sizes above 1 the trained gates on "
-                        "real images select wider unions than the untrained gates did on random input. Lower "
-                        "the budget slightly for a margin, or pick a lower keep ratio with set_keep_ratio.",
-                        result["measured_latency_ms"], budget)
+                        "real images select wider unions than the untrained gates did on random input. %s",
+                        result["measured_latency_ms"], budget, over_budget_advice(result, budget))
     result["stage_seconds"] = {k: round(v, 2) for k, v in timer.seconds.items()}
     save_outputs(run_dir, model, space, arch, result)
     write_train_manifest(run_dir, cfg, study.study_name, trial.number, record)

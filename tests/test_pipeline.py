@@ -581,3 +581,25 @@ def test_search_worker_checked_before_data(tmp_path):
     assert result.returncode == 1
     assert "search.worker must be a whole number >= 0, one per worker on a study, but got 'abc'" in result.stderr
     assert "Stage data" not in result.stdout + result.stderr
+
+
+def test_over_budget_advice_names_a_ratio_within():
+    from train import over_budget_advice
+
+    result = {
+        "keep_ratio_latency_ms": {"1": 1.2, "0.6": 0.9, "0.4": 0.8, "0.25": 0.7},
+        "keep_ratio_accuracy": [
+            {"keep_ratio": 1.0, "val_accuracy": 0.98, "test_accuracy": 0.97},
+            {"keep_ratio": 0.6, "val_accuracy": 0.97, "test_accuracy": 0.97},
+            {"keep_ratio": 0.4, "val_accuracy": 0.975, "test_accuracy": 0.96},
+            {"keep_ratio": 0.25, "val_accuracy": 0.95, "test_accuracy": 0.95},
+        ],
+    }
+    # Within 0.9 ms: 0.6, 0.4 and 0.25; 0.4 has the best validation accuracy.
+    advice = over_budget_advice(result, 0.9)
+    assert "Keep ratio 0.4 measured 0.800 ms, validation accuracy 97.50%" in advice
+    assert "model.set_keep_ratio(0.4)" in advice
+    # Gates that slow every ratio past the budget: no ratio to suggest.
+    advice = over_budget_advice(result, 0.5)
+    assert "No calibrated keep ratio measured within it (the fastest, 0.25, measured 0.700 ms)" in advice
+    assert "set_keep_ratio" not in advice
