@@ -349,7 +349,8 @@ def run(cfg: DictConfig) -> None:
         datamodule = build_datamodule(to_container(cfg.data))
         datamodule.setup()
         datamodule.log_summary()
-        space = build_space(cfg, datamodule)
+    # The space takes its input channels, classes and resolution from the data.
+    space = build_space(cfg, datamodule)
     check_supernet_config(space, to_container(cfg.supernet))
     log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)

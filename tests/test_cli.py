@@ -39,6 +39,16 @@ def test_missing_data_root_names_path(tmp_path):
     assert "does not exist" in result.stderr
 
 
+def test_bad_space_value_is_not_a_data_failure(tmp_path):
+    result = run_entry("search.py", "+space=resnet", "data=synthetic", "space.resolutions=[abc]", tmp_path=tmp_path)
+    assert result.returncode == 1
+    assert "resolutions" in result.stderr and "abc" in result.stderr
+    # The data loaded; the space failed after it.
+    assert "Stage data: finished" in result.stdout + result.stderr
+    assert "Stage data: failed" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("module", ["predictors.profile", "predictors.evaluate"])
 def test_profile_and_evaluate_read_imports(module, tmp_path):
     command = [sys.executable, "-m", module, "+space=resnet", "imports=[no_such_lab.spaces]",
