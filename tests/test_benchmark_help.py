@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(path.stem for path in (ROOT / "benchmarks").glob("*.py") if path.stem != "__init__")
 # Scripts whose --help shows each option's default: "(default: ...)" or, for a None default, the text
 # saying what None means.
-SHOW_DEFAULTS = ("external", "gated_export", "gates", "supernet_overhead", "supernet_ranking")
+SHOW_DEFAULTS = ("external", "gated_export", "gates", "staircase", "supernet_overhead", "supernet_ranking")
 # An option line: two spaces, the invocation (single spaces inside, as in "--split TRAIN VAL TEST"),
 # then two or more spaces and the help, or the help on the next, deeper indented lines.
 OPTION = re.compile(r"^  (-\S+(?: \S+)*)(?: {2,}(\S.*))?$")
