@@ -4,9 +4,10 @@ Usage:
     python benchmarks/staircase.py [--in-channels 64] [--size 28] [--kernel 3] [--widths 8:129:8]
         [--threads 1 2] [--rounds 5] [--warmup 10] [--repeats 30] [--out DIR]
 
-Times a ``kernel`` x ``kernel`` convolution (stride 1, same padding, with bias, as a folded
-convolution with BatchNorm runs) with ``in-channels`` input channels on a ``size`` x ``size``
-feature map at batch 1, for each output width and each intra-op thread count. The widths are timed
+Times a ``kernel`` x ``kernel`` convolution with ``in-channels`` input channels on a ``size`` x
+``size`` feature map at batch 1, for each output width and each intra-op thread count. The
+convolution has stride 1, same padding and a bias, as a convolution with folded BatchNorm runs.
+The widths are timed
 in ``rounds`` interleaved rounds (every width once per round, in turn), so that a slow spell of the
 machine hits all widths alike, and each width's figure is the median of its round medians.
 
