@@ -382,12 +382,12 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, space: SearchSpace, a
 
 
 def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch, result: dict[str, Any]) -> None:
-    """Write the torch.export programs and the final ``finetune.json``.
+    """Write the torch.export programs, ``subnet.onnx`` for the onnxruntime runtime, and the final ``finetune.json``.
 
     ``subnet.pt`` was written by :func:`save_checkpoint` after fine-tuning, and the later stages
     leave the network's state as it was.
     """
-    from nas.export import export_program
+    from nas.export import export_onnx, export_program
     from predictors.profiling import fold_batchnorm_checked
 
     # The programs run the network as it was timed: with BatchNorm folded into the convolutions.
@@ -399,6 +399,11 @@ def save_outputs(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch
         # A dynamic batch is traced on the masked path, which computes every channel. Only a program
         # traced at a static batch of 1 skips what the gates drop.
         export_program(deployed, example, run_dir / "subnet_b1.pt2", dynamic_batch=False)
+    hardware = result.get("hardware") or {}
+    if hardware.get("runtime") == "onnxruntime":
+        # The file that was timed: the TorchScript exporter at the timing batch size, as the runtime exports it.
+        batch = torch.randn(int(hardware.get("batch_size") or 1), *shape)
+        export_onnx(deployed, batch, run_dir / "subnet.onnx", dynamic_batch=False, dynamo=False)
     atomic_write_text(run_dir / "finetune.json", json.dumps({**result, "complete": True}, indent=2) + "\n")
 
 

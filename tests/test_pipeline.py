@@ -603,3 +603,27 @@ def test_over_budget_advice_names_a_ratio_within():
     advice = over_budget_advice(result, 0.5)
     assert "No calibrated keep ratio measured within it (the fastest, 0.25, measured 0.700 ms)" in advice
     assert "set_keep_ratio" not in advice
+
+
+@pytest.mark.parametrize("runtime", ["eager", "onnxruntime"])
+def test_outputs_include_onnx_when_timed_so(resnet_space, tmp_path, runtime):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    import train
+
+    arch = resnet_space.smallest()
+    model = resnet_space.build_supernet().build_static(arch).eval()
+    hardware = {"device": "cpu", "runtime": runtime, "batch_size": 2}
+    train.save_outputs(tmp_path, model, resnet_space, arch, {"hardware": hardware})
+    assert (tmp_path / "subnet.pt2").is_file()
+    if runtime == "eager":
+        assert not (tmp_path / "subnet.onnx").exists()
+        return
+    # The ONNX file runs at the timing batch size and gives the network's outputs.
+    session = ort.InferenceSession(str(tmp_path / "subnet.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, *resnet_space.input_shape(arch))
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        np.testing.assert_allclose(out, model(x).numpy(), atol=1e-4, rtol=1e-4)
