@@ -62,6 +62,7 @@ from nas.search import (
     existing_study,
     knee_index,
     pareto_trials,
+    predictor_record,
     sampler_seed,
 )
 from nas.spaces import SearchSpace, create_space
@@ -361,7 +362,9 @@ def run(cfg: DictConfig) -> None:
     threads_used = fingerprint.get("threads") if protocol.uses_torch_threads else None
     scoring = {"space_config": space.raw_config, "supernet_key": supernet_path(cfg, space, datamodule).parent.name,
                "device_fingerprint_id": fingerprint_id(fingerprint), "hardware": protocol.to_dict(),
-               "threads_used": threads_used, "latency_budget_ms": budget}
+               "threads_used": threads_used, "latency_budget_ms": budget,
+               "predictor": predictor_record(to_container(cfg.predictor)),
+               "calibration_images": cfg.search.calibration_images}
     stored = existing_study(storage, study_name)
     if stored is not None:
         # Checked before the supernet trains, so a mismatch costs nothing.
@@ -464,12 +467,14 @@ def run(cfg: DictConfig) -> None:
             f"under a new search.study_name with a higher search.latency_budget_ms (now {budget}): a study keeps "
             "the budget its trials were scored with."
         )
-    measured: dict[int, float] = {}
+    # Measurements that earlier runs of the study stored, as train.py and nas.compare read them.
+    stored = study.user_attrs.get("measured_latency_ms", {})
+    measured = {t.number: float(stored[str(t.number)]) for t in front if str(t.number) in stored}
     with timer.stage("remeasure"):
         if search_cfg.remeasure:
-            measured = remeasure_front(front, measure)
-            previous = study.user_attrs.get("measured_latency_ms", {})
-            study.set_user_attr("measured_latency_ms", {**previous, **{str(k): v for k, v in measured.items()}})
+            new = remeasure_front(front, measure)
+            measured.update(new)
+            study.set_user_attr("measured_latency_ms", {**stored, **{str(k): v for k, v in new.items()}})
 
     rows = front_rows(front, measured)
     latencies = [r["measured_latency_ms"] if r["measured_latency_ms"] is not None else r["predicted_latency_ms"] for r in rows]

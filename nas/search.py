@@ -29,6 +29,7 @@ __all__ = [
     "check_run_length",
     "check_storage_opens",
     "optuna_storage",
+    "predictor_record",
     "check_resume",
     "existing_study",
     "sampler_seed",
@@ -122,7 +123,21 @@ RESUME_KEYS = {
     "hardware": "hardware.*",
     "threads_used": "torch's CPU thread count with hardware.threads null (OMP_NUM_THREADS, CPU quota)",
     "latency_budget_ms": "search.latency_budget_ms",
+    "predictor": "the latency predictor: predictor.* or predictor.path",
+    "calibration_images": "search.calibration_images",
 }
+
+
+def predictor_record(predictor_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Return the ``predictor`` settings that change a trial's predicted latency, for :data:`RESUME_KEYS`.
+
+    A file given as ``predictor.path`` is recorded by its absolute path alone. Otherwise every key
+    counts except ``rebuild`` and ``allow_fingerprint_mismatch``: a rebuild from the same profiles
+    with the same settings trains the same models.
+    """
+    if predictor_cfg.get("path"):
+        return {"path": str(Path(str(predictor_cfg["path"])).expanduser().resolve())}
+    return {k: v for k, v in predictor_cfg.items() if k not in ("rebuild", "path", "allow_fingerprint_mismatch")}
 
 
 def optuna_storage(storage: str) -> Any:
@@ -283,6 +298,18 @@ def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_nam
         )
 
 
+def _samplers_used(stored: Any, new: Any, study_name: str) -> Any:
+    """Return the study's ``sampler`` record after a run with sampler ``new``: every sampler used, joined by "+"."""
+    if not stored or not new:
+        return new or stored
+    used = str(stored).split("+")
+    if str(new) in used:
+        return stored
+    log.warning("Study %r was searched with search.sampler=%s; this run adds trials drawn by %s, so the study "
+                "records both (%s).", study_name, stored, new, "+".join([*used, str(new)]))
+    return "+".join([*used, str(new)])
+
+
 def create_or_load_study(
     storage: str, study_name: str, sampler: optuna.samplers.BaseSampler, record: Mapping[str, Any]
 ) -> tuple[optuna.Study, bool]:
@@ -306,6 +333,8 @@ def create_or_load_study(
     if resumed:
         check_resume(study.user_attrs, record, study_name, storage)
         log.info("Resuming study %r with %d finished trials", study_name, len(complete_trials(study)))
+        record = {**record, "sampler": _samplers_used(study.user_attrs.get("sampler"), record.get("sampler"),
+                                                      study_name)}
     study.set_user_attr("tailnas_format_version", STUDY_FORMAT_VERSION)
     for key, value in record.items():
         study.set_user_attr(key, json.loads(json.dumps(value, default=str)))
@@ -468,13 +497,15 @@ def knee_index(accuracy: Sequence[float], latency: Sequence[float]) -> int:
     l_lo, l_hi = min(latency), max(latency)
     xs = [(lat - l_lo) / ((l_hi - l_lo) or 1.0) for lat in latency]
     ys = [(acc - a_lo) / ((a_hi - a_lo) or 1.0) for acc in accuracy]
-    first = min(range(n), key=lambda i: xs[i])
-    last = max(range(n), key=lambda i: xs[i])
+    # The chord's ends: the most accurate of the fastest points and the most accurate of the slowest.
+    first = min(range(n), key=lambda i: (xs[i], -ys[i]))
+    last = max(range(n), key=lambda i: (xs[i], ys[i]))
     dx, dy = xs[last] - xs[first], ys[last] - ys[first]
     norm = math.hypot(dx, dy) or 1.0
-    # Distance above the chord: the knee gains the most accuracy per unit of latency.
+    # Distance above the chord: the knee gains the most accuracy per unit of latency. Among equal
+    # distances (points at one latency or one accuracy), the more accurate, then the faster, wins.
     distances = [(dx * (ys[i] - ys[first]) - dy * (xs[i] - xs[first])) / norm for i in range(n)]
-    return max(range(n), key=lambda i: distances[i])
+    return max(range(n), key=lambda i: (distances[i], accuracy[i], -latency[i]))
 
 
 def latest_study_name(storage: str) -> str:

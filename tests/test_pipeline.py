@@ -627,3 +627,25 @@ def test_outputs_include_onnx_when_timed_so(resnet_space, tmp_path, runtime):
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         np.testing.assert_allclose(out, model(x).numpy(), atol=1e-4, rtol=1e-4)
+
+
+def test_resume_without_remeasure_reports_stored(searched, tmp_path):
+    import shutil
+
+    import optuna
+
+    tmp, _, _ = searched
+    work = tmp_path / "work"
+    shutil.copytree(tmp / "work", work)
+    run_dir = tmp_path / "resumed"
+    result = run("search.py", [*TINY, "search.n_trials=1", "search.remeasure=false", f"paths.work_dir={work}",
+                               f"hydra.run.dir={run_dir}"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{work / 'studies.db'}")
+    stored = study.user_attrs["measured_latency_ms"]
+    rows = read_pareto_csv(run_dir / "pareto.csv")
+    # The first run measured its whole front; a front subnet of both runs keeps that measurement.
+    kept = [row for row in rows if str(row["trial"]) in stored]
+    assert kept
+    for row in kept:
+        assert row["measured_latency_ms"] == pytest.approx(stored[str(row["trial"])], abs=1e-6)

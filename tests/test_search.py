@@ -129,6 +129,39 @@ def test_resume_space_change_named_once():
     assert "the supernet" not in str(raised.value)
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"predictor": {"n_subnets": 20, "passes": 2}}, r"the latency predictor: predictor\.\* or predictor\.path "
+                                                    r"\(differs in n_subnets\)"),
+    ({"calibration_images": 16}, r"search\.calibration_images \(64 before, 16 now\)"),
+])
+def test_resume_with_other_predictor_rejected(change, message):
+    stored = {**SCORING, "predictor": {"n_subnets": 16, "passes": 2}, "calibration_images": 64}
+    with pytest.raises(SearchError, match=message):
+        check_resume(stored, {**stored, **change}, "s", "sqlite:///x.db")
+
+
+def test_predictor_record_ignores_rebuild(tmp_path):
+    from nas.search import predictor_record
+
+    settings = {"n_subnets": 16, "rebuild": False, "path": None, "allow_fingerprint_mismatch": False}
+    assert predictor_record(settings) == predictor_record({**settings, "rebuild": True}) == {"n_subnets": 16}
+    given = predictor_record({**settings, "path": str(tmp_path / "sub" / ".." / "p.json")})
+    assert given == {"path": str(tmp_path / "p.json")}
+
+
+def test_resumed_study_records_every_sampler(resnet_space, tmp_path, caplog):
+    _, storage = run_study(resnet_space, "nsga2", tmp_path, n_trials=2, name="mixed")
+    record = {"space": resnet_space.raw_config}
+    study, _ = create_or_load_study(storage, "mixed", create_sampler("nsga2", 0), {**record, "sampler": "nsga2"})
+    assert study.user_attrs["sampler"] == "nsga2"
+    with caplog.at_level("WARNING", logger="nas.search"):
+        study, _ = create_or_load_study(storage, "mixed", create_sampler("tpe", 0), {**record, "sampler": "tpe"})
+    assert study.user_attrs["sampler"] == "nsga2+tpe"
+    assert "this run adds trials drawn by tpe" in caplog.text
+    study, _ = create_or_load_study(storage, "mixed", create_sampler("nsga2", 0), {**record, "sampler": "nsga2"})
+    assert study.user_attrs["sampler"] == "nsga2+tpe"
+
+
 def test_resume_with_same_scoring_allowed():
     # The sampler, the run folder and the worker count may change between runs of one study.
     check_resume(SCORING, {**SCORING, "run_dir": "outputs/second", "sampler": "tpe"}, "s", "sqlite:///x.db")
@@ -179,6 +212,18 @@ def test_knee_of_short_front_is_most_accurate():
     assert knee_index([0.9, 0.95], [1.0, 2.0]) == 1
     with pytest.raises(SearchError, match="empty"):
         knee_index([], [])
+
+
+@pytest.mark.parametrize(("accuracy", "latency", "knee"), [
+    # Three points at one latency: the most accurate, as with two.
+    ([0.80, 0.90, 0.95], [1.0, 1.0, 1.0], 2),
+    # Three points of one accuracy: the fastest.
+    ([0.90, 0.90, 0.90], [3.0, 1.0, 2.0], 1),
+    # A dominated point at the fastest latency does not start the chord.
+    ([0.70, 0.80, 0.95, 0.96], [1.0, 1.0, 1.5, 4.0], 2),
+])
+def test_knee_ties_pick_dominating_point(accuracy, latency, knee):
+    assert knee_index(accuracy, latency) == knee
 
 
 def _study_with_front():
