@@ -586,10 +586,16 @@ def run(cfg: DictConfig) -> None:
         datamodule = build_datamodule(record["data"])
         datamodule.setup()
         datamodule.log_summary()
+        # The search scored the subnet at its own resolution, so every batch is resized to it here too.
+        _, height, width = space.input_shape(arch)
+        datamodule.resize_inputs(height, width)
+        if datamodule.input_size is not None:
+            log.info("Inputs resized from %dx%d to the subnet's %dx%d for calibration, fine-tuning and tests",
+                     datamodule.resolution, datamodule.resolution, height, width)
 
     result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
                               "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0],
-                              "hardware": to_container(cfg.hardware), "input": datamodule.preprocessing()}
+                              "hardware": to_container(cfg.hardware), "input": datamodule.input_description()}
     gates_on = cfg.gates.get("name", "none") != "none"
     with timer.stage("finetune"):
         if cfg.from_scratch:

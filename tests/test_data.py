@@ -401,3 +401,35 @@ def test_fixed_dataset_rejects_other_shape():
     with pytest.raises(DataError, match=r"data.num_classes=2, but mnist has 10; leave data.num_classes as it is"):
         build_datamodule({"name": "mnist", "num_classes": 2})
     assert build_datamodule({"name": "mnist", "num_classes": 10, "in_channels": 1, "resolution": 28}).num_classes == 10
+
+
+def test_loaders_resize_to_subnet_resolution():
+    import torch.nn.functional as F
+
+    datamodule = build_datamodule({"name": "synthetic", "num_samples": 40, "resolution": 28, "batch_size": 8,
+                                   "eval_batch_size": 8})
+    datamodule.setup()
+    plain = next(iter(datamodule.val_dataloader()))[0]
+    datamodule.resize_inputs(20, 20)
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()):
+        assert next(iter(loader))[0].shape[-2:] == (20, 20)
+    # The same images, resized as the search resizes a batch for a subnet.
+    resized = next(iter(datamodule.val_dataloader()))[0]
+    torch.testing.assert_close(resized, F.interpolate(plain, size=(20, 20), mode="bilinear", align_corners=False))
+    described = datamodule.input_description()
+    assert described["resolution"] == 20
+    assert "from 28x28 to 20x20" in described["resize"]
+    # The data's own resolution resizes nothing.
+    datamodule.resize_inputs(28, 28)
+    assert datamodule.input_size is None
+    assert "resize" not in datamodule.input_description()
+    assert next(iter(datamodule.val_dataloader()))[0].shape[-2:] == (28, 28)
+
+
+def test_resizing_collate_pickles():
+    from nas.data.base import ResizingCollate
+
+    collate = pickle.loads(pickle.dumps(ResizingCollate((4, 4))))
+    x, y = collate([(torch.ones(1, 8, 8), 0), (torch.zeros(1, 8, 8), 1)])
+    assert x.shape == (2, 1, 4, 4)
+    assert y.tolist() == [0, 1]

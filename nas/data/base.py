@@ -10,14 +10,33 @@ from typing import Any
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-__all__ = ["DataError", "ImageDataModule"]
+__all__ = ["DataError", "ImageDataModule", "ResizingCollate"]
 
 log = logging.getLogger(__name__)
 
 # Below this many validation images, one image moves the search's accuracy by more than 1%.
 FEW_VALIDATION_IMAGES = 100
+
+
+class ResizingCollate:
+    """A collate function that batches ``(image, label)`` samples, then resizes the images to ``size``.
+
+    The resize is bilinear without antialiasing, as :func:`nas.training.resize_to_arch` resizes
+    batches for a subnet during the search. It is a class, not a closure, so that loader worker
+    processes can pickle it.
+    """
+
+    def __init__(self, size: tuple[int, int]) -> None:
+        self.size = (int(size[0]), int(size[1]))
+
+    def __call__(self, samples: list[Any]) -> Any:
+        x, y = default_collate(samples)
+        if tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
+        return x, y
 
 
 class DataError(ValueError):
@@ -69,6 +88,30 @@ class ImageDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # (height, width) that every loader resizes its batches to; None keeps the data's resolution.
+        self.input_size: tuple[int, int] | None = None
+
+    def resize_inputs(self, height: int, width: int) -> None:
+        """Make every loader resize its batches to ``height`` x ``width``, the input of a subnet at another resolution.
+
+        Nothing is resized where the size equals the data's resolution.
+        """
+        self.input_size = None if (height, width) == (self.resolution, self.resolution) else (int(height), int(width))
+
+    def input_description(self) -> dict[str, Any]:
+        """Return :meth:`preprocessing` with the resize of :meth:`resize_inputs`, where there is one.
+
+        The resize then appears as ``resize`` and the input's ``resolution`` is the resized one.
+        Bilinear interpolation commutes with the per-channel normalisation, so the resize may come
+        before or after it.
+        """
+        described = self.preprocessing()
+        if self.input_size is not None:
+            height, width = self.input_size
+            described["resize"] = (f"bilinear (torch.nn.functional.interpolate, align_corners=False, no antialiasing) "
+                                   f"from {self.resolution}x{self.resolution} to {height}x{width}")
+            described["resolution"] = height if height == width else [height, width]
+        return described
 
     def describe(self) -> dict[str, Any]:
         """Return what identifies this data for caches and study records."""
@@ -108,8 +151,10 @@ class ImageDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed)
+        collate = ResizingCollate(self.input_size) if self.input_size is not None else None
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          generator=generator if shuffle else None, persistent_workers=self.num_workers > 0)
+                          generator=generator if shuffle else None, persistent_workers=self.num_workers > 0,
+                          collate_fn=collate)
 
     def _ensure_setup(self) -> None:
         if self.train_set is None:
