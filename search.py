@@ -410,7 +410,8 @@ def run(cfg: DictConfig) -> None:
 
     def measure(arch_dict: dict[str, Any]) -> float:
         arch = space.arch_from_dict(arch_dict)
-        measurement = measure_arch(space, arch, protocol, supernet=supernet.cpu())
+        # The supernet stays where the search scores accuracy; measure_arch copies the subnet out of it.
+        measurement = measure_arch(space, arch, protocol, supernet=supernet)
         record_measurement(store, space, arch, measurement, unstored)
         return measurement.median_ms
 

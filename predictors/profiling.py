@@ -71,7 +71,8 @@ def measure_arch(space: Any, arch: Any, protocol: MeasurementProtocol, supernet:
     """Time the subnet ``arch`` of ``space`` as the device runs it: exported, eval mode, BatchNorm folded.
 
     The subnet comes from ``supernet.extract(arch)``, or from a freshly built supernet (random
-    weights, which is fine for latency) when ``supernet`` is ``None``.
+    weights, which is fine for latency) when ``supernet`` is ``None``. The supernet stays on its
+    device: the extracted subnet moves to the CPU for folding, then to the protocol's device.
     """
     # The preparation runs with the protocol's thread count too: on a shared CPU, torch's default
     # thread pool makes these few untimed passes cost more than the timed ones.
@@ -79,7 +80,7 @@ def measure_arch(space: Any, arch: Any, protocol: MeasurementProtocol, supernet:
         with torch.random.fork_rng(devices=[]):
             if supernet is None:
                 supernet = space.build_supernet()
-            model = supernet.extract(arch).eval()
+            model = supernet.extract(arch).eval().cpu()
         input_shape = tuple(space.input_shape(arch))
         model = fold_batchnorm_checked(model, input_shape)
     return measure_module(model, input_shape, protocol)
