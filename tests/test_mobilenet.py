@@ -372,6 +372,29 @@ def test_channel_sort_respects_trained_widths(mnist):
     assert "expand_stage must be in [0, 2]" in str(err.value)
 
 
+@pytest.mark.parametrize("expand_stage", [1, 2])
+def test_channel_sort_keeps_trained_subnets(mnist, expand_stage):
+    supernet = mnist.build_supernet()
+    with torch.no_grad():
+        for name, tensor in supernet.state_dict().items():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand_like(tensor) + 0.5 if "running_var" in name else 0.2 * torch.randn_like(tensor))
+    supernet.eval()
+    ratios = sorted(mnist.cfg.expand_ratios, reverse=True)
+    # The subnets of the ratios trained before this sort; stages 1, 3 and 4 have squeeze-and-excitation.
+    trained = [MobileNetV3Arch(ks=(3,) * 20, e=(ratio,) * 20, d=(4,) * 5, r=28) for ratio in ratios[: expand_stage + 1]]
+    x = torch.randn(2, 1, 28, 28)
+    before = []
+    with torch.no_grad():
+        for arch in trained:
+            supernet.set_active(arch)
+            before.append(supernet(x))
+        supernet.sort_expanded_channels(expand_stage=expand_stage)
+        for arch, reference in zip(trained, before):
+            supernet.set_active(arch)
+            torch.testing.assert_close(supernet(x), reference, rtol=1e-4, atol=1e-4)
+
+
 def test_supernet_rejects_arch_outside_space(mnist):
     supernet = mnist.build_supernet()
     bad = MobileNetV3Arch(ks=(9,) * 20, e=(3,) * 20, d=(2,) * 5, r=28)

@@ -117,22 +117,18 @@ class InvertedResidual(nn.Module):
 
         Importance is the L1 norm of each channel's projection weights. ``tiers`` are the widths
         that already serve smaller expand ratios. Channels never move across such a width, so
-        subnets trained before keep their channels. The widest subnet computes
-        the same function before and after.
+        subnets trained before keep their channels. The squeeze-and-excitation hidden channels
+        follow the same rule at their own widths. The widest subnet computes the same function
+        before and after.
         """
-        importance = self.conv_pwl.weight.abs().sum(dim=(0, 2, 3))
-        tier = torch.zeros_like(importance)
-        for width in sorted(tiers):
-            tier[width:] += 1
-        order = torch.argsort(tier * (importance.max() + 1) * 2 - importance, stable=True)
-
+        order = _tiered_order(self.conv_pwl.weight.abs().sum(dim=(0, 2, 3)), tiers)
         self.conv_pwl.weight.copy_(self.conv_pwl.weight[:, order])
         self.conv_dw.weight.copy_(self.conv_dw.weight[order])
         self.conv_pw.weight.copy_(self.conv_pw.weight[order])
         _permute_batchnorm(self.bn1, order)
         _permute_batchnorm(self.bn2, order)
         if isinstance(self.se, DynamicSqueezeExcite):
-            _sort_squeeze_excite(self.se, order)
+            _sort_squeeze_excite(self.se, order, [make_divisible(width // SE_REDUCTION) for width in tiers])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.act1(self.bn1(self.conv_pw(x)))
@@ -147,13 +143,25 @@ def _permute_batchnorm(norm: nn.BatchNorm2d, order: torch.Tensor) -> None:
         tensor.copy_(tensor[order])
 
 
-def _sort_squeeze_excite(se: DynamicSqueezeExcite, order: torch.Tensor) -> None:
-    """Follow the expanded channels' new ``order``, then sort the hidden channels by importance too."""
+def _tiered_order(importance: torch.Tensor, tiers: list[int]) -> torch.Tensor:
+    """Return the channel order by descending ``importance`` in which no channel crosses a width in ``tiers``."""
+    tier = torch.zeros_like(importance)
+    for width in sorted(tiers):
+        tier[width:] += 1
+    return torch.argsort(tier * (importance.max() + 1) * 2 - importance, stable=True)
+
+
+def _sort_squeeze_excite(se: DynamicSqueezeExcite, order: torch.Tensor, tiers: list[int]) -> None:
+    """Follow the expanded channels' new ``order``, then sort the hidden channels by importance within ``tiers``.
+
+    ``tiers`` are the hidden widths of the expand ratios already trained. Once-for-All sorts the
+    hidden channels freely, which changes the subnets trained at those ratios; here they keep them.
+    """
     se.conv_reduce.weight.copy_(se.conv_reduce.weight[:, order])
     se.conv_expand.weight.copy_(se.conv_expand.weight[order])
     se.conv_expand.bias.copy_(se.conv_expand.bias[order])
 
-    hidden = torch.argsort(se.conv_expand.weight.abs().sum(dim=(0, 2, 3)), descending=True, stable=True)
+    hidden = _tiered_order(se.conv_expand.weight.abs().sum(dim=(0, 2, 3)), tiers)
     se.conv_expand.weight.copy_(se.conv_expand.weight[:, hidden])
     se.conv_reduce.weight.copy_(se.conv_reduce.weight[hidden])
     se.conv_reduce.bias.copy_(se.conv_reduce.bias[hidden])
