@@ -140,3 +140,15 @@ def test_tail_aware_widths_never_exceed_widest(resnet_space):
     assert new.choices()["width_0"] == [16, 32, 40]
     with pytest.raises(SpaceError, match="exceed the supernet's widest 40"):
         resnet_space.with_width_choices({"width_0": [48]})
+
+
+def test_canonical_merges_ratios_of_one_inner_width():
+    space = create_space(load_space_config("resnet_tiny_custom"))
+    # At 16 channels, ratios 0.25 and 0.5 both give 8 inner channels; at 32 they give 8 and 16.
+    a = ResNetArch(depths=(1, 1), widths=(16, 32), expand_ratios=(0.5, 0.5), resolution=28)
+    canonical = space.canonical(a)
+    assert canonical.expand_ratios == (0.25, 0.5)
+    assert space.canonical(canonical) == canonical
+    assert space.layers(canonical) == space.layers(a)
+    wide = ResNetArch(depths=(1, 1), widths=(24, 32), expand_ratios=(0.5, 0.25), resolution=28)
+    assert space.canonical(wide) == wide

@@ -145,6 +145,22 @@ class ResNetSpace(SearchSpace):
                 out[f"expand_{i}"] = sorted(self.expand_options)
         return out
 
+    def canonical(self, arch: ResNetArch) -> ResNetArch:
+        """Return ``arch`` with each expand ratio replaced by the smallest one that gives the same inner width.
+
+        Inner widths are rounded to multiples of 8, so at a narrow stage width two ratios can build
+        the same bottleneck (0.25 and 0.5 of 16 channels are both 8).
+        """
+        self.validate(arch)
+        if not arch.expand_ratios:
+            return arch
+        ratios = tuple(
+            min((r for r in self.expand_options
+                 if bottleneck_mid_channels(width, r) == bottleneck_mid_channels(width, ratio)), default=ratio)
+            for width, ratio in zip(arch.widths, arch.expand_ratios)
+        )
+        return dataclasses.replace(arch, expand_ratios=ratios)
+
     def arch_from_choices(self, values: Mapping[str, Any]) -> ResNetArch:
         n = self.num_stages
         arch = ResNetArch(
