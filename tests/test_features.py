@@ -121,6 +121,28 @@ def test_cpu_simd_and_thread_features() -> None:
     assert three["cpu_thread_util"] == pytest.approx(56 / 57)
 
 
+@pytest.mark.parametrize(("channels", "blocks", "blocks_2x"), [(16, 1, 1), (32, 2, 1), (64, 4, 2)])
+def test_cpu_features_at_step_edges(channels: int, blocks: int, blocks_2x: int) -> None:
+    # A whole number of 16-lane blocks: no remainder, every lane used, no padded work.
+    layer = LayerSpec("conv", 64, channels, 28, kernel_size=3)
+    feats = layer_features(layer, 1, CPU)
+    assert feats["cpu_oc_blocks"] == blocks
+    assert feats["cpu_oc_blocks_2x"] == blocks_2x
+    assert feats["cpu_oc_remainder"] == 0
+    assert feats["cpu_oc_util"] == pytest.approx(1.0)
+    assert feats["cpu_padded_macs"] == pytest.approx(layer.macs)
+
+
+def test_gpu_elementwise_waves_of_add_and_pool() -> None:
+    # 2 images * 64 channels * 14 * 14 = 25,088 elements: 25 blocks of 1,024, one wave on 68 SMs.
+    add = layer_features(LayerSpec("add", 64, 64, 14), 2, GPU)
+    assert add["gpu_eltwise_waves"] == 1
+    # 32 images: 401,408 elements, 392 blocks, ceil(392 / 68) = 6 waves.
+    assert layer_features(LayerSpec("add", 64, 64, 14), 32, GPU)["gpu_eltwise_waves"] == 6
+    # Global average pooling reads the whole input: the same count as the add at 2 images.
+    assert layer_features(LayerSpec("gap", 64, 64, 14), 2, GPU)["gpu_eltwise_waves"] == 1
+
+
 def test_bytes_and_intensity_are_float32() -> None:
     feats = layer_features(CONV, 8, CPU)
     assert feats["macs"] == 8 * CONV.macs

@@ -90,7 +90,8 @@ def test_stage_timer_lock_wait(tmp_path):
         pass  # free now: no wait
     timer.write(tmp_path / "timings.json")
     timings = json.loads((tmp_path / "timings.json").read_text())
-    assert 0.5 <= timings["profile_lock_wait_s"] <= timings["profile_s"]
+    # The wait's length depends on the scheduler; only that there was one, within the stage, is certain.
+    assert 0 < timings["profile_lock_wait_s"] <= timings["profile_s"]
     assert "search_lock_wait_s" not in timings
 
 

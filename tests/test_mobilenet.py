@@ -123,6 +123,18 @@ def test_ignored_slots_do_not_change_layers(imagenet):
     assert changed != arch
 
 
+def test_canonical_resets_every_ignored_slot(imagenet):
+    ks, e = imagenet.cfg.kernel_sizes, imagenet.cfg.expand_ratios
+    arch = MobileNetV3Arch(ks=(max(ks),) * 20, e=(max(e),) * 20, d=(2, 3, 4, 2, 3), r=224)
+    canonical = imagenet.canonical(arch)
+    for stage, depth in enumerate(arch.d):
+        for slot in range(stage * 4, stage * 4 + 4):
+            used = slot < stage * 4 + depth
+            assert canonical.ks[slot] == (max(ks) if used else min(ks)), slot
+            assert canonical.e[slot] == (max(e) if used else min(e)), slot
+    assert imagenet.layers(canonical) == imagenet.layers(arch)
+
+
 def test_choices_cover_ofa_encoding(imagenet):
     choices = imagenet.choices()
     assert list(choices)[:6] == ["r", "d_0", "d_1", "d_2", "d_3", "d_4"]

@@ -491,3 +491,16 @@ def test_busy_advice_depends_on_share():
 
     assert busy_advice(2, 966, "store").startswith("So few runs are unlikely to matter")
     assert busy_advice(200, 966, "store") == "Move store away and profile again on a quiet machine."
+
+
+def test_measurement_reports_median_not_mean(monkeypatch):
+    # One slow pass of five: the median ignores it, the mean does not.
+    def fake_passes(run, device, passes):
+        return [1.0, 1.0, 10.0, 1.0, 1.0][:passes] if passes == 5 else [0.5] * passes
+
+    monkeypatch.setattr(measurement, "_time_passes", fake_passes)
+    protocol = MeasurementProtocol(device="cpu", warmup=2, repeats=5, threads=1)
+    result = measurement.measure_module(nn.Conv2d(1, 2, 1), (1, 4, 4), protocol, record_operators=False)
+    assert result.median_ms == 1.0
+    assert result.mean_ms == pytest.approx(2.8)
+    assert result.repeats == 5

@@ -82,6 +82,13 @@ def test_budget_accepts_numbers_and_null():
     assert check_budget(2) == 2.0
 
 
+def test_study_maximises_accuracy_and_minimises_latency(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'studies.db'}"
+    study, resumed = create_or_load_study(storage, "directions", create_sampler("nsga2", 0), {})
+    assert not resumed
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE]
+
+
 def test_study_resumes_by_name(resnet_space, tmp_path):
     study, storage = run_study(resnet_space, "nsga2", tmp_path, n_trials=5, name="resume-me")
     again, resumed = create_or_load_study(storage, "resume-me", create_sampler("nsga2", 0), {"space": resnet_space.raw_config})
