@@ -475,7 +475,9 @@ def run(cfg: DictConfig) -> None:
         if search_cfg.remeasure:
             new = remeasure_front(front, measure)
             measured.update(new)
-            study.set_user_attr("measured_latency_ms", {**stored, **{str(k): v for k, v in new.items()}})
+            # Read again: another worker may have stored measurements while this one measured.
+            latest = study.user_attrs.get("measured_latency_ms", {})
+            study.set_user_attr("measured_latency_ms", {**latest, **{str(k): v for k, v in new.items()}})
 
     rows = front_rows(front, measured)
     latencies = [r["measured_latency_ms"] if r["measured_latency_ms"] is not None else r["predicted_latency_ms"] for r in rows]
