@@ -293,7 +293,7 @@ def keep_ratio_latency(network: Any, gate_config: Any, space: SearchSpace, arch:
 def over_budget_advice(result: dict[str, Any], budget_ms: float) -> str:
     """Return what to do when a gated network measured over ``budget_ms``, from the ratios timed in ``result``.
 
-    ``result`` holds ``keep_ratio_latency_ms`` and ``keep_ratio_accuracy`` as train.py writes them.
+    ``result`` contains ``keep_ratio_latency_ms`` and ``keep_ratio_accuracy`` as train.py writes them.
     The advice names the calibrated keep ratio with the best validation accuracy among those that
     measured within the budget, or says that none did.
     """
@@ -302,8 +302,8 @@ def over_budget_advice(result: dict[str, Any], budget_ms: float) -> str:
     within = [ratio for ratio, ms in latency.items() if ms <= budget_ms]
     if within:
         best = max(within, key=lambda ratio: (accuracy.get(ratio, -1.0), float(ratio)))
-        shown = f", validation accuracy {100 * accuracy[best]:.2f}%" if best in accuracy else ""
-        return (f"Keep ratio {best} measured {latency[best]:.3f} ms{shown}, within the budget: deploy it with "
+        accuracy_note = f", validation accuracy {100 * accuracy[best]:.2f}%" if best in accuracy else ""
+        return (f"Keep ratio {best} measured {latency[best]:.3f} ms{accuracy_note}, within the budget: deploy it with "
                 f"model.set_keep_ratio({best}) (keep_ratio_latency_ms in finetune.json lists every ratio), or lower "
                 "the budget slightly for a margin.")
     if latency:

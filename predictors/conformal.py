@@ -66,7 +66,7 @@ def conformal_bounds(scores: Sequence[np.ndarray], level: float) -> tuple[float,
     tail = (1.0 - level) / 2.0
     values = np.concatenate(groups)
     weights = np.concatenate([np.full(group.size, 1.0 / (group.size * (n + 1))) for group in groups])
-    # The last subnet's weight is n / (n + 1) in all; below 1 - tail the interval spans every score.
+    # All subnets together weigh n / (n + 1). Below 1 - tail, the interval spans every score.
     if n / (n + 1) < 1.0 - tail - 1e-12:
         logger.warning("%d calibration subnets are too few for a %g%% interval: it spans all their scores and can "
                        "cover less than %g%% of new subnets. Profile more subnets (predictor.n_subnets).", n,
