@@ -42,7 +42,8 @@ def test_missing_data_root_names_path(tmp_path):
 def test_bad_space_value_is_not_a_data_failure(tmp_path):
     result = run_entry("search.py", "+space=resnet", "data=synthetic", "space.resolutions=[abc]", tmp_path=tmp_path)
     assert result.returncode == 1
-    assert "resolutions" in result.stderr and "abc" in result.stderr
+    assert "resolutions" in result.stderr
+    assert "abc" in result.stderr
     # The data loaded; the space failed after it.
     assert "Stage data: finished" in result.stdout + result.stderr
     assert "Stage data: failed" not in result.stdout + result.stderr

@@ -583,7 +583,7 @@ def test_search_worker_checked_before_data(tmp_path):
     assert "Stage data" not in result.stdout + result.stderr
 
 
-def test_over_budget_advice_names_a_ratio_within():
+def test_over_budget_advice_names_ratio():
     from train import over_budget_advice
 
     result = {
@@ -645,7 +645,7 @@ def test_resume_without_remeasure_reports_stored(searched, tmp_path):
     stored = study.user_attrs["measured_latency_ms"]
     rows = read_pareto_csv(run_dir / "pareto.csv")
     # The first run measured its whole front; a front subnet of both runs keeps that measurement.
-    kept = [row for row in rows if str(row["trial"]) in stored]
-    assert kept
-    for row in kept:
+    measured_before = [row for row in rows if str(row["trial"]) in stored]
+    assert measured_before
+    for row in measured_before:
         assert row["measured_latency_ms"] == pytest.approx(stored[str(row["trial"])], abs=1e-6)

@@ -558,13 +558,13 @@ def test_baselines_fit_on_training_subnets_only() -> None:
     # Training subnets: 8 * c * 64 MACs in c / 8 ms. Test subnets: 9 * c * 64 MACs in c / 4 ms.
     train = [subnet(8, c, c / 8) for c in (8, 16, 24, 32)]
     test = [subnet(9, c, c / 4) for c in (8, 16, 32)]
-    # The lookup table holds the training latencies, and half of the test ones.
+    # The lookup table contains the training latencies, and half of the test ones.
     lut = {s["layers"][0].key(): s["latency_ms"] for s in train}
     lut.update({s["layers"][0].key(): s["latency_ms"] / 2 for s in test})
     baselines = baseline_metrics(train, test, lut)
     # Fitted on the training subnets, the MACs line predicts 9 / 16 of each test latency.
     assert baselines["macs_linear"]["mape"] == pytest.approx(100 * 7 / 16)
-    # The calibration of the table's sums to the training latencies is the identity, so it keeps the
-    # table's halved test latencies; fitted on the test subnets, it would be exact.
+    # Fitted to the training latencies, the calibration of the table's sums is the identity. So it
+    # keeps the table's halved test latencies. Fitted on the test subnets, it would be exact.
     assert baselines["lut_calibrated"]["mape"] == pytest.approx(50.0)
     assert baselines["lut_sum"]["mape"] == pytest.approx(50.0)

@@ -152,8 +152,8 @@ def test_predictor_record_ignores_rebuild(tmp_path):
 
     settings = {"n_subnets": 16, "rebuild": False, "path": None, "allow_fingerprint_mismatch": False}
     assert predictor_record(settings) == predictor_record({**settings, "rebuild": True}) == {"n_subnets": 16}
-    given = predictor_record({**settings, "path": str(tmp_path / "sub" / ".." / "p.json")})
-    assert given == {"path": str(tmp_path / "p.json")}
+    from_file = predictor_record({**settings, "path": str(tmp_path / "sub" / ".." / "p.json")})
+    assert from_file == {"path": str(tmp_path / "p.json")}
 
 
 def test_resumed_study_records_every_sampler(resnet_space, tmp_path, caplog):
