@@ -305,6 +305,18 @@ class FinetuneModule(pl.LightningModule):
         self.label_smoothing = label_smoothing
         self.full_keep_weight = full_keep_weight
 
+    def train(self, mode: bool = True) -> FinetuneModule:
+        """Set the model's mode; the teacher stays in eval mode, with its BatchNorm running statistics.
+
+        Lightning 2.6 keeps each submodule's mode through fitting, but a ``train()`` call on the
+        whole module, by a caller or another Lightning version, would otherwise give the teacher's
+        BatchNorm layers batch statistics and update their running statistics.
+        """
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 

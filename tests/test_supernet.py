@@ -117,3 +117,40 @@ def test_interrupted_supernet_training_resumes(tmp_path, monkeypatch, caplog):
     assert "Resuming supernet training after 1 of 3 epochs from" in caplog.text
     assert path.is_file()
     assert not (path.parent / "resume.ckpt").exists()
+
+
+def test_finetune_teacher_stays_in_eval_mode():
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nas.training import FinetuneModule
+
+    def network() -> nn.Module:
+        return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                             nn.Linear(4, 3))
+
+    torch.manual_seed(0)
+    teacher = network()
+    before = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    module = FinetuneModule(network(), teacher=teacher, kd_weight=1.0)
+    # Lightning 2.6 keeps each submodule's mode through fit; a module.train() call must not undo the teacher's.
+    module.train()
+    assert module.model.training
+    assert not module.teacher.training
+    seen = []
+
+    class RecordTeacherMode(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(pl_module.teacher.training)
+
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))), batch_size=8)
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=[RecordTeacherMode()],
+                         num_sanity_val_steps=0)
+    # Validation between the epochs switches the module to eval mode and back.
+    trainer.fit(module, train_dataloaders=data, val_dataloaders=data)
+    assert seen == [False] * 4
+    for name, tensor in teacher.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
