@@ -64,6 +64,7 @@ from nas.search import (
     pareto_trials,
     predictor_record,
     sampler_seed,
+    stored_measurements,
 )
 from nas.spaces import SearchSpace, create_space
 from nas.supernet.cache import load_supernet, save_supernet, supernet_key
@@ -468,9 +469,7 @@ def run(cfg: DictConfig) -> None:
             f"under a new search.study_name with a higher search.latency_budget_ms (now {budget}): a study keeps "
             "the budget its trials were scored with."
         )
-    # Measurements that earlier runs of the study stored, as train.py and nas.compare read them.
-    stored = study.user_attrs.get("measured_latency_ms", {})
-    measured = {t.number: float(stored[str(t.number)]) for t in front if str(t.number) in stored}
+    measured = stored_measurements(study, front)
     with timer.stage("remeasure"):
         if search_cfg.remeasure:
             new = remeasure_front(front, measure)

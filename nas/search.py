@@ -30,6 +30,7 @@ __all__ = [
     "check_storage_opens",
     "optuna_storage",
     "predictor_record",
+    "stored_measurements",
     "check_resume",
     "existing_study",
     "sampler_seed",
@@ -267,6 +268,14 @@ def _describe_change(key: str, old: Any, new: Any) -> str:
     return f"{label} ({_yaml_value(old)} before, {_yaml_value(new)} now)"
 
 
+def _same_predictor_file(stored: Mapping[str, Any], predictor: Mapping[str, Any]) -> bool:
+    """Return whether ``predictor.path`` names the file that the study's trials were scored with."""
+    given, used = predictor.get("path"), stored.get("predictor_path")
+    if not given or not used:
+        return False
+    return Path(str(given)).expanduser().resolve() == Path(str(used)).expanduser().resolve()
+
+
 def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_name: str, storage: str) -> None:
     """Raise SearchError when ``record`` differs from the study's ``stored`` record in a setting that scores trials.
 
@@ -285,6 +294,8 @@ def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_nam
         keys = ["space" if key == "space_config" else key for key in keys]
     changed_keys = [key for key in keys
                     if key in stored and key in record and _normalised(stored[key]) != _normalised(record[key])]
+    if "predictor" in changed_keys and _same_predictor_file(stored, record["predictor"]):
+        changed_keys.remove("predictor")
     if "supernet_key" in changed_keys and {"space", "space_config"} & set(changed_keys):
         changed_keys.remove("supernet_key")  # the supernet's key contains the space
     changed = [_supernet_change(stored, record) if key == "supernet_key"
@@ -449,6 +460,16 @@ def _finished_trial_of(study: optuna.Study, arch: Arch) -> optuna.trial.FrozenTr
     return None
 
 
+def stored_measurements(study: optuna.Study, trials: Sequence[optuna.trial.FrozenTrial]) -> dict[int, float]:
+    """Return the measured latency (ms) by trial number that earlier runs stored for ``trials``.
+
+    search.py keeps re-measured latencies in the study attribute ``measured_latency_ms``, which
+    train.py and nas.compare read too.
+    """
+    stored = study.user_attrs.get("measured_latency_ms", {})
+    return {t.number: float(stored[str(t.number)]) for t in trials if str(t.number) in stored}
+
+
 def complete_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     """Return the study's finished trials, without copying them."""
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -503,9 +524,10 @@ def knee_index(accuracy: Sequence[float], latency: Sequence[float]) -> int:
     dx, dy = xs[last] - xs[first], ys[last] - ys[first]
     norm = math.hypot(dx, dy) or 1.0
     # Distance above the chord: the knee gains the most accuracy per unit of latency. Among equal
-    # distances (points at one latency or one accuracy), the more accurate, then the faster, wins.
+    # distances the faster point wins, then the more accurate: with no point above the chord, the
+    # fastest end; with every point at one latency, the most accurate.
     distances = [(dx * (ys[i] - ys[first]) - dy * (xs[i] - xs[first])) / norm for i in range(n)]
-    return max(range(n), key=lambda i: (distances[i], accuracy[i], -latency[i]))
+    return max(range(n), key=lambda i: (distances[i], -latency[i], accuracy[i]))
 
 
 def latest_study_name(storage: str) -> str:

@@ -147,6 +147,27 @@ def test_resume_with_other_predictor_rejected(change, message):
         check_resume(stored, {**stored, **change}, "s", "sqlite:///x.db")
 
 
+def test_stored_measurements_of_front_trials():
+    from nas.search import stored_measurements
+
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for accuracy in (0.5, 0.6, 0.7):
+        study.add_trial(optuna.trial.create_trial(values=[accuracy, accuracy]))
+    study.set_user_attr("measured_latency_ms", {"0": 0.55, "2": 0.75, "9": 1.0})
+    trials = study.get_trials()
+    # Trial 1 was never measured, and trial 9 is not among the trials asked for.
+    assert stored_measurements(study, trials) == {0: 0.55, 2: 0.75}
+    assert stored_measurements(study, trials[1:2]) == {}
+
+
+def test_resume_with_study_predictor_file_allowed(tmp_path):
+    built = tmp_path / "predictors" / "p.json"
+    stored = {**SCORING, "predictor": {"n_subnets": 16}, "predictor_path": str(built)}
+    check_resume(stored, {**SCORING, "predictor": {"path": str(built)}}, "s", "sqlite:///x.db")
+    with pytest.raises(SearchError, match="the latency predictor"):
+        check_resume(stored, {**SCORING, "predictor": {"path": str(tmp_path / "other.json")}}, "s", "sqlite:///x.db")
+
+
 def test_predictor_record_ignores_rebuild(tmp_path):
     from nas.search import predictor_record
 
@@ -228,6 +249,8 @@ def test_knee_of_short_front_is_most_accurate():
     ([0.90, 0.90, 0.90], [3.0, 1.0, 2.0], 1),
     # A dominated point at the fastest latency does not start the chord.
     ([0.70, 0.80, 0.95, 0.96], [1.0, 1.0, 1.5, 4.0], 2),
+    # No point above the chord: the fastest end.
+    ([0.80, 0.81, 0.83, 0.90], [0.3, 0.5, 0.7, 0.9], 0),
 ])
 def test_knee_ties_pick_dominating_point(accuracy, latency, knee):
     assert knee_index(accuracy, latency) == knee
