@@ -41,7 +41,13 @@ from nas.gates import (
 from nas.gates.blocks import block_layout
 from nas.gates.modules import straight_through, targeted_dropout_mask
 from nas.gates.planning import channel_staircase, plan_blocks
-from nas.gates.timing import choose_gate_options, grouped_limit, measured_steps, time_channel_counts
+from nas.gates.timing import (
+    choose_gate_options,
+    column_alone_pays,
+    grouped_limit,
+    measured_steps,
+    time_channel_counts,
+)
 from nas.spaces.layers import LayerSpec
 from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.supernet.resnet import BasicBlock, Bottleneck, ResNetSubnet
@@ -846,8 +852,21 @@ def test_folded_network_rejects_ratio_switch(subnet):
     calibrate_keep_ratios(network, _calibration_batches(), max_batches=1, ratios=[0.4, 1.0])
     folded = copy.deepcopy(network).eval()
     fold_batchnorm(folded)
+    counts = {name: (block.kept_channels, block.kept_columns) for name, block in folded.gated_blocks().items()}
     with pytest.raises(GateConfigError, match="Set the keep ratio before folding"):
         folded.set_keep_ratio(1.0)
+    # The failed switch leaves the network as it was.
+    assert folded.keep_ratio == network.keep_ratio
+    assert {name: (block.kept_channels, block.kept_columns) for name, block in folded.gated_blocks().items()} == counts
+
+
+def test_bank_ties_go_to_larger_ratio():
+    from nas.gates.batchnorm import BatchNormBank
+
+    grid = [0.25 + 0.1 * i for i in range(8)] + [1.0]  # 0.25, 0.35, ..., 0.95 with float error
+    bank = BatchNormBank(["bn"], [4], grid)
+    for ratio, expected in ((0.3, 0.35), (0.5, 0.55), (0.6, 0.65), (0.7, 0.75), (0.8, 0.85), (0.9, 0.95)):
+        assert grid[bank.nearest(ratio)] == pytest.approx(expected), ratio
 
 
 def test_calibration_callback_after_fit(subnet):
@@ -971,3 +990,15 @@ def test_folded_weight_cache_follows_module_conversion(subnet):
         converted = network(x.double())
     assert converted.dtype == torch.float64
     torch.testing.assert_close(converted.float(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_column_alone_pays_only_within_budget():
+    config = parse_gate_config({"name": "feature", "min_saving": 0.05})
+    latency = {"none": {1: 1.0, 32: 10.0}, "channel+column": {1: 0.8, 32: 10.3}, "column": {1: 0.9, 32: 10.2}}
+    assert column_alone_pays(latency, "channel+column", config)
+    # Slower than no gate at batch 1: it does not pay.
+    assert not column_alone_pays({**latency, "column": {1: 1.2, 32: 10.2}}, "channel+column", config)
+    # Saves at batch 1 but costs more at batch 32 than the budget admitted for channel+column.
+    assert not column_alone_pays({**latency, "column": {1: 0.9, 32: 10.4}}, "channel+column", config)
+    # A block without a column option.
+    assert not column_alone_pays({"none": latency["none"], "channel": {1: 0.8, 32: 10.0}}, "channel", config)

@@ -66,9 +66,13 @@ class BatchNormBank(nn.Module):
         return self.ratios.tolist()
 
     def nearest(self, ratio: float) -> int:
-        """Return the grid index nearest to ``ratio``; a tie goes to the larger ratio."""
+        """Return the grid index nearest to ``ratio``; a tie goes to the larger ratio.
+
+        Distances are rounded to 9 decimals, so that a ratio midway between two grid ratios ties
+        whatever the floating-point error of the grid (0.35 + 0.1 is not exactly 0.45).
+        """
         grid = self.grid
-        return min(range(len(grid)), key=lambda i: (abs(grid[i] - ratio), -grid[i]))
+        return min(range(len(grid)), key=lambda i: (round(abs(grid[i] - ratio), 9), -grid[i]))
 
     @torch.no_grad()
     def store(self, index: int, model: nn.Module) -> None:
@@ -80,9 +84,12 @@ class BatchNormBank(nn.Module):
 
     @torch.no_grad()
     def load(self, index: int, model: nn.Module) -> None:
-        """Copy row ``index`` into the running statistics of the bank's layers in ``model``."""
-        for path, stats in zip(self.paths, self.stats):
-            norm = self._layer(model, path)
+        """Copy row ``index`` into the running statistics of the bank's layers in ``model``.
+
+        Every layer is looked up before any is written, so a folded layer raises with nothing changed.
+        """
+        norms = [self._layer(model, path) for path in self.paths]
+        for norm, stats in zip(norms, self.stats):
             norm.running_mean.copy_(stats.running_mean[index])
             norm.running_var.copy_(stats.running_var[index])
 

@@ -99,12 +99,13 @@ class GatedNetwork(nn.Module):
             GateConfigError: if ``ratio`` is outside ``keep_ratio_range``.
         """
         self.config.check_keep_ratio(ratio)
+        # The statistics come first: a folded model raises there, before any kept count changes.
+        if self.batchnorm_bank is not None:
+            self.batchnorm_bank.load(self.batchnorm_bank.nearest(ratio), self.model)
         for name, block in self.gated_blocks().items():
             plan = self._plan_by_name[name]
             channels = plan.snap_channels(keep_count(ratio, block.inner_channels))
             block.set_keep(channels, keep_count(ratio, block.inner_width))
-        if self.batchnorm_bank is not None:
-            self.batchnorm_bank.load(self.batchnorm_bank.nearest(ratio), self.model)
         self._keep_ratio = float(ratio)
 
     def set_batchnorm_bank(self, bank: BatchNormBank | None) -> None:

@@ -301,6 +301,21 @@ def choose_gate_options(latencies: Mapping[str, Mapping[str, Mapping[int, float]
     return decisions
 
 
+def column_alone_pays(latency: Mapping[str, Mapping[int, float]], chosen: str, config: GateConfig) -> bool:
+    """Return whether a block's column gate alone pays where ``chosen`` (with a channel gate) was placed.
+
+    It pays when it is at least ``min_saving`` faster than no gate at the smallest batch size, and
+    no slower than ``chosen`` at every larger one, so that the shared batch budget still holds.
+    """
+    column, none = latency.get("column"), latency["none"]
+    if column is None:
+        return False
+    batches = sorted(none)
+    if column[batches[0]] > none[batches[0]] * (1.0 - config.min_saving):
+        return False
+    return all(column[b] <= latency[chosen][b] for b in batches[1:])
+
+
 def make_measured_placement(model: nn.Module, config: GateConfig, protocol: MeasurementProtocol) -> MeasuredPlacement:
     """Return a placement function for :func:`nas.gates.planning.plan_blocks` that times blocks of ``model``.
 
@@ -339,6 +354,9 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
                     channel = False
                     reason = (f"no channel gate: no kept count was measured faster than keeping more "
                               f"(ms per count at batch {smallest}: {counts}); {reason}")
+                    if spatial and not column_alone_pays(latencies[site.name], option, config):
+                        spatial = False
+                        reason = f"no column gate either: measured alone it does not pay; {reason}"
                 else:
                     reason += (f"; kept channels snap to measured steps {'/'.join(map(str, site_steps))} "
                                f"(ms per count at batch {smallest}: {counts})")
