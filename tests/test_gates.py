@@ -1002,3 +1002,26 @@ def test_column_alone_pays_only_within_budget():
     assert not column_alone_pays({**latency, "column": {1: 0.9, 32: 10.4}}, "channel+column", config)
     # A block without a column option.
     assert not column_alone_pays({"none": latency["none"], "channel": {1: 0.8, 32: 10.0}}, "channel", config)
+
+
+def test_keep_ratio_accepts_numpy_and_tensor(subnet):
+    import numpy as np
+
+    network = apply_gates(subnet, ALL)
+    network.set_keep_ratio(np.float32(0.5))
+    assert network.keep_ratio == 0.5
+    network.set_keep_ratio(torch.tensor(0.4))
+    assert network.keep_ratio == pytest.approx(0.4)
+    with pytest.raises(GateConfigError, match="must be a number"):
+        network.set_keep_ratio(True)
+
+
+def test_straight_through_forward_is_exact_mask():
+    from nas.gates.modules import straight_through
+
+    scores = torch.rand(1000, requires_grad=True)
+    mask = (torch.rand(1000) > 0.5).float()
+    out = straight_through(mask, scores)
+    assert torch.equal(out, mask)
+    out.sum().backward()
+    assert torch.equal(scores.grad, torch.ones(1000))

@@ -41,7 +41,8 @@ def straight_through(mask: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     The gradient a score receives is the first-order change of the loss when its feature is
     switched from dropped to kept (or back), which is what ranking the features needs.
     """
-    return mask + scores - scores.detach()
+    # The difference is exactly zero in the forward pass, so the value is exactly the 0/1 mask.
+    return mask + (scores - scores.detach())
 
 
 class ChannelGate(nn.Module):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -98,6 +99,11 @@ class GatedNetwork(nn.Module):
         Raises:
             GateConfigError: if ``ratio`` is outside ``keep_ratio_range``.
         """
+        # NumPy scalars and one-element tensors count as the number they contain.
+        if isinstance(ratio, torch.Tensor) and ratio.numel() == 1:
+            ratio = float(ratio)
+        elif isinstance(ratio, numbers.Real) and not isinstance(ratio, bool):
+            ratio = float(ratio)
         self.config.check_keep_ratio(ratio)
         # The statistics come first: a folded model raises there, before any kept count changes.
         if self.batchnorm_bank is not None:
