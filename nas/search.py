@@ -133,12 +133,17 @@ def predictor_record(predictor_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Return the ``predictor`` settings that change a trial's predicted latency, for :data:`RESUME_KEYS`.
 
     A file given as ``predictor.path`` is recorded by its absolute path alone. Otherwise every key
-    counts except ``rebuild`` and ``allow_fingerprint_mismatch``: a rebuild from the same profiles
-    with the same settings trains the same models.
+    counts except ``rebuild``, ``allow_fingerprint_mismatch`` and the models' ``nthread``: a rebuild
+    from the same profiles with the same settings trains the same models.
     """
     if predictor_cfg.get("path"):
         return {"path": str(Path(str(predictor_cfg["path"])).expanduser().resolve())}
-    return {k: v for k, v in predictor_cfg.items() if k not in ("rebuild", "path", "allow_fingerprint_mismatch")}
+    record = {k: v for k, v in predictor_cfg.items() if k not in ("rebuild", "path", "allow_fingerprint_mismatch")}
+    # XGBoost's training thread count changes how fast the models train, not what they predict.
+    for key in ("layer_model", "network_model"):
+        if isinstance(record.get(key), Mapping):
+            record[key] = {k: v for k, v in record[key].items() if k != "nthread"}
+    return record
 
 
 def optuna_storage(storage: str) -> Any:

@@ -173,6 +173,9 @@ def test_predictor_record_ignores_rebuild(tmp_path):
 
     settings = {"n_subnets": 16, "rebuild": False, "path": None, "allow_fingerprint_mismatch": False}
     assert predictor_record(settings) == predictor_record({**settings, "rebuild": True}) == {"n_subnets": 16}
+    threads = {**settings, "layer_model": {"max_depth": 6, "nthread": 1}}
+    assert predictor_record(threads) == predictor_record({**threads, "layer_model": {"max_depth": 6, "nthread": 2}})
+    assert predictor_record(threads)["layer_model"] == {"max_depth": 6}
     from_file = predictor_record({**settings, "path": str(tmp_path / "sub" / ".." / "p.json")})
     assert from_file == {"path": str(tmp_path / "p.json")}
 
