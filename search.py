@@ -282,6 +282,20 @@ def record_measurement(store: Any, space: SearchSpace, arch: Any, measurement: A
         failures.append(err)
 
 
+def log_input_resize(space: SearchSpace, data_resolution: int) -> None:
+    """Say when subnets run at other resolutions than the data's, so that every batch is resized for them."""
+    sizes = sorted({space.input_shape(space.smallest())[1], space.input_shape(space.largest())[1]})
+    if data_resolution in sizes:
+        return
+    shown = "/".join(map(str, sizes))
+    message = ("Subnets run at %s pixels and the data at %d: the search resizes every batch to the subnet's resolution "
+               "(bilinear, without antialiasing). Set data.resolution to the largest subnet resolution to load images "
+               "at that size instead.")
+    # Shrinking by more than half without antialiasing drops detail that the data loader's resize would keep.
+    level = logging.WARNING if data_resolution > 2 * sizes[-1] else logging.INFO
+    log.log(level, message, shown, data_resolution)
+
+
 def remeasure_front(front: list[optuna.trial.FrozenTrial], measure: Any) -> dict[int, float]:
     """Measure every Pareto subnet on the device; returns trial number -> median latency in ms."""
     measured = {}
@@ -353,6 +367,7 @@ def run(cfg: DictConfig) -> None:
         datamodule.log_summary()
     # The space takes its input channels, classes and resolution from the data.
     space = build_space(cfg, datamodule)
+    log_input_resize(space, datamodule.resolution)
     check_supernet_config(space, to_container(cfg.supernet))
     log.info("Space %s: %d decisions, largest %.2f MMACs, smallest %.2f MMACs", space.name, len(space.choices()),
              space.macs(space.largest()) / 1e6, space.macs(space.smallest()) / 1e6)

@@ -709,9 +709,8 @@ def run(cfg: DictConfig) -> None:
         notes.append(f"ungated {result['ungated_latency_ms']:.3f} ms; no block got a gate")
     note = f" ({'; '.join(notes)})" if notes else ""
     print(f", measured latency {result['measured_latency_ms']:.3f} ms{note}.")
-    written = [run_dir / "finetune.json", run_dir / "manifest.json", run_dir / "subnet.pt", run_dir / "subnet.pt2"]
-    if gates_on:
-        written.append(run_dir / "subnet_b1.pt2")
+    names = ("finetune.json", "manifest.json", "subnet.pt", "subnet.pt2", "subnet_b1.pt2", "subnet.onnx")
+    written = [run_dir / name for name in names if (run_dir / name).is_file()]
     print(f"Wrote {', '.join(str(path) for path in written[:-1])} and {written[-1]}.")
 
 

@@ -41,8 +41,6 @@ from predictors.measurement import load_average, measure_module  # noqa: E402
 from predictors.plots import plot_staircase  # noqa: E402
 from predictors.protocol import MeasurementProtocol  # noqa: E402
 
-log = logging.getLogger("benchmarks.staircase")
-
 
 def parse_widths(text: str) -> list[int]:
     """Parse ``start:stop:step`` (stop excluded, as in ``range``) or a comma-separated list."""
@@ -120,10 +118,10 @@ def main(argv: list[str] | None = None) -> None:
     for threads in args.threads:
         latency = time_widths(args, threads)
         results[str(threads)] = summarise(latency)
-        path = plot_staircase(args.out / f"staircase_t{threads}.png", layer, latency,
-                              title=f"conv {args.kernel}x{args.kernel}, {args.in_channels} in, {args.size}x{args.size}, "
-                                    f"batch 1, {threads} thread(s)")
-        log.info("Wrote %s", path)
+        # plot_staircase logs the path it writes.
+        plot_staircase(args.out / f"staircase_t{threads}.png", layer, latency,
+                       title=f"conv {args.kernel}x{args.kernel}, {args.in_channels} in, {args.size}x{args.size}, "
+                             f"batch 1, {threads} thread(s)")
     fingerprint = device_fingerprint(MeasurementProtocol(device="cpu", threads=max(args.threads)))
     print(json.dumps({
         "benchmark": "staircase",

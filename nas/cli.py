@@ -26,6 +26,7 @@ __all__ = [
     "default_storage",
     "check_storage_url",
     "import_user_modules",
+    "profiled_space_config",
     "run_cli",
     "to_container",
 ]
@@ -51,6 +52,23 @@ def require_space(cfg: DictConfig, command: str) -> None:
         raise UsageError(
             f"No search space chosen. Run `{command} +space=resnet` (or another space). Available spaces: {spaces}."
         )
+
+
+def profiled_space_config(cfg: DictConfig, command: str) -> dict[str, Any]:
+    """Return ``cfg.space`` as a dict; raise UsageError when the data leaves its channels or classes null.
+
+    The profiling entry points build the space without loading the data, so ``data.in_channels``
+    and ``data.num_classes`` must be set where the data module would find them (image folders).
+    """
+    space_cfg = to_container(cfg.space)
+    for name in ("in_channels", "num_classes"):
+        if space_cfg.get(name) is None:
+            raise UsageError(
+                f"space.{name} is null because data.{name} is null for data={cfg.data.name}; set it on the "
+                f"command line, for example `{command} +space=resnet data={cfg.data.name} data.{name}=10`, with "
+                "the data settings of the search."
+            )
+    return space_cfg
 
 
 def check_group_settings(argv: list[str], command: str, empty_defaults: dict[str, str]) -> None:

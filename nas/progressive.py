@@ -410,9 +410,9 @@ def check_supernet_config(space: SearchSpace, config: Mapping[str, Any]) -> None
     """Check a ``conf/supernet`` node against ``space`` without building anything, so a run can stop at start.
 
     Raises:
-        ProgressiveError: on an unknown schedule, unknown or missing keys, invalid phases or
-            subnets per step, decisions that progressive shrinking cannot classify, or phases that
-            give no epoch.
+        ProgressiveError: on an unknown schedule, unknown or missing keys, sandwich epochs or random
+            subnets that are not whole numbers (at least 1 and 0), invalid phases or subnets per
+            step, decisions that progressive shrinking cannot classify, or phases that give no epoch.
     """
     schedule = config.get("schedule")
     if schedule not in SUPERNET_SCHEDULES:
@@ -420,6 +420,11 @@ def check_supernet_config(space: SearchSpace, config: Mapping[str, Any]) -> None
             f"Unknown supernet.schedule={schedule!r}; available schedules are {list(SUPERNET_SCHEDULES)}."
         )
     _check_keys(config, _SANDWICH_KEYS if schedule == "sandwich" else _PROGRESSIVE_KEYS)
+    if schedule == "sandwich":
+        for key, least in (("epochs", 1), ("num_random", 0)):
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ProgressiveError(f"supernet.{key} must be a whole number >= {least}, but got {value!r}.")
     if schedule == "progressive":
         phases = dict(config["phases"])
         _check_phase_epochs(phases)

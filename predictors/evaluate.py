@@ -303,7 +303,7 @@ def run(cfg: Any) -> dict[str, Any]:
     """Build or load the predictor for ``cfg.space``, evaluate it on held-out subnets, print and plot."""
     from hydra.core.hydra_config import HydraConfig
 
-    from nas.cli import import_user_modules, require_space, to_container
+    from nas.cli import import_user_modules, profiled_space_config, require_space, to_container
     from nas.spaces import create_space
     from predictors.build import load_or_build_predictor
     from predictors.fingerprint import device_fingerprint
@@ -311,8 +311,9 @@ def run(cfg: Any) -> dict[str, Any]:
     from predictors.store import ProfileStore
 
     require_space(cfg, "python -m predictors.evaluate")
+    space_cfg = profiled_space_config(cfg, "python -m predictors.evaluate")
     import_user_modules(to_container(cfg.get("imports")))
-    space = create_space(to_container(cfg.space))
+    space = create_space(space_cfg)
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
     work_dir = Path(cfg.paths.work_dir)
     predictor, build_report, path = load_or_build_predictor(space, protocol, to_container(cfg.predictor), work_dir, int(cfg.seed))

@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import UsageError, import_user_modules, require_space, run_cli, to_container
+from nas.cli import UsageError, import_user_modules, profiled_space_config, require_space, run_cli, to_container
 
 log = logging.getLogger(__name__)
 
@@ -31,13 +31,7 @@ def run(cfg: DictConfig) -> None:
     from predictors.store import ProfileStore
 
     protocol = MeasurementProtocol.from_config(to_container(cfg.hardware))
-    space_cfg = to_container(cfg.space)
-    for name in ("in_channels", "num_classes"):
-        if space_cfg.get(name) is None:
-            raise UsageError(
-                f"space.{name} is null because data.{name} is null for data={cfg.data.name}; "
-                f"set it on the command line, for example `{COMMAND} +space=resnet data.{name}=10`."
-            )
+    space_cfg = profiled_space_config(cfg, COMMAND)
     import_user_modules(to_container(cfg.get("imports")))
     space = create_space(space_cfg)
     store = ProfileStore(Path(cfg.paths.work_dir) / "profiles", device_fingerprint(protocol))

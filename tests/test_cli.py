@@ -51,6 +51,16 @@ def test_bad_space_value_is_not_a_data_failure(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["predictors.profile", "predictors.evaluate"])
+def test_profile_and_evaluate_need_class_count(module, tmp_path):
+    command = [sys.executable, "-m", module, "+space=resnet", "data=imagefolder", f"data.root={tmp_path}",
+               f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "space.num_classes is null because data.num_classes is null for data=imagefolder" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("module", ["predictors.profile", "predictors.evaluate"])
 def test_profile_and_evaluate_read_imports(module, tmp_path):
     command = [sys.executable, "-m", module, "+space=resnet", "imports=[no_such_lab.spaces]",
                f"paths.work_dir={tmp_path / 'work'}", f"hydra.run.dir={tmp_path / 'run'}"]

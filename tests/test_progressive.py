@@ -172,6 +172,18 @@ def test_config_checked_without_building(mobilenet, monkeypatch):
         check_supernet_config(mobilenet, {**config, "phases": {**config["phases"], "depth": -1}})
 
 
+@pytest.mark.parametrize(("key", "value", "least"), [("epochs", 0, 1), ("num_random", -1, 0), ("epochs", 1.5, 1)])
+def test_sandwich_counts_checked(mobilenet, key, value, least):
+    import yaml
+
+    from tests.conftest import ROOT
+
+    config = yaml.safe_load((ROOT / "conf" / "supernet" / "sandwich.yaml").read_text())
+    check_supernet_config(mobilenet, config)
+    with pytest.raises(ProgressiveError, match=f"supernet.{key} must be a whole number >= {least}, but got {value!r}"):
+        check_supernet_config(mobilenet, {**config, key: value})
+
+
 def test_config_files_build_modules(mobilenet):
     import yaml
 

@@ -635,3 +635,19 @@ def test_train_interrupt_message(tmp_path):
     assert "holds no network; run the command again" in train.interrupted_message(tmp_path)
     (tmp_path / "subnet.pt").write_bytes(b"")
     assert f"The fine-tuned network is in {tmp_path / 'subnet.pt'}" in train.interrupted_message(tmp_path)
+
+
+def test_resize_of_data_logged(resnet_space, caplog):
+    import search
+
+    # resnet_space runs at 28 pixels.
+    with caplog.at_level("INFO", logger="tailnas.search"):
+        search.log_input_resize(resnet_space, 28)
+    assert caplog.text == ""
+    with caplog.at_level("INFO", logger="tailnas.search"):
+        search.log_input_resize(resnet_space, 32)
+    assert "Subnets run at 28 pixels and the data at 32" in caplog.text
+    assert caplog.records[-1].levelname == "INFO"
+    with caplog.at_level("INFO", logger="tailnas.search"):
+        search.log_input_resize(resnet_space, 224)
+    assert caplog.records[-1].levelname == "WARNING"

@@ -166,8 +166,9 @@ class ImageFolderDataModule(ImageDataModule):
     def preprocessing(self) -> dict[str, Any]:
         mode = "grayscale" if self.in_channels == 1 else "RGB"
         return {"channels": self.in_channels, "resolution": self.resolution,
-                "pixels": f"{mode}, shorter side resized to {self.resolution}, centre-cropped to "
-                          f"{self.resolution}x{self.resolution}, values 0 to 255 divided by 255",
+                "pixels": f"{mode}, shorter side resized to {self.resolution} (torchvision Resize: bilinear "
+                          f"with antialiasing on PIL images), centre-cropped to {self.resolution}x{self.resolution}, "
+                          "values 0 to 255 divided by 255",
                 "mean": [], "std": []}
 
 
