@@ -595,7 +595,8 @@ def run(cfg: DictConfig) -> None:
 
     result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
                               "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0],
-                              "hardware": to_container(cfg.hardware), "input": datamodule.input_description()}
+                              "hardware": to_container(cfg.hardware), "input": datamodule.input_description(),
+                              "test_images": len(datamodule.test_set)}
     gates_on = cfg.gates.get("name", "none") != "none"
     with timer.stage("finetune"):
         if cfg.from_scratch:

@@ -129,6 +129,8 @@ def test_train_finetunes_knee_of_latest_study(searched):
     assert any("conv2d" in t for t in targets)
     assert not any("batch_norm" in t for t in targets)
     assert {"channels", "resolution", "pixels", "mean", "std"} <= set(report["input"])
+    # data.num_samples=96 with the synthetic data's split of a quarter for testing: 24 test images.
+    assert report["test_images"] == 24
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["study_name"] == "tiny"
     assert manifest["search_run_dir"]
