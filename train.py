@@ -42,7 +42,15 @@ from nas.cli import (
 from nas.data import build_datamodule
 from nas.export import FINETUNE_FORMAT_VERSION
 from nas.report import atomic_write_text
-from nas.search import SearchError, check_budget, knee_index, latest_study_name, optuna_storage, pareto_trials
+from nas.search import (
+    SearchError,
+    check_budget,
+    knee_index,
+    latest_study_name,
+    optuna_storage,
+    pareto_trials,
+    stored_measurements,
+)
 from nas.spaces import Arch, SearchSpace, create_space
 from nas.supernet.cache import load_supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
@@ -86,8 +94,8 @@ def load_study(cfg: DictConfig) -> optuna.Study:
     return study
 
 
-def _latency(trial: optuna.trial.FrozenTrial, measured: dict[str, float]) -> float:
-    return measured.get(str(trial.number), trial.user_attrs["predicted_latency_ms"])
+def _latency(trial: optuna.trial.FrozenTrial, measured: dict[int, float]) -> float:
+    return measured.get(trial.number, trial.user_attrs["predicted_latency_ms"])
 
 
 def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial:
@@ -108,7 +116,7 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
     if not front:
         raise SearchError(f"Study {study.study_name!r} has no feasible finished trial to pick from. Name a study "
                           "with a Pareto front with search.study_name=NAME (python -m nas.compare --all lists them).")
-    measured = study.user_attrs.get("measured_latency_ms", {})
+    measured = stored_measurements(study, front)
     if cfg.budget_ms is not None and cfg.pick != "fastest_under_budget":
         log.warning("budget_ms=%s applies only to pick=fastest_under_budget, so pick=%s ignores it.", cfg.budget_ms,
                     cfg.pick)

@@ -42,7 +42,7 @@ import optuna
 import yaml
 
 from nas.compare_output import budget_column, log_to_wandb, plot_fronts, print_table, write_csv
-from nas.search import complete_trials, optuna_storage, pareto_trials
+from nas.search import complete_trials, optuna_storage, pareto_trials, stored_measurements
 
 __all__ = [
     "COMPARE_COLUMNS",
@@ -256,7 +256,7 @@ def _space_name(record: Mapping[str, Any]) -> str:
     return str(record.get("space_name") or space.get("name") or space.get("family") or "unknown")
 
 
-def _front_point(study: optuna.Study, trial: optuna.trial.FrozenTrial, remeasured: Mapping[str, Any]) -> FrontPoint:
+def _front_point(study: optuna.Study, trial: optuna.trial.FrozenTrial, remeasured: Mapping[int, float]) -> FrontPoint:
     attrs = trial.user_attrs
     searched_ms = float(trial.values[1])
     # With search.measure_uncertain, the search measured this subnet in place of a prediction.
@@ -264,8 +264,8 @@ def _front_point(study: optuna.Study, trial: optuna.trial.FrozenTrial, remeasure
         predicted, measured = None, searched_ms
     else:
         predicted, measured = searched_ms, None
-    if str(trial.number) in remeasured:
-        measured = float(remeasured[str(trial.number)])
+    if trial.number in remeasured:
+        measured = remeasured[trial.number]
     return FrontPoint(
         study=study.study_name, trial=trial.number, arch=attrs.get("arch"), accuracy=float(trial.values[0]),
         predicted_latency_ms=predicted, measured_latency_ms=measured, macs=attrs.get("macs"),
@@ -280,8 +280,9 @@ def summarize_study(study: optuna.Study) -> StudySummary | None:
         log.warning("Skipping study %r: it has no recorded space, so search.py did not write it.", study.study_name)
         return None
 
-    remeasured = record.get("measured_latency_ms") or {}
-    front = [_front_point(study, t, remeasured) for t in pareto_trials(study)]
+    trials = pareto_trials(study)
+    remeasured = stored_measurements(study, trials)
+    front = [_front_point(study, t, remeasured) for t in trials]
     if not front:
         log.warning("Study %r has no feasible finished trial, so its Pareto front is empty.", study.study_name)
     finished = complete_trials(study)
