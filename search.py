@@ -39,6 +39,7 @@ from nas.cli import (
     default_storage,
     import_user_modules,
     module_list,
+    python_command,
     require_space,
     resolve_data_root,
     run_cli,
@@ -508,7 +509,7 @@ def run(cfg: DictConfig) -> None:
     location_arg = f" search.storage='{storage}'" if cfg.search.storage else _work_dir_arg(cfg)
     print(f"Knee subnet: trial {rows[knee]['trial']}, accuracy {100 * rows[knee]['accuracy']:.2f}%, "
           f"{latencies[knee]:.3f} ms. Fine-tune it with:")
-    print(f"  python train.py search.study_name={study_name}{location_arg} trial={rows[knee]['trial']}")
+    print(f"  {python_command()} train.py search.study_name={study_name}{location_arg} trial={rows[knee]['trial']}")
     if interrupted:
         # The outputs are written. Exit status 130 lets a calling script see that the search was cut short.
         raise KeyboardInterrupt

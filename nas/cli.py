@@ -27,6 +27,7 @@ __all__ = [
     "check_storage_url",
     "import_user_modules",
     "profiled_space_config",
+    "python_command",
     "run_cli",
     "to_container",
 ]
@@ -52,6 +53,25 @@ def require_space(cfg: DictConfig, command: str) -> None:
         raise UsageError(
             f"No search space chosen. Run `{command} +space=resnet` (or another space). Available spaces: {spaces}."
         )
+
+
+def python_command() -> str:
+    """Return how to call this interpreter in a printed command: ``python`` when that finds it, else its path.
+
+    After ``make search`` without an activated environment, ``python`` on the PATH is another
+    interpreter without TailNAS's packages, so the printed command names ``.venv/bin/python``.
+    """
+    import shutil
+
+    found = shutil.which("python")
+    here = Path(os.path.abspath(sys.executable))
+    # Compared without resolving links: a virtual environment's python links to the system's.
+    if found and Path(os.path.abspath(found)) == here:
+        return "python"
+    try:
+        return str(here.relative_to(Path.cwd()))
+    except ValueError:
+        return str(here)
 
 
 def profiled_space_config(cfg: DictConfig, command: str) -> dict[str, Any]:

@@ -296,3 +296,21 @@ def test_train_help_groups():
     assert set(listed) == {"hardware", "gates", "logger"}
     for group, options in listed.items():
         assert set(options.split(", ")) == {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
+
+
+def test_printed_python_names_this_interpreter(tmp_path, monkeypatch):
+    import shutil
+
+    from nas.cli import python_command
+
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    monkeypatch.setattr(sys, "executable", str(venv_python))
+    monkeypatch.chdir(tmp_path)
+    # An activated environment: python on the PATH is this interpreter.
+    monkeypatch.setattr(shutil, "which", lambda name: str(venv_python))
+    assert python_command() == "python"
+    # Not activated: python on the PATH is another interpreter, or there is none.
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/python")
+    assert python_command() == ".venv/bin/python"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert python_command() == ".venv/bin/python"
