@@ -186,7 +186,8 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
         enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=callbacks or [],
         default_root_dir=str(Path(HydraConfig.get().runtime.output_dir) / tag),
     )
-    log.info("Fine-tuning (%s) for %d epochs", tag, ft.epochs)
+    distilled = f", distilling with weight {kd_weight:g}" if teacher is not None and kd_weight > 0 else ""
+    log.info("Fine-tuning (%s) for %d epoch%s%s", tag, ft.epochs, "" if ft.epochs == 1 else "s", distilled)
     with warnings.catch_warnings():
         if teacher is not None:
             # The distillation teacher stays in eval mode on purpose; Lightning would warn about its modules.
@@ -199,8 +200,9 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
         accuracy = model_accuracy(module.model, datamodule.test_dataloader())
     else:
         results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
-        accuracy = float(results[0]["test/accuracy"])
-    log.info("Test accuracy (%s): %.4f", tag, accuracy)
+        # Lightning logs the metric in float32; six decimals keep the figure without its noise.
+        accuracy = round(float(results[0]["test/accuracy"]), 6)
+    log.info("Test accuracy (%s): %.2f%%", tag, 100 * accuracy)
     return accuracy
 
 
@@ -582,7 +584,7 @@ def run(cfg: DictConfig) -> None:
     import_user_modules(record.get("imports"))
     space = create_space(record["space"])
     arch = space.arch_from_dict(trial.user_attrs["arch"])
-    log.info("Picked trial %d: accuracy %.4f, predicted %.3f ms, arch %s", trial.number, trial.values[0],
+    log.info("Picked trial %d: accuracy %.2f%%, predicted %.3f ms, arch %s", trial.number, 100 * trial.values[0],
              trial.user_attrs["predicted_latency_ms"], arch.to_json())
     # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
     logger_cfg = {"name": "none"} if started_as_secondary_rank() else to_container(cfg.logger)
@@ -641,11 +643,13 @@ def run(cfg: DictConfig) -> None:
                                                full_keep_weight=gate_config.full_keep_weight,
                                                lr=None if cfg.from_scratch else cfg.finetune.inherited_lr)
             result["gates"] = model.describe()
+            result["teacher"] = {"name": "ungated subnet", "kd_weight": gate_config.kd_weight}
         elif cfg.from_scratch:
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
         else:
             ft = cfg.finetune
             teacher = distillation_teacher(supernet, datamodule, ft.calibration_images, ft.teacher)
+            result["teacher"] = {"name": ft.teacher, "kd_weight": ft.kd_weight if teacher is not None else 0.0}
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
                                                kd_weight=ft.kd_weight if teacher is not None else 0.0,
                                                lr=ft.inherited_lr)
@@ -708,7 +712,9 @@ def run(cfg: DictConfig) -> None:
     tracker.summary(summary)
     tracker.finish()
 
-    print(f"Trial {trial.number} of study {study.study_name!r}: test accuracy {100 * result['test_accuracy']:.2f}%", end="")
+    trained = "trained from scratch" if cfg.from_scratch else "fine-tuned"
+    print(f"Trial {trial.number} of study {study.study_name!r}, {trained}: test accuracy "
+          f"{100 * result['test_accuracy']:.2f}%", end="")
     if result["scratch_test_accuracy"] is not None and not cfg.from_scratch:
         print(f" (from scratch with the same budget: {100 * result['scratch_test_accuracy']:.2f}%)", end="")
     notes = [f"budget {budget} ms"] if budget is not None else []

@@ -103,6 +103,7 @@ def test_train_finetunes_knee_of_latest_study(searched):
     result = run("train.py", ["search.study_name=tiny", "finetune.epochs=1", "compare_scratch=false",
                               "finetune.teacher=largest", f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "distilling with weight 1" in result.stdout + result.stderr
     report = json.loads((run_dir / "finetune.json").read_text())
     for key in ("study", "trial", "arch", "test_accuracy", "measured_latency_ms", "scratch_test_accuracy"):
         assert key in report
@@ -131,6 +132,7 @@ def test_train_finetunes_knee_of_latest_study(searched):
     assert {"channels", "resolution", "pixels", "mean", "std"} <= set(report["input"])
     # data.num_samples=96 with the synthetic data's split of a quarter for testing: 24 test images.
     assert report["test_images"] == 24
+    assert report["teacher"] == {"name": "largest", "kd_weight": 1.0}
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["study_name"] == "tiny"
     assert manifest["search_run_dir"]
