@@ -152,3 +152,23 @@ def test_canonical_merges_ratios_of_one_inner_width():
     assert space.layers(canonical) == space.layers(a)
     wide = ResNetArch(depths=(1, 1), widths=(24, 32), expand_ratios=(0.5, 0.25), resolution=28)
     assert space.canonical(wide) == wide
+
+
+def test_tail_aware_shares_plain_caches():
+    from nas.supernet.cache import supernet_key
+
+    config = load_space_config("resnet")
+    plain, tail = create_space(config), create_space({**config, "tail_aware": True})
+    assert tail.raw_config["tail_aware"] is True
+    # The flag moves widths only after profiling and supernet training, so the caches are shared.
+    assert tail.config_hash() == plain.config_hash()
+    assert supernet_key(tail, {"name": "mnist"}, {"epochs": 1}, 0) == supernet_key(plain, {"name": "mnist"}, {"epochs": 1}, 0)
+    # Plain spaces keep the hash they had before tail_aware was left out of it.
+    import hashlib
+    import json
+
+    text = json.dumps(plain.raw_config, sort_keys=True, default=str)
+    assert plain.config_hash() == hashlib.sha256(text.encode()).hexdigest()[:12]
+    # Other widths are another space.
+    moved = plain.with_width_choices({key: values[1:] for key, values in plain.width_choices().items()})
+    assert moved.config_hash() != plain.config_hash()

@@ -185,9 +185,20 @@ class SearchSpace(ABC):
         """Return a copy of this space whose width decisions take the given values."""
         raise NotImplementedError(f"Space family {self.family!r} has no elastic widths to replace.")
 
+    def cache_config(self) -> dict[str, Any]:
+        """Return the configuration that keys this space's caches (profiles, predictors, supernets).
+
+        ``tail_aware`` counts as false: the search moves the widths only after it has profiled the
+        space and trained the supernet, so a tail-aware run reuses a plain run's caches.
+        """
+        config = dict(self.raw_config)
+        if "tail_aware" in config:
+            config["tail_aware"] = False
+        return config
+
     def config_hash(self) -> str:
-        """Return a short hash of the space configuration, for caches keyed by space."""
-        text = json.dumps(self.raw_config, sort_keys=True, default=str)
+        """Return a short hash of :meth:`cache_config`, for caches keyed by space."""
+        text = json.dumps(self.cache_config(), sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 

@@ -35,7 +35,7 @@ def supernet_key(space: SearchSpace, data: Mapping[str, Any], training: Mapping[
     """Return the cache key of a supernet: a hash of everything that changes its weights."""
     payload = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "space": space.raw_config,
+        "space": space.cache_config(),
         "data": dict(data),
         "training": dict(training),
         "seed": seed,
