@@ -259,9 +259,8 @@ def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: An
 
     write_staircase(run_dir / "staircase.png", predictor, store.layer_table(protocol.batch_size),
                     layers=enumerate_layers(space, seed=0))
+    # tail_aware_widths logs each decision's change with the latencies behind it.
     widths = tail_aware_widths(space, store, protocol)
-    for key, values in widths.items():
-        log.info("Tail-aware %s: %s -> %s", key, space.width_choices()[key], values)
     new_space = space.with_width_choices(widths)
     supernet.space = new_space  # the widest widths are unchanged, so the same supernet serves the new space
     return new_space

@@ -251,9 +251,14 @@ def study_sampler(study: optuna.Study) -> str:
     return "unknown"
 
 
+# Added to the space name of a study searched with space.tail_aware=true.
+TAIL_AWARE_SUFFIX = " (tail-aware)"
+
+
 def _space_name(record: Mapping[str, Any]) -> str:
     space = record.get("space") or {}
-    return str(record.get("space_name") or space.get("name") or space.get("family") or "unknown")
+    name = str(record.get("space_name") or space.get("name") or space.get("family") or "unknown")
+    return f"{name}{TAIL_AWARE_SUFFIX}" if space.get("tail_aware") else name
 
 
 def _front_point(study: optuna.Study, trial: optuna.trial.FrozenTrial, remeasured: Mapping[int, float]) -> FrontPoint:
@@ -386,7 +391,8 @@ def warn_mixed_sources(summaries: Sequence[StudySummary]) -> None:
 def warn_incomparable(summaries: Sequence[StudySummary], reference_ms: float | None) -> None:
     """Warn when the studies searched different spaces or data, timed with different hardware settings, or the
     reference lies left of every front."""
-    spaces = {s.name: s.space for s in summaries}
+    # A tail-aware search of a space searches that space too.
+    spaces = {s.name: s.space.removesuffix(TAIL_AWARE_SUFFIX) for s in summaries}
     if len(set(spaces.values())) > 1:
         log.warning("The studies searched different spaces (%s), so their accuracies and latencies belong to "
                     "different networks; compare studies of one space to compare search settings.",

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.report import atomic_write_text, save_figure
+from nas.report import atomic_write_text, nondominated, save_figure
 
 if TYPE_CHECKING:
     from nas.compare import StudySummary
@@ -58,7 +58,9 @@ def plot_fronts(path: Path, summaries: Sequence[StudySummary], reference_ms: flo
         if not points:
             ax.plot([], [], color=colour, label=f"{summary.name} ({summary.sampler}, empty front)")
             continue
-        ax.plot([p.latency_ms for p in points], [100 * p.accuracy for p in points], "-", color=colour, lw=1.2,
+        # The line joins the subnets that no other beats at the latencies shown, as pareto.png does.
+        joined = nondominated([(p.latency_ms, p.accuracy) for p in points])
+        ax.plot([lat for lat, _ in joined], [100 * acc for _, acc in joined], "-", color=colour, lw=1.2,
                 label=f"{summary.name} ({summary.sampler})")
         measured = [p for p in points if p.latency_source == "measured"]
         predicted = [p for p in points if p.latency_source == "predicted"]

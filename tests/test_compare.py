@@ -61,6 +61,7 @@ def storage(tmp_path: Path) -> str:
     plain.set_user_attr("measured_latency_ms", {"0": 1.2, "1": 2.2})
 
     tail = create_search_study(url, "tail")
+    tail.set_user_attr("space", {"name": "resnet", "family": "resnet", "tail_aware": True})
     nsga2 = {"NSGAIISampler:generation": 0}
     add_trial(tail, 0.70, 0.5, 8, system_attrs=nsga2)
     add_trial(tail, 0.95, 3.0, 32, system_attrs=nsga2)
@@ -103,6 +104,7 @@ def test_compare_table_values(storage, tmp_path):
     assert plain["sampler"] == "tpe"
     assert tail["sampler"] == "nsga2"
     assert plain["space"] == "resnet"
+    assert tail["space"] == "resnet (tail-aware)"
     assert plain["trials_finished"] == "4"
     assert plain["pareto_size"] == "2"
     assert tail["pareto_size"] == "3"
@@ -269,6 +271,12 @@ def test_reference_left_of_fronts_warned(storage, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
         assert run_compare(storage, tmp_path / "out", "plain", "tail", "--reference-ms", "0.001") == 0
     assert "lies left of every front" in caplog.text
+
+
+def test_tail_aware_study_same_space(storage, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="tailnas.compare"):
+        assert run_compare(storage, tmp_path / "out", "plain", "tail") == 0
+    assert "different spaces" not in caplog.text
 
 
 def test_other_spaces_warned(storage, tmp_path, caplog):
