@@ -370,7 +370,7 @@ def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace,
         else:
             log.info("gates: at batch %d every keep ratio ran within %.0f%% of ungated (worst %+.1f%% at %.2f)",
                      record["batch_size"], 100 * bound, 100 * worst, record["worst_ratio"])
-    return [{**r, "gated_ms": {str(ratio): ms for ratio, ms in r["gated_ms"].items()}} for r in records]
+    return [{**r, "gated_ms": {f"{ratio:g}": ms for ratio, ms in r["gated_ms"].items()}} for r in records]
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch,
