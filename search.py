@@ -515,7 +515,11 @@ def run(cfg: DictConfig) -> None:
 
 
 def _log_repeats(trials: list[optuna.trial.FrozenTrial]) -> None:
-    """Log how many finished trials redrew an architecture that the study had already scored."""
+    """Log how many finished trials were over the latency budget, and how many redrew a scored architecture."""
+    over = sum(bool(trial.user_attrs.get("accuracy_skipped")) for trial in trials)
+    if over:
+        log.info("%d of the study's %d finished trials were predicted over search.latency_budget_ms, so their accuracy "
+                 "was not scored; pareto.png leaves them out.", over, len(trials))
     repeats = sum("repeat_of" in trial.user_attrs for trial in trials)
     if not repeats:
         return
@@ -568,7 +572,9 @@ def write_outputs(run_dir: Path, cfg: DictConfig, study: optuna.Study, rows: lis
         (t.values[0], t.user_attrs["predicted_latency_ms"]) for t in study.get_trials(deepcopy=False)
         if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("accuracy_skipped")
     ]
-    plot_pareto(run_dir / "pareto.png", feasible, rows, knee, f"{study.study_name} on {fingerprint.get('name', 'device')}")
+    over_budget = sum(1 for t in complete_trials(study) if t.user_attrs.get("accuracy_skipped"))
+    plot_pareto(run_dir / "pareto.png", feasible, rows, knee, f"{study.study_name} on {fingerprint.get('name', 'device')}",
+                budget_ms=study.user_attrs.get("latency_budget_ms"), over_budget=over_budget)
     timer.write(run_dir / "timings.json")
     write_manifest(
         run_dir / "manifest.json", to_container(cfg), fingerprint, cfg.seed,

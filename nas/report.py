@@ -105,8 +105,12 @@ def nondominated(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
 
 
 def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Sequence[Mapping[str, Any]],
-                knee: int | None, title: str) -> None:
-    """Plot every trial, the front at predicted latency, and the front re-measured on the device."""
+                knee: int | None, title: str, budget_ms: float | None = None, over_budget: int = 0) -> None:
+    """Plot every trial, the front at predicted latency, and the front re-measured on the device.
+
+    ``budget_ms`` draws the latency budget; ``over_budget`` trials beyond it have no accuracy and
+    are not plotted, and the budget's legend entry counts them.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +133,9 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
         measured_front = nondominated(measured)
         ax.plot([m[0] for m in measured_front], [m[1] for m in measured_front], "--", color="tab:orange",
                 label="their front at measured latency")
+    if budget_ms is not None:
+        unplotted = f", {over_budget} trials beyond it not plotted" if over_budget else ""
+        ax.axvline(budget_ms, color="tab:red", ls=":", lw=1, label=f"latency budget {budget_ms:g} ms{unplotted}")
     if knee is not None and rows:
         # search.py picks the knee on measured latency where it has one.
         latency = rows[knee].get("measured_latency_ms") or rows[knee]["predicted_latency_ms"]

@@ -618,6 +618,17 @@ def test_plot_measured_front(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 1000
 
 
+def test_plot_draws_budget(tmp_path, monkeypatch):
+    import nas.report as report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+    rows = [{"predicted_latency_ms": 1.0, "measured_latency_ms": None, "accuracy": 0.9}]
+    report.plot_pareto(tmp_path / "pareto.png", [(0.9, 1.0)], rows, knee=0, title="t", budget_ms=1.5, over_budget=7)
+    labels = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
+    assert "latency budget 1.5 ms, 7 trials beyond it not plotted" in labels
+
+
 def test_pareto_csv_latency_source(tmp_path):
     from nas.report import read_pareto_csv, write_pareto_csv
 
