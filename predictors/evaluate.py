@@ -362,10 +362,27 @@ def warn_if_miscalibrated(report: Mapping[str, Any]) -> None:
               "quiet machine and rebuild with predictor.rebuild=true.")
     ours = report.get("within_10pct")
     for name, metrics in (report.get("baselines") or {}).items():
-        theirs = metrics.get("within_10pct") if isinstance(metrics, Mapping) else None
+        if not isinstance(metrics, Mapping):
+            continue
+        theirs = metrics.get("within_10pct")
         if ours is not None and theirs is not None and theirs > ours:
             print(f"Warning: the {name} baseline predicts more held-out subnets within 10% ({100 * theirs:.0f}%) "
                   f"than the predictor ({100 * ours:.0f}%).")
+        elif _beats_on_error_and_order(metrics, report):
+            print(f"Warning: the {name} baseline has a lower mean error (MAPE {metrics['mape']:.2f}% against "
+                  f"{report['mape']:.2f}%) and ranks the held-out subnets at least as well (Kendall tau "
+                  f"{metrics['kendall_tau']:.3f} against {report['kendall_tau']:.3f}) as the predictor. The measured "
+                  "layers already explain these subnets; the predictor's network model pays for subnets whose layers "
+                  "were not measured.")
+
+
+def _beats_on_error_and_order(baseline: Mapping[str, Any], report: Mapping[str, Any]) -> bool:
+    """Return whether ``baseline`` has a lower MAPE and a Kendall tau at least as high as the predictor's."""
+    values = (baseline.get("mape"), report.get("mape"), baseline.get("kendall_tau"), report.get("kendall_tau"))
+    if any(value is None for value in values):
+        return False
+    their_mape, our_mape, their_tau, our_tau = values
+    return their_mape < our_mape and their_tau >= our_tau
 
 
 def main() -> None:

@@ -476,6 +476,14 @@ def test_evaluate_warns_on_low_coverage_and_better_baseline(capsys: pytest.Captu
     out = capsys.readouterr().out
     assert "covered 62% of held-out measurements, against a nominal 90%" in out
     assert "the lut_calibrated baseline predicts more held-out subnets within 10% (72%)" in out
+    # Level within 10%, but a lower error and an equal or better order.
+    tied = {"within_10pct": 1.0, "mape": 1.55, "kendall_tau": 0.975}
+    warn_if_miscalibrated({**tied, "baselines": {"lut_calibrated": {"within_10pct": 1.0, "mape": 1.38,
+                                                                    "kendall_tau": 0.981}}})
+    assert "lut_calibrated baseline has a lower mean error (MAPE 1.38% against 1.55%)" in capsys.readouterr().out
+    warn_if_miscalibrated({**tied, "baselines": {"lut_calibrated": {"within_10pct": 1.0, "mape": 1.38,
+                                                                    "kendall_tau": 0.95}}})
+    assert capsys.readouterr().out == ""
 
 
 def test_staircase_plot_prefers_steps_to_ramp() -> None:
