@@ -18,8 +18,27 @@ def wandb_mode(requested: str | None) -> str:
         return requested
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    logged_in = bool(os.environ.get("WANDB_API_KEY")) or os.path.exists(os.path.expanduser("~/.netrc"))
+    logged_in = bool(os.environ.get("WANDB_API_KEY")) or _netrc_has_wandb()
     return "online" if logged_in else "offline"
+
+
+def _netrc_has_wandb() -> bool:
+    """Return whether ``~/.netrc`` (or ``$NETRC``) holds W&B credentials, as ``wandb login`` writes them.
+
+    The host is that of ``WANDB_BASE_URL`` (``https://api.wandb.ai`` by default). A netrc file with
+    entries for other hosts only does not count.
+    """
+    import netrc
+    from urllib.parse import urlparse
+
+    path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    if not os.path.isfile(path):
+        return False
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    try:
+        return host is not None and netrc.netrc(path).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
 
 
 class Tracker:

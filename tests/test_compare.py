@@ -332,3 +332,23 @@ def test_finetune_metric_prefixes(tmp_path, monkeypatch):
         assert tracker.run.summary["scratch-test/accuracy"] == 0.5
     finally:
         tracker.finish()
+
+
+def test_wandb_online_only_with_its_credentials(tmp_path, monkeypatch):
+    from nas.tracking import wandb_mode
+
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    netrc_file = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert wandb_mode(None) == "offline"
+    # Credentials for another host only, as git over HTTPS writes them.
+    netrc_file.write_text("machine github.com login me password token\n")
+    netrc_file.chmod(0o600)
+    assert wandb_mode(None) == "offline"
+    netrc_file.write_text("machine github.com login me password token\nmachine api.wandb.ai login user password key\n")
+    assert wandb_mode(None) == "online"
+    # A self-hosted server named by WANDB_BASE_URL.
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
+    assert wandb_mode(None) == "offline"
+    assert wandb_mode("disabled") == "disabled"
