@@ -64,14 +64,14 @@ def python_command() -> str:
     import shutil
 
     found = shutil.which("python")
-    here = Path(os.path.abspath(sys.executable))
+    current = Path(os.path.abspath(sys.executable))
     # Compared without resolving links: a virtual environment's python links to the system's.
-    if found and Path(os.path.abspath(found)) == here:
+    if found and Path(os.path.abspath(found)) == current:
         return "python"
     try:
-        return str(here.relative_to(Path.cwd()))
+        return str(current.relative_to(Path.cwd()))
     except ValueError:
-        return str(here)
+        return str(current)
 
 
 def profiled_space_config(cfg: DictConfig, command: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ def wandb_mode(requested: str | None) -> str:
 
 
 def _netrc_has_wandb() -> bool:
-    """Return whether ``~/.netrc`` (or ``$NETRC``) holds W&B credentials, as ``wandb login`` writes them.
+    """Return whether ``~/.netrc`` (or ``$NETRC``) contains W&B credentials, as ``wandb login`` writes them.
 
     The host is that of ``WANDB_BASE_URL`` (``https://api.wandb.ai`` by default). A netrc file with
     entries for other hosts only does not count.
