@@ -638,13 +638,16 @@ def run(cfg: DictConfig) -> None:
             # Per-keep-ratio BatchNorm statistics are estimated after training and before the test.
             callbacks = [KeepRatioSchedule.from_config(gate_config),
                          BatchNormCalibration(images=cfg.finetune.calibration_images)]
-            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
-                                               kd_weight=gate_config.kd_weight, callbacks=callbacks,
-                                               full_keep_weight=gate_config.full_keep_weight,
+            # From scratch, the ungated subnet is as untrained as the gated one, so it teaches nothing.
+            kd_weight = 0.0 if cfg.from_scratch else gate_config.kd_weight
+            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag,
+                                               teacher=None if cfg.from_scratch else teacher, kd_weight=kd_weight,
+                                               callbacks=callbacks, full_keep_weight=gate_config.full_keep_weight,
                                                lr=None if cfg.from_scratch else cfg.finetune.inherited_lr)
             result["gates"] = model.describe()
-            result["teacher"] = {"name": "ungated subnet", "kd_weight": gate_config.kd_weight}
+            result["teacher"] = {"name": "none" if cfg.from_scratch else "ungated subnet", "kd_weight": kd_weight}
         elif cfg.from_scratch:
+            result["teacher"] = {"name": "none", "kd_weight": 0.0}
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
         else:
             ft = cfg.finetune

@@ -292,3 +292,24 @@ def test_record_with_unknown_batchnorm_path_names_it(subnet):
     record["batchnorm_stats"]["paths"][0] = "layer1.0.bn9"
     with pytest.raises(GateConfigError, match="'layer1.0.bn9' with .* but the model has no BatchNorm layer"):
         apply_gates(subnet, ALL, plan=record)
+
+
+def test_measured_placement_drops_column_gate_not_paying_alone(subnet, monkeypatch):
+    import nas.gates.timing as timing
+
+    # Channel+column wins the option round, but no kept channel count saves time, and the column
+    # gate alone is slower than no gate.
+    def fake_timer(config, protocol):
+        return lambda block, site, steps: {"none": {1: 1.0, 4: 1.0}, "channel": {1: 0.9, 4: 1.0},
+                                           "column": {1: 1.2, 4: 1.0}, "channel+column": {1: 0.8, 4: 1.0}}
+
+    monkeypatch.setattr(timing, "make_block_timer", fake_timer)
+    monkeypatch.setattr(timing, "time_channel_counts", lambda block, site, counts, *args, **kwargs: {c: 1.0 for c in counts})
+    config = {**ALL, "spatial": True, "placement": "measure", "measure_batch_sizes": [1, 4]}
+    protocol = MeasurementProtocol(device="cpu", threads=1, warmup=1, repeats=2)
+    network = apply_gates(subnet, config, protocol=protocol)
+    assert network.plans
+    for plan in network.plans:
+        assert not plan.channel
+        assert not plan.spatial
+        assert plan.reason.startswith("no column gate either")

@@ -660,3 +660,16 @@ def test_resume_without_remeasure_reports_stored(searched, tmp_path):
             assert row["measured_latency_ms"] == pytest.approx(stored[str(row["trial"])], abs=1e-6)
         else:
             assert row["measured_latency_ms"] is None
+
+
+def test_gated_from_scratch_has_no_teacher(searched, tmp_path):
+    tmp, _, _ = searched
+    run_dir = tmp_path / "train-gates-scratch"
+    result = run("train.py", ["search.study_name=tiny", "finetune.epochs=1", "gates=feature", "from_scratch=true",
+                              "gates.schedule_epochs=0", "gates.batch_check=false",
+                              f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={run_dir}"], tmp)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # The untrained ungated subnet would only teach noise.
+    report = json.loads((run_dir / "finetune.json").read_text())
+    assert report["teacher"] == {"name": "none", "kd_weight": 0.0}
+    assert "distilling" not in result.stdout + result.stderr
