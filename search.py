@@ -145,10 +145,13 @@ def training_device(trainer_cfg: DictConfig) -> str:
     return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
-def supernet_path(cfg: DictConfig, space: SearchSpace, datamodule: Any) -> Path:
-    """Return where the supernet of this space, data, training setup and seed is cached."""
+def supernet_path(cfg: DictConfig, space: SearchSpace, datamodule: Any, space_config: Any = None) -> Path:
+    """Return where the supernet of this space, data, training setup and seed is cached.
+
+    ``space_config`` replaces the space's cache configuration in the key (see :func:`supernet_key`).
+    """
     training = {k: v for k, v in to_container(cfg.supernet).items() if k != "trainer"}
-    key = supernet_key(space, datamodule.describe(), training, cfg.seed)
+    key = supernet_key(space, datamodule.describe(), training, cfg.seed, space_config)
     return Path(cfg.paths.work_dir) / "supernets" / f"{space.name}-{key}" / "supernet.pt"
 
 
@@ -381,6 +384,10 @@ def run(cfg: DictConfig) -> None:
                "threads_used": threads_used, "latency_budget_ms": budget,
                "predictor": predictor_record(to_container(cfg.predictor)),
                "calibration_images": cfg.search.calibration_images}
+    if space.raw_config.get("tail_aware"):
+        # Tail-aware studies recorded a supernet key of their own before they shared the plain run's
+        # supernet. The same settings train the same supernet under either key, so both resume.
+        scoring["supernet_key_before_sharing"] = supernet_path(cfg, space, datamodule, space.raw_config).parent.name
     stored = existing_study(storage, study_name)
     if stored is not None:
         # Checked before the supernet trains, so a mismatch costs nothing.

@@ -301,6 +301,8 @@ def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_nam
                     if key in stored and key in record and _normalised(stored[key]) != _normalised(record[key])]
     if "predictor" in changed_keys and _same_predictor_file(stored, record["predictor"]):
         changed_keys.remove("predictor")
+    if "supernet_key" in changed_keys and stored.get("supernet_key") == record.get("supernet_key_before_sharing"):
+        changed_keys.remove("supernet_key")
     if "supernet_key" in changed_keys and {"space", "space_config"} & set(changed_keys):
         changed_keys.remove("supernet_key")  # the supernet's key contains the space
     changed = [_supernet_change(stored, record) if key == "supernet_key"

@@ -160,6 +160,15 @@ def test_stored_measurements_of_front_trials():
     assert stored_measurements(study, trials[1:2]) == {}
 
 
+def test_resume_of_tail_aware_study_with_old_supernet_key():
+    stored = {**SCORING, "supernet_key": "resnet-old"}
+    check_resume(stored, {**SCORING, "supernet_key": "resnet-new", "supernet_key_before_sharing": "resnet-old"},
+                 "s", "sqlite:///x.db")
+    with pytest.raises(SearchError, match="the supernet"):
+        check_resume(stored, {**SCORING, "supernet_key": "resnet-new", "supernet_key_before_sharing": "resnet-other"},
+                     "s", "sqlite:///x.db")
+
+
 def test_resume_with_study_predictor_file_allowed(tmp_path):
     built = tmp_path / "predictors" / "p.json"
     stored = {**SCORING, "predictor": {"n_subnets": 16}, "predictor_path": str(built)}

@@ -31,11 +31,16 @@ class CheckpointError(RuntimeError):
     """A supernet checkpoint that is missing, corrupt or of another format version."""
 
 
-def supernet_key(space: SearchSpace, data: Mapping[str, Any], training: Mapping[str, Any], seed: int) -> str:
-    """Return the cache key of a supernet: a hash of everything that changes its weights."""
+def supernet_key(space: SearchSpace, data: Mapping[str, Any], training: Mapping[str, Any], seed: int,
+                 space_config: Mapping[str, Any] | None = None) -> str:
+    """Return the cache key of a supernet: a hash of everything that changes its weights.
+
+    ``space_config`` replaces ``space.cache_config()``; search.py passes ``space.raw_config`` to
+    compute the key that tail-aware studies recorded before the caches shared it with plain runs.
+    """
     payload = {
         "format_version": CHECKPOINT_FORMAT_VERSION,
-        "space": space.cache_config(),
+        "space": dict(space_config) if space_config is not None else space.cache_config(),
         "data": dict(data),
         "training": dict(training),
         "seed": seed,
