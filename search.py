@@ -288,7 +288,8 @@ def record_measurement(store: Any, space: SearchSpace, arch: Any, measurement: A
 def log_input_resize(space: SearchSpace, data_resolution: int) -> None:
     """Say when subnets run at other resolutions than the data's, so that every batch is resized for them."""
     sizes = sorted({space.input_shape(space.smallest())[1], space.input_shape(space.largest())[1]})
-    if data_resolution in sizes:
+    # Data at the largest subnet resolution is the usual setup: only smaller subnets see resized batches.
+    if data_resolution == sizes[-1]:
         return
     shown = "/".join(map(str, sizes))
     message = ("Subnets run at %s pixels and the data at %d: the search resizes every batch to the subnet's resolution "

@@ -135,7 +135,13 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
                 label="their front at measured latency")
     if budget_ms is not None:
         unplotted = f", {over_budget} trials beyond it not plotted" if over_budget else ""
-        ax.axvline(budget_ms, color="tab:red", ls=":", lw=1, label=f"latency budget {budget_ms:g} ms{unplotted}")
+        shown = [p[1] for p in all_points] + predicted + [m[0] for m in measured]
+        if shown and budget_ms > 1.5 * max(shown):
+            # A line far right of every point would squeeze them into the left of the plot.
+            ax.plot([], [], color="tab:red", ls=":", lw=1,
+                    label=f"latency budget {budget_ms:g} ms (right of the plot){unplotted}")
+        else:
+            ax.axvline(budget_ms, color="tab:red", ls=":", lw=1, label=f"latency budget {budget_ms:g} ms{unplotted}")
     if knee is not None and rows:
         # search.py picks the knee on measured latency where it has one.
         latency = rows[knee].get("measured_latency_ms") or rows[knee]["predicted_latency_ms"]

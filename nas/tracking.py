@@ -34,11 +34,14 @@ def _netrc_has_wandb() -> bool:
     path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
     if not os.path.isfile(path):
         return False
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai")
+    # wandb writes the host with its port where the URL has one.
+    hosts = {name for name in (url.netloc, url.hostname) if name}
     try:
-        return host is not None and netrc.netrc(path).authenticators(host) is not None
+        credentials = netrc.netrc(path)
     except (netrc.NetrcParseError, OSError):
         return False
+    return any(credentials.authenticators(host) is not None for host in hosts)
 
 
 class Tracker:

@@ -351,4 +351,7 @@ def test_wandb_online_only_with_its_credentials(tmp_path, monkeypatch):
     # A self-hosted server named by WANDB_BASE_URL.
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.org")
     assert wandb_mode(None) == "offline"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://wandb.example.org:8080")
+    netrc_file.write_text("machine wandb.example.org:8080 login user password key\n")
+    assert wandb_mode(None) == "online"
     assert wandb_mode("disabled") == "disabled"

@@ -861,12 +861,18 @@ def test_folded_network_rejects_ratio_switch(subnet):
 
 
 def test_bank_ties_go_to_larger_ratio():
+    import numpy as np
+
     from nas.gates.batchnorm import BatchNormBank
 
     grid = [0.25 + 0.1 * i for i in range(8)] + [1.0]  # 0.25, 0.35, ..., 0.95 with float error
     bank = BatchNormBank(["bn"], [4], grid)
     for ratio, expected in ((0.3, 0.35), (0.5, 0.55), (0.6, 0.65), (0.7, 0.75), (0.8, 0.85), (0.9, 0.95)):
         assert grid[bank.nearest(ratio)] == pytest.approx(expected), ratio
+    # The same with float32 copies of the grid, as a network converted to float32 has them.
+    single = BatchNormBank(["bn"], [4], [float(np.float32(r)) for r in grid])
+    for ratio, expected in ((0.5, 0.55), (0.7, 0.75)):
+        assert single.grid[single.nearest(ratio)] == pytest.approx(expected), ratio
 
 
 def test_calibration_callback_after_fit(subnet):

@@ -636,6 +636,11 @@ def test_plot_draws_budget(tmp_path, monkeypatch):
     report.plot_pareto(tmp_path / "pareto.png", [(0.9, 1.0)], rows, knee=0, title="t", budget_ms=1.5, over_budget=7)
     labels = [text.get_text() for text in figures[0].axes[0].get_legend().get_texts()]
     assert "latency budget 1.5 ms, 7 trials beyond it not plotted" in labels
+    # A budget far right of every point is named, not drawn, so the points keep the plot's width.
+    report.plot_pareto(tmp_path / "pareto.png", [(0.9, 1.0)], rows, knee=0, title="t", budget_ms=50.0)
+    axes = figures[1].axes[0]
+    assert "latency budget 50 ms (right of the plot)" in [text.get_text() for text in axes.get_legend().get_texts()]
+    assert axes.get_xlim()[1] < 5
 
 
 def test_pareto_csv_latency_source(tmp_path):
@@ -671,3 +676,14 @@ def test_resize_of_data_logged(resnet_space, caplog):
     with caplog.at_level("INFO", logger="tailnas.search"):
         search.log_input_resize(resnet_space, 224)
     assert caplog.records[-1].levelname == "WARNING"
+    # Data at the smallest of several resolutions: the larger subnets get enlarged batches.
+    from nas.spaces import create_space
+
+    multi = create_space({**resnet_space.raw_config, "resolutions": [24, 28]})
+    caplog.clear()
+    with caplog.at_level("INFO", logger="tailnas.search"):
+        search.log_input_resize(multi, 28)
+    assert caplog.text == ""
+    with caplog.at_level("INFO", logger="tailnas.search"):
+        search.log_input_resize(multi, 24)
+    assert "Subnets run at 24/28 pixels and the data at 24" in caplog.text
