@@ -410,7 +410,7 @@ def test_batch_check_warnings(subnet, monkeypatch, caplog, gated_ms, spread, exp
     with caplog.at_level(logging.INFO, logger="tailnas.train"):
         [saved] = train.check_gate_batches(network, subnet, space, None, None, {"device": "cpu"})
     assert expected in caplog.text
-    assert saved["gated_ms"] == {str(ratio): ms for ratio, ms in gated_ms.items()}
+    assert saved["gated_ms"] == {f"{ratio:g}": ms for ratio, ms in gated_ms.items()}
 
 
 def test_two_workers_through_submitit_share_one_study(searched):
