@@ -291,13 +291,13 @@ def log_input_resize(space: SearchSpace, data_resolution: int) -> None:
     # Data at the largest subnet resolution is the usual setup: only smaller subnets see resized batches.
     if data_resolution == sizes[-1]:
         return
-    shown = "/".join(map(str, sizes))
+    sizes_text = "/".join(map(str, sizes))
     message = ("Subnets run at %s pixels and the data at %d: the search resizes every batch to the subnet's resolution "
                "(bilinear, without antialiasing). Set data.resolution to the largest subnet resolution to load images "
                "at that size instead.")
     # Shrinking by more than half without antialiasing drops detail that the data loader's resize would keep.
     level = logging.WARNING if data_resolution > 2 * sizes[-1] else logging.INFO
-    log.log(level, message, shown, data_resolution)
+    log.log(level, message, sizes_text, data_resolution)
 
 
 def remeasure_front(front: list[optuna.trial.FrozenTrial], measure: Any) -> dict[int, float]:

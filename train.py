@@ -305,7 +305,7 @@ def over_budget_advice(result: dict[str, Any], budget_ms: float) -> str:
 
     ``result`` contains ``keep_ratio_latency_ms`` and ``keep_ratio_accuracy`` as train.py writes them.
     The advice names the calibrated keep ratio with the best validation accuracy among those that
-    measured within the budget, or says that none did.
+    measured within the budget, or states that none did.
     """
     latency = result.get("keep_ratio_latency_ms") or {}
     accuracy = {f"{row['keep_ratio']:g}": row["val_accuracy"] for row in result.get("keep_ratio_accuracy") or []}

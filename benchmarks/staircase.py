@@ -11,10 +11,11 @@ The widths are timed
 in ``rounds`` interleaved rounds (every width once per round, in turn), so that a slow spell of the
 machine hits all widths alike, and each width's figure is the median of its round medians.
 
-Prints one JSON line: per thread count, ``latency_ms`` by width; ``pairs``, the latency ratio of
-each width to the next one up (1.0 means the extra channels cost nothing); ``macs_linear_error_pct``,
-the mean absolute error of a latency proportional to MACs, scaled at the widest width; and the
-machine. Writes ``staircase_t<threads>.png`` per thread count to ``--out``.
+Prints one JSON line with the machine and, per thread count, three figures. ``latency_ms`` gives
+the latency by width. ``pairs`` gives the latency ratio of each width to the next one up, where
+1.0 means the extra channels cost nothing. ``macs_linear_error_pct`` is the mean absolute error of
+a latency proportional to MACs, scaled at the widest width. Writes ``staircase_t<threads>.png`` per
+thread count to ``--out``.
 """
 
 from __future__ import annotations

@@ -135,8 +135,8 @@ def plot_pareto(path: Path, all_points: Sequence[tuple[float, float]], rows: Seq
                 label="their front at measured latency")
     if budget_ms is not None:
         unplotted = f", {over_budget} trials beyond it not plotted" if over_budget else ""
-        shown = [p[1] for p in all_points] + predicted + [m[0] for m in measured]
-        if shown and budget_ms > 1.5 * max(shown):
+        plotted_latencies = [p[1] for p in all_points] + predicted + [m[0] for m in measured]
+        if plotted_latencies and budget_ms > 1.5 * max(plotted_latencies):
             # A line far right of every point would squeeze them into the left of the plot.
             ax.plot([], [], color="tab:red", ls=":", lw=1,
                     label=f"latency budget {budget_ms:g} ms (right of the plot){unplotted}")

@@ -275,10 +275,10 @@ def _describe_change(key: str, old: Any, new: Any) -> str:
 
 def _same_predictor_file(stored: Mapping[str, Any], predictor: Mapping[str, Any]) -> bool:
     """Return whether ``predictor.path`` names the file that the study's trials were scored with."""
-    given, used = predictor.get("path"), stored.get("predictor_path")
-    if not given or not used:
+    requested, used = predictor.get("path"), stored.get("predictor_path")
+    if not requested or not used:
         return False
-    return Path(str(given)).expanduser().resolve() == Path(str(used)).expanduser().resolve()
+    return Path(str(requested)).expanduser().resolve() == Path(str(used)).expanduser().resolve()
 
 
 def check_resume(stored: Mapping[str, Any], record: Mapping[str, Any], study_name: str, storage: str) -> None:
@@ -531,8 +531,8 @@ def knee_index(accuracy: Sequence[float], latency: Sequence[float]) -> int:
     dx, dy = xs[last] - xs[first], ys[last] - ys[first]
     norm = math.hypot(dx, dy) or 1.0
     # Distance above the chord: the knee gains the most accuracy per unit of latency. Among equal
-    # distances the faster point wins, then the more accurate: with no point above the chord, the
-    # fastest end; with every point at one latency, the most accurate.
+    # distances the faster point wins, then the more accurate. So a front with no point above the
+    # chord gets its fastest end, and a front at one latency its most accurate point.
     distances = [(dx * (ys[i] - ys[first]) - dy * (xs[i] - xs[first])) / norm for i in range(n)]
     return max(range(n), key=lambda i: (distances[i], -latency[i], accuracy[i]))
 

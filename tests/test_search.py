@@ -160,7 +160,7 @@ def test_stored_measurements_of_front_trials():
     assert stored_measurements(study, trials[1:2]) == {}
 
 
-def test_resume_of_tail_aware_study_with_old_supernet_key():
+def test_resume_tail_aware_old_key():
     stored = {**SCORING, "supernet_key": "resnet-old"}
     check_resume(stored, {**SCORING, "supernet_key": "resnet-new", "supernet_key_before_sharing": "resnet-old"},
                  "s", "sqlite:///x.db")

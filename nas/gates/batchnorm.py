@@ -69,8 +69,8 @@ class BatchNormBank(nn.Module):
         """Return the grid index nearest to ``ratio``; a tie goes to the larger ratio.
 
         Distances are rounded to 6 decimals, so that a ratio midway between two grid ratios ties
-        whatever the floating-point error of the grid (0.35 + 0.1 is not exactly 0.45, and float32
-        copies of the ratios differ from them in the eighth digit).
+        whatever the floating-point error of the grid. For example, 0.35 + 0.1 is not exactly 0.45,
+        and float32 copies of the ratios differ from them in the eighth digit.
         """
         grid = self.grid
         return min(range(len(grid)), key=lambda i: (round(abs(grid[i] - ratio), 6), -grid[i]))
