@@ -664,26 +664,23 @@ def test_train_interrupt_message(tmp_path):
 
 def test_resize_of_data_logged(resnet_space, caplog):
     import search
-
-    # resnet_space runs at 28 pixels.
-    with caplog.at_level("INFO", logger="tailnas.search"):
-        search.log_input_resize(resnet_space, 28)
-    assert caplog.text == ""
-    with caplog.at_level("INFO", logger="tailnas.search"):
-        search.log_input_resize(resnet_space, 32)
-    assert "Subnets run at 28 pixels and the data at 32" in caplog.text
-    assert caplog.records[-1].levelname == "INFO"
-    with caplog.at_level("INFO", logger="tailnas.search"):
-        search.log_input_resize(resnet_space, 224)
-    assert caplog.records[-1].levelname == "WARNING"
-    # Data at the smallest of several resolutions: the larger subnets get enlarged batches.
     from nas.spaces import create_space
 
+    def logged(space, data_resolution):
+        caplog.clear()
+        with caplog.at_level("INFO", logger="tailnas.search"):
+            search.log_input_resize(space, data_resolution)
+        return [(record.levelname, record.getMessage()) for record in caplog.records]
+
+    # resnet_space runs at 28 pixels.
+    assert logged(resnet_space, 28) == []
+    [(level, message)] = logged(resnet_space, 32)
+    assert level == "INFO"
+    assert "Subnets run at 28 pixels and the data at 32" in message
+    [(level, _)] = logged(resnet_space, 224)
+    assert level == "WARNING"
+    # Data at the smallest of several resolutions: the larger subnets get enlarged batches.
     multi = create_space({**resnet_space.raw_config, "resolutions": [24, 28]})
-    caplog.clear()
-    with caplog.at_level("INFO", logger="tailnas.search"):
-        search.log_input_resize(multi, 28)
-    assert caplog.text == ""
-    with caplog.at_level("INFO", logger="tailnas.search"):
-        search.log_input_resize(multi, 24)
-    assert "Subnets run at 24/28 pixels and the data at 24" in caplog.text
+    assert logged(multi, 28) == []
+    [(_, message)] = logged(multi, 24)
+    assert "Subnets run at 24/28 pixels and the data at 24" in message
