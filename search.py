@@ -480,7 +480,7 @@ def run(cfg: DictConfig) -> None:
         if interrupted:
             log.warning("Search interrupted; writing the results of the %d finished trials. Add search.study_name=%s "
                         "to resume the study.", len(finished), study_name)
-        _log_repeats(finished)
+        _log_trial_counts(finished)
         supernet.cpu()
 
     front = pareto_trials(study)
@@ -522,7 +522,7 @@ def run(cfg: DictConfig) -> None:
         raise KeyboardInterrupt
 
 
-def _log_repeats(trials: list[optuna.trial.FrozenTrial]) -> None:
+def _log_trial_counts(trials: list[optuna.trial.FrozenTrial]) -> None:
     """Log how many finished trials were over the latency budget, and how many redrew a scored architecture."""
     over = sum(bool(trial.user_attrs.get("accuracy_skipped")) for trial in trials)
     if over:
@@ -576,11 +576,10 @@ def _check_budget_feasible(space: SearchSpace, predict: Any, budget: float | Non
 def write_outputs(run_dir: Path, cfg: DictConfig, study: optuna.Study, rows: list[dict[str, Any]], knee: int,
                   fingerprint: dict[str, Any], report: dict[str, Any], timer: StageTimer, storage: str) -> None:
     write_pareto_csv(run_dir / "pareto.csv", rows)
-    feasible = [
-        (t.values[0], t.user_attrs["predicted_latency_ms"]) for t in study.get_trials(deepcopy=False)
-        if t.state == optuna.trial.TrialState.COMPLETE and not t.user_attrs.get("accuracy_skipped")
-    ]
-    over_budget = sum(1 for t in complete_trials(study) if t.user_attrs.get("accuracy_skipped"))
+    finished = complete_trials(study)
+    feasible = [(t.values[0], t.user_attrs["predicted_latency_ms"]) for t in finished
+                if not t.user_attrs.get("accuracy_skipped")]
+    over_budget = len(finished) - len(feasible)
     plot_pareto(run_dir / "pareto.png", feasible, rows, knee, f"{study.study_name} on {fingerprint.get('name', 'device')}",
                 budget_ms=study.user_attrs.get("latency_budget_ms"), over_budget=over_budget)
     timer.write(run_dir / "timings.json")

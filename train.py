@@ -273,6 +273,11 @@ def at_calibrated_ratios(network: Any, gate_config: Any, evaluate: Callable[[], 
     return results
 
 
+def ratio_key(ratio: float) -> str:
+    """Return a keep ratio as finetune.json's keys spell it: "1" for 1.0, "0.4" for 0.4."""
+    return f"{ratio:g}"
+
+
 def keep_ratio_accuracy(network: Any, gate_config: Any, datamodule: Any) -> list[dict[str, float]]:
     """Return the validation and test accuracy of ``network`` at each keep ratio of its calibration grid.
 
@@ -297,7 +302,7 @@ def keep_ratio_latency(network: Any, gate_config: Any, space: SearchSpace, arch:
     Each ratio is timed as ``measured_latency_ms`` is (:func:`measure`).
     """
     timed = at_calibrated_ratios(network, gate_config, lambda: measure(network, space, arch, hardware, datamodule))
-    return {f"{ratio:g}": ms for ratio, ms in timed}
+    return {ratio_key(ratio): ms for ratio, ms in timed}
 
 
 def over_budget_advice(result: dict[str, Any], budget_ms: float) -> str:
@@ -308,7 +313,7 @@ def over_budget_advice(result: dict[str, Any], budget_ms: float) -> str:
     measured within the budget, or states that none did.
     """
     latency = result.get("keep_ratio_latency_ms") or {}
-    accuracy = {f"{row['keep_ratio']:g}": row["val_accuracy"] for row in result.get("keep_ratio_accuracy") or []}
+    accuracy = {ratio_key(row["keep_ratio"]): row["val_accuracy"] for row in result.get("keep_ratio_accuracy") or []}
     within = [ratio for ratio, ms in latency.items() if ms <= budget_ms]
     if within:
         best = max(within, key=lambda ratio: (accuracy.get(ratio, -1.0), float(ratio)))
@@ -370,7 +375,7 @@ def check_gate_batches(gated: Any, ungated: torch.nn.Module, space: SearchSpace,
         else:
             log.info("gates: at batch %d every keep ratio ran within %.0f%% of ungated (worst %+.1f%% at %.2f)",
                      record["batch_size"], 100 * bound, 100 * worst, record["worst_ratio"])
-    return [{**r, "gated_ms": {f"{ratio:g}": ms for ratio, ms in r["gated_ms"].items()}} for r in records]
+    return [{**r, "gated_ms": {ratio_key(ratio): ms for ratio, ms in r["gated_ms"].items()}} for r in records]
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, space: SearchSpace, arch: Arch,
@@ -652,10 +657,10 @@ def run(cfg: DictConfig) -> None:
         else:
             ft = cfg.finetune
             teacher = distillation_teacher(supernet, datamodule, ft.calibration_images, ft.teacher)
-            result["teacher"] = {"name": ft.teacher, "kd_weight": ft.kd_weight if teacher is not None else 0.0}
+            kd_weight = ft.kd_weight if teacher is not None else 0.0
+            result["teacher"] = {"name": ft.teacher, "kd_weight": kd_weight}
             result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
-                                               kd_weight=ft.kd_weight if teacher is not None else 0.0,
-                                               lr=ft.inherited_lr)
+                                               kd_weight=kd_weight, lr=ft.inherited_lr)
     # The ranks that Lightning started have their copy of the environment, gate plan included.
     os.environ.pop(GATE_PLAN_ENV, None)
     result["from_scratch"] = bool(cfg.from_scratch)

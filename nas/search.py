@@ -136,9 +136,11 @@ def predictor_record(predictor_cfg: Mapping[str, Any]) -> dict[str, Any]:
     counts except ``rebuild``, ``allow_fingerprint_mismatch`` and the models' ``nthread``: a rebuild
     from the same profiles with the same settings trains the same models.
     """
+    from predictors.build import NON_MODEL_KEYS
+
     if predictor_cfg.get("path"):
         return {"path": str(Path(str(predictor_cfg["path"])).expanduser().resolve())}
-    record = {k: v for k, v in predictor_cfg.items() if k not in ("rebuild", "path", "allow_fingerprint_mismatch")}
+    record = {k: v for k, v in predictor_cfg.items() if k not in NON_MODEL_KEYS}
     # XGBoost's training thread count changes how fast the models train, not what they predict.
     for key in ("layer_model", "network_model"):
         if isinstance(record.get(key), Mapping):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nas.data.base import resize_images
 from nas.spaces.base import Arch, SearchSpace
 from nas.supernet.base import Supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
@@ -162,9 +163,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 def resize_to_arch(x: torch.Tensor, space: SearchSpace, arch: Arch) -> torch.Tensor:
     """Resize a batch to the architecture's input resolution when it differs from the data's."""
     _, height, width = space.input_shape(arch)
-    if x.shape[-2:] == (height, width):
-        return x
-    return F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False)
+    return resize_images(x, (height, width))
 
 
 def inplace_distillation_loss(

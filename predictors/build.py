@@ -37,6 +37,7 @@ from predictors.xgb import (
 )
 
 __all__ = [
+    "NON_MODEL_KEYS",
     "PredictorConfig",
     "REPORT_FORMAT_VERSION",
     "hardware_facts_from_fingerprint",
@@ -50,6 +51,10 @@ logger = logging.getLogger(__name__)
 REPORT_FORMAT_VERSION = 1
 # Below this share of pass-to-pass agreement within 10%, the build warns that measurements are too noisy.
 NOISY_WITHIN_10PCT = 0.9
+
+
+# PredictorConfig keys that choose how a predictor is found or trusted, not the model it trains.
+NON_MODEL_KEYS = ("rebuild", "path", "allow_fingerprint_mismatch")
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class PredictorConfig:
 
     def training_hash(self) -> str:
         """Return a hash of the keys that change the trained model (not ``rebuild``, ``path`` or the override)."""
-        relevant = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rebuild", "path", "allow_fingerprint_mismatch")}
+        relevant = {k: v for k, v in dataclasses.asdict(self).items() if k not in NON_MODEL_KEYS}
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -541,7 +541,7 @@ def test_repeats_logged_with_hint(caplog):
 
     trials = [SimpleNamespace(user_attrs={"repeat_of": 0} if i % 3 else {}) for i in range(6)]
     with caplog.at_level("INFO"):
-        search._log_repeats(trials)
+        search._log_trial_counts(trials)
     assert "4 of the study's 6 finished trials redrew a scored architecture" in caplog.text
     assert "the space may be too small" in caplog.text
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
-__all__ = ["DataError", "ImageDataModule", "ResizingCollate"]
+__all__ = ["DataError", "ImageDataModule", "ResizingCollate", "resize_images"]
 
 log = logging.getLogger(__name__)
 
@@ -21,12 +21,21 @@ log = logging.getLogger(__name__)
 FEW_VALIDATION_IMAGES = 100
 
 
-class ResizingCollate:
-    """A collate function that batches ``(image, label)`` samples, then resizes the images to ``size``.
+def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Resize a batch of images to ``size`` (height, width), bilinear without antialiasing.
 
-    The resize is bilinear without antialiasing, as :func:`nas.training.resize_to_arch` resizes
-    batches for a subnet during the search. It is a class, not a closure, so that loader worker
-    processes can pickle it.
+    A batch of that size passes through unchanged. The search resizes batches for a subnet with it (:func:`nas.training.resize_to_arch`), and
+    train.py's loaders through :class:`ResizingCollate`, so both give a subnet the same input.
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ResizingCollate:
+    """A collate function that batches ``(image, label)`` samples, then resizes the images with :func:`resize_images`.
+
+    It is a class, not a closure, so that loader worker processes can pickle it.
     """
 
     def __init__(self, size: tuple[int, int]) -> None:
@@ -34,9 +43,7 @@ class ResizingCollate:
 
     def __call__(self, samples: list[Any]) -> Any:
         x, y = default_collate(samples)
-        if tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
-        return x, y
+        return resize_images(x, self.size), y
 
 
 class DataError(ValueError):

@@ -100,9 +100,8 @@ class GatedNetwork(nn.Module):
             GateConfigError: if ``ratio`` is outside ``keep_ratio_range``.
         """
         # NumPy scalars and one-element tensors count as the number they contain.
-        if isinstance(ratio, torch.Tensor) and ratio.numel() == 1:
-            ratio = float(ratio)
-        elif isinstance(ratio, numbers.Real) and not isinstance(ratio, bool):
+        one_element = isinstance(ratio, torch.Tensor) and ratio.numel() == 1
+        if one_element or (isinstance(ratio, numbers.Real) and not isinstance(ratio, bool)):
             ratio = float(ratio)
         self.config.check_keep_ratio(ratio)
         # The statistics come first: a folded model raises there, before any kept count changes.
