@@ -292,6 +292,20 @@ INTERRUPTED = ("Interrupted. What finished is kept in paths.work_dir: the profil
                "settings (and search.study_name) picks them up.")
 
 
+def _fail(message: str) -> None:
+    """Print ``message`` once as ``Error: ...`` on stderr, record it in the run's log files, and exit with 1.
+
+    Hydra's console handler would print a logged error a second time, so the record goes to the
+    root logger's file handlers only.
+    """
+    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler) and record.levelno >= handler.level:
+            handler.handle(record)
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
 def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig,
             interrupted: str | Callable[[], str] = INTERRUPTED) -> Any:
     """Run an entry point's body; known TailNAS errors end the program with their message and exit code 1.
@@ -305,17 +319,12 @@ def run_cli(body: Callable[[DictConfig], Any], cfg: DictConfig,
     try:
         return body(cfg)
     except _known_errors() as err:
-        log.error("%s", err)
-        print(f"Error: {err}", file=sys.stderr)
-        sys.exit(1)
+        _fail(str(err))
     except OSError as err:
         if err.errno not in UNWRITABLE:
             raise
-        message = (f"Cannot write {err.filename or 'a file'} ({err.strerror}). Set paths.work_dir (and "
-                   "search.storage, hydra.run.dir) to a folder you can write, on a disk with free space.")
-        log.error("%s", message)
-        print(f"Error: {message}", file=sys.stderr)
-        sys.exit(1)
+        _fail(f"Cannot write {err.filename or 'a file'} ({err.strerror}). Set paths.work_dir (and "
+              "search.storage, hydra.run.dir) to a folder you can write, on a disk with free space.")
     except KeyboardInterrupt:
         # Every store and cache in paths.work_dir is written run by run or atomically.
         log.warning("Interrupted")

@@ -121,6 +121,33 @@ def test_interrupt_ends_without_traceback(capsys):
     assert "a rerun with the same settings (and search.study_name) picks them up" in capsys.readouterr().err
 
 
+def test_usage_error_printed_once_and_kept_in_log_file(tmp_path, capsys):
+    import logging
+    import sys
+
+    from nas.cli import UsageError, run_cli
+
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)
+    log_file = logging.FileHandler(tmp_path / "run.log")
+    root.addHandler(console)
+    root.addHandler(log_file)
+
+    def body(cfg):
+        raise UsageError("search.n_trials=-1 must be positive")
+
+    try:
+        with pytest.raises(SystemExit) as exited:
+            run_cli(body, None)
+    finally:
+        root.removeHandler(console)
+        root.removeHandler(log_file)
+        log_file.close()
+    assert exited.value.code == 1
+    assert capsys.readouterr().err.count("search.n_trials=-1 must be positive") == 1
+    assert "search.n_trials=-1 must be positive" in (tmp_path / "run.log").read_text()
+
+
 def test_unwritable_file_ends_with_one_line(capsys):
     import errno
 
