@@ -57,6 +57,7 @@ from nas.supernet.dynamic import recalibrate_batchnorm
 from nas.tracking import create_tracker
 from nas.training import (
     FinetuneModule,
+    HoldInterruptUntilSaved,
     asks_for_several_processes,
     ddp_launch_problem,
     end_secondary_rank,
@@ -613,62 +614,65 @@ def run(cfg: DictConfig) -> None:
                               "hardware": to_container(cfg.hardware), "input": datamodule.input_description(),
                               "test_images": len(datamodule.test_set)}
     gates_on = cfg.gates.get("name", "none") != "none"
-    with timer.stage("finetune"):
-        if cfg.from_scratch:
-            model = space.build_supernet().build_static(arch)
-        else:
-            supernet, _ = load_supernet(Path(record["supernet_checkpoint"]), space)
-            model = extract_subnet(supernet, arch, datamodule, cfg.finetune.calibration_images)
-        tag = "scratch" if cfg.from_scratch else "inherited"
-        if gates_on:
-            from lightning.pytorch import seed_everything
+    # A Ctrl-C after the last epoch waits until subnet.pt is written.
+    with HoldInterruptUntilSaved() as hold:
+        with timer.stage("finetune"):
+            if cfg.from_scratch:
+                model = space.build_supernet().build_static(arch)
+            else:
+                supernet, _ = load_supernet(Path(record["supernet_checkpoint"]), space)
+                model = extract_subnet(supernet, arch, datamodule, cfg.finetune.calibration_images)
+            tag = "scratch" if cfg.from_scratch else "inherited"
+            if gates_on:
+                from lightning.pytorch import seed_everything
 
-            from nas.gates import BatchNormCalibration, KeepRatioSchedule
+                from nas.gates import BatchNormCalibration, KeepRatioSchedule
 
-            teacher = model
-            if cfg.finetune.teacher != "none":
-                log.warning("finetune.teacher=%s does not apply with gates=feature: the gated network distils from "
-                            "the ungated subnet, with weight gates.kd_weight (%s).", cfg.finetune.teacher,
-                            cfg.gates.get("kd_weight"))
-            # The gates' own layers draw their initial weights from torch's global generator.
-            seed_everything(cfg.seed, workers=True)
-            model, gate_config = gate_subnet(teacher, space, arch, cfg)
-            ramps = gate_config.keep_ratio < gate_config.keep_ratio_range[1]
-            if ramps and gate_config.schedule_epochs >= cfg.finetune.epochs:
-                log.warning("gates.schedule_epochs=%d is not below finetune.epochs=%d, so the keep ratio reaches "
-                            "%.2f only when training ends and the network is never trained there; expect a low "
-                            "test accuracy. Set finetune.epochs above gates.schedule_epochs (benchmarks/gates.py "
-                            "fine-tunes 8 epochs with a 2-epoch ramp).", gate_config.schedule_epochs,
-                            cfg.finetune.epochs, gate_config.keep_ratio)
-            # Per-keep-ratio BatchNorm statistics are estimated after training and before the test.
-            callbacks = [KeepRatioSchedule.from_config(gate_config),
-                         BatchNormCalibration(images=cfg.finetune.calibration_images)]
-            # From scratch, the ungated subnet is as untrained as the gated one, so it teaches nothing.
-            kd_weight = 0.0 if cfg.from_scratch else gate_config.kd_weight
-            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag,
-                                               teacher=None if cfg.from_scratch else teacher, kd_weight=kd_weight,
-                                               callbacks=callbacks, full_keep_weight=gate_config.full_keep_weight,
-                                               lr=None if cfg.from_scratch else cfg.finetune.inherited_lr)
-            result["gates"] = model.describe()
-            result["teacher"] = {"name": "none" if cfg.from_scratch else "ungated subnet", "kd_weight": kd_weight}
-        elif cfg.from_scratch:
-            result["teacher"] = {"name": "none", "kd_weight": 0.0}
-            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag)
-        else:
-            ft = cfg.finetune
-            teacher = distillation_teacher(supernet, datamodule, ft.calibration_images, ft.teacher)
-            kd_weight = ft.kd_weight if teacher is not None else 0.0
-            result["teacher"] = {"name": ft.teacher, "kd_weight": kd_weight}
-            result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
-                                               kd_weight=kd_weight, lr=ft.inherited_lr)
-    # The ranks that Lightning started have their copy of the environment, gate plan included.
-    os.environ.pop(GATE_PLAN_ENV, None)
-    result["from_scratch"] = bool(cfg.from_scratch)
-    secondary = trained_as_secondary_rank()
-    if not secondary:
-        save_checkpoint(run_dir, model, space, arch, {**result, "complete": False}, record.get("imports"))
-        log.info("Saved the fine-tuned network to %s; the comparison, checks and measurement follow.",
-                 run_dir / "subnet.pt")
+                teacher = model
+                if cfg.finetune.teacher != "none":
+                    log.warning("finetune.teacher=%s does not apply with gates=feature: the gated network distils from "
+                                "the ungated subnet, with weight gates.kd_weight (%s).", cfg.finetune.teacher,
+                                cfg.gates.get("kd_weight"))
+                # The gates' own layers draw their initial weights from torch's global generator.
+                seed_everything(cfg.seed, workers=True)
+                model, gate_config = gate_subnet(teacher, space, arch, cfg)
+                ramps = gate_config.keep_ratio < gate_config.keep_ratio_range[1]
+                if ramps and gate_config.schedule_epochs >= cfg.finetune.epochs:
+                    log.warning("gates.schedule_epochs=%d is not below finetune.epochs=%d, so the keep ratio reaches "
+                                "%.2f only when training ends and the network is never trained there; expect a low "
+                                "test accuracy. Set finetune.epochs above gates.schedule_epochs (benchmarks/gates.py "
+                                "fine-tunes 8 epochs with a 2-epoch ramp).", gate_config.schedule_epochs,
+                                cfg.finetune.epochs, gate_config.keep_ratio)
+                # Per-keep-ratio BatchNorm statistics are estimated after training and before the test.
+                callbacks = [KeepRatioSchedule.from_config(gate_config),
+                             BatchNormCalibration(images=cfg.finetune.calibration_images)]
+                # From scratch, the ungated subnet is as untrained as the gated one, so it teaches nothing.
+                kd_weight = 0.0 if cfg.from_scratch else gate_config.kd_weight
+                result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag,
+                                                   teacher=None if cfg.from_scratch else teacher, kd_weight=kd_weight,
+                                                   callbacks=[hold, *callbacks],
+                                                   full_keep_weight=gate_config.full_keep_weight,
+                                                   lr=None if cfg.from_scratch else cfg.finetune.inherited_lr)
+                result["gates"] = model.describe()
+                result["teacher"] = {"name": "none" if cfg.from_scratch else "ungated subnet", "kd_weight": kd_weight}
+            elif cfg.from_scratch:
+                result["teacher"] = {"name": "none", "kd_weight": 0.0}
+                result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, callbacks=[hold])
+            else:
+                ft = cfg.finetune
+                teacher = distillation_teacher(supernet, datamodule, ft.calibration_images, ft.teacher)
+                kd_weight = ft.kd_weight if teacher is not None else 0.0
+                result["teacher"] = {"name": ft.teacher, "kd_weight": kd_weight}
+                result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, teacher=teacher,
+                                                   kd_weight=kd_weight, lr=ft.inherited_lr, callbacks=[hold])
+        # The ranks that Lightning started have their copy of the environment, gate plan included.
+        os.environ.pop(GATE_PLAN_ENV, None)
+        result["from_scratch"] = bool(cfg.from_scratch)
+        secondary = trained_as_secondary_rank()
+        if not secondary:
+            save_checkpoint(run_dir, model, space, arch, {**result, "complete": False}, record.get("imports"))
+            log.info("Saved the fine-tuned network to %s; the comparison, checks and measurement follow.",
+                     run_dir / "subnet.pt")
 
     if cfg.from_scratch:
         result["scratch_test_accuracy"] = result["test_accuracy"]

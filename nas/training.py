@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -27,6 +29,7 @@ __all__ = [
     "SubnetEvaluator",
     "SUPERNET_SCHEDULES",
     "fit_or_interrupt",
+    "HoldInterruptUntilSaved",
     "model_accuracy",
     "asks_for_several_processes",
     "ddp_launch_problem",
@@ -43,7 +46,9 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     """Run ``trainer.fit(*args, **kwargs)``, raising KeyboardInterrupt when Ctrl-C stopped it.
 
     On Ctrl-C, Lightning shuts the fit down and raises SystemExit. The entry points turn
-    KeyboardInterrupt into a line on what was kept (:func:`nas.cli.run_cli`).
+    KeyboardInterrupt into a line on what was kept (:func:`nas.cli.run_cli`). A
+    :class:`HoldInterruptUntilSaved` callback that started holding Ctrl-C goes on holding it after
+    the fit.
 
     Lightning's DDP launchers on CPUs set torch's intra-op thread count to the cores per rank, in
     rank 0 too, and leave it there. This process's count is restored afterwards, so that latency
@@ -53,6 +58,9 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     threads = torch.get_num_threads()
     try:
         trainer.fit(*args, **kwargs)
+        for callback in trainer.callbacks:
+            if isinstance(callback, HoldInterruptUntilSaved) and callback.holding:
+                callback.hold()  # Lightning's teardown put back the handler that fit started with
     except SystemExit:
         if trainer.interrupted:
             raise KeyboardInterrupt from None
@@ -62,6 +70,62 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
             log.debug("Restoring torch's intra-op thread count from %d to %d after training",
                       torch.get_num_threads(), threads)
             torch.set_num_threads(threads)
+
+
+class HoldInterruptUntilSaved(pl.Callback):
+    """Hold a first Ctrl-C from the end of training until the trained network is saved.
+
+    Used as a context manager around fitting, testing and saving, and passed to the Trainer
+    first among its callbacks. From ``on_train_end`` on (before the other callbacks' end-of-training
+    work, such as BatchNorm calibration), a first Ctrl-C is noted and logged instead of stopping
+    the run, and a second one stops it at once. Leaving the block restores the previous handler
+    and then raises KeyboardInterrupt when a Ctrl-C was held, so the run stops with its network
+    saved. Ctrl-C during the training epochs stops at once, as without this callback.
+    """
+
+    def __init__(self, what: str = "the fine-tuned network") -> None:
+        self.what = what
+        self.pressed = False
+        self.holding = False
+        self._previous: Any = None
+
+    def __enter__(self) -> HoldInterruptUntilSaved:
+        return self
+
+    def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
+        self._restore()
+        if kind is None and self.pressed:
+            self.pressed = False
+            raise KeyboardInterrupt
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.hold()
+
+    def hold(self) -> None:
+        """Hold Ctrl-C from now on; a no-op outside the main thread, where signals cannot be handled.
+
+        Lightning puts back the signal handlers it found when ``fit`` or ``test`` started as each one
+        ends, so :func:`fit_or_interrupt` calls this again after ``fit``.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if self._previous is None:
+            self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_interrupt)
+        self.holding = True
+
+    def _on_interrupt(self, signum: int, frame: Any) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+        self.pressed = True
+        log.warning("Ctrl-C: training has ended, so %s is saved first, then the run stops. Press Ctrl-C again to "
+                    "stop now without saving it.", self.what)
+
+    def _restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        self.holding = False
 
 
 @torch.no_grad()

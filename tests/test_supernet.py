@@ -154,3 +154,64 @@ def test_finetune_teacher_stays_in_eval_mode():
     assert seen == [False] * 4
     for name, tensor in teacher.state_dict().items():
         assert torch.equal(tensor, before[name]), name
+
+
+def test_ctrl_c_after_training_waits_for_the_save():
+    import os
+    import signal
+
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nas.training import FinetuneModule, HoldInterruptUntilSaved, fit_or_interrupt
+
+    class CtrlCWhileCalibrating(pl.Callback):
+        def __init__(self, press):
+            self.press = press
+
+        def on_train_end(self, trainer, pl_module):
+            if self.press:
+                os.kill(os.getpid(), signal.SIGINT)
+            pl_module.calibrated = True  # the rest of this hook still runs
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))), batch_size=8)
+    handler = signal.getsignal(signal.SIGINT)
+    saved = []
+    # Ctrl-C in a later callback's on_train_end, then Ctrl-C while testing, after Lightning's
+    # teardown has put back the signal handlers that it found when fit started.
+    for press_while_calibrating in (True, False):
+        module = FinetuneModule(nn.Sequential(nn.Flatten(), nn.Linear(36, 3)))
+        hold = HoldInterruptUntilSaved()
+        trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                             callbacks=[hold, CtrlCWhileCalibrating(press_while_calibrating)])
+        with pytest.raises(KeyboardInterrupt):
+            with hold:
+                fit_or_interrupt(trainer, module, train_dataloaders=data)
+                if not press_while_calibrating:
+                    os.kill(os.getpid(), signal.SIGINT)
+                trainer.test(module, dataloaders=data, verbose=False)
+                saved.append(module.calibrated)
+        assert signal.getsignal(signal.SIGINT) is handler
+    assert saved == [True, True]
+
+    # A second Ctrl-C stops at once, before the save.
+    with pytest.raises(KeyboardInterrupt):
+        with HoldInterruptUntilSaved() as hold:
+            hold.on_train_end(trainer, module)
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            saved.append("second")
+    assert signal.getsignal(signal.SIGINT) is handler
+
+    # Before the end of training a Ctrl-C is not held, and without one nothing is raised.
+    with pytest.raises(KeyboardInterrupt):
+        with HoldInterruptUntilSaved():
+            os.kill(os.getpid(), signal.SIGINT)
+            saved.append("during training")
+    with HoldInterruptUntilSaved() as hold:
+        hold.on_train_end(trainer, module)
+    assert saved == [True, True]
