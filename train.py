@@ -71,7 +71,9 @@ from nas.training import (
 
 log = logging.getLogger("tailnas.train")
 
-PICKS = ("knee", "fastest_under_budget", "most_accurate")
+PICKS = ("knee", "most_accurate_under_budget", "most_accurate")
+# Earlier name of pick=most_accurate_under_budget, still accepted.
+PICK_ALIASES = {"fastest_under_budget": "most_accurate_under_budget"}
 TEACHERS = ("none", "largest")
 
 
@@ -118,18 +120,22 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
         raise SearchError(f"Study {study.study_name!r} has no feasible finished trial to pick from. Name a study "
                           "with a Pareto front with search.study_name=NAME (python -m nas.compare --all lists them).")
     measured = stored_measurements(study, front)
-    if cfg.budget_ms is not None and cfg.pick != "fastest_under_budget":
-        log.warning("budget_ms=%s applies only to pick=fastest_under_budget, so pick=%s ignores it.", cfg.budget_ms,
-                    cfg.pick)
-    if cfg.pick == "most_accurate":
+    pick = PICK_ALIASES.get(cfg.pick, cfg.pick)
+    if pick != cfg.pick:
+        log.info("pick=%s is the earlier name of pick=%s, which takes the most accurate Pareto subnet within the "
+                 "budget.", cfg.pick, pick)
+    if cfg.budget_ms is not None and pick != "most_accurate_under_budget":
+        log.warning("budget_ms=%s applies only to pick=most_accurate_under_budget, so pick=%s ignores it.",
+                    cfg.budget_ms, cfg.pick)
+    if pick == "most_accurate":
         return max(front, key=lambda t: (t.values[0], -_latency(t, measured)))
-    if cfg.pick == "knee":
+    if pick == "knee":
         return front[knee_index([t.values[0] for t in front], [_latency(t, measured) for t in front])]
     budget = check_budget(cfg.budget_ms, "budget_ms")
     if budget is None:
         budget = study.user_attrs.get("latency_budget_ms")
     if budget is None:
-        raise UsageError("pick=fastest_under_budget needs budget_ms=<milliseconds> (the study has no latency budget).")
+        raise UsageError(f"pick={cfg.pick} needs budget_ms=<milliseconds> (the study has no latency budget).")
     within = [t for t in front if _latency(t, measured) <= budget]
     if not within:
         fastest = min(_latency(t, measured) for t in front)
@@ -555,7 +561,7 @@ def run(cfg: DictConfig) -> None:
         raise UsageError(f"train.py takes {', '.join(recorded)} from the study, so the command line cannot set "
                          f"{'it' if len(recorded) == 1 else 'them'}: drop the +{recorded[0]}... settings. To "
                          "fine-tune with other settings, run search.py with them first.")
-    if cfg.trial is None and cfg.pick not in PICKS:
+    if cfg.trial is None and cfg.pick not in PICKS and cfg.pick not in PICK_ALIASES:
         raise UsageError(f"Unknown pick={cfg.pick!r}; choose one of {list(PICKS)} or set trial=N.")
     epochs = cfg.finetune.epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:

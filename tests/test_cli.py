@@ -91,7 +91,7 @@ def test_train_without_study_says_what_to_run(tmp_path):
 def test_train_with_unknown_pick(tmp_path):
     result = run_entry("train.py", "pick=best", tmp_path=tmp_path)
     assert result.returncode == 1
-    assert "Unknown pick='best'; choose one of ['knee', 'fastest_under_budget', 'most_accurate']" in result.stderr
+    assert "Unknown pick='best'; choose one of ['knee', 'most_accurate_under_budget', 'most_accurate']" in result.stderr
 
 
 def test_train_with_unknown_teacher(tmp_path):

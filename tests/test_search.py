@@ -392,8 +392,10 @@ def test_budget_pick_takes_most_accurate():
     # because trial 0, the more accurate, runs in 0.70 ms and trial 1 in 0.80 ms, both within 0.85 ms.
     study = _study_with_front()
     study.set_user_attr("measured_latency_ms", {"0": 0.70, "1": 0.80})
-    cfg = OmegaConf.create({"trial": None, "pick": "fastest_under_budget", "budget_ms": 0.85})
+    cfg = OmegaConf.create({"trial": None, "pick": "most_accurate_under_budget", "budget_ms": 0.85})
     assert train.pick_trial(study, cfg).number == 0
+    # The earlier name picks the same subnet.
+    assert train.pick_trial(study, OmegaConf.create({**cfg, "pick": "fastest_under_budget"})).number == 0
     cfg = OmegaConf.create({**cfg, "budget_ms": 0.75})
     assert train.pick_trial(study, cfg).number == 0
     cfg = OmegaConf.create({**cfg, "budget_ms": 0.6})
@@ -411,7 +413,7 @@ def test_train_budget_without_its_pick_warned(caplog):
     cfg = OmegaConf.create({"trial": None, "pick": "knee", "budget_ms": 0.1})
     with caplog.at_level(logging.WARNING, logger="tailnas.train"):
         train.pick_trial(_study_with_front(), cfg)
-    assert "budget_ms=0.1 applies only to pick=fastest_under_budget" in caplog.text
+    assert "budget_ms=0.1 applies only to pick=most_accurate_under_budget" in caplog.text
 
 
 def test_repeated_architecture_reuses_scores(tmp_path):
@@ -684,3 +686,4 @@ def test_resize_of_data_logged(resnet_space, caplog):
     assert logged(multi, 28) == []
     [(_, message)] = logged(multi, 24)
     assert "Subnets run at 24/28 pixels and the data at 24" in message
+
