@@ -213,6 +213,20 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     return accuracy
 
 
+def load_data(data_config: dict[str, Any], space: SearchSpace, arch: Arch) -> Any:
+    """Build and set up the study's data module, with every batch resized to the resolution of ``arch``."""
+    datamodule = build_datamodule(data_config)
+    datamodule.setup()
+    datamodule.log_summary()
+    # The search scored the subnet at its own resolution, so every batch is resized to it here too.
+    _, height, width = space.input_shape(arch)
+    datamodule.resize_inputs(height, width)
+    if datamodule.input_size is not None:
+        log.info("Inputs resized from %dx%d to the subnet's %dx%d for calibration, fine-tuning and tests",
+                 datamodule.resolution, datamodule.resolution, height, width)
+    return datamodule
+
+
 def extract_subnet(supernet: Any, arch: Arch, datamodule: Any, images: int) -> torch.nn.Module:
     """Extract ``arch`` with its inherited weights and recalibrate its BatchNorm statistics."""
     model = supernet.extract(arch)
@@ -605,15 +619,7 @@ def run(cfg: DictConfig) -> None:
                              default_group=study.study_name)
 
     with timer.stage("data"):
-        datamodule = build_datamodule(record["data"])
-        datamodule.setup()
-        datamodule.log_summary()
-        # The search scored the subnet at its own resolution, so every batch is resized to it here too.
-        _, height, width = space.input_shape(arch)
-        datamodule.resize_inputs(height, width)
-        if datamodule.input_size is not None:
-            log.info("Inputs resized from %dx%d to the subnet's %dx%d for calibration, fine-tuning and tests",
-                     datamodule.resolution, datamodule.resolution, height, width)
+        datamodule = load_data(record["data"], space, arch)
 
     result: dict[str, Any] = {"format_version": FINETUNE_FORMAT_VERSION, "study": study.study_name,
                               "trial": trial.number, "arch": arch.to_dict(), "search_accuracy": trial.values[0],

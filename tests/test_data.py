@@ -433,3 +433,17 @@ def test_resizing_collate_pickles():
     x, y = collate([(torch.ones(1, 8, 8), 0), (torch.zeros(1, 8, 8), 1)])
     assert x.shape == (2, 1, 4, 4)
     assert y.tolist() == [0, 1]
+
+
+def test_train_resizes_data_to_picked_subnet(resnet_config):
+    import train
+    from nas.spaces import create_space
+
+    space = create_space({**resnet_config, "resolutions": [20, 28]})
+    data = {"name": "synthetic", "num_samples": 40, "resolution": 28, "batch_size": 8, "eval_batch_size": 8}
+    small = space.arch_from_dict({**space.largest().to_dict(), "resolution": 20})
+    datamodule = train.load_data(data, space, small)
+    for loader in (datamodule.train_dataloader(), datamodule.val_dataloader(), datamodule.test_dataloader()):
+        assert next(iter(loader))[0].shape[-2:] == (20, 20)
+    assert datamodule.input_description()["resolution"] == 20
+    assert train.load_data(data, space, space.largest()).input_size is None
