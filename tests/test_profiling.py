@@ -339,6 +339,28 @@ def test_measure_arch_runs_folded_subnet():
     assert m.median_ms > 0
 
 
+def test_measure_arch_leaves_supernet_in_place(monkeypatch):
+    space = create_space(TINY_SPACE)
+    supernet = space.build_supernet().train()
+    moved = []
+    for name in ("cpu", "cuda", "to"):
+        original = getattr(nn.Module, name)
+
+        def spy(module, *args, _original=original, _name=name, **kwargs):
+            if module is supernet:
+                moved.append(_name)
+            return _original(module, *args, **kwargs)
+
+        monkeypatch.setattr(nn.Module, name, spy)
+    before = {key: value.clone() for key, value in supernet.state_dict().items()}
+    measure_arch(space, space.smallest(), FAST, supernet=supernet)
+    # The search scores accuracy with this supernet between measurements, on its own device and mode.
+    assert moved == []
+    assert supernet.training
+    for key, value in supernet.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
 # -- fingerprints ---------------------------------------------------------------------------
 
 
