@@ -118,6 +118,8 @@ class GatedResidualBlock(FoldedWeightCache, GatheredEvalPath):
                 raise ValueError(f"{type(block).__name__} has no child {name!r} that its BlockLayout names.")
             setattr(self, name, getattr(block, name))
         self.stride = getattr(block, "stride", 1)
+        # A static block has a projection exactly where its shortcut needs one.
+        self.elastic_shortcut = getattr(block, "elastic_shortcut", True)
 
     def _shortcut_children(self) -> list[str]:
         """Child names of the shortcut path, adopted with the stages."""
@@ -125,7 +127,8 @@ class GatedResidualBlock(FoldedWeightCache, GatheredEvalPath):
 
     def _shortcut(self, x: torch.Tensor) -> torch.Tensor | None:
         """Return what the residual branch is added to, or None when the block has no residual."""
-        if self.downsample is not None and (self.stride != 1 or x.shape[1] != self.out_channels):
+        if self.downsample is not None and (not self.elastic_shortcut or self.stride != 1
+                                            or x.shape[1] != self.out_channels):
             return self.downsample(x)
         return x
 

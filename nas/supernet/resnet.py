@@ -50,6 +50,8 @@ class BasicBlock(nn.Module):
         self.act2 = nn.ReLU(inplace=True)
         self.downsample = _downsample(conv, bn, cin, cout, stride, with_downsample)
         self.stride = stride
+        # A supernet block (with_downsample given) skips its projection at the widths that do not need it.
+        self.elastic_shortcut = with_downsample is not None
 
     def set_active(self, mid: int, cout: int) -> None:
         self.conv1.active_out = mid
@@ -66,7 +68,8 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        if self.downsample is not None and (self.stride != 1 or x.shape[1] != self._out_channels()):
+        if self.downsample is not None and (not self.elastic_shortcut or self.stride != 1
+                                            or x.shape[1] != self._out_channels()):
             shortcut = self.downsample(x)
 
         out = self.residual(x)
@@ -101,6 +104,8 @@ class Bottleneck(BasicBlock):
         self.act3 = nn.ReLU(inplace=True)
         self.downsample = _downsample(conv, bn, cin, cout, stride, with_downsample)
         self.stride = stride
+        # A supernet block (with_downsample given) skips its projection at the widths that do not need it.
+        self.elastic_shortcut = with_downsample is not None
 
     def set_active(self, mid: int, cout: int) -> None:
         self.conv1.active_out = mid
