@@ -260,13 +260,23 @@ def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: An
     from predictors.profiling import enumerate_layers
     from predictors.tail_aware import tail_aware_widths
 
-    write_staircase(run_dir / "staircase.png", predictor, store.layer_table(protocol.batch_size),
-                    layers=enumerate_layers(space, seed=0))
     # tail_aware_widths logs each decision's change with the latencies behind it.
     widths = tail_aware_widths(space, store, protocol)
+    write_staircase(run_dir / "staircase.png", predictor, store.layer_table(protocol.batch_size),
+                    layers=enumerate_layers(space, seed=0), note=width_moves_note(space.width_choices(), widths))
     new_space = space.with_width_choices(widths)
     supernet.space = new_space  # the widest widths are unchanged, so the same supernet serves the new space
     return new_space
+
+
+def width_moves_note(before: dict[str, list[int]], after: dict[str, list[int]]) -> str:
+    """Return the lines that staircase.png shows for a tail-aware run: each width decision's choices, before -> after."""
+    lines = ["tail-aware width choices:"]
+    for key in sorted(after):
+        old, new = sorted(before[key]), sorted(after[key])
+        change = f"{old} -> {new}" if old != new else f"{old} (kept)"
+        lines.append(f"{key}: {change}")
+    return "\n".join(lines)
 
 
 def record_measurement(store: Any, space: SearchSpace, arch: Any, measurement: Any, failures: list[OSError]) -> None:

@@ -133,11 +133,13 @@ def plot_staircase(
     measured_ms: Mapping[int, float],
     predicted_ms: Mapping[int, float] | None = None,
     title: str | None = None,
+    note: str | None = None,
 ) -> Path:
     """Write latency against output channels for one layer shape: measured, predicted and MACs-scaled.
 
     The MACs-scaled line is the measured latency at the widest width times MACs(c) / MACs(widest),
-    which is what a FLOPs-proportional model assumes. Returns the written path.
+    which is what a FLOPs-proportional model assumes. ``note`` is printed in the plot's upper left
+    corner. Returns the written path.
     """
     plt = _pyplot()
     widths = np.array(sorted(measured_ms))
@@ -154,16 +156,20 @@ def plot_staircase(
     shape = f"conv {layer.kernel_size}x{layer.kernel_size}, {layer.in_channels} in, {layer.in_size}x{layer.in_size}, stride {layer.stride}"
     ax.set(xlabel="output channels", ylabel="latency (ms)", title=title or f"Latency staircase: {shape}")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    if note:
+        ax.text(0.02, 0.98, note, transform=ax.transAxes, va="top", ha="left", fontsize=7, family="monospace",
+                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
     return _save(fig, plt, path)
 
 
 def write_staircase(path: str | Path, predictor: Any, table: Mapping[str, float],
-                    layers: Iterable[LayerSpec] | None = None) -> Path | None:
+                    layers: Iterable[LayerSpec] | None = None, note: str | None = None) -> Path | None:
     """Plot the representative staircase of ``table`` with the predictor's layer model beside it.
 
-    ``layers`` limits the choice to conv shapes of these layers (:func:`staircase_from_table`).
-    Returns the written path, or ``None`` (with a warning) when the table has no width sweep.
+    ``layers`` limits the choice to conv shapes of these layers (:func:`staircase_from_table`), and
+    ``note`` goes into the plot (:func:`plot_staircase`). Returns the written path, or ``None``
+    (with a warning) when the table has no width sweep.
     """
     staircase = staircase_from_table(table, layers=layers)
     if staircase is None:
@@ -173,7 +179,7 @@ def write_staircase(path: str | Path, predictor: Any, table: Mapping[str, float]
     sweep = [LayerSpec(**{**layer.to_dict(), "out_channels": w}) for w in measured_by_width]
     predicted = predictor.predict_layers(sweep, use_lut=False) if getattr(predictor, "layer_model", None) is not None else None
     predicted_by_width = None if predicted is None else dict(zip(measured_by_width, predicted))
-    return plot_staircase(path, layer, measured_by_width, predicted_by_width)
+    return plot_staircase(path, layer, measured_by_width, predicted_by_width, note=note)
 
 
 def _save(fig: Any, plt: Any, path: str | Path) -> Path:

@@ -272,6 +272,8 @@ def test_plots_are_written(trained: tuple[SearchSpace, LatencyPredictor], tmp_pa
     assert sorted(measured) == list(range(8, 129, 8))
     staircase = plot_staircase(tmp_path / "staircase.png", layer, measured)
     assert staircase.stat().st_size > 1000
+    noted = plot_staircase(tmp_path / "noted.png", layer, measured, note="width_0: [8, 24] -> [16, 32]")
+    assert noted.read_bytes() != staircase.read_bytes()
 
 
 TINY_SPACE = {
