@@ -76,8 +76,9 @@ def test_space_config_bad_block(resnet_config):
     (lambda c: c.update(block="bottleneck", expand_ratios=None), r"space.expand_ratios must be a non-empty list, but got None"),
     (lambda c: c["stem"].update(channels="abc"), r"space.stem.channels must be a whole number >= 1, but got 'abc'"),
     (lambda c: c["stem"].update(kernel_size=0), r"space.stem.kernel_size must be a whole number >= 1, but got 0"),
+    (lambda c: c.update(tail_aware="no"), r"space.tail_aware must be true or false, but got 'no'"),
 ], ids=["missing-stem", "missing-depths", "string-resolution", "null-expand-ratios", "string-stem-channels",
-        "zero-stem-kernel"])
+        "zero-stem-kernel", "string-tail-aware"])
 def test_space_config_errors(resnet_config, change, message):
     change(resnet_config)
     with pytest.raises(SpaceError, match=message):

@@ -108,6 +108,9 @@ class ResNetSpace(SearchSpace):
                 raise SpaceError(f"space.stem.{key} must be a whole number >= 1, but got {value!r}.")
         if not isinstance(cfg.stem.max_pool, bool):
             raise SpaceError(f"space.stem.max_pool must be true or false, but got {cfg.stem.max_pool!r}.")
+        if not isinstance(cfg.tail_aware, bool):
+            # Hydra 1.3 reads only true/false as booleans. A value such as "no" stays a string, which counts as true.
+            raise SpaceError(f"space.tail_aware must be true or false, but got {cfg.tail_aware!r}.")
         _check_choices(cfg.resolutions, "space.resolutions")
         for i, stage in enumerate(cfg.stages):
             _check_choices(stage.depths, f"space.stages[{i}].depths")
