@@ -144,6 +144,18 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
     return max(within, key=lambda t: (t.values[0], -_latency(t, measured)))
 
 
+def describe_pick(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """Return a one-line description of ``trial`` with its accuracy and the latency that :func:`pick_trial` ranks it by.
+
+    That latency is the measured one where the study stores a measurement, else the predicted one.
+    """
+    predicted = trial.user_attrs["predicted_latency_ms"]
+    measured = stored_measurements(study, [trial]).get(trial.number)
+    latency = (f"predicted {predicted:.3f} ms" if measured is None
+               else f"measured {measured:.3f} ms (predicted {predicted:.3f} ms)")
+    return f"trial {trial.number}: accuracy {100 * trial.values[0]:.2f}%, {latency}"
+
+
 def interrupted_message(run_dir: Path | None = None) -> str:
     """Say what an interrupted train.py run kept in ``run_dir`` (default: Hydra's run folder)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir) if run_dir is None else run_dir
@@ -610,8 +622,7 @@ def run(cfg: DictConfig) -> None:
     import_user_modules(record.get("imports"))
     space = create_space(record["space"])
     arch = space.arch_from_dict(trial.user_attrs["arch"])
-    log.info("Picked trial %d: accuracy %.2f%%, predicted %.3f ms, arch %s", trial.number, 100 * trial.values[0],
-             trial.user_attrs["predicted_latency_ms"], arch.to_json())
+    log.info("Picked %s, arch %s", describe_pick(study, trial), arch.to_json())
     # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
     logger_cfg = {"name": "none"} if started_as_secondary_rank() else to_container(cfg.logger)
     tracker = create_tracker(logger_cfg, {**to_container(cfg), "study": study.study_name,

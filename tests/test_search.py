@@ -337,6 +337,20 @@ def test_train_budget_checked():
         train.pick_trial(_study_with_front(), cfg)
 
 
+def test_pick_message_names_measured_latency():
+    from omegaconf import OmegaConf
+
+    import train
+
+    study = _study_with_front()
+    study.set_user_attr("measured_latency_ms", {"0": 0.8})
+    cfg = OmegaConf.create({"trial": None, "pick": "most_accurate_under_budget", "budget_ms": 0.85})
+    picked = train.pick_trial(study, cfg)
+    assert picked.number == 0  # predicted 1.0 ms, but measured 0.8 ms fits the budget
+    assert train.describe_pick(study, picked) == "trial 0: accuracy 90.00%, measured 0.800 ms (predicted 1.000 ms)"
+    assert train.describe_pick(study, study.trials[1]) == "trial 1: accuracy 80.00%, predicted 0.500 ms"
+
+
 def test_ctrl_c_stops_study_after_running_trial():
     import os
     import signal
