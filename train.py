@@ -65,6 +65,7 @@ from nas.training import (
     model_accuracy,
     ranks_started_outside,
     resize_to_arch,
+    run_test_or_interrupt,
     started_as_secondary_rank,
     trained_as_secondary_rank,
 )
@@ -218,7 +219,7 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
         # tests the whole split itself.
         accuracy = model_accuracy(module.model, datamodule.test_dataloader())
     else:
-        results = trainer.test(module, dataloaders=datamodule.test_dataloader(), verbose=False)
+        results = run_test_or_interrupt(trainer, module, dataloaders=datamodule.test_dataloader(), verbose=False)
         # Lightning logs the metric in float32; six decimals keep the figure without its noise.
         accuracy = round(float(results[0]["test/accuracy"]), 6)
     log.info("Test accuracy (%s): %.2f%%", tag, 100 * accuracy)

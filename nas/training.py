@@ -29,6 +29,7 @@ __all__ = [
     "SubnetEvaluator",
     "SUPERNET_SCHEDULES",
     "fit_or_interrupt",
+    "run_test_or_interrupt",
     "HoldInterruptUntilSaved",
     "model_accuracy",
     "asks_for_several_processes",
@@ -57,19 +58,30 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     """
     threads = torch.get_num_threads()
     try:
-        trainer.fit(*args, **kwargs)
+        _interruptible(trainer, trainer.fit, *args, **kwargs)
         for callback in trainer.callbacks:
             if isinstance(callback, HoldInterruptUntilSaved) and callback.holding:
                 callback.hold()  # Lightning's teardown put back the handler that fit started with
-    except SystemExit:
-        if trainer.interrupted:
-            raise KeyboardInterrupt from None
-        raise
     finally:
         if torch.get_num_threads() != threads:
             log.debug("Restoring torch's intra-op thread count from %d to %d after training",
                       torch.get_num_threads(), threads)
             torch.set_num_threads(threads)
+
+
+def run_test_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> list[dict[str, float]]:
+    """Run ``trainer.test(*args, **kwargs)`` and return its results; raise KeyboardInterrupt when Ctrl-C stopped it."""
+    return _interruptible(trainer, trainer.test, *args, **kwargs)
+
+
+def _interruptible(trainer: pl.Trainer, method: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call a Trainer ``method``; turn the SystemExit that Lightning raises on Ctrl-C into KeyboardInterrupt."""
+    try:
+        return method(*args, **kwargs)
+    except SystemExit:
+        if trainer.interrupted:
+            raise KeyboardInterrupt from None
+        raise
 
 
 class HoldInterruptUntilSaved(pl.Callback):

@@ -215,3 +215,30 @@ def test_ctrl_c_after_training_waits_for_the_save():
     with HoldInterruptUntilSaved() as hold:
         hold.on_train_end(trainer, module)
     assert saved == [True, True]
+
+
+def test_ctrl_c_in_test_raises_interrupt():
+    # A second Ctrl-C while train.py tests stops the run with KeyboardInterrupt, not Lightning's SystemExit(1).
+    import signal
+
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nas.training import FinetuneModule, run_test_or_interrupt
+
+    class CtrlCInTest(FinetuneModule):
+        def test_step(self, batch, batch_idx):
+            raise KeyboardInterrupt  # what HoldInterruptUntilSaved raises on a second Ctrl-C
+
+    data = DataLoader(TensorDataset(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))), batch_size=8)
+    handler = signal.getsignal(signal.SIGINT)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_test_or_interrupt(trainer, CtrlCInTest(nn.Sequential(nn.Flatten(), nn.Linear(36, 3))),
+                                  dataloaders=data, verbose=False)
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from its shutdown on
