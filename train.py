@@ -695,8 +695,12 @@ def run(cfg: DictConfig) -> None:
         secondary = trained_as_secondary_rank()
         if not secondary:
             save_checkpoint(run_dir, model, space, arch, {**result, "complete": False}, record.get("imports"))
-            log.info("Saved the fine-tuned network to %s; the comparison, checks and measurement follow.",
-                     run_dir / "subnet.pt")
+            follows = ("stopping, as Ctrl-C was pressed" if hold.pressed
+                       else "the comparison, checks and measurement follow")
+            log.info("Saved the fine-tuned network to %s; %s.", run_dir / "subnet.pt", follows)
+    if secondary and hold.pressed:
+        end_secondary_rank("training", "saves the fine-tuned network and stops the run")
+        return
 
     if cfg.from_scratch:
         result["scratch_test_accuracy"] = result["test_accuracy"]

@@ -47,9 +47,7 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     """Run ``trainer.fit(*args, **kwargs)``, raising KeyboardInterrupt when Ctrl-C stopped it.
 
     On Ctrl-C, Lightning shuts the fit down and raises SystemExit. The entry points turn
-    KeyboardInterrupt into a line on what was kept (:func:`nas.cli.run_cli`). A
-    :class:`HoldInterruptUntilSaved` callback that started holding Ctrl-C goes on holding it after
-    the fit.
+    KeyboardInterrupt into a line on what was kept (:func:`nas.cli.run_cli`).
 
     Lightning's DDP launchers on CPUs set torch's intra-op thread count to the cores per rank, in
     rank 0 too, and leave it there. This process's count is restored afterwards, so that latency
@@ -59,9 +57,6 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
     threads = torch.get_num_threads()
     try:
         _interruptible(trainer, trainer.fit, *args, **kwargs)
-        for callback in trainer.callbacks:
-            if isinstance(callback, HoldInterruptUntilSaved) and callback.holding:
-                callback.hold()  # Lightning's teardown put back the handler that fit started with
     finally:
         if torch.get_num_threads() != threads:
             log.debug("Restoring torch's intra-op thread count from %d to %d after training",
@@ -84,44 +79,59 @@ def _interruptible(trainer: pl.Trainer, method: Any, *args: Any, **kwargs: Any) 
         raise
 
 
+# The handler of a HoldInterruptUntilSaved that is not holding; None is a valid saved handler.
+_NOT_SAVED = object()
+
+
 class HoldInterruptUntilSaved(pl.Callback):
     """Hold a first Ctrl-C from the end of training until the trained network is saved.
 
     Used as a context manager around fitting, testing and saving, and passed to the Trainer
     first among its callbacks. From ``on_train_end`` on (before the other callbacks' end-of-training
     work, such as BatchNorm calibration), a first Ctrl-C is noted and logged instead of stopping
-    the run, and a second one stops it at once. Leaving the block restores the previous handler
-    and then raises KeyboardInterrupt when a Ctrl-C was held, so the run stops with its network
-    saved. Ctrl-C during the training epochs stops at once, as without this callback.
+    the run, and a second one stops it at once. Leaving the block restores the previous handler.
+    In rank 0 it then raises KeyboardInterrupt when a Ctrl-C was held, so the run stops with its
+    network saved. A DDP rank other than 0 does not raise: ``pressed`` tells the caller to end
+    the rank without an error, which Lightning's launcher in rank 0 would take for a failed rank
+    and answer by stopping rank 0 before it saves. Ctrl-C during the training epochs stops at once,
+    as without this callback.
     """
 
     def __init__(self, what: str = "the fine-tuned network") -> None:
         self.what = what
         self.pressed = False
         self.holding = False
-        self._previous: Any = None
+        self.rank_zero = True
+        self._previous: Any = _NOT_SAVED
 
     def __enter__(self) -> HoldInterruptUntilSaved:
         return self
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
         self._restore()
-        if kind is None and self.pressed:
+        if kind is None and self.pressed and self.rank_zero:
             self.pressed = False
             raise KeyboardInterrupt
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rank_zero = trainer.is_global_zero
         self.hold()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning's teardown has just put back the handler that fit started with, and its
+        # teardown hooks and the loggers' finalize still follow.
+        if self.holding:
+            self.hold()
 
     def hold(self) -> None:
         """Hold Ctrl-C from now on; a no-op outside the main thread, where signals cannot be handled.
 
-        Lightning puts back the signal handlers it found when ``fit`` or ``test`` started as each one
-        ends, so :func:`fit_or_interrupt` calls this again after ``fit``.
+        Lightning puts back the signal handlers that it found when ``fit`` or ``test`` started as
+        each one ends, so ``on_fit_end`` calls this again.
         """
         if threading.current_thread() is not threading.main_thread():
             return
-        if self._previous is None:
+        if self._previous is _NOT_SAVED:
             self._previous = signal.getsignal(signal.SIGINT)
         signal.signal(signal.SIGINT, self._on_interrupt)
         self.holding = True
@@ -130,13 +140,15 @@ class HoldInterruptUntilSaved(pl.Callback):
         if self.pressed:
             raise KeyboardInterrupt
         self.pressed = True
-        log.warning("Ctrl-C: training has ended, so %s is saved first, then the run stops. Press Ctrl-C again to "
-                    "stop now without saving it.", self.what)
+        if self.rank_zero:
+            log.warning("Ctrl-C: training has ended, so the run stops once %s is tested and saved. Press Ctrl-C "
+                        "again to stop now without saving it.", self.what)
 
     def _restore(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        if self._previous is not _NOT_SAVED:
+            # A handler that was not installed from Python reads as None and cannot be put back.
+            signal.signal(signal.SIGINT, signal.default_int_handler if self._previous is None else self._previous)
+            self._previous = _NOT_SAVED
         self.holding = False
 
 

@@ -159,6 +159,7 @@ def test_finetune_teacher_stays_in_eval_mode():
 def test_ctrl_c_after_training_waits_for_the_save():
     import os
     import signal
+    from types import SimpleNamespace
 
     import lightning.pytorch as pl
     import torch
@@ -216,9 +217,24 @@ def test_ctrl_c_after_training_waits_for_the_save():
         hold.on_train_end(trainer, module)
     assert saved == [True, True]
 
+    # A DDP rank other than 0 leaves the stop to rank 0: it does not raise, and pressed tells it to end.
+    with HoldInterruptUntilSaved() as hold:
+        hold.on_train_end(SimpleNamespace(is_global_zero=False), module)
+        os.kill(os.getpid(), signal.SIGINT)
+    assert hold.pressed
+    assert signal.getsignal(signal.SIGINT) is handler
 
-def test_ctrl_c_in_test_raises_interrupt():
-    # A second Ctrl-C while train.py tests stops the run with KeyboardInterrupt, not Lightning's SystemExit(1).
+
+def _interrupting_trainer(*callbacks):
+    import lightning.pytorch as pl
+
+    return pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      callbacks=list(callbacks))
+
+
+def test_hold_covers_fit_teardown():
+    import os
     import signal
 
     import lightning.pytorch as pl
@@ -226,19 +242,63 @@ def test_ctrl_c_in_test_raises_interrupt():
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from nas.training import FinetuneModule, run_test_or_interrupt
+    from nas.training import FinetuneModule, HoldInterruptUntilSaved, fit_or_interrupt
 
-    class CtrlCInTest(FinetuneModule):
-        def test_step(self, batch, batch_idx):
-            raise KeyboardInterrupt  # what HoldInterruptUntilSaved raises on a second Ctrl-C
+    class CtrlCInTeardown(pl.Callback):
+        # Lightning runs the teardown hooks and the loggers' finalize after it has put back the
+        # signal handlers that fit started with.
+        def teardown(self, trainer, pl_module, stage):
+            os.kill(os.getpid(), signal.SIGINT)
 
-    data = DataLoader(TensorDataset(torch.randn(8, 1, 6, 6), torch.randint(0, 3, (8,))), batch_size=8)
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))), batch_size=8)
+    module = FinetuneModule(nn.Sequential(nn.Flatten(), nn.Linear(36, 3)))
     handler = signal.getsignal(signal.SIGINT)
-    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)
+    hold = HoldInterruptUntilSaved()
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        with hold:
+            fit_or_interrupt(_interrupting_trainer(hold, CtrlCInTeardown()), module, train_dataloaders=data)
+            saved.append(True)
+    assert saved == [True]
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
+def test_interrupted_test_raises_keyboard_interrupt():
+    import os
+    import signal
+
+    import lightning.pytorch as pl
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from nas.training import FinetuneModule, HoldInterruptUntilSaved, fit_or_interrupt, run_test_or_interrupt
+
+    class CtrlCWhileTesting(pl.Callback):
+        def __init__(self, presses):
+            self.presses = presses
+
+        def on_test_batch_start(self, *args):
+            presses, self.presses = self.presses, 0
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+
+    data = DataLoader(TensorDataset(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,))), batch_size=8)
+    module = FinetuneModule(nn.Sequential(nn.Flatten(), nn.Linear(36, 3)))
+    handler = signal.getsignal(signal.SIGINT)
     try:
+        # Not held: Lightning ends the test with SystemExit(1), which run_cli would not report.
         with pytest.raises(KeyboardInterrupt):
-            run_test_or_interrupt(trainer, CtrlCInTest(nn.Sequential(nn.Flatten(), nn.Linear(36, 3))),
-                                  dataloaders=data, verbose=False)
+            run_test_or_interrupt(_interrupting_trainer(CtrlCWhileTesting(1)), module, dataloaders=data, verbose=False)
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl-C from its shutdown on
+    # Held after training: the second Ctrl-C stops the test at once.
+    hold = HoldInterruptUntilSaved()
+    saved = []
+    with pytest.raises(KeyboardInterrupt):
+        with hold:
+            fit_or_interrupt(_interrupting_trainer(hold), module, train_dataloaders=data)
+            run_test_or_interrupt(_interrupting_trainer(CtrlCWhileTesting(2)), module, dataloaders=data, verbose=False)
+            saved.append(True)
+    assert saved == []
+    assert signal.getsignal(signal.SIGINT) is handler
