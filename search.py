@@ -270,9 +270,9 @@ def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: An
 
 
 def width_moves_note(before: dict[str, list[int]], after: dict[str, list[int]]) -> str:
-    """Return the lines that staircase.png shows for a tail-aware run: each width decision's choices, before -> after."""
+    """Return the text that staircase.png shows for a tail-aware run: each width decision's choices, before and after."""
     lines = ["tail-aware width choices:"]
-    for key in sorted(after):
+    for key in after:
         old, new = sorted(before[key]), sorted(after[key])
         change = f"{old} -> {new}" if old != new else f"{old} (kept)"
         lines.append(f"{key}: {change}")
