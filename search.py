@@ -255,28 +255,23 @@ def calibration_batches(datamodule: Any, images: int, seed: int) -> list[torch.T
 
 def tail_aware_space(space: SearchSpace, store: Any, protocol: Any, supernet: Any, predictor: Any,
                      run_dir: Path) -> SearchSpace:
-    """Move each width choice to the right edge of its latency step on this device; writes staircase.png."""
-    from predictors.plots import write_staircase
-    from predictors.profiling import enumerate_layers
-    from predictors.tail_aware import tail_aware_widths
+    """Move each width choice to the right edge of its latency step on this device.
 
-    # tail_aware_widths logs each decision's change with the latencies behind it.
-    widths = tail_aware_widths(space, store, protocol)
+    Writes staircase.png (one layer's measured steps) and width_moves.png (each width decision's
+    latency curve with its choices before and after).
+    """
+    from predictors.plots import plot_width_moves, write_staircase
+    from predictors.profiling import enumerate_layers
+    from predictors.tail_aware import tail_aware_plan
+
     write_staircase(run_dir / "staircase.png", predictor, store.layer_table(protocol.batch_size),
-                    layers=enumerate_layers(space, seed=0), note=width_moves_note(space.width_choices(), widths))
-    new_space = space.with_width_choices(widths)
+                    layers=enumerate_layers(space, seed=0))
+    # tail_aware_plan logs each decision's change with the latencies behind it.
+    plan = tail_aware_plan(space, store, protocol)
+    plot_width_moves(run_dir / "width_moves.png", space.width_choices(), plan)
+    new_space = space.with_width_choices({key: widths for key, (_, widths) in plan.items()})
     supernet.space = new_space  # the widest widths are unchanged, so the same supernet serves the new space
     return new_space
-
-
-def width_moves_note(before: dict[str, list[int]], after: dict[str, list[int]]) -> str:
-    """Return the text that staircase.png shows for a tail-aware run: each width decision's choices, before and after."""
-    lines = ["tail-aware width choices:"]
-    for key in after:
-        old, new = sorted(before[key]), sorted(after[key])
-        change = f"{old} -> {new}" if old != new else f"{old} (kept)"
-        lines.append(f"{key}: {change}")
-    return "\n".join(lines)
 
 
 def record_measurement(store: Any, space: SearchSpace, arch: Any, measurement: Any, failures: list[OSError]) -> None:

@@ -133,13 +133,11 @@ def plot_staircase(
     measured_ms: Mapping[int, float],
     predicted_ms: Mapping[int, float] | None = None,
     title: str | None = None,
-    note: str | None = None,
 ) -> Path:
     """Write latency against output channels for one layer shape: measured, predicted and MACs-scaled.
 
     The MACs-scaled line is the measured latency at the widest width times MACs(c) / MACs(widest),
-    which is what a FLOPs-proportional model assumes. ``note`` is printed in the plot's upper left
-    corner. Returns the written path.
+    which is what a FLOPs-proportional model assumes. Returns the written path.
     """
     plt = _pyplot()
     widths = np.array(sorted(measured_ms))
@@ -156,20 +154,50 @@ def plot_staircase(
     shape = f"conv {layer.kernel_size}x{layer.kernel_size}, {layer.in_channels} in, {layer.in_size}x{layer.in_size}, stride {layer.stride}"
     ax.set(xlabel="output channels", ylabel="latency (ms)", title=title or f"Latency staircase: {shape}")
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8, loc="lower right")
-    if note:
-        ax.text(0.02, 0.98, note, transform=ax.transAxes, va="top", ha="left", fontsize=7, family="monospace",
-                bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
+    ax.legend(fontsize=8)
+    return _save(fig, plt, path)
+
+
+def plot_width_moves(
+    path: str | Path,
+    before: Mapping[str, Sequence[int]],
+    plan: Mapping[str, tuple[Mapping[int, float], Sequence[int]]],
+) -> Path | None:
+    """Write one panel per width decision of a tail-aware run: its latency by width and its choices.
+
+    ``plan`` is :func:`predictors.tail_aware.tail_aware_plan`'s result and ``before`` the choices it
+    started from. Each panel shows the summed latency of the layers that the decision sets, the
+    choices before (open circles) and after (filled). Returns the written path, or ``None`` when no
+    decision has a curve.
+    """
+    keys = [key for key, (curve, _) in plan.items() if curve]
+    if not keys:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        curve, after = plan[key]
+        widths = sorted(curve)
+        ax.step(widths, [curve[w] for w in widths], where="mid", color="tab:blue", alpha=0.35)
+        ax.plot(widths, [curve[w] for w in widths], ".", color="tab:blue", label="latency of its layers")
+        old = sorted(w for w in before[key] if w in curve)
+        new = sorted(w for w in after if w in curve)
+        ax.plot(old, [curve[w] for w in old], "o", mfc="none", mec="tab:red", ms=11, label="choices before")
+        ax.plot(new, [curve[w] for w in new], "o", color="tab:green", ms=6, label="choices after")
+        ax.set_title(f"{key}: {sorted(before[key])}\n-> {sorted(after)}", fontsize=8)
+        ax.set(xlabel="channels", ylabel="latency (ms)")
+        ax.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle("Tail-aware width choices: each moves to the widest width of its latency step", fontsize=9)
     return _save(fig, plt, path)
 
 
 def write_staircase(path: str | Path, predictor: Any, table: Mapping[str, float],
-                    layers: Iterable[LayerSpec] | None = None, note: str | None = None) -> Path | None:
+                    layers: Iterable[LayerSpec] | None = None) -> Path | None:
     """Plot the representative staircase of ``table`` with the predictor's layer model beside it.
 
-    ``layers`` limits the choice to conv shapes of these layers (:func:`staircase_from_table`), and
-    ``note`` goes into the plot (:func:`plot_staircase`). Returns the written path, or ``None``
-    (with a warning) when the table has no width sweep.
+    ``layers`` limits the choice to conv shapes of these layers (:func:`staircase_from_table`).
+    Returns the written path, or ``None`` (with a warning) when the table has no width sweep.
     """
     staircase = staircase_from_table(table, layers=layers)
     if staircase is None:
@@ -179,7 +207,7 @@ def write_staircase(path: str | Path, predictor: Any, table: Mapping[str, float]
     sweep = [LayerSpec(**{**layer.to_dict(), "out_channels": w}) for w in measured_by_width]
     predicted = predictor.predict_layers(sweep, use_lut=False) if getattr(predictor, "layer_model", None) is not None else None
     predicted_by_width = None if predicted is None else dict(zip(measured_by_width, predicted))
-    return plot_staircase(path, layer, measured_by_width, predicted_by_width, note=note)
+    return plot_staircase(path, layer, measured_by_width, predicted_by_width)
 
 
 def _save(fig: Any, plt: Any, path: str | Path) -> Path:

@@ -22,7 +22,7 @@ import numpy as np
 from nas.spaces.base import SearchSpace
 from nas.spaces.layers import LayerSpec
 
-__all__ = ["DEFAULT_TOLERANCE", "snap_to_step_edges", "tail_aware_widths", "width_latency_curve"]
+__all__ = ["DEFAULT_TOLERANCE", "snap_to_step_edges", "tail_aware_plan", "tail_aware_widths", "width_latency_curve"]
 
 logger = logging.getLogger(__name__)
 
@@ -150,15 +150,27 @@ def tail_aware_widths(
     NOTE: layers that read the width as input channels (the next convolution, the residual add)
     also get slower as it grows. Only the output-side staircase is judged, as width sweeps measure it.
     """
+    return {key: widths for key, (_, widths) in tail_aware_plan(space, store_or_predictor, protocol, tolerance).items()}
+
+
+def tail_aware_plan(
+    space: SearchSpace, store_or_predictor: Any, protocol: Any, tolerance: float = DEFAULT_TOLERANCE
+) -> dict[str, tuple[dict[int, float], list[int]]]:
+    """Return, per width decision, the latency curve in ms that it is judged on and its new choices.
+
+    The arguments are those of :func:`tail_aware_widths`. A decision that no measured width sweep
+    covers gets an empty curve and keeps its choices.
+    """
     latency_of = _latency_function(store_or_predictor, protocol)
     out = {}
     for key, choices in space.width_choices().items():
         curve = width_latency_curve(space, key, latency_of)
         if not curve:
             logger.warning("No measured width sweep covers %s; keeping its choices %s.", key, choices)
-            out[key] = sorted(choices)
+            out[key] = ({}, sorted(choices))
             continue
-        out[key] = snap_to_step_edges(choices, curve, tolerance)
-        logger.info("Tail-aware %s: %s -> %s (latency by width: %s).", key, sorted(choices), out[key],
+        widths = snap_to_step_edges(choices, curve, tolerance)
+        logger.info("Tail-aware %s: %s -> %s (latency in ms by width: %s).", key, sorted(choices), widths,
                     {w: round(ms, 4) for w, ms in sorted(curve.items())})
+        out[key] = (curve, widths)
     return out

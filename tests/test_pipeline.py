@@ -545,11 +545,12 @@ def test_tail_aware_study_records_searched_space(searched):
     result = run("search.py", [*TINY[:-1], "search.study_name=tiny-tail", "space.tail_aware=true",
                                f"paths.work_dir={tmp / 'work'}", f"hydra.run.dir={tmp / 'tail-run'}"], tmp)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    moved = re.findall(r"Tail-aware width_(\d): \[[\d, ]+\] -> \[([\d, ]+)\] \(latency by width", result.stdout + result.stderr)
+    moved = re.findall(r"Tail-aware width_(\d): \[[\d, ]+\] -> \[([\d, ]+)\] \(latency in ms by width", result.stdout + result.stderr)
     assert moved
     # Logged once per decision, and the plain study's supernet and predictor are reused.
     assert len(moved) == len({stage for stage, _ in moved})
     assert "Reusing supernet checkpoint" in result.stdout + result.stderr
+    assert (tmp / "tail-run" / "width_moves.png").is_file()
     study = optuna.load_study(study_name="tiny-tail", storage=f"sqlite:///{tmp / 'work' / 'studies.db'}")
     searched_stages = study.user_attrs["space"]["stages"]
     configured_stages = study.user_attrs["space_config"]["stages"]

@@ -14,7 +14,7 @@ from nas.spaces import LayerSpec, create_space, load_space_config
 from nas.spaces.base import SearchSpace
 from predictors.evaluate import evaluate_predictions, fit_macs_linear
 from predictors.features import HardwareFacts
-from predictors.plots import plot_predicted_vs_measured, plot_staircase, staircase_from_table
+from predictors.plots import plot_predicted_vs_measured, plot_staircase, plot_width_moves, staircase_from_table
 from predictors.tail_aware import snap_to_step_edges, tail_aware_widths, width_latency_curve
 from predictors.xgb import LatencyPredictor, PredictorError, PredictorNotFoundError, XGBParams
 from tests.conftest import run_in_threads, staircase_ms, synthetic_records
@@ -272,8 +272,13 @@ def test_plots_are_written(trained: tuple[SearchSpace, LatencyPredictor], tmp_pa
     assert sorted(measured) == list(range(8, 129, 8))
     staircase = plot_staircase(tmp_path / "staircase.png", layer, measured)
     assert staircase.stat().st_size > 1000
-    noted = plot_staircase(tmp_path / "noted.png", layer, measured, note="width_0: [8, 24] -> [16, 32]")
-    assert noted.read_bytes() != staircase.read_bytes()
+
+    curve = {8: 0.10, 16: 0.10, 24: 0.16, 32: 0.16}
+    plan = {"width_0": (curve, [16, 32]), "width_1": ({}, [8])}
+    moves = plot_width_moves(tmp_path / "width_moves.png", {"width_0": [8, 16, 24], "width_1": [8]}, plan)
+    assert moves.stat().st_size > 1000
+    assert plot_width_moves(tmp_path / "none.png", {"width_1": [8]}, {"width_1": ({}, [8])}) is None
+    assert not (tmp_path / "none.png").exists()
 
 
 TINY_SPACE = {

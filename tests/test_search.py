@@ -701,11 +701,3 @@ def test_resize_of_data_logged(resnet_space, caplog):
     [(_, message)] = logged(multi, 24)
     assert "Subnets run at 24/28 pixels and the data at 24" in message
 
-
-def test_width_moves_note():
-    import search
-
-    note = search.width_moves_note({"width_0": [24, 8, 16], "width_1": [16, 32]},
-                                   {"width_0": [16, 32], "width_1": [16, 32]})
-    assert note.splitlines() == ["tail-aware width choices:", "width_0: [8, 16, 24] -> [16, 32]",
-                                 "width_1: [16, 32] (kept)"]
