@@ -91,10 +91,10 @@ class HoldInterruptUntilSaved(pl.Callback):
     work, such as BatchNorm calibration), a first Ctrl-C is noted and logged instead of stopping
     the run, and a second one stops it at once. Leaving the block restores the previous handler.
     In rank 0 it then raises KeyboardInterrupt when a Ctrl-C was held, so the run stops with its
-    network saved. A DDP rank other than 0 does not raise: ``pressed`` tells the caller to end
-    the rank without an error, which Lightning's launcher in rank 0 would take for a failed rank
-    and answer by stopping rank 0 before it saves. Ctrl-C during the training epochs stops at once,
-    as without this callback.
+    network saved. A DDP rank other than 0 does not raise. Its caller checks ``pressed`` and ends
+    the rank without an error, because Lightning's launcher in rank 0 takes an error exit for a
+    failed rank and stops rank 0, possibly before it saves. Ctrl-C during the training epochs
+    stops at once, as without this callback.
     """
 
     def __init__(self, what: str = "the fine-tuned network") -> None:

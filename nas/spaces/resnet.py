@@ -109,7 +109,8 @@ class ResNetSpace(SearchSpace):
         if not isinstance(cfg.stem.max_pool, bool):
             raise SpaceError(f"space.stem.max_pool must be true or false, but got {cfg.stem.max_pool!r}.")
         if not isinstance(cfg.tail_aware, bool):
-            # Hydra 1.3 reads only true/false as booleans. A value such as "no" stays a string, which counts as true.
+            # Hydra's override parser reads only true and false as booleans, so "no" stays a string,
+            # and Python counts a non-empty string as true.
             raise SpaceError(f"space.tail_aware must be true or false, but got {cfg.tail_aware!r}.")
         _check_choices(cfg.resolutions, "space.resolutions")
         for i, stage in enumerate(cfg.stages):
