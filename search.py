@@ -44,6 +44,7 @@ from nas.cli import (
     resolve_data_root,
     run_cli,
     to_container,
+    warn_added_keys,
 )
 from nas.data import build_datamodule
 from nas.files import exclusive_lock
@@ -603,4 +604,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_settings(sys.argv[1:], "python search.py", {"logger": "wandb"})
+    warn_added_keys(sys.argv[1:], "python search.py", "search")
     main()

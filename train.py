@@ -38,6 +38,7 @@ from nas.cli import (
     module_list,
     run_cli,
     to_container,
+    warn_added_keys,
 )
 from nas.data import build_datamodule
 from nas.export import FINETUNE_FORMAT_VERSION
@@ -777,4 +778,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_settings(sys.argv[1:], "python train.py", {"gates": "feature", "logger": "wandb"})
+    warn_added_keys(sys.argv[1:], "python train.py", "train")
     main()

@@ -20,6 +20,7 @@ from nas.files import lock_wait_s, write_json_atomic
 __all__ = [
     "UsageError",
     "check_group_settings",
+    "warn_added_keys",
     "StageTimer",
     "available_spaces",
     "require_space",
@@ -119,6 +120,70 @@ def check_group_settings(argv: list[str], command: str, empty_defaults: dict[str
     fixed = shlex.join([*argv[:first], *missing, *argv[first:]])
     print(f"Add {' and '.join(missing)}: {command} {fixed}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def warn_added_keys(argv: list[str], command: str, config_name: str) -> None:
+    """Print a warning for each ``+key=value`` of ``argv`` that adds a key the entry point's config lacks.
+
+    Hydra's error for a misspelt key suggests appending it with ``+``, which then runs and is
+    ignored. Config group choices (``+space=resnet``) and ``hydra.*`` keys are not checked. A
+    user module (``imports``) may read keys of its own, so this warns instead of stopping.
+    """
+    import difflib
+
+    added = {}
+    for arg in argv:
+        if not arg.startswith("+") or arg.startswith("++") or "=" not in arg:
+            continue
+        key = arg[1:].split("=", 1)[0]
+        is_group_choice = "." not in key and (CONF_DIR / key).is_dir()
+        if not is_group_choice and not key.startswith("hydra."):
+            added[arg] = key
+    if not added:
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        return
+    kept = [arg for arg in argv if "=" in arg and not arg.startswith("-") and arg not in added]
+    try:
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            base = compose(config_name, overrides=kept)
+    except Exception:  # noqa: BLE001 - Hydra reports a bad command line itself when the run starts
+        return
+    for arg, key in added.items():
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+            prefix = ".".join(parts[:depth])
+            node = OmegaConf.select(base, prefix, throw_on_resolution_failure=False) if prefix else base
+            if not isinstance(node, DictConfig) or part in node:
+                continue
+            # The first part of the key that the config lacks is where a misspelling would be; else
+            # the last part may be a setting of another section (predictor.n_subnets for profile.n_subnets).
+            close = difflib.get_close_matches(part, [str(name) for name in node.keys()], n=1)
+            elsewhere = [path for path in _key_paths(OmegaConf.to_container(base, resolve=False))
+                         if path.rsplit(".", 1)[-1] == parts[-1]]
+            if close:
+                hint = f" Did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+            elif elsewhere:
+                hint = f" Did you mean {' or '.join(elsewhere[:2])}?"
+            else:
+                hint = ""
+            print(f"Warning: {arg} adds {key}, which the settings of {command} do not have, so it is ignored "
+                  f"unless your own code reads it.{hint}", file=sys.stderr)
+            break
+
+
+def _key_paths(container: Any, prefix: str = "") -> list[str]:
+    """Return the dotted paths of every key in a nested dict, depth first."""
+    paths = []
+    if isinstance(container, dict):
+        for name, value in container.items():
+            path = f"{prefix}{name}"
+            paths.append(path)
+            paths.extend(_key_paths(value, f"{path}."))
+    return paths
 
 
 def module_list(modules: Any) -> list[str]:

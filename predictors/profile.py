@@ -15,7 +15,15 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from nas.cli import UsageError, import_user_modules, profiled_space_config, require_space, run_cli, to_container
+from nas.cli import (
+    UsageError,
+    import_user_modules,
+    profiled_space_config,
+    require_space,
+    run_cli,
+    to_container,
+    warn_added_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,4 +106,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    warn_added_keys(sys.argv[1:], "python -m predictors.profile", "profile")
     main()

@@ -341,3 +341,29 @@ def test_printed_python_names_this_interpreter(tmp_path, monkeypatch):
     assert python_command() == ".venv/bin/python"
     monkeypatch.setattr(shutil, "which", lambda name: None)
     assert python_command() == ".venv/bin/python"
+
+
+@pytest.mark.parametrize(("argv", "config", "expected"), [
+    (["+pik=knee"], "train", "+pik=knee adds pik, which the settings of python x do not have, so it is ignored "
+                             "unless your own code reads it. Did you mean pick?"),
+    (["+space=resnet", "+profile.n_subnets=12"], "search", "Did you mean predictor.n_subnets?"),
+    (["+space=resnet", "+space.stem.chanels=8"], "search", "Did you mean space.stem.channels?"),
+], ids=["top-level", "missing-parent", "nested"])
+def test_added_key_that_config_lacks_warned(argv, config, expected, capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from nas.cli import warn_added_keys
+
+    GlobalHydra.instance().clear()
+    warn_added_keys(argv, "python x", config)
+    assert expected in capsys.readouterr().err
+
+
+def test_group_choice_and_known_keys_not_warned(capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from nas.cli import warn_added_keys
+
+    GlobalHydra.instance().clear()
+    warn_added_keys(["+space=resnet", "search.n_trials=4", "+hydra.job.env_set.X=1"], "python search.py", "search")
+    assert capsys.readouterr().err == ""
