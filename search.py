@@ -7,7 +7,7 @@ cached), an Optuna study, re-measurement of the Pareto front on the device, and 
 
 from __future__ import annotations
 
-from nas.startup import exit_quietly_on_interrupt, restore_interrupt
+from nas.startup import FirstInterruptHeld, exit_quietly_on_interrupt, restore_interrupt
 
 if __name__ == "__main__":
     exit_quietly_on_interrupt()  # the imports below take seconds
@@ -16,9 +16,7 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -84,7 +82,7 @@ from nas.training import (
 log = logging.getLogger("tailnas.search")
 
 
-class StopOnInterrupt:
+class StopOnInterrupt(FirstInterruptHeld):
     """While active, a first Ctrl-C stops the study after its running trials; a second one stops at once.
 
     Stopping between trials keeps the study's last trial complete. A signal handler also catches a
@@ -92,14 +90,15 @@ class StopOnInterrupt:
     """
 
     def __init__(self, study: optuna.Study) -> None:
+        super().__init__()
         self.study = study
-        self.stopped = False
-        self._previous: Any = None
 
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.stopped:
-            raise KeyboardInterrupt
-        self.stopped = True
+    @property
+    def stopped(self) -> bool:
+        """Whether a Ctrl-C asked the study to stop."""
+        return self.pressed
+
+    def on_first_interrupt(self) -> None:
         log.warning("Ctrl-C: the search stops after the running trial; press Ctrl-C again to stop at once.")
         try:
             self.study.stop()
@@ -107,13 +106,11 @@ class StopOnInterrupt:
             raise KeyboardInterrupt from None
 
     def __enter__(self) -> StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        self.install()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        self.restore()
 
 
 class _InterruptWithoutTraceback(logging.Filter):

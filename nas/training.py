@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
-import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -17,6 +15,7 @@ from torch import nn
 
 from nas.data.base import resize_images
 from nas.spaces.base import Arch, SearchSpace
+from nas.startup import FirstInterruptHeld
 from nas.supernet.base import Supernet
 from nas.supernet.dynamic import recalibrate_batchnorm
 
@@ -79,11 +78,7 @@ def _interruptible(trainer: pl.Trainer, method: Any, *args: Any, **kwargs: Any) 
         raise
 
 
-# The handler of a HoldInterruptUntilSaved that is not holding; None is a valid saved handler.
-_NOT_SAVED = object()
-
-
-class HoldInterruptUntilSaved(pl.Callback):
+class HoldInterruptUntilSaved(FirstInterruptHeld, pl.Callback):
     """Hold a first Ctrl-C from the end of training until the trained network is saved.
 
     Used as a context manager around fitting, testing and saving, and passed to the Trainer
@@ -98,58 +93,33 @@ class HoldInterruptUntilSaved(pl.Callback):
     """
 
     def __init__(self, what: str = "the fine-tuned network") -> None:
+        super().__init__()
         self.what = what
-        self.pressed = False
-        self.holding = False
         self.rank_zero = True
-        self._previous: Any = _NOT_SAVED
 
     def __enter__(self) -> HoldInterruptUntilSaved:
         return self
 
     def __exit__(self, kind: Any, error: Any, traceback: Any) -> None:
-        self._restore()
+        self.restore()
         if kind is None and self.pressed and self.rank_zero:
             self.pressed = False
             raise KeyboardInterrupt
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.rank_zero = trainer.is_global_zero
-        self.hold()
+        self.install()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Lightning's teardown has just put back the handler that fit started with, and its
         # teardown hooks and the loggers' finalize still follow.
-        if self.holding:
-            self.hold()
+        if self.installed:
+            self.install()
 
-    def hold(self) -> None:
-        """Hold Ctrl-C from now on; a no-op outside the main thread, where signals cannot be handled.
-
-        Lightning puts back the signal handlers that it found when ``fit`` or ``test`` started as
-        each one ends, so ``on_fit_end`` calls this again.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return
-        if self._previous is _NOT_SAVED:
-            self._previous = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_interrupt)
-        self.holding = True
-
-    def _on_interrupt(self, signum: int, frame: Any) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
-        self.pressed = True
+    def on_first_interrupt(self) -> None:
         if self.rank_zero:
             log.warning("Ctrl-C: training has ended, so the run stops once %s is tested and saved. Press Ctrl-C "
                         "again to stop now without saving it.", self.what)
-
-    def _restore(self) -> None:
-        if self._previous is not _NOT_SAVED:
-            # A handler that was not installed from Python reads as None and cannot be put back.
-            signal.signal(signal.SIGINT, signal.default_int_handler if self._previous is None else self._previous)
-            self._previous = _NOT_SAVED
-        self.holding = False
 
 
 @torch.no_grad()
