@@ -156,7 +156,17 @@ def test_finetune_teacher_stays_in_eval_mode():
         assert torch.equal(tensor, before[name]), name
 
 
-def test_ctrl_c_after_training_waits_for_the_save():
+@pytest.fixture
+def default_sigint():
+    """Run the test with Python's own Ctrl-C handler, whatever an earlier test left, and put that back after."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_after_training_waits_for_the_save(default_sigint):
     import os
     import signal
     from types import SimpleNamespace
@@ -233,7 +243,7 @@ def _interrupting_trainer(*callbacks):
                       callbacks=list(callbacks))
 
 
-def test_hold_covers_fit_teardown():
+def test_hold_covers_fit_teardown(default_sigint):
     import os
     import signal
 
@@ -263,7 +273,7 @@ def test_hold_covers_fit_teardown():
     assert signal.getsignal(signal.SIGINT) is handler
 
 
-def test_interrupted_test_raises_keyboard_interrupt():
+def test_interrupted_test_raises_keyboard_interrupt(default_sigint):
     import os
     import signal
 
