@@ -559,6 +559,15 @@ def test_staircase_snaps_to_step_tops(subnet):
     assert latency[16] < latency[24]
 
 
+def test_staircase_needs_more_than_full_width(subnet):
+    site = find_block_sites(subnet, (1, 28, 28))[1]
+    only_full = {layer.key(): 0.1 for layer in site.gated_layers(site.inner_channels)}
+    assert channel_staircase(site, only_full, tolerance=0.05) == ([], {})
+    # The plan then rounds to multiples of 8 channels, as without a table.
+    plans = plan_blocks([site], parse_gate_config(TABLE), only_full)
+    assert plans[0].channel_steps == [8, 16, 24]
+
+
 def test_plan_skips_flat_staircase(subnet, caplog):
     sites = find_block_sites(subnet, (1, 28, 28))
     table = _staircase_table(subnet, step=8, flat_at=7)

@@ -328,14 +328,15 @@ def channel_staircase(site: BlockSite, table: Mapping[str, float], tolerance: fl
 
     Starting from the smallest profiled count, a step extends to the largest profiled count whose
     latency is within ``tolerance`` (relative) of the step's first count. The next step starts at
-    the next profiled count. Returns ``([], {})`` when the table lacks the block at full width.
+    the next profiled count. Returns ``([], {})`` when the table lacks the block at full width, or
+    has it at no other count, which says nothing about where its steps lie.
     """
     latencies = {}
     for channels in range(1, site.inner_channels + 1):
         latency = _block_latency(site, channels, table)
         if latency is not None:
             latencies[channels] = latency
-    if site.inner_channels not in latencies:
+    if site.inner_channels not in latencies or len(latencies) == 1:
         return [], {}
 
     candidates = sorted(latencies)
