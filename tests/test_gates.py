@@ -434,6 +434,9 @@ def test_placement_no_gate_warns(subnet, monkeypatch, caplog):
         network = apply_gates(subnet, {"name": "feature", "placement": "all"})
     assert network.gated_blocks() == {}
     assert "placement=all put no gate on any of the 4 blocks" in caplog.text
+    # Advice to switch to placement=all would be no help here.
+    assert "a lower gates.keep_ratio_range start" in caplog.text
+    assert "gates.placement=all to gate" not in caplog.text
 
 
 def test_none_config_places_no_gate(subnet):

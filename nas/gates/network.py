@@ -548,7 +548,10 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
     log.info("gates: %d of %d blocks gated, keep ratio %.2f, counts %s", len(network.gated_blocks()), len(sites),
              ratio, network.keep_counts())
     if plan is None and config.enabled and sites and not network.gated_blocks():
+        # placement=all gates every block where the low end of keep_ratio_range drops something.
+        advice = ("a lower gates.keep_ratio_range start, so that a gate drops channels"
+                  if config.placement == "all" else "gates.placement=all to gate every block anyway")
         log.warning("gates: placement=%s put no gate on any of the %d blocks (the reasons are logged above), so the "
-                    "network runs as the ungated subnet at every keep ratio. Use gates=none, or "
-                    "gates.placement=all to gate every block anyway.", config.placement, len(sites))
+                    "network runs as the ungated subnet at every keep ratio. Use gates=none, or %s.",
+                    config.placement, len(sites), advice)
     return network
