@@ -159,8 +159,8 @@ def warn_added_keys(argv: list[str], command: str, config_name: str) -> None:
             node = OmegaConf.select(base, prefix, throw_on_resolution_failure=False) if prefix else base
             if not isinstance(node, DictConfig) or part in node:
                 continue
-            # The first part of the key that the config lacks is where a misspelling would be; else
-            # the last part may be a setting of another section (predictor.n_subnets for profile.n_subnets).
+            # A misspelling sits in the first part of the key that the config lacks. Without a close
+            # name there, the last part may name a setting of another section (predictor.n_subnets).
             close = difflib.get_close_matches(part, [str(name) for name in node.keys()], n=1)
             elsewhere = [path for path in _key_paths(OmegaConf.to_container(base, resolve=False))
                          if path.rsplit(".", 1)[-1] == parts[-1]]

@@ -45,8 +45,8 @@ class FirstInterruptHeld:
 
     :meth:`install` puts the handler in place (again, after a library has replaced it) and
     :meth:`restore` puts back the handler that was there before the first install. Both do
-    nothing outside the main thread, where signals cannot be handled. Subclasses say what a first
-    Ctrl-C does in :meth:`on_first_interrupt`.
+    nothing outside the main thread, where signals cannot be handled. Subclasses define what a
+    first Ctrl-C does in :meth:`on_first_interrupt`.
     """
 
     def __init__(self) -> None:

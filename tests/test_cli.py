@@ -121,7 +121,7 @@ def test_interrupt_ends_without_traceback(capsys):
     assert "a rerun with the same settings (and search.study_name) picks them up" in capsys.readouterr().err
 
 
-def test_usage_error_printed_once_and_kept_in_log_file(tmp_path, capsys):
+def test_usage_error_printed_once(tmp_path, capsys):
     import logging
     import sys
 

@@ -227,7 +227,7 @@ def test_ctrl_c_after_training_waits_for_the_save(default_sigint):
         hold.on_train_end(trainer, module)
     assert saved == [True, True]
 
-    # A DDP rank other than 0 leaves the stop to rank 0: it does not raise, and pressed tells it to end.
+    # A DDP rank other than 0 leaves the stop to rank 0. It does not raise, and its caller ends it on pressed.
     with HoldInterruptUntilSaved() as hold:
         hold.on_train_end(SimpleNamespace(is_global_zero=False), module)
         os.kill(os.getpid(), signal.SIGINT)

@@ -329,7 +329,7 @@ def channel_staircase(site: BlockSite, table: Mapping[str, float], tolerance: fl
     Starting from the smallest profiled count, a step extends to the largest profiled count whose
     latency is within ``tolerance`` (relative) of the step's first count. The next step starts at
     the next profiled count. Returns ``([], {})`` when the table lacks the block at full width, or
-    has it at no other count, which says nothing about where its steps lie.
+    has it at no other count, so that its steps are unknown.
     """
     latencies = {}
     for channels in range(1, site.inner_channels + 1):
