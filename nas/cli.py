@@ -146,10 +146,10 @@ def warn_added_keys(argv: list[str], command: str, config_name: str) -> None:
 
     if GlobalHydra.instance().is_initialized():
         return
-    kept = [arg for arg in argv if "=" in arg and not arg.startswith("-") and arg not in added]
+    base_overrides = [arg for arg in argv if "=" in arg and not arg.startswith("-") and arg not in added]
     try:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            base = compose(config_name, overrides=kept)
+            base = compose(config_name, overrides=base_overrides)
     except Exception:  # noqa: BLE001 - Hydra reports a bad command line itself when the run starts
         return
     for arg, key in added.items():

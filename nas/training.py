@@ -92,9 +92,9 @@ class HoldInterruptUntilSaved(FirstInterruptHeld, pl.Callback):
     stops at once, as without this callback.
     """
 
-    def __init__(self, what: str = "the fine-tuned network") -> None:
+    def __init__(self, network_name: str = "the fine-tuned network") -> None:
         super().__init__()
-        self.what = what
+        self.network_name = network_name
         self.rank_zero = True
 
     def __enter__(self) -> HoldInterruptUntilSaved:
@@ -119,7 +119,7 @@ class HoldInterruptUntilSaved(FirstInterruptHeld, pl.Callback):
     def on_first_interrupt(self) -> None:
         if self.rank_zero:
             log.warning("Ctrl-C: training has ended, so the run stops once %s is tested and saved. Press Ctrl-C "
-                        "again to stop now without saving it.", self.what)
+                        "again to stop now without saving it.", self.network_name)
 
 
 @torch.no_grad()
