@@ -152,6 +152,7 @@ def warn_added_keys(argv: list[str], command: str, config_name: str) -> None:
             base = compose(config_name, overrides=base_overrides)
     except Exception:  # noqa: BLE001 - Hydra reports a bad command line itself when the run starts
         return
+    paths = _key_paths(OmegaConf.to_container(base, resolve=False))
     for arg, key in added.items():
         parts = key.split(".")
         for depth, part in enumerate(parts):
@@ -162,8 +163,7 @@ def warn_added_keys(argv: list[str], command: str, config_name: str) -> None:
             # A misspelling sits in the first part of the key that the config lacks. Without a close
             # name there, the last part may name a setting of another section (predictor.n_subnets).
             close = difflib.get_close_matches(part, [str(name) for name in node.keys()], n=1)
-            elsewhere = [path for path in _key_paths(OmegaConf.to_container(base, resolve=False))
-                         if path.rsplit(".", 1)[-1] == parts[-1]]
+            elsewhere = [path for path in paths if path.rsplit(".", 1)[-1] == parts[-1]]
             if close:
                 hint = f" Did you mean {prefix + '.' if prefix else ''}{close[0]}?"
             elif elsewhere:
