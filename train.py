@@ -147,7 +147,7 @@ def pick_trial(study: optuna.Study, cfg: DictConfig) -> optuna.trial.FrozenTrial
 
 
 def describe_pick(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
-    """Return a one-line description of ``trial`` with its accuracy and the latency that :func:`pick_trial` ranks it by.
+    """Return one line on ``trial``: its accuracy and the latency that :func:`pick_trial` ranks it by.
 
     That latency is the measured one where the study stores a measurement, else the predicted one.
     """

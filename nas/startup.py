@@ -80,4 +80,4 @@ class FirstInterruptHeld:
         self.on_first_interrupt()
 
     def on_first_interrupt(self) -> None:
-        """React to the first Ctrl-C; the default does nothing more than note it in ``pressed``."""
+        """React to the first Ctrl-C. The default only notes it in ``pressed``."""

@@ -64,12 +64,12 @@ def fit_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
 
 
 def run_test_or_interrupt(trainer: pl.Trainer, *args: Any, **kwargs: Any) -> list[dict[str, float]]:
-    """Run ``trainer.test(*args, **kwargs)`` and return its results; raise KeyboardInterrupt when Ctrl-C stopped it."""
+    """Run ``trainer.test(*args, **kwargs)`` and return its results. Raise KeyboardInterrupt when Ctrl-C stopped it."""
     return _interruptible(trainer, trainer.test, *args, **kwargs)
 
 
 def _interruptible(trainer: pl.Trainer, method: Any, *args: Any, **kwargs: Any) -> Any:
-    """Call a Trainer ``method``; turn the SystemExit that Lightning raises on Ctrl-C into KeyboardInterrupt."""
+    """Call a Trainer ``method``, turning the SystemExit that Lightning raises on Ctrl-C into KeyboardInterrupt."""
     try:
         return method(*args, **kwargs)
     except SystemExit:

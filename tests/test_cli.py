@@ -349,7 +349,7 @@ def test_printed_python_names_this_interpreter(tmp_path, monkeypatch):
     (["+space=resnet", "+profile.n_subnets=12"], "search", "Did you mean predictor.n_subnets?"),
     (["+space=resnet", "+space.stem.chanels=8"], "search", "Did you mean space.stem.channels?"),
 ], ids=["top-level", "missing-parent", "nested"])
-def test_added_key_that_config_lacks_warned(argv, config, expected, capsys):
+def test_unknown_added_key_warned(argv, config, expected, capsys):
     from hydra.core.global_hydra import GlobalHydra
 
     from nas.cli import warn_added_keys
@@ -359,7 +359,7 @@ def test_added_key_that_config_lacks_warned(argv, config, expected, capsys):
     assert expected in capsys.readouterr().err
 
 
-def test_group_choice_and_known_keys_not_warned(capsys):
+def test_known_added_keys_not_warned(capsys):
     from hydra.core.global_hydra import GlobalHydra
 
     from nas.cli import warn_added_keys

@@ -562,7 +562,7 @@ def test_staircase_snaps_to_step_tops(subnet):
     assert latency[16] < latency[24]
 
 
-def test_staircase_needs_more_than_full_width(subnet):
+def test_staircase_needs_several_counts(subnet):
     site = find_block_sites(subnet, (1, 28, 28))[1]
     only_full = {layer.key(): 0.1 for layer in site.gated_layers(site.inner_channels)}
     assert channel_staircase(site, only_full, tolerance=0.05) == ([], {})

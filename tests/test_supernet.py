@@ -166,7 +166,7 @@ def default_sigint():
     signal.signal(signal.SIGINT, previous)
 
 
-def test_ctrl_c_after_training_waits_for_the_save(default_sigint):
+def test_hold_waits_for_save(default_sigint):
     import os
     import signal
     from types import SimpleNamespace
@@ -273,7 +273,7 @@ def test_hold_covers_fit_teardown(default_sigint):
     assert signal.getsignal(signal.SIGINT) is handler
 
 
-def test_interrupted_test_raises_keyboard_interrupt(default_sigint):
+def test_interrupted_test_raises_interrupt(default_sigint):
     import os
     import signal
 
