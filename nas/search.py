@@ -513,6 +513,10 @@ def pareto_trials(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return sorted(front, key=lambda t: (t.values[1], -t.values[0]))
 
 
+# Decimal digits of the knee's distances on the [0, 1]-scaled axes; closer points tie.
+KNEE_DIGITS = 9
+
+
 def knee_index(accuracy: Sequence[float], latency: Sequence[float]) -> int:
     """Return the index of the knee of a front: the point farthest from the line joining its two ends.
 
@@ -534,8 +538,9 @@ def knee_index(accuracy: Sequence[float], latency: Sequence[float]) -> int:
     norm = math.hypot(dx, dy) or 1.0
     # Distance above the chord: the knee gains the most accuracy per unit of latency. Among equal
     # distances the faster point wins, then the more accurate. So a front with no point above the
-    # chord gets its fastest end, and a front at one latency its most accurate point.
-    distances = [(dx * (ys[i] - ys[first]) - dy * (xs[i] - xs[first])) / norm for i in range(n)]
+    # chord gets its fastest end, and a front at one latency its most accurate point. Distances are
+    # rounded first, so that float rounding on a straight front does not pick a point in its middle.
+    distances = [round((dx * (ys[i] - ys[first]) - dy * (xs[i] - xs[first])) / norm, KNEE_DIGITS) for i in range(n)]
     return max(range(n), key=lambda i: (distances[i], -latency[i], accuracy[i]))
 
 

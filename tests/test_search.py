@@ -263,6 +263,11 @@ def test_knee_of_short_front_is_most_accurate():
     ([0.70, 0.80, 0.95, 0.96], [1.0, 1.0, 1.5, 4.0], 2),
     # No point above the chord: the fastest end.
     ([0.80, 0.81, 0.83, 0.90], [0.3, 0.5, 0.7, 0.9], 0),
+    # A straight front whose middle points lie 1e-17 above the chord by float rounding: the fastest end.
+    ([0.5847076843044646, 0.9821237420342983, 2.3076114128675775, 2.8394593132081747, 2.8419740329518706,
+      3.387606252979221],
+     [3.09586961914913, 3.569745212561251, 5.150245658780181, 5.78441666037122, 5.787415191224795,
+      6.438022500670771], 0),
 ])
 def test_knee_ties_pick_dominating_point(accuracy, latency, knee):
     assert knee_index(accuracy, latency) == knee
