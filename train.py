@@ -511,6 +511,41 @@ def gate_subnet(model: torch.nn.Module, space: SearchSpace, arch: Arch, cfg: Dic
     return gated, gated.config
 
 
+def finetune_gated(teacher: torch.nn.Module, space: SearchSpace, arch: Arch, datamodule: Any, cfg: DictConfig,
+                   tracker: Any, tag: str, hold: HoldInterruptUntilSaved) -> tuple[Any, Any, dict[str, Any]]:
+    """Gate ``teacher`` (the ungated subnet) and fine-tune the gated copy, distilling from ``teacher``.
+
+    Returns the gated network, its gate config and the entries of ``finetune.json`` it sets.
+    """
+    from lightning.pytorch import seed_everything
+
+    from nas.gates import BatchNormCalibration, KeepRatioSchedule
+
+    if cfg.finetune.teacher != "none":
+        log.warning("finetune.teacher=%s does not apply with gates=feature: the gated network distils from the "
+                    "ungated subnet, with weight gates.kd_weight (%s).", cfg.finetune.teacher, cfg.gates.get("kd_weight"))
+    # The gates' own layers draw their initial weights from torch's global generator.
+    seed_everything(cfg.seed, workers=True)
+    model, gate_config = gate_subnet(teacher, space, arch, cfg)
+    ramps = gate_config.keep_ratio < gate_config.keep_ratio_range[1]
+    if ramps and gate_config.schedule_epochs >= cfg.finetune.epochs:
+        log.warning("gates.schedule_epochs=%d is not below finetune.epochs=%d, so the keep ratio reaches %.2f only "
+                    "when training ends and the network is never trained there; expect a low test accuracy. Set "
+                    "finetune.epochs above gates.schedule_epochs (benchmarks/gates.py fine-tunes 8 epochs with a "
+                    "2-epoch ramp).", gate_config.schedule_epochs, cfg.finetune.epochs, gate_config.keep_ratio)
+    # Per-keep-ratio BatchNorm statistics are estimated after training and before the test.
+    callbacks = [KeepRatioSchedule.from_config(gate_config),
+                 BatchNormCalibration(images=cfg.finetune.calibration_images)]
+    # From scratch, the ungated subnet is as untrained as the gated one, so it teaches nothing.
+    kd_weight = 0.0 if cfg.from_scratch else gate_config.kd_weight
+    accuracy = finetune(model, datamodule, cfg, tracker, tag, teacher=None if cfg.from_scratch else teacher,
+                        kd_weight=kd_weight, callbacks=[hold, *callbacks], full_keep_weight=gate_config.full_keep_weight,
+                        lr=None if cfg.from_scratch else cfg.finetune.inherited_lr)
+    return model, gate_config, {
+        "test_accuracy": accuracy, "gates": model.describe(),
+        "teacher": {"name": "none" if cfg.from_scratch else "ungated subnet", "kd_weight": kd_weight}}
+
+
 GATE_PLAN_ENV = "TAILNAS_GATE_PLAN"
 
 
@@ -581,9 +616,8 @@ def measurement_hardware(cfg: DictConfig, recorded: dict[str, Any] | None, overr
     return dict(chosen)
 
 
-def run(cfg: DictConfig) -> None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    timer = StageTimer()
+def check_settings(cfg: DictConfig) -> None:
+    """Raise UsageError for settings train.py cannot run with, before it loads anything."""
     recorded = [key for key in STUDY_KEYS if key in cfg]
     if recorded:
         raise UsageError(f"train.py takes {', '.join(recorded)} from the study, so the command line cannot set "
@@ -610,6 +644,12 @@ def run(cfg: DictConfig) -> None:
                          "placement of its own, and the ranks could train different networks. Start train.py once "
                          "and let Lightning start the ranks (finetune.trainer.strategy=ddp "
                          "finetune.trainer.devices=N), or fine-tune the gated network on one device.")
+
+
+def run(cfg: DictConfig) -> None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    timer = StageTimer()
+    check_settings(cfg)
     # The hardware is checked before training, so a missing device cannot fail the run at its last stage.
     # Hardware chosen on the command line is checked before anything else.
     overrides = list(HydraConfig.get().overrides.task)
@@ -627,9 +667,8 @@ def run(cfg: DictConfig) -> None:
     log.info("Picked %s, arch %s", describe_pick(study, trial), arch.to_json())
     # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
     logger_cfg = {"name": "none"} if started_as_secondary_rank() else to_container(cfg.logger)
-    tracker = create_tracker(logger_cfg, {**to_container(cfg), "study": study.study_name,
-                                                       "trial": trial.number}, "train", str(run_dir),
-                             default_group=study.study_name)
+    tracker = create_tracker(logger_cfg, {**to_container(cfg), "study": study.study_name, "trial": trial.number},
+                             "train", str(run_dir), default_group=study.study_name)
 
     with timer.stage("data"):
         datamodule = load_data(record["data"], space, arch)
@@ -649,37 +688,9 @@ def run(cfg: DictConfig) -> None:
                 model = extract_subnet(supernet, arch, datamodule, cfg.finetune.calibration_images)
             tag = "scratch" if cfg.from_scratch else "inherited"
             if gates_on:
-                from lightning.pytorch import seed_everything
-
-                from nas.gates import BatchNormCalibration, KeepRatioSchedule
-
                 teacher = model
-                if cfg.finetune.teacher != "none":
-                    log.warning("finetune.teacher=%s does not apply with gates=feature: the gated network distils from "
-                                "the ungated subnet, with weight gates.kd_weight (%s).", cfg.finetune.teacher,
-                                cfg.gates.get("kd_weight"))
-                # The gates' own layers draw their initial weights from torch's global generator.
-                seed_everything(cfg.seed, workers=True)
-                model, gate_config = gate_subnet(teacher, space, arch, cfg)
-                ramps = gate_config.keep_ratio < gate_config.keep_ratio_range[1]
-                if ramps and gate_config.schedule_epochs >= cfg.finetune.epochs:
-                    log.warning("gates.schedule_epochs=%d is not below finetune.epochs=%d, so the keep ratio reaches "
-                                "%.2f only when training ends and the network is never trained there; expect a low "
-                                "test accuracy. Set finetune.epochs above gates.schedule_epochs (benchmarks/gates.py "
-                                "fine-tunes 8 epochs with a 2-epoch ramp).", gate_config.schedule_epochs,
-                                cfg.finetune.epochs, gate_config.keep_ratio)
-                # Per-keep-ratio BatchNorm statistics are estimated after training and before the test.
-                callbacks = [KeepRatioSchedule.from_config(gate_config),
-                             BatchNormCalibration(images=cfg.finetune.calibration_images)]
-                # From scratch, the ungated subnet is as untrained as the gated one, so it teaches nothing.
-                kd_weight = 0.0 if cfg.from_scratch else gate_config.kd_weight
-                result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag,
-                                                   teacher=None if cfg.from_scratch else teacher, kd_weight=kd_weight,
-                                                   callbacks=[hold, *callbacks],
-                                                   full_keep_weight=gate_config.full_keep_weight,
-                                                   lr=None if cfg.from_scratch else cfg.finetune.inherited_lr)
-                result["gates"] = model.describe()
-                result["teacher"] = {"name": "none" if cfg.from_scratch else "ungated subnet", "kd_weight": kd_weight}
+                model, gate_config, entries = finetune_gated(teacher, space, arch, datamodule, cfg, tracker, tag, hold)
+                result.update(entries)
             elif cfg.from_scratch:
                 result["teacher"] = {"name": "none", "kd_weight": 0.0}
                 result["test_accuracy"] = finetune(model, datamodule, cfg, tracker, tag, callbacks=[hold])
