@@ -1043,3 +1043,36 @@ def test_straight_through_forward_is_exact_mask():
     assert torch.equal(out, mask)
     out.sum().backward()
     assert torch.equal(scores.grad, torch.ones(1000))
+
+
+def test_measured_placement_drops_useless_gate(subnet, monkeypatch):
+    import nas.gates.timing as timing
+    from nas.gates.planning import default_channel_steps
+
+    def fake_block_timer(config, protocol):
+        def time_block(block, site, steps):
+            return {"none": {1: 1.0}, "channel": {1: 0.5}}
+
+        return time_block
+
+    def fake_channel_counts(block, site, counts, *args, **kwargs):
+        if site.inner_channels == 32:
+            return {8: 1.0, 16: 1.5, 24: 1.5, 32: 1.2}
+        return {count: count / 8 for count in counts}
+
+    # Keep ratio 0.5 requests 16 of layer3.0's 32 channels. The measured steps are 8 and 32 (16 and
+    # 24 are no faster than all 32), so 16 rounds up to 32 and the gate would never drop a channel.
+    config = parse_gate_config({**ALL, "placement": "measure", "measure_batch_sizes": [1], "spatial": False,
+                                "keep_ratio": 0.5, "keep_ratio_range": [0.5, 1.0]})
+    monkeypatch.setattr(timing, "make_block_timer", fake_block_timer)
+    monkeypatch.setattr(timing, "time_channel_counts", fake_channel_counts)
+    sites = find_block_sites(subnet, (1, 28, 28))
+    place = timing.make_measured_placement(subnet, config, MeasurementProtocol(device="cpu", warmup=1, repeats=1))
+    results = place(sites, [default_channel_steps(site.inner_channels) for site in sites])
+    decisions = {site.name: result for site, result in zip(sites, results)}
+
+    channel, _, _, steps, _, reason, _, _ = decisions["layer3.0"]
+    assert channel is False, (steps, reason)
+    assert "rounds up to all 32 channels" in reason
+    # 8 of layer1.0's 16 channels at keep 0.5 is a measured step, so that gate stays.
+    assert decisions["layer1.0"][0] is True

@@ -350,10 +350,17 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
                 count_ms = time_channel_counts(block, site, site_steps, config, protocol, smallest)
                 site_steps = measured_steps(count_ms, config.step_tolerance)
                 counts = ", ".join(f"{count}: {ms:.3f}" for count, ms in sorted(count_ms.items()))
-                if site_steps == [site.inner_channels]:
+                low_keep_count = low_keep_channels(site, config, site_steps)
+                if low_keep_count >= site.inner_channels:
                     channel = False
-                    reason = (f"no channel gate: no kept count was measured faster than keeping more "
-                              f"(ms per count at batch {smallest}: {counts}); {reason}")
+                    if site_steps == [site.inner_channels]:
+                        cause = "no kept count was measured faster than keeping more"
+                    else:
+                        # The low end of keep_ratio_range rounds up past every faster step, so the gate
+                        # would keep every channel at every ratio that set_keep_ratio accepts.
+                        cause = (f"keep ratio {config.keep_ratio_range[0]} rounds up to all {site.inner_channels} "
+                                 f"channels at the measured steps {'/'.join(map(str, site_steps))}")
+                    reason = f"no channel gate: {cause} (ms per count at batch {smallest}: {counts}); {reason}"
                     if spatial and not column_alone_pays(latencies[site.name], option, config):
                         spatial = False
                         reason = f"no column gate either: measured alone it does not pay; {reason}"
