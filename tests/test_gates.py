@@ -1076,3 +1076,19 @@ def test_measured_placement_drops_useless_gate(subnet, monkeypatch):
     assert "rounds up to all 32 channels" in reason
     # 8 of layer1.0's 16 channels at keep 0.5 is a measured step, so that gate stays.
     assert decisions["layer1.0"][0] is True
+
+
+def test_warns_when_keep_ratio_drops_nothing(subnet, caplog):
+    # Without a profile table, kept counts round up to multiples of 8: at keep 0.9 the 16, 24 and 32
+    # channels of the blocks round up to all of them. 24 of 32 channels is kept up to keep 0.75.
+    config = {**ALL, "spatial": False, "keep_ratio": 0.9, "keep_ratio_range": [0.25, 1.0]}
+    with caplog.at_level(logging.WARNING, logger="nas.gates"):
+        network = apply_gates(subnet, config, input_shape=(1, 28, 28))
+    assert network.gated_blocks()
+    assert network.highest_dropping_ratio() == 0.75
+    assert "The highest ratio at which a gate drops something is 0.75" in caplog.text
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nas.gates"):
+        apply_gates(subnet, {**config, "keep_ratio": 0.75}, input_shape=(1, 28, 28))
+    assert "drops something" not in caplog.text

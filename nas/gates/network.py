@@ -120,6 +120,23 @@ class GatedNetwork(nn.Module):
             bank.to(next(self.model.buffers()).device)
             bank.load(bank.nearest(self._keep_ratio), self.model)
 
+    def highest_dropping_ratio(self) -> float | None:
+        """Return the highest keep ratio of ``keep_ratio_range`` (in steps of 0.01) at which a gate drops something.
+
+        Kept channel counts snap up to each block's latency steps, so a ratio below 1 can keep every
+        channel. Returns None when no ratio of the range drops a channel or column.
+        """
+        low, high = self.config.keep_ratio_range
+        blocks = self.gated_blocks()
+        for ratio in np.round(np.arange(high, low - 1e-9, -RATIO_STEP), 6).tolist():
+            for name, block in blocks.items():
+                channels = self._plan_by_name[name].snap_channels(keep_count(ratio, block.inner_channels))
+                if block.channel_gate is not None and channels < block.inner_channels:
+                    return ratio
+                if block.column_gate is not None and keep_count(ratio, block.inner_width) < block.inner_width:
+                    return ratio
+        return None
+
     def keep_counts(self) -> dict[str, tuple[int, int]]:
         """Return (kept channels, kept columns) per gated block at the current keep ratio."""
         return {name: (b.kept_channels, b.kept_columns) for name, b in self.gated_blocks().items()}
@@ -547,7 +564,16 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
     network.train(model.training)
     log.info("gates: %d of %d blocks gated, keep ratio %.2f, counts %s", len(network.gated_blocks()), len(sites),
              ratio, network.keep_counts())
-    if plan is None and config.enabled and sites and not network.gated_blocks():
+    gated_blocks = network.gated_blocks()
+    if gated_blocks and all(block.keeps_all for block in gated_blocks.values()):
+        highest = network.highest_dropping_ratio()
+        advice = ("No ratio of gates.keep_ratio_range drops anything: use gates=none." if highest is None else
+                  f"The highest ratio at which a gate drops something is {highest:.2f}: set gates.keep_ratio to it "
+                  "or lower.")
+        log.warning("gates: at keep ratio %.2f every gated block keeps all its channels and columns, because the kept "
+                    "counts round up to the blocks' latency steps, so the network computes as much as the ungated "
+                    "subnet. %s", ratio, advice)
+    if plan is None and config.enabled and sites and not gated_blocks:
         # placement=all gates every block where the low end of keep_ratio_range drops something.
         advice = ("a lower gates.keep_ratio_range start, so that a gate drops channels"
                   if config.placement == "all" else "gates.placement=all to gate every block anyway")
