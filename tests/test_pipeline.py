@@ -619,6 +619,18 @@ def test_over_budget_advice_names_ratio():
     assert "set_keep_ratio" not in advice
 
 
+def test_keep_all_spread_warning():
+    from train import keep_all_spread_warning
+
+    noisy = keep_all_spread_warning({"keep_ratio_latency_ms": {"1": 4.70, "0.4": 4.49}, "ungated_latency_ms": 8.74})
+    assert noisy is not None
+    assert "measured 4.700 ms and the ungated subnet 8.740 ms, 46% apart" in noisy
+    assert keep_all_spread_warning({"keep_ratio_latency_ms": {"1": 0.96, "0.4": 0.8}, "ungated_latency_ms": 1.0}) is None
+    # A range that stops below 1 has no keep-1.0 timing to compare.
+    assert keep_all_spread_warning({"keep_ratio_latency_ms": {"0.9": 4.7}, "ungated_latency_ms": 8.74}) is None
+    assert keep_all_spread_warning({}) is None
+
+
 @pytest.mark.parametrize("runtime", ["eager", "onnxruntime"])
 def test_outputs_include_onnx_when_timed_so(resnet_space, tmp_path, runtime):
     import numpy as np
