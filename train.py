@@ -817,5 +817,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     check_group_settings(sys.argv[1:], "python train.py", {"gates": "feature", "logger": "wandb"})
-    warn_added_keys(sys.argv[1:], "python train.py", "train")
+    warn_added_keys(sys.argv[1:], "python train.py", "train", rejected=STUDY_KEYS)
     main()

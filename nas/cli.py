@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,12 +122,13 @@ def check_group_settings(argv: list[str], command: str, empty_defaults: dict[str
     raise SystemExit(2)
 
 
-def warn_added_keys(argv: list[str], command: str, config_name: str) -> None:
+def warn_added_keys(argv: list[str], command: str, config_name: str, rejected: Sequence[str] = ()) -> None:
     """Print a warning for each ``+key=value`` of ``argv`` that adds a key the entry point's config lacks.
 
     Hydra's error for a misspelt key suggests appending it with ``+``, which then runs and is
-    ignored. Config group choices (``+space=resnet``) and ``hydra.*`` keys are not checked. A
-    user module (``imports``) may read keys of its own, so this warns instead of stopping.
+    ignored. Config group choices (``+space=resnet``), ``hydra.*`` keys and keys under the
+    top-level sections ``rejected`` (which the entry point stops on with an error of its own) are
+    not checked. A user module (``imports``) may read keys of its own, so this warns instead of stopping.
     """
     import difflib
 
@@ -137,7 +138,7 @@ def warn_added_keys(argv: list[str], command: str, config_name: str) -> None:
             continue
         key = arg[1:].split("=", 1)[0]
         is_group_choice = "." not in key and (CONF_DIR / key).is_dir()
-        if not is_group_choice and not key.startswith("hydra."):
+        if not is_group_choice and not key.startswith("hydra.") and key.split(".", 1)[0] not in rejected:
             added[arg] = key
     if not added:
         return

@@ -367,3 +367,15 @@ def test_known_added_keys_not_warned(capsys):
     GlobalHydra.instance().clear()
     warn_added_keys(["+space=resnet", "search.n_trials=4", "+hydra.job.env_set.X=1"], "python search.py", "search")
     assert capsys.readouterr().err == ""
+
+
+def test_rejected_added_keys_not_warned(capsys):
+    from hydra.core.global_hydra import GlobalHydra
+
+    from nas.cli import warn_added_keys
+
+    GlobalHydra.instance().clear()
+    warn_added_keys(["+data.root=/elsewhere"], "python train.py", "train", rejected=("data",))
+    assert capsys.readouterr().err == ""
+    warn_added_keys(["+data.root=/elsewhere"], "python train.py", "train")
+    assert "+data.root=/elsewhere adds data.root" in capsys.readouterr().err
