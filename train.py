@@ -227,6 +227,16 @@ def finetune(model: torch.nn.Module, datamodule: Any, cfg: DictConfig, tracker: 
     return accuracy
 
 
+def check_recorded_data(data_config: dict[str, Any], study_name: str) -> None:
+    """Raise UsageError when the data folder that the study recorded is gone, with how to fix that."""
+    root = data_config.get("root")
+    if root in (None, "", "???") or Path(root).expanduser().is_dir():
+        return
+    raise UsageError(f"Study {study_name!r} was searched on data.root={root!r}, which does not exist or is not a "
+                     "folder now. train.py takes the data from the study, so put the data back at that path (a "
+                     "symlink will do), or run search.py again with data.root set to where the data is now.")
+
+
 def load_data(data_config: dict[str, Any], space: SearchSpace, arch: Arch) -> Any:
     """Build and set up the study's data module, with every batch resized to the resolution of ``arch``."""
     datamodule = build_datamodule(data_config)
@@ -695,6 +705,7 @@ def run(cfg: DictConfig) -> None:
     tracker = create_tracker(logger_cfg, {**to_container(cfg), "study": study.study_name, "trial": trial.number},
                              "train", str(run_dir), default_group=study.study_name)
 
+    check_recorded_data(record["data"], study.study_name)
     with timer.stage("data"):
         datamodule = load_data(record["data"], space, arch)
 

@@ -379,3 +379,13 @@ def test_rejected_added_keys_not_warned(capsys):
     assert capsys.readouterr().err == ""
     warn_added_keys(["+data.root=/elsewhere"], "python train.py", "train")
     assert "+data.root=/elsewhere adds data.root" in capsys.readouterr().err
+
+
+def test_moved_data_folder_names_fix(tmp_path):
+    from nas.cli import UsageError
+    from train import check_recorded_data
+
+    check_recorded_data({"name": "mnist"}, "s")
+    check_recorded_data({"name": "imagefolder", "root": str(tmp_path)}, "s")
+    with pytest.raises(UsageError, match=r"Study 's' was searched on data.root='.*gone', which does not exist"):
+        check_recorded_data({"name": "imagefolder", "root": str(tmp_path / "gone")}, "s")
