@@ -91,16 +91,18 @@ def _as_text(key: Any) -> Any:
     return key.decode("latin1") if isinstance(key, bytes) else key
 
 
-def _unpickle_cifar10_file(path: Path) -> dict[str, Any]:
-    """Check the MD5 sum of one CIFAR-10 file and unpickle it into a dict with str keys."""
+def _unpickle_cifar10_file(path: Path, unofficial: list[str]) -> dict[str, Any]:
+    """Check the MD5 sum of one CIFAR-10 file and unpickle it into a dict with str keys.
+
+    The file's name is appended to ``unofficial`` when its MD5 sum is not the official one.
+    """
     if not path.is_file():
         raise DataError(f"CIFAR-10 file {path} is missing. {_CIFAR10_FIX}")
     payload = path.read_bytes()
 
     digest = hashlib.md5(payload, usedforsecurity=False).hexdigest()
     if digest != CIFAR10_MD5[path.name]:
-        log.warning("%s is not the official CIFAR-10 file (MD5 %s, expected %s), continuing with it.",
-                    path, digest, CIFAR10_MD5[path.name])
+        unofficial.append(path.name)
 
     try:
         content = _CIFAR10Unpickler(io.BytesIO(payload), path).load()
@@ -123,9 +125,9 @@ def _require_entry(content: dict[str, Any], key: str, path: Path) -> Any:
     return content[key]
 
 
-def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def _read_cifar10_batch(path: Path, unofficial: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Read one batch file into N x 32 x 32 x 3 uint8 images (height, width, RGB) and N int64 labels."""
-    content = _unpickle_cifar10_file(path)
+    content = _unpickle_cifar10_file(path, unofficial)
     data = _require_entry(content, "data", path)
     labels = _require_entry(content, "labels", path)
 
@@ -146,8 +148,8 @@ def _read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, labels.astype(np.int64)
 
 
-def _read_cifar10_classes(path: Path) -> tuple[str, ...]:
-    names = _require_entry(_unpickle_cifar10_file(path), "label_names", path)
+def _read_cifar10_classes(path: Path, unofficial: list[str]) -> tuple[str, ...]:
+    names = _require_entry(_unpickle_cifar10_file(path, unofficial), "label_names", path)
     if not isinstance(names, list) or len(names) != 10 or not all(isinstance(n, (bytes, str)) for n in names):
         raise DataError(f"CIFAR-10 file {path} must list 10 class names under 'label_names', but has {names!r}. "
                         f"{_CIFAR10_FIX}")
@@ -168,14 +170,18 @@ class CIFAR10Arrays:
 def read_cifar10_format(root: str | os.PathLike) -> CIFAR10Arrays:
     """Read ``root/cifar-10-batches-py`` without running code from the pickles.
 
-    A file whose MD5 sum differs from the official archive is read anyway, with a warning. Raises
+    Files whose MD5 sums differ from the official archive are read anyway, with one warning. Raises
     :class:`DataError` naming the file when one is missing, is not a readable pickle, refers to a
     global outside ``_CIFAR10Unpickler.ALLOWED_GLOBALS``, or has data that is not CIFAR-10 shaped.
     """
     folder = Path(root).expanduser() / CIFAR10_FOLDER
-    train = [_read_cifar10_batch(folder / name) for name in CIFAR10_TRAIN_FILES]
-    test_images, test_labels = _read_cifar10_batch(folder / CIFAR10_TEST_FILE)
-    classes = _read_cifar10_classes(folder / CIFAR10_META_FILE)
+    unofficial: list[str] = []
+    train = [_read_cifar10_batch(folder / name, unofficial) for name in CIFAR10_TRAIN_FILES]
+    test_images, test_labels = _read_cifar10_batch(folder / CIFAR10_TEST_FILE, unofficial)
+    classes = _read_cifar10_classes(folder / CIFAR10_META_FILE, unofficial)
+    if unofficial:
+        log.warning("%d of the %d CIFAR-10 files in %s are not the official ones (their MD5 sums differ): %s. "
+                    "Continuing with them.", len(unofficial), len(CIFAR10_MD5), folder, ", ".join(unofficial))
     return CIFAR10Arrays(
         train_images=np.concatenate([images for images, _ in train]),
         train_labels=np.concatenate([labels for _, labels in train]),
