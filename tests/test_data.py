@@ -54,6 +54,22 @@ def _labels(dataset):
     return sorted({int(y) for _, y in dataset})
 
 
+@pytest.mark.parametrize("layout", ["pool", "train-val"])
+def test_imagefolder_upscaling_warned(tmp_path, layout, caplog):
+    if layout == "pool":
+        _write_images(tmp_path, ["a", "b"], 6)
+    else:
+        _write_images(tmp_path / "train", ["a", "b"], 6)
+        _write_images(tmp_path / "val", ["a", "b"], 2)
+    for resolution, warned in ((32, True), (12, False), (8, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="nas.data"):
+            build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": resolution}).setup()
+        assert ("median shorter side of 12 pixels (12 sampled), so data.resolution=32 upscales them 2.7 times"
+                in caplog.text) is warned
+        assert ("Set data.resolution=12" in caplog.text) is warned
+
+
 def test_imagefolder_train_alone_is_split(tmp_path):
     _write_images(tmp_path / "train", ["a", "b", "c"], 10)
     datamodule = build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": 8,

@@ -131,9 +131,12 @@ class ImageFolderDataModule(ImageDataModule):
             ]
         )
         if "val" not in self.folders:
-            self._split_pool(_image_folder(self.folders.get("train", self.root), transform))
+            pool = _image_folder(self.folders.get("train", self.root), transform)
+            _warn_if_upscaled(pool, self.resolution)
+            self._split_pool(pool)
             return
         train = _image_folder(self.folders["train"], transform)
+        _warn_if_upscaled(train, self.resolution)
         held_out = _image_folder(self.folders["val"], transform)
         if self.max_train_samples is not None:
             order = np.random.default_rng(self.seed).permutation(len(train))[: self.max_train_samples]
@@ -188,6 +191,31 @@ def _check_same_classes(folder: Any, classes: list[str], base: Any) -> None:
         differences.append(f"it has {extra} besides")
     raise DataError(f"{str(folder)!r} must contain the same class folders as {str(base)!r}, so that each class keeps "
                     f"one label, but {' and '.join(differences)}. Add or remove class folders until they match.")
+
+
+# Training images whose sizes are read to tell whether data.resolution upscales them.
+SIZE_SAMPLE = 32
+
+
+def _warn_if_upscaled(dataset: Any, resolution: int) -> None:
+    """Log a warning when most images of ``dataset`` (an ImageFolder) are smaller than ``resolution``.
+
+    Reads the headers of up to SIZE_SAMPLE images spread over the dataset.
+    """
+    from PIL import Image
+
+    paths = [path for path, _ in dataset.samples]
+    picked = paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+    sides = []
+    for path in picked:
+        with Image.open(path) as image:
+            sides.append(min(image.size))
+    median = int(np.median(sides))
+    if median < resolution:
+        log.warning("The images under %s have a median shorter side of %d pixels (%d sampled), so data.resolution=%d "
+                    "upscales them %.1f times, which adds compute but no detail. Set data.resolution=%d to train and "
+                    "search at their own size.", dataset.root, median, len(sides), resolution, resolution / median,
+                    median)
 
 
 def _image_folder(folder: Any, transform: Any) -> Any:
