@@ -50,7 +50,7 @@ def plot_fronts(path: Path, summaries: Sequence[StudySummary], reference_ms: flo
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 4.5), dpi=120)
     colours = plt.get_cmap("tab10")
     for i, summary in enumerate(summaries):
         colour = colours(i % 10)
@@ -79,7 +79,8 @@ def plot_fronts(path: Path, summaries: Sequence[StudySummary], reference_ms: flo
     ax.set_ylabel("validation accuracy (%)")
     ax.set_title("Pareto fronts")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
+    # Outside the axes, so that the legend covers no point of any front.
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
 
