@@ -401,8 +401,8 @@ def run(cfg: DictConfig) -> None:
     trials_before = len(stored.trials) if stored is not None else 0
     seed = sampler_seed(cfg.seed, worker, trials_before)
     if seed != cfg.seed:
-        log.info("Sampler seed %d (from seed %d, search.worker %s and the study's %d earlier trials)", seed, cfg.seed,
-                 worker, trials_before)
+        log.info("Sampler seed %d (from seed %d, search.worker %s and the study's %d earlier trials, finished or not)",
+                 seed, cfg.seed, worker, trials_before)
         sampler = create_sampler(cfg.search.sampler, seed, cfg.search.population_size)
     # DDP ranks other than 0 log nothing: Lightning logs their training through rank 0.
     logger_cfg = {"name": "none"} if started_as_secondary_rank() else to_container(cfg.logger)
