@@ -1092,3 +1092,13 @@ def test_warns_when_keep_ratio_drops_nothing(subnet, caplog):
     with caplog.at_level(logging.WARNING, logger="nas.gates"):
         apply_gates(subnet, {**config, "keep_ratio": 0.75}, input_shape=(1, 28, 28))
     assert "drops something" not in caplog.text
+
+
+def test_count_times_shortened_when_many():
+    from nas.gates.timing import format_count_times
+
+    few = {8: 0.1, 16: 0.1, 24: 0.2}
+    assert format_count_times(few, [16, 24]) == "8: 0.100, 16: 0.100, 24: 0.200"
+    many = {count: count / 1000 for count in range(8, 680, 8)}
+    text = format_count_times(many, [8, 64, 672])
+    assert text.startswith("8: 0.008, 64: 0.064, 672: 0.672; 84 counts timed")

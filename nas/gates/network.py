@@ -562,9 +562,9 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
                                       "these weights, or rebuild the gates.")
         network.batchnorm_bank = bank
     network.train(model.training)
-    log.info("gates: %d of %d blocks gated, keep ratio %.2f, counts %s", len(network.gated_blocks()), len(sites),
-             ratio, network.keep_counts())
     gated_blocks = network.gated_blocks()
+    log.info("gates: %d of %d blocks gated, keep ratio %.2f, kept (channels, columns) %s", len(gated_blocks),
+             len(sites), ratio, network.keep_counts())
     if gated_blocks and all(block.keeps_all for block in gated_blocks.values()):
         highest = network.highest_dropping_ratio()
         advice = ("No ratio of gates.keep_ratio_range drops anything: use gates=none." if highest is None else

@@ -316,6 +316,19 @@ def column_alone_pays(latency: Mapping[str, Mapping[int, float]], chosen: str, c
     return all(column[b] <= latency[chosen][b] for b in batches[1:])
 
 
+# Kept counts whose times a placement log line lists in full; longer lists show the steps only.
+LOGGED_COUNTS = 16
+
+
+def format_count_times(count_ms: Mapping[int, float], steps: Sequence[int]) -> str:
+    """Return ``count: ms`` pairs for a log line: every count, or only ``steps`` when there are many."""
+    shown = sorted(count_ms) if len(count_ms) <= LOGGED_COUNTS else [c for c in steps if c in count_ms]
+    text = ", ".join(f"{count}: {count_ms[count]:.3f}" for count in shown)
+    if len(shown) < len(count_ms):
+        text += f"; {len(count_ms)} counts timed, the steps shown, all in the gate record's latency_ms"
+    return text
+
+
 def make_measured_placement(model: nn.Module, config: GateConfig, protocol: MeasurementProtocol) -> MeasuredPlacement:
     """Return a placement function for :func:`nas.gates.planning.plan_blocks` that times blocks of ``model``.
 
@@ -349,7 +362,7 @@ def make_measured_placement(model: nn.Module, config: GateConfig, protocol: Meas
                 # near the full width saved less than these times show (docs/benchmarks.md).
                 count_ms = time_channel_counts(block, site, site_steps, config, protocol, smallest)
                 site_steps = measured_steps(count_ms, config.step_tolerance)
-                counts = ", ".join(f"{count}: {ms:.3f}" for count, ms in sorted(count_ms.items()))
+                counts = format_count_times(count_ms, site_steps)
                 low_keep_count = low_keep_channels(site, config, site_steps)
                 if low_keep_count >= site.inner_channels:
                     channel = False
