@@ -134,9 +134,9 @@ def check_device_available(device: str) -> None:
         return
     if not torch.cuda.is_available():
         raise DeviceUnavailableError(
-            f"hardware=cuda was requested but torch.cuda.is_available() is False (torch {torch.__version__}, "
-            f"built for CUDA {torch.version.cuda}); use hardware=cpu, or run on a machine with an NVIDIA GPU "
-            "and a CUDA build of torch."
+            f"hardware.device={device!r} needs CUDA, but torch.cuda.is_available() is False (torch "
+            f"{torch.__version__}, built for CUDA {torch.version.cuda}). Use hardware=cpu, or run on a machine with "
+            "an NVIDIA GPU and a CUDA build of torch."
         )
     index = torch.device(device).index
     if index is not None and index >= torch.cuda.device_count():

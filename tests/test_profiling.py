@@ -101,8 +101,8 @@ def test_cuda_without_gpu_message(monkeypatch):
     with pytest.raises(DeviceUnavailableError) as info:
         MeasurementProtocol.from_config({"device": "cuda"})
     message = str(info.value)
-    assert "hardware=cuda was requested but torch.cuda.is_available() is False" in message
-    assert "use hardware=cpu" in message
+    assert "hardware.device='cuda' needs CUDA, but torch.cuda.is_available() is False" in message
+    assert "Use hardware=cpu" in message
 
 
 # -- measure_module -------------------------------------------------------------------------
