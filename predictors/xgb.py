@@ -323,8 +323,9 @@ class LatencyPredictor:
         )
         width = self.predict_features(frame).relative_width
         logger.info(
-            "Trained latency predictor on %d layers and %d subnets; %.0f%% intervals (%s) span %.1f%% to %.1f%% "
-            "of the latency on the training subnets (median %.1f%%).",
+            "Trained latency predictor on %d layer shapes (every shape profiled at this batch size, any space) and "
+            "%d subnets. Its %.0f%% intervals (%s) span %.1f%% to %.1f%% of the latency on the training subnets "
+            "(median %.1f%%).",
             len(self.lut), len(subnet_ms), 100 * self.interval, INTERVAL_METHOD,
             100 * width.min(), 100 * width.max(), 100 * np.median(width),
         )
