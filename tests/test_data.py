@@ -465,3 +465,11 @@ def test_train_resizes_data_to_picked_subnet(resnet_config):
         assert next(iter(loader))[0].shape[-2:] == (20, 20)
     assert datamodule.input_description()["resolution"] == 20
     assert train.load_data(data, space, space.largest()).input_size is None
+
+
+def test_imagefolder_size_check_skips_unreadable_file(tmp_path, caplog):
+    _write_images(tmp_path, ["a", "b"], 3)
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    with caplog.at_level(logging.WARNING, logger="nas.data"):
+        build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": 32}).setup()
+    assert "median shorter side of 12 pixels (6 sampled)" in caplog.text

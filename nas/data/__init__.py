@@ -208,8 +208,13 @@ def _warn_if_upscaled(dataset: Any, resolution: int) -> None:
     picked = paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]
     sides = []
     for path in picked:
-        with Image.open(path) as image:
-            sides.append(min(image.size))
+        try:
+            with Image.open(path) as image:
+                sides.append(min(image.size))
+        except (OSError, ValueError):
+            continue  # an unreadable image fails with its own error when a loader reads it
+    if not sides:
+        return
     median = int(np.median(sides))
     if median < resolution:
         log.warning("The images under %s have a median shorter side of %d pixels (%d sampled), so data.resolution=%d "
