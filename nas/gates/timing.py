@@ -322,9 +322,9 @@ LOGGED_COUNTS = 16
 
 def format_count_times(count_ms: Mapping[int, float], steps: Sequence[int]) -> str:
     """Return ``count: ms`` pairs for a log line: every count, or only ``steps`` when there are many."""
-    shown = sorted(count_ms) if len(count_ms) <= LOGGED_COUNTS else [c for c in steps if c in count_ms]
-    text = ", ".join(f"{count}: {count_ms[count]:.3f}" for count in shown)
-    if len(shown) < len(count_ms):
+    listed_counts = sorted(count_ms) if len(count_ms) <= LOGGED_COUNTS else [c for c in steps if c in count_ms]
+    text = ", ".join(f"{count}: {count_ms[count]:.3f}" for count in listed_counts)
+    if len(listed_counts) < len(count_ms):
         text += f"; {len(count_ms)} counts timed, the steps shown, all in the gate record's latency_ms"
     return text
 
