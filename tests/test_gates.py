@@ -1102,3 +1102,26 @@ def test_count_times_shortened_when_many():
     many = {count: count / 1000 for count in range(8, 680, 8)}
     text = format_count_times(many, [8, 64, 672])
     assert text.startswith("8: 0.008, 64: 0.064, 672: 0.672; 84 counts timed")
+
+
+def test_dropped_gate_keeps_count_times(subnet, monkeypatch):
+    import nas.gates.timing as timing
+
+    def fake_block_timer(config, protocol):
+        return lambda block, site, steps: {"none": {1: 1.0}, "channel": {1: 0.5}}
+
+    def fake_channel_counts(block, site, counts, *args, **kwargs):
+        if site.inner_channels == 32:
+            return {8: 1.0, 16: 1.5, 24: 1.5, 32: 1.2}
+        return {count: count / 8 for count in counts}
+
+    monkeypatch.setattr(timing, "make_block_timer", fake_block_timer)
+    monkeypatch.setattr(timing, "time_channel_counts", fake_channel_counts)
+    config = {**ALL, "placement": "measure", "measure_batch_sizes": [1], "spatial": False, "keep_ratio": 0.5,
+              "keep_ratio_range": [0.5, 1.0]}
+    network = apply_gates(subnet, config, input_shape=(1, 28, 28),
+                          protocol=MeasurementProtocol(device="cpu", warmup=1, repeats=1))
+    blocks = {block["name"]: block for block in network.describe()["blocks"]}
+    # The placement log cites these times for layer3.0, whose gate was dropped, so the record keeps them.
+    assert blocks["layer3.0"]["channel"] is False
+    assert blocks["layer3.0"]["latency_ms"] == {"8": 1.0, "16": 1.5, "24": 1.5, "32": 1.2}

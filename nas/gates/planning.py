@@ -447,6 +447,9 @@ def plan_blocks(sites: Sequence[BlockSite], config: GateConfig, profile_table: M
              batch_costs) = decisions[index]
             if channel:
                 steps, latency = measured_steps, measured_latency
+            else:
+                # A channel gate dropped after its counts were timed keeps the times that its reason cites.
+                latency = measured_latency
         elif config.placement == "table":
             channel, spatial, reason = _decide_table(site, config, steps, latency, profile_table is not None)
         else:
