@@ -1104,6 +1104,20 @@ def test_count_times_shortened_when_many():
     assert text.startswith("8: 0.008, 64: 0.064, 672: 0.672; 84 counts timed")
 
 
+def test_keep_all_warning_skips_full_keep(subnet, caplog):
+    # At keep ratio 1.0 no gate can drop anything, so there is no rounding to warn about.
+    config = {**ALL, "spatial": False, "keep_ratio": 1.0, "keep_ratio_range": [0.25, 1.0]}
+    with caplog.at_level(logging.WARNING, logger="nas.gates"):
+        network = apply_gates(subnet, config, input_shape=(1, 28, 28))
+    assert "keeps all its channels" not in caplog.text
+
+    # A record rebuilt with plan= keeps the ratio it was saved at.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nas.gates"):
+        apply_gates(subnet, network.describe()["config"], input_shape=(1, 28, 28), plan=network.describe())
+    assert "keeps all its channels" not in caplog.text
+
+
 def test_dropped_gate_keeps_count_times(subnet, monkeypatch):
     import nas.gates.timing as timing
 

@@ -19,13 +19,21 @@ from nas.gates.config import GateConfig, GateConfigError
 from nas.gates.modules import keep_count
 from nas.gates.planning import BlockPlan, BlockSite
 
-__all__ = ["choose_keep_ratio", "gated_runs", "no_gate_message", "predict_latency_ms"]
+__all__ = ["choose_keep_ratio", "gated_runs", "no_gate_message", "predict_latency_ms", "ratio_grid"]
 
 log = logging.getLogger(__name__)
 
 # Candidate keep ratios are this far apart. Finer steps rarely change a kept count, because the
 # inner maps that the gates act on are small (8 to 128 channels, 7 to 28 columns).
 RATIO_STEP = 0.01
+
+
+def ratio_grid(low: float, high: float) -> list[float]:
+    """Return the keep ratios from ``high`` down to ``low`` in steps of RATIO_STEP, ``low`` included."""
+    ratios = np.round(np.arange(high, low - 1e-9, -RATIO_STEP), 6).tolist()
+    if not ratios or ratios[-1] > low:
+        ratios.append(float(low))
+    return ratios
 
 
 def gated_runs(sites: Sequence[BlockSite], plans: Sequence[BlockPlan], ratio: float,
@@ -96,9 +104,7 @@ def choose_keep_ratio(base_ms: float, sites: Sequence[BlockSite], plans: Sequenc
         if base_ms > budget:
             raise GateConfigError(no_gate_message(budget, base_ms))
         return float(high)
-    ratios = np.round(np.arange(high, low - 1e-9, -RATIO_STEP), 6)
-    if ratios.size == 0 or ratios[-1] > low:
-        ratios = np.append(ratios, low)
+    ratios = ratio_grid(low, high)
     latency = float("nan")
     for ratio in ratios:
         latency = predict_latency_ms(base_ms, sites, plans, signatures, float(ratio), block_latency)

@@ -15,7 +15,7 @@ from torch import nn
 
 from nas.gates.batchnorm import BatchNormBank, batchnorm_layers
 from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout, gated_block_class
-from nas.gates.budget import RATIO_STEP, choose_keep_ratio, no_gate_message
+from nas.gates.budget import RATIO_STEP, choose_keep_ratio, no_gate_message, ratio_grid
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
 from nas.gates.modules import keep_count
 from nas.gates.planning import (
@@ -121,14 +121,14 @@ class GatedNetwork(nn.Module):
             bank.load(bank.nearest(self._keep_ratio), self.model)
 
     def highest_dropping_ratio(self) -> float | None:
-        """Return the highest keep ratio of ``keep_ratio_range`` (in steps of 0.01) at which a gate drops something.
+        """Return the highest keep ratio of ``keep_ratio_range`` (on :func:`ratio_grid`) at which a gate drops something.
 
         Kept channel counts snap up to each block's latency steps, so a ratio below 1 can keep every
         channel. Returns None when no ratio of the range drops a channel or column.
         """
         low, high = self.config.keep_ratio_range
         blocks = self.gated_blocks()
-        for ratio in np.round(np.arange(high, low - 1e-9, -RATIO_STEP), 6).tolist():
+        for ratio in ratio_grid(low, high):
             for name, block in blocks.items():
                 channels = self._plan_by_name[name].snap_channels(keep_count(ratio, block.inner_channels))
                 if block.channel_gate is not None and channels < block.inner_channels:
@@ -565,14 +565,17 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
     gated_blocks = network.gated_blocks()
     log.info("gates: %d of %d blocks gated, keep ratio %.2f, kept (channels, columns) %s", len(gated_blocks),
              len(sites), ratio, network.keep_counts())
-    if gated_blocks and all(block.keeps_all for block in gated_blocks.values()):
+    # Only a chosen ratio below 1.0 can keep everything by rounding up. A latency budget picks its ratio by
+    # measurement, and a record rebuilt with plan= keeps the ratio it was saved at.
+    if (plan is None and config.latency_budget_ms is None and ratio < 1.0 and gated_blocks
+            and all(block.keeps_all for block in gated_blocks.values())):
         highest = network.highest_dropping_ratio()
         advice = ("No ratio of gates.keep_ratio_range drops anything: use gates=none." if highest is None else
-                  f"The highest ratio at which a gate drops something is {highest:.2f}: set gates.keep_ratio to it "
+                  f"The highest ratio at which a gate drops something is {highest:g}: set gates.keep_ratio to it "
                   "or lower.")
-        log.warning("gates: at keep ratio %.2f every gated block keeps all its channels and columns, because the kept "
-                    "counts round up to the blocks' latency steps, so the network computes as much as the ungated "
-                    "subnet. %s", ratio, advice)
+        log.warning("gates: at keep ratio %g every gated block keeps all its channels and columns, because kept "
+                    "counts round up (channel counts to the blocks' latency steps), so the network computes as much "
+                    "as the ungated subnet. %s", ratio, advice)
     if plan is None and config.enabled and sites and not gated_blocks:
         # placement=all gates every block where the low end of keep_ratio_range drops something.
         advice = ("a lower gates.keep_ratio_range start, so that a gate drops channels"
