@@ -67,7 +67,7 @@ def test_imagefolder_upscaling_warned(tmp_path, layout, caplog):
             build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": resolution}).setup()
         assert ("median shorter side of 12 pixels (12 sampled), so data.resolution=32 upscales them 2.7 times"
                 in caplog.text) is warned
-        assert ("Set data.resolution=12" in caplog.text) is warned
+        assert ("run search.py with data.resolution=12" in caplog.text) is warned
 
 
 def test_imagefolder_train_alone_is_split(tmp_path):

@@ -205,7 +205,8 @@ def _warn_if_upscaled(dataset: Any, resolution: int) -> None:
     from PIL import Image
 
     paths = [path for path, _ in dataset.samples]
-    picked = paths[:: max(1, len(paths) // SIZE_SAMPLE)][:SIZE_SAMPLE]
+    # ImageFolder sorts its samples by class, so the sample is spread over the whole list.
+    picked = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, min(len(paths), SIZE_SAMPLE)).astype(int))]
     sides = []
     for path in picked:
         try:
@@ -218,9 +219,9 @@ def _warn_if_upscaled(dataset: Any, resolution: int) -> None:
     median = int(np.median(sides))
     if median < resolution:
         log.warning("The images under %s have a median shorter side of %d pixels (%d sampled), so data.resolution=%d "
-                    "upscales them %.1f times, which adds compute but no detail. Set data.resolution=%d to train and "
-                    "search at their own size.", dataset.root, median, len(sides), resolution, resolution / median,
-                    median)
+                    "upscales them %.1f times, which adds compute but no detail. Unless the space's subnets need "
+                    "that size, run search.py with data.resolution=%d.", dataset.root, median, len(sides), resolution,
+                    resolution / median, median)
 
 
 def _image_folder(folder: Any, transform: Any) -> Any:
