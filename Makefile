@@ -18,7 +18,7 @@ search: venv
 	$(BIN)/python search.py +space=resnet
 
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=10
 
 clean:
 	rm -rf $(VENV) work outputs multirun
