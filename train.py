@@ -359,7 +359,7 @@ KEEP_ALL_SPREAD = 0.10
 def keep_all_spread_warning(result: dict[str, Any]) -> str | None:
     """Return a warning when the keep-1.0 and ungated timings in ``result`` differ by more than KEEP_ALL_SPREAD.
 
-    At keep ratio 1.0 no gate drops anything, so the difference measures the timing noise of the run.
+    At keep ratio 1.0 no gate drops anything, so a large difference points to timing noise in the run.
     Returns None when it is within KEEP_ALL_SPREAD or ``result`` lacks either timing.
     """
     keep_all = (result.get("keep_ratio_latency_ms") or {}).get(ratio_key(1.0))

@@ -121,10 +121,10 @@ class GatedNetwork(nn.Module):
             bank.load(bank.nearest(self._keep_ratio), self.model)
 
     def highest_dropping_ratio(self) -> float | None:
-        """Return the highest keep ratio of ``keep_ratio_range`` (on :func:`ratio_grid`) at which a gate drops something.
+        """Return the highest keep ratio at which a gate drops a channel or column, or None if none does.
 
-        Kept channel counts snap up to each block's latency steps, so a ratio below 1 can keep every
-        channel. Returns None when no ratio of the range drops a channel or column.
+        The ratios are those of :func:`ratio_grid` over ``keep_ratio_range``. Kept channel counts snap
+        up to each block's latency steps, so a ratio below 1 can keep every channel.
         """
         low, high = self.config.keep_ratio_range
         blocks = self.gated_blocks()
