@@ -118,8 +118,9 @@ class GatedResidualBlock(FoldedWeightCache, GatheredEvalPath):
                 raise ValueError(f"{type(block).__name__} has no child {name!r} that its BlockLayout names.")
             setattr(self, name, getattr(block, name))
         self.stride = getattr(block, "stride", 1)
-        # A static block has a projection exactly where its shortcut needs one.
-        self.elastic_shortcut = getattr(block, "elastic_shortcut", True)
+        # A static block has a projection exactly where its shortcut needs one. Only the blocks of
+        # nas.supernet.resnet set elastic_shortcut, so any other registered block always runs its downsample child.
+        self.elastic_shortcut = getattr(block, "elastic_shortcut", False)
 
     def _shortcut_children(self) -> list[str]:
         """Child names of the shortcut path, adopted with the stages."""
