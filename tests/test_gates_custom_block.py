@@ -52,3 +52,21 @@ def test_custom_block_full_keep_matches(monkeypatch, cin, cout, stride, project)
     x = torch.randn(2, cin, 14, 14)
     with torch.no_grad():
         torch.testing.assert_close(gated(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+def test_model_without_gateable_block_warns(caplog):
+    from nas.gates import apply_gates
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = PlainBlock(4, 8, 4, 1, False)  # not registered in this test
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.block(x).mean((2, 3)))
+
+    with caplog.at_level("WARNING", logger="nas.gates.network"):
+        apply_gates(Net().eval(), {"name": "feature", "placement": "all"}, input_shape=(4, 8, 8))
+    assert "no block of a gateable type" in caplog.text
+    assert "register_block_layout" in caplog.text

@@ -84,6 +84,11 @@ def gated_block_class(module: nn.Module) -> type[GatedResidualBlock]:
     return _GATED_CLASSES.get(type(module), GatedResidualBlock)
 
 
+def registered_block_types() -> list[str]:
+    """Return the names of the block classes that have a layout, sorted."""
+    return sorted(block_type.__name__ for block_type in _LAYOUTS)
+
+
 def block_layout(module: nn.Module) -> BlockLayout | None:
     """Return the layout of a gateable block class (exact type match), or None."""
     return _LAYOUTS.get(type(module))

@@ -17,6 +17,7 @@ from nas.gates.batchnorm import BatchNormBank, batchnorm_layers
 from nas.gates.blocks import GatedResidualBlock, GateRuntime, block_layout, gated_block_class
 from nas.gates.budget import RATIO_STEP, choose_keep_ratio, no_gate_message, ratio_grid
 from nas.gates.config import GATE_MODES, GateConfig, GateConfigError, parse_gate_config
+from nas.gates.layouts import registered_block_types
 from nas.gates.modules import keep_count
 from nas.gates.planning import (
     BlockPlan,
@@ -520,6 +521,11 @@ def apply_gates(model: nn.Module, cfg: Mapping[str, Any] | GateConfig,
     shape = tuple(input_shape) if input_shape is not None else _infer_input_shape(model)
     gated_model = copy.deepcopy(model)
     sites = find_block_sites(gated_model, shape)
+    if config.enabled and not sites:
+        log.warning("gates: %s has no block of a gateable type (registered: %s), so no gate is placed and the "
+                    "network runs as the ungated subnet. Make your block class gateable with "
+                    "nas.gates.register_block_layout, in a module that your study imports (docs/gates.md, "
+                    "'Adding a block type').", type(model).__name__, ", ".join(registered_block_types()))
 
     if plan is not None:
         plans, ratio = _plans_from_record(plan, sites)
