@@ -1,6 +1,7 @@
 """Train the predictor on external GPU latencies and print held-out accuracy as one JSON line.
 
 Usage: python benchmarks/external.py [--csv PATH] [--space YAML] [--n-train 1000] [--seed 0] [--max-test N]
+                                     [--imports MODULE ...] [--sm-counts DEVICE=SMS ...]
        python benchmarks/external.py --csv tests/data/ofa_mbv3_sample.csv --n-train 150
 
 Reads a CSV of measured subnets (columns arch, latency_ms, device, batch_size; see
@@ -19,8 +20,10 @@ stops with an error that names the sample command when that file is missing.
 The bundled sample ``tests/data/ofa_mbv3_sample.csv`` has 200 rows per device, so ``--n-train``
 must be below 200 with it, as in the second usage line (11 s on a 2-core CPU). In the space YAML,
 ``${data.in_channels}``, ``${data.num_classes}`` and ``${data.resolution}`` take ImageNet's
-values (:data:`SPACE_DATA`). Unusable input ends the script with one ``error:`` line and exit
-status 1.
+values (:data:`SPACE_DATA`). A space of your own family needs ``--imports`` with the module that
+registers it. The devices must be GPUs: the predictor's features for them need the SM count, which
+the script knows for the GPUs of the full data set and takes from ``--sm-counts`` for others.
+Unusable input ends the script with one ``error:`` line and exit status 1.
 
 Keys of the JSON line: ``devices`` maps each device to ``within_10pct``, ``within_5pct`` and
 ``kendall_tau`` of the predictor, the same under ``macs_linear``, and ``n_train``/``n_test``;
@@ -42,6 +45,7 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from nas.cli import UsageError, import_user_modules  # noqa: E402
 from nas.spaces import SearchSpace, SpaceError, create_space, load_space_config  # noqa: E402
 from predictors.external import ExternalDataError, evaluate_external, read_external_csv  # noqa: E402
 
@@ -64,7 +68,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the split and the models (default: %(default)s)")
     parser.add_argument("--max-test", type=int, default=None,
                         help="evaluate on at most this many rows per device (default: all held-out rows)")
+    parser.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
+                        help="modules to import first, such as the one that registers your space family")
+    parser.add_argument("--sm-counts", nargs="+", default=[], metavar="DEVICE=SMS",
+                        help="streaming multiprocessors of GPUs the script does not know, such as "
+                             "'NVIDIA A100-SXM4-80GB=108'")
     return parser.parse_args(argv)
+
+
+def parse_sm_counts(pairs: list[str]) -> dict[str, int]:
+    """Return ``{device: SM count}`` from ``DEVICE=SMS`` strings."""
+    counts = {}
+    for pair in pairs:
+        device, _, value = pair.rpartition("=")
+        if not device or not value.isdigit() or int(value) < 1:
+            fail(f"--sm-counts takes DEVICE=SMS with a whole number of SMs >= 1, such as "
+                 f"'NVIDIA A100-SXM4-80GB=108', but got {pair!r}.")
+        counts[device] = int(value)
+    return counts
 
 
 def fail(message: str) -> NoReturn:
@@ -114,11 +135,17 @@ def main(argv: list[str] | None = None) -> None:
     if not args.csv.is_file():
         fail(missing_csv_message(args.csv))
     start = time.perf_counter()
+    sm_counts = parse_sm_counts(args.sm_counts)
+    try:
+        import_user_modules(args.imports)
+    except UsageError as err:
+        fail(str(err))
     space = load_space(args.space)
     try:
         frame = read_external_csv(args.csv)
         check_n_train(frame, args.n_train, args.csv)
-        results = evaluate_external(space, frame, args.n_train, args.seed, max_test=args.max_test)
+        results = evaluate_external(space, frame, args.n_train, args.seed, sm_counts=sm_counts,
+                                    max_test=args.max_test)
     except ExternalDataError as err:
         fail(str(err))
     devices = {}

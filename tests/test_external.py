@@ -214,3 +214,34 @@ def test_empty_frame_rejected() -> None:
     frame = pd.DataFrame(columns=["device", "batch_size", "arch", "latency_ms"])
     with pytest.raises(ExternalDataError, match="frame has no rows"):
         evaluate_external(resnet_space(), frame, n_train=10)
+
+
+def test_bench_sm_counts_for_unknown_gpu(external_bench, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "fake.csv"
+    synthetic_csv(path, 40, seed=2)
+    # The rows are subnets of resnet_space(), whose data keys take their defaults, not ImageNet's.
+    space_yaml = tmp_path / "resnet28.yaml"
+    space_yaml.write_text(yaml.safe_dump(resnet_space().raw_config))
+    space = ["--space", str(space_yaml)]
+    message = bench_error(external_bench, ["--csv", str(path), *space, "--n-train", "30"])
+    assert "SM count of device 'Fake GPU' is unknown" in message
+    external_bench.main(["--csv", str(path), *space, "--n-train", "30", "--max-test", "5", "--sm-counts", "Fake GPU=20"])
+    line = json.loads(capsys.readouterr().out)
+    assert line["devices"]["Fake GPU"]["n_train"] == 30
+    assert bench_error(external_bench, ["--csv", str(path), "--sm-counts", "Fake GPU"]) == (
+        "error: --sm-counts takes DEVICE=SMS with a whole number of SMs >= 1, such as 'NVIDIA A100-SXM4-80GB=108', "
+        "but got 'Fake GPU'.")
+
+
+def test_bench_imports_user_family(external_bench, tmp_path: Path) -> None:
+    from example_space import EXAMPLE_CONFIG
+
+    space = tmp_path / "separable.yaml"
+    space.write_text(yaml.safe_dump(EXAMPLE_CONFIG))
+    header = tmp_path / "header.csv"
+    header.write_text("device,batch_size,arch,latency_ms\n")
+    # The space loads once its module is imported, so the run gets as far as the empty CSV.
+    message = bench_error(external_bench, ["--csv", str(header), "--space", str(space), "--imports", "example_space"])
+    assert message == f"error: {header} has a header but no rows; add one row per measured subnet."
+    message = bench_error(external_bench, ["--csv", str(header), "--imports", "no_such_module"])
+    assert message.startswith("error: imports: cannot import 'no_such_module'")
