@@ -75,6 +75,18 @@ def python_command() -> str:
         return str(current)
 
 
+def script_path(name: str) -> str:
+    """Return how to name the entry point ``name`` (``train.py``) in a printed command run from the current folder.
+
+    It is relative to the current folder where the repository lies below it, and absolute otherwise.
+    """
+    script = CONF_DIR.parent / name
+    try:
+        return str(script.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(script)
+
+
 def profiled_space_config(cfg: DictConfig, command: str) -> dict[str, Any]:
     """Return ``cfg.space`` as a dict; raise UsageError when the data leaves its channels or classes null.
 

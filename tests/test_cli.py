@@ -325,6 +325,19 @@ def test_train_help_groups():
         assert set(options.split(", ")) == {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")}
 
 
+def test_printed_script_path_from_any_folder(tmp_path, monkeypatch):
+    from nas.cli import script_path
+
+    monkeypatch.chdir(ROOT)
+    assert script_path("train.py") == "train.py"
+    monkeypatch.chdir(ROOT / "conf")
+    assert script_path("train.py") == str(ROOT / "train.py")
+    monkeypatch.chdir(ROOT.parent)
+    assert script_path("train.py") == str((ROOT / "train.py").relative_to(ROOT.parent))
+    monkeypatch.chdir(tmp_path)
+    assert script_path("train.py") == str(ROOT / "train.py")
+
+
 def test_printed_python_names_this_interpreter(tmp_path, monkeypatch):
     import shutil
 
