@@ -69,10 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-test", type=int, default=None,
                         help="evaluate on at most this many rows per device (default: all held-out rows)")
     parser.add_argument("--imports", nargs="+", default=[], metavar="MODULE",
-                        help="modules to import first, such as the one that registers your space family")
+                        help="modules to import first, such as the one that registers your space family "
+                             "(default: none)")
     parser.add_argument("--sm-counts", nargs="+", default=[], metavar="DEVICE=SMS",
                         help="streaming multiprocessors of GPUs the script does not know, such as "
-                             "'NVIDIA A100-SXM4-80GB=108'")
+                             "'NVIDIA A100-SXM4-80GB=108' (default: none)")
     return parser.parse_args(argv)
 
 
