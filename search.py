@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -520,8 +521,8 @@ def run(cfg: DictConfig) -> None:
     location_arg = f" search.storage='{storage}'" if cfg.search.storage else _work_dir_arg(cfg)
     print(f"Knee subnet: trial {rows[knee]['trial']}, accuracy {100 * rows[knee]['accuracy']:.2f}%, "
           f"{latencies[knee]:.3f} ms. Fine-tune it with:")
-    print(f"  {python_command()} {script_path('train.py')} search.study_name={study_name}{location_arg} "
-          f"trial={rows[knee]['trial']}")
+    study_arg = shlex.quote(f"search.study_name={study_name}")
+    print(f"  {python_command()} {script_path('train.py')} {study_arg}{location_arg} trial={rows[knee]['trial']}")
     if interrupted:
         # The outputs are written. Exit status 130 lets a calling script see that the search was cut short.
         raise KeyboardInterrupt

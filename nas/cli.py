@@ -7,6 +7,7 @@ import errno
 import importlib
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -70,21 +71,22 @@ def python_command() -> str:
     if found and Path(os.path.abspath(found)) == current:
         return "python"
     try:
-        return str(current.relative_to(Path.cwd()))
+        return shlex.quote(str(current.relative_to(Path.cwd())))
     except ValueError:
-        return str(current)
+        return shlex.quote(str(current))
 
 
 def script_path(name: str) -> str:
     """Return how to name the entry point ``name`` (``train.py``) in a printed command run from the current folder.
 
-    It is relative to the current folder where the repository lies below it, and absolute otherwise.
+    It is relative to the current folder where the repository lies below it, and absolute otherwise,
+    quoted for a POSIX shell where it contains spaces or other special characters.
     """
     script = CONF_DIR.parent / name
     try:
-        return str(script.relative_to(Path.cwd().resolve()))
+        return shlex.quote(str(script.relative_to(Path.cwd().resolve())))
     except ValueError:
-        return str(script)
+        return shlex.quote(str(script))
 
 
 def profiled_space_config(cfg: DictConfig, command: str) -> dict[str, Any]:

@@ -338,6 +338,26 @@ def test_printed_script_path_from_any_folder(tmp_path, monkeypatch):
     assert script_path("train.py") == str(ROOT / "train.py")
 
 
+def test_printed_command_quotes_paths_with_spaces(tmp_path, monkeypatch):
+    import shlex
+    import shutil
+
+    import nas.cli
+    from nas.cli import python_command, script_path
+
+    repo = tmp_path / "my repo"
+    monkeypatch.setattr(nas.cli, "CONF_DIR", repo / "conf")
+    monkeypatch.setattr(sys, "executable", str(repo / ".venv" / "bin" / "python"))
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    for folder in (tmp_path, tmp_path / "elsewhere"):
+        folder.mkdir(exist_ok=True)
+        monkeypatch.chdir(folder)
+        # The shell must read each path as one word.
+        words = shlex.split(f"{python_command()} {script_path('train.py')} trial=0")
+        assert [Path(words[0]).resolve(), Path(words[1]).resolve()] == [repo / ".venv" / "bin" / "python",
+                                                                        repo / "train.py"]
+
+
 def test_printed_python_names_this_interpreter(tmp_path, monkeypatch):
     import shutil
 
