@@ -47,7 +47,12 @@ sys.path.insert(0, str(ROOT))
 
 from nas.cli import UsageError, import_user_modules  # noqa: E402
 from nas.spaces import SearchSpace, SpaceError, create_space, load_space_config  # noqa: E402
-from predictors.external import ExternalDataError, evaluate_external, read_external_csv  # noqa: E402
+from predictors.external import (  # noqa: E402
+    KNOWN_GPU_SM_COUNTS,
+    ExternalDataError,
+    evaluate_external,
+    read_external_csv,
+)
 
 DEFAULT_CSV = ROOT.parent / "shared" / "data" / "ofa_mbv3_w1.0_gpu_b64.csv"
 DEFAULT_SPACE = ROOT / "conf" / "space" / "mobilenet_imagenet.yaml"
@@ -145,6 +150,11 @@ def main(argv: list[str] | None = None) -> None:
     try:
         frame = read_external_csv(args.csv)
         check_n_train(frame, args.n_train, args.csv)
+        unknown = sorted(set(frame["device"].astype(str)) - set(KNOWN_GPU_SM_COUNTS) - set(sm_counts))
+        if unknown:
+            fail(f"the SM count of device {unknown[0]!r} is unknown; known devices are {sorted(KNOWN_GPU_SM_COUNTS)}. "
+                 f"Pass each other device's streaming multiprocessors with --sm-counts, such as "
+                 f"--sm-counts {' '.join(repr(device + '=SMS') for device in unknown)}.")
         results = evaluate_external(space, frame, args.n_train, args.seed, sm_counts=sm_counts,
                                     max_test=args.max_test)
     except ExternalDataError as err:

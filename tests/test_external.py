@@ -225,6 +225,7 @@ def test_bench_sm_counts_for_unknown_gpu(external_bench, tmp_path: Path, capsys)
     space = ["--space", str(space_yaml)]
     message = bench_error(external_bench, ["--csv", str(path), *space, "--n-train", "30"])
     assert "SM count of device 'Fake GPU' is unknown" in message
+    assert "--sm-counts 'Fake GPU=SMS'" in message
     external_bench.main(["--csv", str(path), *space, "--n-train", "30", "--max-test", "5", "--sm-counts", "Fake GPU=20"])
     line = json.loads(capsys.readouterr().out)
     assert line["devices"]["Fake GPU"]["n_train"] == 30
