@@ -473,3 +473,16 @@ def test_imagefolder_size_check_skips_unreadable_file(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="nas.data"):
         build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": 32}).setup()
     assert "median shorter side of 12 pixels (6 sampled)" in caplog.text
+
+
+def test_imagefolder_size_sample_spans_classes(tmp_path, caplog):
+    from PIL import Image
+
+    # ImageFolder lists class "a" first: its 33 large images fill a sample of the first 32 files.
+    for label, count, side in (("a", 33, 64), ("b", 60, 8)):
+        (tmp_path / label).mkdir()
+        for i in range(count):
+            Image.new("RGB", (side, side)).save(tmp_path / label / f"{i}.png")
+    with caplog.at_level(logging.WARNING, logger="nas.data"):
+        build_datamodule({"name": "imagefolder", "root": str(tmp_path), "resolution": 32}).setup()
+    assert "median shorter side of 8 pixels (32 sampled)" in caplog.text

@@ -1139,3 +1139,14 @@ def test_dropped_gate_keeps_count_times(subnet, monkeypatch):
     # The placement log cites these times for layer3.0, whose gate was dropped, so the record keeps them.
     assert blocks["layer3.0"]["channel"] is False
     assert blocks["layer3.0"]["latency_ms"] == {"8": 1.0, "16": 1.5, "24": 1.5, "32": 1.2}
+
+
+def test_keep_all_warning_skips_saved_record(subnet, caplog):
+    # A record saved at keep 0.9, where every block keeps everything, rebuilds without the warning.
+    config = {**ALL, "spatial": False, "keep_ratio": 0.9, "keep_ratio_range": [0.25, 1.0]}
+    record = apply_gates(subnet, config, input_shape=(1, 28, 28)).describe()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="nas.gates"):
+        rebuilt = apply_gates(subnet, record["config"], input_shape=(1, 28, 28), plan=record)
+    assert rebuilt.keep_ratio == 0.9
+    assert "keeps all its channels" not in caplog.text
