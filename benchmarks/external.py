@@ -22,7 +22,7 @@ must be below 200 with it, as in the second usage line (11 s on a 2-core CPU). I
 ``${data.in_channels}``, ``${data.num_classes}`` and ``${data.resolution}`` take ImageNet's
 values (:data:`SPACE_DATA`). A space of your own family needs ``--imports`` with the module that
 registers it. The devices must be GPUs: the predictor's features for them need the SM count, which
-the script knows for the GPUs of the full data set and takes from ``--sm-counts`` for others.
+the script has for the GPUs of the full data set and takes from ``--sm-counts`` for others.
 Unusable input ends the script with one ``error:`` line and exit status 1.
 
 Keys of the JSON line: ``devices`` maps each device to ``within_10pct``, ``within_5pct`` and
