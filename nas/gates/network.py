@@ -109,10 +109,17 @@ class GatedNetwork(nn.Module):
         if self.batchnorm_bank is not None:
             self.batchnorm_bank.load(self.batchnorm_bank.nearest(ratio), self.model)
         for name, block in self.gated_blocks().items():
-            plan = self._plan_by_name[name]
-            channels = plan.snap_channels(keep_count(ratio, block.inner_channels))
-            block.set_keep(channels, keep_count(ratio, block.inner_width))
+            block.set_keep(*self._requested_counts(name, block, ratio))
         self._keep_ratio = float(ratio)
+
+    def _requested_counts(self, name: str, block: GatedResidualBlock, ratio: float) -> tuple[int, int]:
+        """Return the (channels, columns) that keep ratio ``ratio`` asks of the gated block ``name``.
+
+        Channels round up to the block's latency steps. ``block.set_keep`` keeps every channel or
+        column of a block without that gate.
+        """
+        channels = self._plan_by_name[name].snap_channels(keep_count(ratio, block.inner_channels))
+        return channels, keep_count(ratio, block.inner_width)
 
     def set_batchnorm_bank(self, bank: BatchNormBank | None) -> None:
         """Attach per-keep-ratio BatchNorm statistics (None detaches them) and load the current ratio's."""
@@ -131,10 +138,10 @@ class GatedNetwork(nn.Module):
         blocks = self.gated_blocks()
         for ratio in ratio_grid(low, high):
             for name, block in blocks.items():
-                channels = self._plan_by_name[name].snap_channels(keep_count(ratio, block.inner_channels))
+                channels, columns = self._requested_counts(name, block, ratio)
                 if block.channel_gate is not None and channels < block.inner_channels:
                     return ratio
-                if block.column_gate is not None and keep_count(ratio, block.inner_width) < block.inner_width:
+                if block.column_gate is not None and columns < block.inner_width:
                     return ratio
         return None
 
