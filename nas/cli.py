@@ -70,23 +70,20 @@ def python_command() -> str:
     # Compared without resolving links: a virtual environment's python links to the system's.
     if found and Path(os.path.abspath(found)) == current:
         return "python"
-    try:
-        return shlex.quote(str(current.relative_to(Path.cwd())))
-    except ValueError:
-        return shlex.quote(str(current))
+    return _printed_path(current, Path.cwd())
 
 
 def script_path(name: str) -> str:
-    """Return how to name the entry point ``name`` (``train.py``) in a printed command run from the current folder.
+    """Return how to name the entry point ``name`` (``train.py``) in a printed command run from the current folder."""
+    return _printed_path(CONF_DIR.parent / name, Path.cwd().resolve())
 
-    It is relative to the current folder where the repository lies below it, and absolute otherwise,
-    quoted for a POSIX shell where it contains spaces or other special characters.
-    """
-    script = CONF_DIR.parent / name
+
+def _printed_path(path: Path, folder: Path) -> str:
+    """Return ``path`` relative to ``folder`` where it lies below it, else as it is, quoted for a POSIX shell."""
     try:
-        return shlex.quote(str(script.relative_to(Path.cwd().resolve())))
+        return shlex.quote(str(path.relative_to(folder)))
     except ValueError:
-        return shlex.quote(str(script))
+        return shlex.quote(str(path))
 
 
 def profiled_space_config(cfg: DictConfig, command: str) -> dict[str, Any]:
