@@ -113,7 +113,7 @@ class GatedNetwork(nn.Module):
         self._keep_ratio = float(ratio)
 
     def _requested_counts(self, name: str, block: GatedResidualBlock, ratio: float) -> tuple[int, int]:
-        """Return the (channels, columns) that keep ratio ``ratio`` asks of the gated block ``name``.
+        """Return the (channels, columns) that keep ratio ``ratio`` sets for the gated block ``name``.
 
         Channels round up to the block's latency steps. ``block.set_keep`` keeps every channel or
         column of a block without that gate.
